@@ -1,0 +1,216 @@
+"""ELViS checkpoints: official ones by name (downloaded once into the cache), the bundled one
+of the offline backbone, or any file in the official format (ELVIS_SPEC §2).
+
+Checkpoints are loaded weights-only: a file from the internet can hold tensors and plain
+containers, never code.
+"""
+
+import math
+import os
+import pickle
+import urllib.error
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elvis_cli.atomic import atomic_path
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.model import Elvis, ElvisConfig
+
+OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
+
+# official name -> backbone whose features it was trained on
+OFFICIAL_CHECKPOINTS = {
+    "dinov2_elvis_gld": "dinov2",
+    "dinov3_elvis_gld": "dinov3",
+    "siglip2_elvis_gld": "siglip2",
+    "dinov2_elvis_sop": "dinov2",
+}
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# backbone name -> checkpoint bundled inside the package (trained with `elvis train`)
+BUNDLED_CHECKPOINTS = {"efficientnet-lite0": "efficientnet_lite0_elvis.pt"}
+
+# settings keys that change the descriptor space; the rest (image size, K) do not
+_DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer")
+
+
+@dataclass
+class Fusion:
+    """score = lam * global + (1 - lam) * sigmoid(temperature * raw)  (ELVIS_SPEC §5)."""
+
+    lam: float = 0.5
+    temperature: float = 0.5
+
+    def __call__(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
+        return self.lam * global_score + (1 - self.lam) * torch.sigmoid(
+            self.temperature * raw_score
+        )
+
+
+@dataclass
+class Checkpoint:
+    model: Elvis
+    name: str
+    backbone: dict[str, Any] | None  # settings of the backbone it was trained on, when known
+    fusion: Fusion = field(default_factory=Fusion)
+    info: dict[str, Any] = field(default_factory=dict)  # training record of our checkpoints
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.model.config.descriptor_dim
+
+
+def cache_dir() -> Path:
+    """Where downloads live: $ELVIS_CACHE, else ~/.cache/elvis."""
+    return Path(os.environ.get("ELVIS_CACHE", Path.home() / ".cache" / "elvis"))
+
+
+def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
+    """A checkpoint by official name, bundled backbone name, or path."""
+    text = str(name_or_path)
+    if text in OFFICIAL_CHECKPOINTS:
+        path = _download_official(text)
+        return _from_file(path, text, {"name": OFFICIAL_CHECKPOINTS[text]})
+    if text in BUNDLED_CHECKPOINTS:
+        return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        known = ", ".join([*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
+        raise InputError(f"no checkpoint file or known checkpoint named {text!r} (known: {known})")
+    return _from_file(path, path.stem, None)
+
+
+def default_checkpoint_for(backbone: dict[str, Any] | None) -> str:
+    """The checkpoint that matches a features file's backbone."""
+    name = (backbone or {}).get("name")
+    if name in BUNDLED_CHECKPOINTS:
+        return name
+    for checkpoint, trained_on in OFFICIAL_CHECKPOINTS.items():
+        if trained_on == name:
+            return checkpoint
+    raise InputError(
+        f"no default checkpoint for features of backbone {name!r}: pass --checkpoint NAME|PATH"
+    )
+
+
+def check_compatible(checkpoint: Checkpoint, backbone: dict[str, Any] | None, dim: int) -> None:
+    """Refuse features from another backbone or of another dimension, naming both sides."""
+    if dim != checkpoint.descriptor_dim:
+        raise ModelMismatchError(
+            f"checkpoint {checkpoint.name!r} expects {checkpoint.descriptor_dim}-d descriptors "
+            f"but the features are {dim}-d ({describe_backbone(backbone)})"
+        )
+    if backbone is None or checkpoint.backbone is None:
+        return  # official descriptor files do not record their backbone
+    ours, theirs = _descriptor_space(checkpoint.backbone), _descriptor_space(backbone)
+    shared = ours.keys() & theirs.keys()
+    if any(ours[key] != theirs[key] for key in shared):
+        raise ModelMismatchError(
+            f"checkpoint {checkpoint.name!r} was trained on "
+            f"{describe_backbone(checkpoint.backbone)} features, but these features come from "
+            f"{describe_backbone(backbone)}"
+        )
+
+
+def describe_backbone(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return "an unrecorded backbone"
+    return " ".join(f"{value}" if key == "name" else f"{key}={value}"
+                    for key, value in _descriptor_space(settings).items())
+
+
+def save_checkpoint(
+    path: Path,
+    model: Elvis,
+    backbone: dict[str, Any] | None,
+    fusion: Fusion,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write the official format plus our metadata under `elvis_cli`, atomically."""
+    payload = {
+        "state": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "elvis_cli": {
+            "backbone": backbone,
+            "fusion": asdict(fusion),
+            "sinkhorn_iterations": model.config.sinkhorn_iterations,
+            "info": info or {},
+        },
+    }
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def _descriptor_space(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: settings[key] for key in _DESCRIPTOR_SPACE_KEYS if key in settings}
+
+
+def _download_official(name: str) -> Path:
+    target = cache_dir() / "checkpoints" / f"{name}.pt"
+    if target.is_file():
+        return target
+    url = OFFICIAL_CHECKPOINT_URL.format(name=name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    try:
+        torch.hub.download_url_to_file(url, str(partial), progress=True)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        partial.unlink(missing_ok=True)
+        raise OfflineError(
+            f"could not download checkpoint {name!r} from {url} ({_reason(error)}); "
+            f"copy the file to {target} or pass --checkpoint PATH"
+        ) from None
+    os.replace(partial, target)
+    return target
+
+
+def _reason(error: BaseException) -> str:
+    return str(getattr(error, "reason", None) or error).splitlines()[0][:120]
+
+
+def _from_file(path: Path, name: str, backbone: dict[str, Any] | None) -> Checkpoint:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"refusing to load checkpoint {path}: it holds more than weights (code or custom "
+            "objects), which weights-only loading does not execute"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise InputError(f"cannot read checkpoint {path}: {_reason(error)}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+        raise InputError(f"checkpoint {path} is not in the official format (a dict with 'state')")
+    state = payload["state"]
+    model = _model_for_state(state, path)
+    extra = payload.get("elvis_cli") or {}
+    fusion = Fusion(**extra["fusion"]) if "fusion" in extra else Fusion()
+    return Checkpoint(model.eval(), name, extra.get("backbone", backbone), fusion,
+                      extra.get("info", {}))
+
+
+def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
+    weight = state.get("remap_local.0.weight")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise InputError(f"checkpoint {path} has no 2-d 'remap_local.0.weight'")
+    model = Elvis(ElvisConfig(descriptor_dim=weight.shape[1], model_dim=weight.shape[0]))
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        parts = [f"missing {', '.join(missing[:4])}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""]
+        details = "; ".join(part for part in parts if part)
+        raise InputError(f"checkpoint {path} does not fit ELViS: {details}")
+    wrong = [key for key, value in expected.items() if state[key].shape != value.shape]
+    if wrong:
+        raise InputError(
+            f"checkpoint {path} has wrongly shaped {wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} instead of {tuple(expected[wrong[0]].shape)}"
+        )
+    model.load_state_dict({key: value.float() for key, value in state.items()})
+    if not math.isfinite(model.dust_bin.item()):
+        raise InputError(f"checkpoint {path} has a non-finite dust_bin")
+    return model

@@ -1,0 +1,412 @@
+"""The `elvis` command: a thin typer layer over the library API.
+
+Exit codes: 0 success; 1 the command could not do its job (a one-line `elvis: error: ...` on
+stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (each one named on
+stderr); 130 interrupted.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from elvis_cli import __version__
+from elvis_cli.atomic import atomic_path
+from elvis_cli.errors import EXIT_PARTIAL, ElvisError, InputError
+
+app = typer.Typer(
+    name="elvis",
+    help="Batch ELViS re-ranking for instance-level image retrieval.\n\n"
+    "Typical use: `elvis extract imgs/ -o feats.h5`, then `elvis rerank --shortlist 100`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+console = Console()
+
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+BackboneOptions = Annotated[
+    list[str] | None,
+    typer.Option("--backbone-option", help="Extra backbone setting KEY=VALUE (repeatable)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"elvis-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Batch ELViS re-ranking for instance-level image retrieval."""
+
+
+def _backbone_options(image_size: int | None, num_local: int | None,
+                      extra: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if image_size is not None:
+        options["image_size"] = image_size
+    if num_local is not None:
+        options["num_local"] = num_local
+    for item in extra or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--backbone-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command()
+def extract(
+    images: Annotated[str, typer.Argument(help="A folder (recursive), a .txt list of paths, "
+                                          "or a quoted glob.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Features file (.h5).")],
+    backbone: Annotated[str, typer.Option(help="Backbone name.")] = "efficientnet-lite0",
+    image_size: Annotated[int | None, typer.Option(help="Longer image side in pixels.")] = None,
+    num_local: Annotated[int | None, typer.Option(help="Local descriptors kept per image.")] = None,
+    backbone_option: BackboneOptions = None,
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 256,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Extract global and local descriptors into sharded HDF5.
+
+    Re-running the same command resumes: finished shards are kept. Unreadable images are
+    skipped and named on stderr, and the exit status is then 3.
+
+    Example: `elvis extract imgs/ -o feats.h5`
+    """
+    from elvis_cli.extract import ExtractConfig, extract_features
+
+    config = ExtractConfig(backbone=backbone, device=device, batch_size=batch_size,
+                           shard_size=shard_size,
+                           backbone_options=_backbone_options(image_size, num_local,
+                                                              backbone_option))
+    report = extract_features(images, output, config, progress=not quiet)
+    console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
+                  f"{len(report.failures)} skipped -> {report.output}")
+    for path, reason in report.failures:
+        print(f"elvis: skipped {path}: {reason}", file=sys.stderr)
+    if report.failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def shortlist(
+    features: Annotated[Path, typer.Argument(help="Features file for all-vs-all search.")] = Path(
+        "feats.h5"),
+    queries: Annotated[Path | None, typer.Option(help="Query features (with --gallery).")] = None,
+    gallery: Annotated[Path | None, typer.Option(help="Gallery features (with --queries).")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 100,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Shortlist file (.npz).")] = Path(
+        "shortlist.npz"),
+) -> None:
+    """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
+
+    Example: `elvis shortlist feats.h5 -k 100 -o shortlist.npz`
+    """
+    from elvis_cli.shortlist import save_shortlist
+
+    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+        result = _global_shortlist(query_store, gallery_store, same, k)
+    save_shortlist(output, result)
+    console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
+
+
+@app.command()
+def rerank(
+    features: Annotated[Path, typer.Option(help="Features file for all-vs-all retrieval.")] = Path(
+        "feats.h5"),
+    queries: Annotated[Path | None, typer.Option(help="Query features (with --gallery).")] = None,
+    gallery: Annotated[Path | None, typer.Option(help="Gallery features (with --queries).")] = None,
+    candidates: Annotated[Path | None, typer.Option(
+        help="Shortlist file (.npz from `elvis shortlist`, or an official nn_*.pkl); "
+             "built on the fly when absent.")] = None,
+    shortlist_size: Annotated[int, typer.Option("--shortlist", min=1,
+                                                help="Top entries re-ranked per query.")] = 100,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint name or path; default: the one matching the features' backbone.")] = None,
+    lam: Annotated[float | None, typer.Option(help="Fusion weight of the global score.")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temp", help="Fusion temperature on the raw score.")] = None,
+    num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs scored at once.")] = 100,
+    device: DeviceOption = "auto",
+    output: Annotated[Path, typer.Option("-o", "--output",
+                                         help="Results table: .csv or .parquet.")] = Path(
+        "reranked.csv"),
+    show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
+) -> None:
+    """Re-rank each query's global shortlist with ELViS and write the fused ranking.
+
+    Example (in the folder of `elvis extract imgs/ -o feats.h5`): `elvis rerank --shortlist 100`
+    """
+    from elvis_cli.checkpoints import Fusion, check_compatible, default_checkpoint_for
+    from elvis_cli.checkpoints import load_checkpoint as load
+    from elvis_cli.rerank import RerankConfig, rerank_table
+    from elvis_cli.rerank import rerank as run_rerank
+    from elvis_cli.shortlist import load_shortlist
+
+    if output.suffix not in (".csv", ".parquet"):
+        raise InputError(f"output must end in .csv or .parquet, got {output.name}")
+    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+        ckpt = load(checkpoint or default_checkpoint_for(gallery_store.backbone_settings))
+        check_compatible(ckpt, gallery_store.backbone_settings, gallery_store.local_dim)
+        fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
+                        ckpt.fusion.temperature if temperature is None else temperature)
+        if candidates is not None:
+            candidate_list = load_shortlist(candidates)
+        else:
+            candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
+        config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
+                              batch_size=batch_size, device=device)
+        with _progress("re-ranking", query_store.num_images) as advance:
+            result = run_rerank(ckpt.model, query_store, gallery_store, candidate_list, fusion,
+                                config, progress=advance)
+        table = rerank_table(result, query_store.paths, gallery_store.paths)
+    with atomic_path(output) as temporary:
+        if output.suffix == ".csv":
+            table.to_csv(temporary, index=False)
+        else:
+            table.to_parquet(temporary, index=False)
+    _print_top(table, show)
+    console.print(f"checkpoint {ckpt.name} (lam={fusion.lam}, temp={fusion.temperature}); "
+                  f"{len(table)} rows -> {output}")
+
+
+@app.command()
+def evaluate(
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder of datasets in the revisitop layout; default $ELVIS_DATA_ROOT.")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="Dataset name (repeatable).")] = None,
+    all_datasets: Annotated[bool, typer.Option(
+        "--all-datasets", help="Every dataset found under the data root.")] = False,
+    backbone: Annotated[str, typer.Option(help="Backbone for extraction.")] = "efficientnet-lite0",
+    backbone_option: BackboneOptions = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name or path.")] = None,
+    shortlist_sizes: Annotated[list[int] | None, typer.Option(
+        "--shortlist", help="Sizes, e.g. `--shortlist 0 25 50 100` (0 = global).")] = None,
+    lam: Annotated[float | None, typer.Option(help="Fusion weight of the global score.")] = None,
+    temperature: Annotated[float | None, typer.Option("--temp", help="Fusion temperature.")] = None,
+    num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
+    device: DeviceOption = "auto",
+    out_dir: Annotated[Path, typer.Option(
+        help="Where results.json/.csv and runtime.png go.")] = Path("elvis-results"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="JSON results path.")] = None,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV results path.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+) -> None:
+    """Global and re-ranked mAP per dataset and shortlist size, with runtime per query.
+
+    Example: `elvis evaluate --data-root examples/data --all-datasets --shortlist 0 25 50 100`
+    """
+    from elvis_cli.datasets import KNOWN_DATASETS, default_data_root, find_datasets, load_dataset
+    from elvis_cli.evaluate import (
+        EvaluateConfig,
+        evaluate_dataset,
+        plot_runtime,
+        results_table,
+        write_results,
+    )
+
+    root = data_root or default_data_root()
+    found = find_datasets(root) if root.is_dir() else []
+    if all_datasets:
+        names = found
+    elif dataset:
+        names = dataset
+    else:
+        raise InputError("name a dataset with --dataset NAME, or use --all-datasets")
+    missing = [name for name in KNOWN_DATASETS if name not in found]
+    if not names:
+        raise InputError(f"no dataset (gnd_<name>.pkl) found under {root}; "
+                         + _missing_hint(missing, KNOWN_DATASETS))
+    config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint,
+                            backbone_options=_backbone_options(None, None, backbone_option),
+                            shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
+                            temperature=temperature, num_local=num_local, device=device)
+    results = []
+    with console.status("evaluating", spinner="dots") as status:
+        for name in names:
+            data = load_dataset(root, name)
+            results.append(evaluate_dataset(
+                data, config, progress=not quiet,
+                on_stage=None if quiet else lambda label: status.update(label)))
+    table = results_table(results)
+    json_path = json_path or out_dir / "results.json"
+    csv_path = csv_path or out_dir / "results.csv"
+    plot_path = plot_path or out_dir / "runtime.png"
+    write_results(table, json_path, csv_path)
+    plot_runtime(table, plot_path)
+    _print_results(table)
+    if all_datasets and missing:
+        console.print("[dim]not found under the data root: " + _missing_hint(missing,
+                                                                             KNOWN_DATASETS))
+    console.print(f"results -> {json_path}, {csv_path}, {plot_path}")
+
+
+@app.command()
+def train(
+    photos: Annotated[str, typer.Argument(help="Training photos: folder, .txt list or glob.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint file (.pt).")],
+    val: Annotated[str | None, typer.Option(help="Validation photos (default: 20% split).")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="CSV of path,instance_id for supervised training.")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone name.")] = "efficientnet-lite0",
+    image_size: Annotated[int | None, typer.Option(help="Longer image side in pixels.")] = None,
+    num_local: Annotated[int | None, typer.Option(help="Local descriptors per image.")] = None,
+    backbone_option: BackboneOptions = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds, each with fresh views.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps per round.")] = 300,
+    views: Annotated[int, typer.Option(min=2, help="Views per photo per round.")] = 6,
+    batch_pairs: Annotated[int, typer.Option(min=2, help="Pairs per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOption = "auto",
+) -> None:
+    """Train ELViS with binary cross-entropy, self-supervised from photos or from labels.
+
+    Example: `elvis train photos/train --val photos/val -o my_elvis.pt`
+    """
+    from elvis_cli.training import TrainConfig
+    from elvis_cli.training import train as run_train
+
+    config = TrainConfig(backbone=backbone, rounds=rounds, steps_per_round=steps,
+                         views_per_image=views, batch_pairs=batch_pairs, lr=lr, seed=seed,
+                         device=device,
+                         backbone_options=_backbone_options(image_size, num_local,
+                                                            backbone_option))
+    report = run_train(photos, output, config, val_source=val, labels=labels)
+    console.print(f"checkpoint -> {report.checkpoint} (lam={report.fusion.lam}, "
+                  f"temp={report.fusion.temperature})")
+
+
+class _open_pair:
+    """Open one features file (all-vs-all) or a query/gallery pair, closing them afterwards."""
+
+    def __init__(self, features: Path, queries: Path | None, gallery: Path | None) -> None:
+        if (queries is None) != (gallery is None):
+            raise InputError("--queries and --gallery go together")
+        self.paths = (queries, gallery) if queries is not None else (features, features)
+
+    def __enter__(self):
+        from elvis_cli.feature_store import FeatureStore
+
+        query_path, gallery_path = self.paths
+        self.query = FeatureStore.open(query_path)
+        self.gallery = self.query if gallery_path == query_path else FeatureStore.open(gallery_path)
+        return self.query, self.gallery, self.gallery is self.query
+
+    def __exit__(self, *exc_info) -> None:
+        self.query.close()
+        if self.gallery is not self.query:
+            self.gallery.close()
+
+
+def _global_shortlist(queries, gallery, same: bool, k: int):
+    from elvis_cli.shortlist import build_shortlist
+
+    return build_shortlist(queries.global_descriptors(), gallery.global_descriptors(), k,
+                           exclude_self=same)
+
+
+class _progress:
+    """A rich progress bar whose `advance` callable is handed to the library."""
+
+    def __init__(self, label: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
+                            MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                            transient=True)
+        self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self):
+        self.bar.start()
+        return lambda: self.bar.advance(self.task)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+
+def _print_top(table, show: int, per_query: int = 5) -> None:
+    for query in table["query_index"].unique()[:show]:
+        rows = table[table["query_index"] == query].head(per_query)
+        view = Table(title=f"query {query}: {rows['query_path'].iloc[0]}", title_justify="left")
+        for column in ("rank", "gallery_path", "global_score", "raw_score", "score"):
+            view.add_column(column, justify="left" if column == "gallery_path" else "right")
+        for row in rows.itertuples():
+            view.add_row(str(row.rank), str(row.gallery_path), f"{row.global_score:.4f}",
+                         f"{row.raw_score:.2f}", f"{row.score:.4f}")
+        console.print(view)
+
+
+def _print_results(table) -> None:
+    metric_columns = [c for c in ("map_medium", "map_hard", "map", "map@100", "recall@1")
+                      if c in table.columns]
+    view = Table(title="ELViS re-ranking (shortlist 0 = global only)", title_justify="left")
+    for column in ("dataset", "protocol", "shortlist", *metric_columns, "s/query"):
+        view.add_column(column, justify="left" if column in ("dataset", "protocol") else "right")
+    for row in table.to_dict("records"):
+        metrics = [("-" if row.get(c) != row.get(c) else f"{row[c]:.2f}") for c in metric_columns]
+        view.add_row(row["dataset"], row["protocol"], str(row["shortlist"]), *metrics,
+                     f"{row['seconds_per_query']:.3f}")
+    console.print(view)
+
+
+def _missing_hint(missing: list[str], known: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {known[name]}" for name in missing)
+
+
+def _expand_multi_values(argv: list[str]) -> list[str]:
+    """Let `--shortlist 25 50 100` mean three values for `evaluate` (click takes one each)."""
+    if not argv or argv[0] != "evaluate":
+        return argv
+    out: list[str] = []
+    position = 0
+    while position < len(argv):
+        arg = argv[position]
+        position += 1
+        values = []
+        while arg == "--shortlist" and position < len(argv) and not argv[position].startswith("-"):
+            values.append(argv[position])
+            position += 1
+        out += [item for value in values for item in (arg, value)] if values else [arg]
+    return out
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
+    try:
+        app(args=_expand_multi_values(sys.argv[1:]), prog_name="elvis", standalone_mode=False)
+    except ElvisError as error:
+        print(f"elvis: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("elvis: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        print(f"elvis: error: {error.strerror or error}{where}", file=sys.stderr)
+        sys.exit(1)

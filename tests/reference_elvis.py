@@ -1,0 +1,71 @@
+"""A slow, plain ELViS forward pass written line by line from ELVIS_SPEC §1.
+
+One pair at a time, log-domain Sinkhorn on the augmented matrix, no batching tricks: the
+yardstick that the production model and re-ranking engine are checked against.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_score(
+    state: dict[str, torch.Tensor],
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    src_pad: torch.Tensor | None = None,
+    tgt_pad: torch.Tensor | None = None,
+    iterations: int = 10,
+) -> float:
+    """Raw ELViS score of one pair: src (m, D), tgt (n, D), padding flags (m,), (n,)."""
+    src, tgt = src.double(), tgt.double()
+    sd = {k: v.double() for k, v in state.items()}
+    m, n = src.shape[0], tgt.shape[0]
+    src_pad = torch.zeros(m, dtype=torch.bool) if src_pad is None else src_pad
+    tgt_pad = torch.zeros(n, dtype=torch.bool) if tgt_pad is None else tgt_pad
+
+    def project(x):  # step 1
+        x = F.linear(x, sd["remap_local.0.weight"], sd["remap_local.0.bias"])
+        x = F.layer_norm(x, (128,), sd["remap_local.1.weight"], sd["remap_local.1.bias"], 1e-5)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    def gain(x):  # step 2
+        h = F.gelu(F.linear(x, sd["dust_bin_mlp.0.weight"], sd["dust_bin_mlp.0.bias"]))
+        return torch.tanh(F.linear(h, sd["dust_bin_mlp.2.weight"], sd["dust_bin_mlp.2.bias"]))[:, 0]
+
+    s, t = project(src), project(tgt)
+    hs, ht = gain(s), gain(t)
+    sim = s @ t.T  # step 3
+    for i in range(m):
+        for j in range(n):
+            if src_pad[i] or tgt_pad[j]:
+                sim[i, j] = -math.inf
+    aug = torch.empty(m + 1, n + 1, dtype=torch.float64)  # step 4
+    aug[:m, :n] = sim
+    aug[m, :n] = ht
+    aug[:m, n] = hs
+    aug[m, n] = sd["dust_bin"]
+    big_n = m + n  # step 5
+    log_a = torch.full((m + 1,), -math.log(big_n), dtype=torch.float64)
+    log_a[m] += math.log(n)
+    log_b = torch.full((n + 1,), -math.log(big_n), dtype=torch.float64)
+    log_b[n] += math.log(m)
+    reg = 1.0 / math.exp(math.log(10.0))
+    big_m = aug / reg  # step 6
+    u = torch.zeros(m + 1, dtype=torch.float64)
+    v = torch.zeros(n + 1, dtype=torch.float64)
+    for _ in range(iterations):
+        u = log_a - torch.logsumexp(big_m + v[None, :], dim=1)
+        v = log_b - torch.logsumexp(big_m + u[:, None], dim=0)
+    plan = torch.exp(big_m + u[:, None] + v[None, :] + math.log(big_n))[:m, :n]  # step 7
+    votes = torch.cat([plan.max(dim=1).values, plan.max(dim=0).values])  # step 8
+
+    def f(x):  # step 9
+        h = F.linear(x[:, None], sd["f.0.weight"], sd["f.0.bias"])
+        h = F.gelu(F.layer_norm(h, (16,), sd["f.1.weight"], sd["f.1.bias"], 1e-6))
+        return F.linear(h, sd["f.3.weight"], sd["f.3.bias"])[:, 0]
+
+    confidence = torch.sigmoid(f(votes))
+    confidence[torch.cat([src_pad, tgt_pad])] = 0.0
+    return float(confidence.sum())

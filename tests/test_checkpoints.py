@@ -1,0 +1,119 @@
+"""Checkpoints in the official format: loading, weights-only safety, clear one-line errors."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from elvis_cli.checkpoints import (
+    Fusion,
+    check_compatible,
+    default_checkpoint_for,
+    load_checkpoint,
+    save_checkpoint,
+)
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.model import Elvis, ElvisConfig
+
+
+def official_file(path, dim=32, **extra):
+    torch.manual_seed(0)
+    state = Elvis(ElvisConfig(descriptor_dim=dim)).state_dict()
+    torch.save({"state": state, "optim": {"lr": 1e-3}, "epoch": 7, **extra}, path)
+    return state
+
+
+def test_official_format_loads_and_ignores_other_keys(tmp_path):
+    state = official_file(tmp_path / "ckpt.pt", dim=32)
+    checkpoint = load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint.descriptor_dim == 32
+    assert checkpoint.fusion == Fusion(0.5, 0.5)  # the paper's defaults
+    for key, value in checkpoint.model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_our_metadata_round_trips(tmp_path):
+    model = Elvis(ElvisConfig(descriptor_dim=16))
+    backbone = {"name": "efficientnet-lite0", "local_layer": 5, "image_size": 512}
+    save_checkpoint(tmp_path / "ours.pt", model, backbone, Fusion(0.25, 0.05), {"photos": 3})
+    checkpoint = load_checkpoint(tmp_path / "ours.pt")
+    assert checkpoint.backbone == backbone
+    assert checkpoint.fusion == Fusion(0.25, 0.05)
+    assert checkpoint.info == {"photos": 3}
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = Elvis(ElvisConfig(descriptor_dim=8)).state_dict()
+    del state["dust_bin"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"state": state}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="missing dust_bin; unexpected extra.weight"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_not_official_format(tmp_path):
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not in the official format"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_in_a_checkpoint_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    _Exploit.marker = marker
+    with open(tmp_path / "evil.pt", "wb") as handle:
+        pickle.dump({"state": _Exploit()}, handle)
+    with pytest.raises(InputError, match="refusing to load checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(InputError, match="dinov2_elvis_gld"):
+        load_checkpoint("dinov2_elvis_gdl")
+
+
+def test_official_name_offline_gives_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELVIS_CACHE", str(tmp_path))
+
+    def no_network(url, dst, progress=True):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(OfflineError) as error:
+        load_checkpoint("dinov2_elvis_gld")
+    message = str(error.value)
+    assert "\n" not in message and "dinov2_elvis_gld.pt" in message and "--checkpoint" in message
+
+
+def test_official_name_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELVIS_CACHE", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    official_file(tmp_path / "checkpoints" / "dinov2_elvis_sop.pt", dim=24)
+    checkpoint = load_checkpoint("dinov2_elvis_sop")
+    assert checkpoint.backbone == {"name": "dinov2"} and checkpoint.descriptor_dim == 24
+
+
+def test_mismatches_name_both_sides(tmp_path):
+    model = Elvis(ElvisConfig(descriptor_dim=16))
+    save_checkpoint(tmp_path / "c.pt", model, {"name": "efficientnet-lite0", "local_layer": 5},
+                    Fusion())
+    checkpoint = load_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(ModelMismatchError, match="expects 16-d.*are 32-d"):
+        check_compatible(checkpoint, {"name": "efficientnet-lite0", "local_layer": 5}, 32)
+    with pytest.raises(ModelMismatchError, match="efficientnet-lite0.*dinov2"):
+        check_compatible(checkpoint, {"name": "dinov2"}, 16)
+    check_compatible(checkpoint, {"name": "efficientnet-lite0", "local_layer": 5,
+                                  "image_size": 640}, 16)  # image size does not matter
+
+
+def test_default_checkpoint_follows_the_backbone():
+    assert default_checkpoint_for({"name": "dinov2"}) == "dinov2_elvis_gld"
+    assert default_checkpoint_for({"name": "efficientnet-lite0"}) == "efficientnet-lite0"
+    with pytest.raises(InputError, match="pass --checkpoint"):
+        default_checkpoint_for(None)
