@@ -394,12 +394,12 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
-        app(args=_expand_multi_values(sys.argv[1:]), prog_name="elvis", standalone_mode=False)
+        # without standalone mode click returns typer.Exit's code instead of exiting
+        code = app(args=_expand_multi_values(sys.argv[1:]), prog_name="elvis",
+                   standalone_mode=False)
     except ElvisError as error:
         print(f"elvis: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
@@ -410,3 +410,4 @@ def main() -> None:
         where = f": {error.filename}" if error.filename else ""
         print(f"elvis: error: {error.strerror or error}{where}", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -23,7 +23,8 @@ from elvis_cli.shortlist import Shortlist
 @dataclass
 class RerankConfig:
     shortlist: int = 100  # how many of each query's list are scored by ELViS
-    num_local: int | None = 600  # descriptors per image used by the model (ELViS uses 600)
+    num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
+    # files that store fewer use all of theirs
     batch_size: int = 100  # pairs scored at once
     cache_images: int = 2048  # gallery images whose embeddings are held at once
     device: str = "auto"
@@ -102,12 +103,16 @@ class PairScorer:
         if block:
             yield np.array(block)
 
+    def _num_local(self, store: FeatureStore) -> int:
+        wanted = self.config.num_local
+        return store.num_local if wanted is None else min(wanted, store.num_local)
+
     def _embed(self, store: FeatureStore, rows: np.ndarray) -> Embedded:
         parts = []
         chunk = self.config.batch_size
         for start in range(0, len(rows), chunk):
             descriptors, mask = store.local_descriptors(rows[start : start + chunk],
-                                                        self.config.num_local)
+                                                        self._num_local(store))
             descriptors = torch.from_numpy(descriptors).to(self.device)
             mask = torch.from_numpy(mask).to(self.device)
             parts.append(self.model.embed(_finite(descriptors, mask), mask))

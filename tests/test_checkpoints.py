@@ -48,7 +48,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     del state["dust_bin"]
     state["extra.weight"] = torch.zeros(1)
     torch.save({"state": state}, tmp_path / "bad.pt")
-    with pytest.raises(InputError, match="missing dust_bin; unexpected extra.weight"):
+    with pytest.raises(InputError, match=r"missing dust_bin; unexpected extra\.weight"):
         load_checkpoint(tmp_path / "bad.pt")
 
 
@@ -104,9 +104,9 @@ def test_mismatches_name_both_sides(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model, {"name": "efficientnet-lite0", "local_layer": 5},
                     Fusion())
     checkpoint = load_checkpoint(tmp_path / "c.pt")
-    with pytest.raises(ModelMismatchError, match="expects 16-d.*are 32-d"):
+    with pytest.raises(ModelMismatchError, match=r"expects 16-d.*are 32-d"):
         check_compatible(checkpoint, {"name": "efficientnet-lite0", "local_layer": 5}, 32)
-    with pytest.raises(ModelMismatchError, match="efficientnet-lite0.*dinov2"):
+    with pytest.raises(ModelMismatchError, match=r"efficientnet-lite0.*dinov2"):
         check_compatible(checkpoint, {"name": "dinov2"}, 16)
     check_compatible(checkpoint, {"name": "efficientnet-lite0", "local_layer": 5,
                                   "image_size": 640}, 16)  # image size does not matter

@@ -11,7 +11,7 @@ from tests.reference_elvis import reference_score
 TOLERANCE = 1e-4
 
 
-def random_model(dim: int = 48, seed: int = 0, dust_bin: float = 0.5, scale: float = 0.3) -> Elvis:
+def random_model(dim: int = 48, seed: int = 0, dust_bin: float = 0.5, scale: float = 0.3):
     torch.manual_seed(seed)
     model = Elvis(ElvisConfig(descriptor_dim=dim)).eval()
     with torch.no_grad():
@@ -23,7 +23,8 @@ def random_model(dim: int = 48, seed: int = 0, dust_bin: float = 0.5, scale: flo
 
 def descriptors(batch: int, count: int, dim: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(batch, count, dim, generator=generator), dim=-1)
+    rows = torch.randn(batch, count, dim, generator=generator)
+    return torch.nn.functional.normalize(rows, dim=-1)
 
 
 def assert_matches_reference(model, src, tgt, src_mask=None, tgt_mask=None):
@@ -33,7 +34,8 @@ def assert_matches_reference(model, src, tgt, src_mask=None, tgt_mask=None):
     for b in range(src.shape[0]):
         expected = reference_score(
             state, src[b], tgt[b],
-            None if src_mask is None else src_mask[b], None if tgt_mask is None else tgt_mask[b])
+            None if src_mask is None else src_mask[b],
+            None if tgt_mask is None else tgt_mask[b])
         assert abs(float(scores[b]) - expected) <= TOLERANCE, (b, float(scores[b]), expected)
     return scores
 
@@ -41,8 +43,8 @@ def assert_matches_reference(model, src, tgt, src_mask=None, tgt_mask=None):
 def test_official_parameter_count_and_names():
     model = Elvis()
     assert sum(p.numel() for p in model.parameters()) == 115_604
-    assert set(model.state_dict()) >= {"remap_local.0.weight", "remap_local.1.bias",
-                                        "dust_bin_mlp.2.weight", "dust_bin", "f.3.bias", "g.2.weight"}
+    assert set(model.state_dict()) >= {"remap_local.0.weight", "remap_local.1.bias", "dust_bin",
+                                        "dust_bin_mlp.2.weight", "f.3.bias", "g.2.weight"}
 
 
 def test_single_pair_matches_reference():

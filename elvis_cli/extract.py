@@ -1,0 +1,327 @@
+"""Images -> descriptors -> sharded features file, resumable and tolerant of bad images.
+
+The image list is split into fixed-size shards in its planned order. `FILE.h5.shards/manifest.json`
+records the backbone settings, every shard's images (and crop boxes), whether it is finished and
+which of its images failed with what reason. A re-run skips finished shards; a run with other
+settings or images is refused rather than mixed in. Failed images are left out of their shard
+and reported in the manifest and in the returned ExtractReport; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from elvis_cli.backbones.base import NUM_META
+from elvis_cli.devices import resolve_device
+from elvis_cli.errors import InputError
+from elvis_cli.feature_store import FORMAT, finalize, shard_path, shards_dir, write_shard
+from elvis_cli.images import ImageError, collect_images, load_image
+
+MANIFEST_NAME = "manifest.json"
+MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = DEFAULT_BACKBONE
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    batch_size: int = 16
+    shard_size: int = 256  # images per shard: the unit of resumption
+
+
+@dataclass
+class ExtractReport:
+    output: Path
+    num_images: int
+    num_extracted: int
+    num_resumed: int  # images found in shards finished by an earlier run
+    failures: list[tuple[str, str]]  # (path relative to root, reason)
+
+
+@dataclass
+class _Item:
+    path: Path
+    name: str  # path relative to the root, as stored
+    box: Box | None
+
+
+@dataclass
+class _Decoded:
+    item: _Item
+    tensor: torch.Tensor | None = None
+    size: tuple[int, int] = (0, 0)
+    image_id: str = ""
+    error: str = ""
+
+
+def extract_features(
+    source: str | Path | Sequence[str | Path],
+    output: str | Path,
+    config: ExtractConfig | None = None,
+    boxes: Sequence[Box | None] | None = None,
+    progress: bool = True,
+    backbone: Backbone | None = None,
+    root: str | Path | None = None,
+) -> ExtractReport:
+    """Extract descriptors of every image of `source` into `output` (FILE.h5 + FILE.h5.shards).
+
+    `source` is anything collect_images accepts, or an explicit list of paths (stored relative to
+    `root`, by default their common folder). `boxes` optionally crops each image (query crops).
+    `backbone` overrides config.backbone/backbone_options with a ready-made instance.
+    """
+    config = config or ExtractConfig()
+    if config.batch_size < 1 or config.shard_size < 1:
+        raise InputError("batch_size and shard_size must be at least 1")
+    root_dir, paths = _resolve_source(source, root)
+    if boxes is not None and len(boxes) != len(paths):
+        raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
+    items = [
+        _Item(path, Path(os.path.relpath(path, root_dir)).as_posix(), _box(boxes, index))
+        for index, path in enumerate(paths)
+    ]
+    output = Path(output)
+    if backbone is None:
+        backbone = create_backbone(config.backbone, **config.backbone_options)
+    manifest = _plan(output, items, backbone, root_dir, config.shard_size)
+
+    device = resolve_device(config.device)
+    backbone = backbone.to(device).eval()
+    todo = [i for i, shard in enumerate(manifest["shards"]) if not _finished(output, i, shard)]
+    num_todo = sum(len(manifest["shards"][i]["images"]) for i in todo)
+    extracted = 0
+    with (
+        _progress_bar(progress) as bar,
+        ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
+    ):
+        task = bar.add_task("extracting", total=num_todo)
+        for index in todo:
+            shard = manifest["shards"][index]
+            shard_items = items[shard["start"] : shard["start"] + len(shard["images"])]
+            failures = _extract_shard(
+                backbone,
+                shard_items,
+                output,
+                index,
+                device,
+                config.batch_size,
+                pool,
+                lambda: bar.advance(task),
+            )
+            shard.update(done=True, failures=failures)
+            extracted += len(shard_items) - len(failures)
+            _write_json(_manifest_path(output), manifest)
+    if todo or not output.exists():
+        shards = [shard_path(output, i) for i in range(len(manifest["shards"]))]
+        finalize(output, shards, manifest["backbone"], root_dir)
+    failures = [tuple(f) for shard in manifest["shards"] for f in shard["failures"]]
+    resumed = sum(
+        len(shard["images"]) - len(shard["failures"])
+        for i, shard in enumerate(manifest["shards"])
+        if i not in todo
+    )
+    return ExtractReport(output, len(items), extracted, resumed, failures)
+
+
+def _resolve_source(
+    source: str | Path | Sequence[str | Path], root: str | Path | None
+) -> tuple[Path, list[Path]]:
+    if isinstance(source, (str, Path)):
+        found_root, paths = collect_images(source)
+        return Path(root) if root is not None else found_root, paths
+    paths = [Path(p) for p in source]
+    if not paths:
+        raise InputError("no images given")
+    if root is None:
+        root = os.path.commonpath([p.absolute().parent for p in paths])
+    return Path(root), paths
+
+
+def _box(boxes: Sequence[Box | None] | None, index: int) -> Box | None:
+    if boxes is None or boxes[index] is None:
+        return None
+    return tuple(float(v) for v in boxes[index])  # type: ignore[return-value]
+
+
+def _manifest_path(output: Path) -> Path:
+    return shards_dir(output) / MANIFEST_NAME
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _plan(
+    output: Path, items: list[_Item], backbone: Backbone, root: Path, shard_size: int
+) -> dict[str, Any]:
+    """The shard plan, fresh or from an earlier compatible run (which it must match exactly)."""
+    settings = json.loads(json.dumps(backbone.settings()))
+    shards = [
+        {
+            "start": start,
+            "images": [item.name for item in items[start : start + shard_size]],
+            "boxes": [item.box and list(item.box) for item in items[start : start + shard_size]],
+            "done": False,
+            "failures": [],
+        }
+        for start in range(0, len(items), shard_size)
+    ]
+    root_name = str(root.resolve())
+    planned = {"format": FORMAT, "backbone": settings, "root": root_name, "shards": shards}
+    manifest_file = _manifest_path(output)
+    if not manifest_file.exists():
+        if output.exists():
+            raise InputError(f"{output} already exists: use a new output or delete it")
+        _write_json(manifest_file, planned)
+        return planned
+    try:
+        existing = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"{manifest_file}: unreadable manifest; delete {output}.shards") from None
+    if existing.get("backbone") != settings:
+        difference = "backbone settings"
+    elif [_layout(s) for s in existing.get("shards", [])] != [_layout(s) for s in shards]:
+        difference = "image list or crop boxes"
+    else:
+        return existing
+    raise InputError(
+        f"{output} was started with different {difference}: "
+        "use a new output or delete the old one (and its .shards folder)"
+    )
+
+
+def _layout(shard: dict[str, Any]) -> tuple[Any, ...]:
+    return shard.get("start"), shard.get("images"), shard.get("boxes")
+
+
+def _finished(output: Path, index: int, shard: dict[str, Any]) -> bool:
+    return bool(shard["done"]) and shard_path(output, index).is_file()
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0.0:.1f} img/s", style="progress.data.speed")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def _decode(item: _Item, backbone: Backbone) -> _Decoded:
+    """Runs in a worker thread: read, hash, decode and preprocess one image."""
+    try:
+        image_id = hashlib.sha1(item.path.read_bytes()).hexdigest()[:16]
+        image = load_image(item.path, item.box)
+    except ImageError as error:
+        return _Decoded(item, error=error.reason)
+    except OSError as error:
+        return _Decoded(item, error=f"cannot read ({error.strerror or error})")
+    size = (image.shape[1], image.shape[0])
+    return _Decoded(item, backbone.preprocess(image), size, image_id)
+
+
+def _decoded_in_order(
+    items: list[_Item], backbone: Backbone, pool: ThreadPoolExecutor, window: int
+) -> Iterator[_Decoded]:
+    """Decode ahead in the pool, at most `window` images in flight to bound memory."""
+    pending: deque[Future[_Decoded]] = deque()
+    for item in items:
+        pending.append(pool.submit(_decode, item, backbone))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _extract_shard(
+    backbone: Backbone,
+    items: list[_Item],
+    output: Path,
+    index: int,
+    device: torch.device,
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    advance: Callable[[], None],
+) -> list[list[str]]:
+    """Encode one shard's images and write it; returns its failures as [name, reason] pairs.
+
+    Images whose preprocessed tensors have the same shape share batches. Odd shapes wait for
+    company only while few images are pending, which bounds memory; results are put back in
+    planned order before writing.
+    """
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    decoded: dict[int, _Decoded] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
+    failures: list[list[str]] = []
+
+    def run(shape: tuple[int, ...]) -> None:
+        positions = groups.pop(shape)
+        batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
+        with torch.inference_mode():
+            features = backbone(batch)
+        rows = torch.cat([features.metadata, features.local_desc], dim=-1).cpu().numpy()
+        global_desc = features.global_desc.cpu().numpy()
+        for offset, position in enumerate(positions):
+            results[position] = (rows[offset], global_desc[offset])
+            decoded[position].tensor = None  # free the pixels early
+            advance()
+
+    for position, item in enumerate(_decoded_in_order(items, backbone, pool, 2 * batch_size)):
+        decoded[position] = item
+        if item.tensor is None:
+            failures.append([item.item.name, item.error])
+            advance()
+            continue
+        shape = tuple(item.tensor.shape)
+        groups.setdefault(shape, []).append(position)
+        if len(groups[shape]) == batch_size:
+            run(shape)
+        elif sum(map(len, groups.values())) > MAX_PENDING_BATCHES * batch_size:
+            run(max(groups, key=lambda key: len(groups[key])))
+    for shape in list(groups):
+        run(shape)
+
+    kept = sorted(results)
+    local_shape = (0, backbone.num_local, NUM_META + backbone.local_dim)
+    write_shard(
+        shard_path(output, index),
+        np.stack([results[p][0] for p in kept]) if kept else np.zeros(local_shape, np.float32),
+        np.stack([results[p][1] for p in kept]) if kept else np.zeros((0, backbone.global_dim)),
+        [decoded[p].item.name for p in kept],
+        [decoded[p].image_id for p in kept],
+        np.array([decoded[p].size for p in kept], dtype=np.int32).reshape(-1, 2),
+    )
+    return failures

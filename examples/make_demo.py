@@ -1,0 +1,332 @@
+"""Build the bundled demo benchmark examples/data/demo (revisitop layout) from real photos.
+
+    apt-get install opencv-doc   # or: apt-get download opencv-doc; dpkg -x opencv-doc_*.deb DIR
+    python examples/make_demo.py [--opencv-data DIR] [--out examples/data/demo]
+
+Sources: the sample photos of OpenCV (Debian package opencv-doc) and scikit-image's
+motorcycle stereo pair; see examples/LICENSES.md. Each query is a real photo; its positives are
+the real second view where the source has one (hard) and synthetic views of the same photo
+(easy: mild crop/scale/colour/rotation; hard: zoom-in, perspective, strong rotation, occlusion
+with strong colour change; junk: a tiny crop or a heavy blur). Distractors are views of other
+real photos. Every random choice comes from a fixed seed, so the output is the same on every run
+(given the same Pillow/libjpeg), and gallery names (g0001.jpg, ...) are shuffled so they do not
+reveal the query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import skimage
+from PIL import Image, ImageEnhance, ImageFilter
+
+SEED = 2026
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+JPEG_QUALITY = 90
+QUERY_SIDE = 640  # longer side of query images
+VIEW_SIDE = 440  # longer side of gallery views before their scale jitter
+
+# (query photo, real second view of the same scene or None, object box in the photo or None)
+QUERIES: list[tuple[str, str | None, tuple[int, int, int, int] | None]] = [
+    ("graf1.png", "graf3.png", None),
+    ("box.png", "box_in_scene.png", None),
+    ("leuvenA.jpg", "leuvenB.jpg", None),
+    ("aloeL.jpg", "aloeR.jpg", None),
+    ("basketball1.png", "basketball2.png", None),
+    ("rubberwhale1.png", "rubberwhale2.png", None),
+    ("aero1.jpg", "aero3.jpg", None),
+    ("Blender_Suzanne1.jpg", "Blender_Suzanne2.jpg", None),
+    ("left.jpg", "right.jpg", None),
+    ("ela_original.jpg", "ela_modified.jpg", None),
+    ("skimage:motorcycle_left.png", "skimage:motorcycle_right.png", None),
+    ("building.jpg", None, None),
+    ("butterfly.jpg", None, (5, 15, 485, 315)),
+    ("home.jpg", None, None),
+    ("squirrel_cls.jpg", None, (125, 100, 360, 360)),
+]
+# Photos that appear only as distractors: the photo itself plus two synthetic views of it.
+DISTRACTORS = [
+    "apple.jpg",
+    "baboon.jpg",
+    "blox.jpg",
+    "board.jpg",
+    "fruits.jpg",
+    "orange.jpg",
+    "stuff.jpg",
+    "licenseplate_motion.jpg",
+    "smarties.png",
+    "pca_test1.jpg",
+    "messi5.jpg",
+    "starry_night.jpg",
+]
+# Distractors used as they are (a calibration sequence and two blurred-text photos).
+RAW_DISTRACTORS = [f"left{i:02d}.jpg" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)] + [
+    "text_defocus.jpg",
+    "text_motion.jpg",
+]
+
+Box = tuple[float, float, float, float]
+
+
+def demo_sources(opencv_data: Path = OPENCV_DATA) -> list[Path]:
+    """Every source file the demo uses (so training data can be checked to be disjoint)."""
+    names = [q for q, _, _ in QUERIES] + [v for _, v, _ in QUERIES if v]
+    return [_source_path(n, opencv_data) for n in names + DISTRACTORS + RAW_DISTRACTORS]
+
+
+def _source_path(name: str, opencv_data: Path) -> Path:
+    if name.startswith("skimage:"):
+        return SKIMAGE_DATA / name.removeprefix("skimage:")
+    return opencv_data / name
+
+
+def _open(name: str, opencv_data: Path) -> Image.Image:
+    with Image.open(_source_path(name, opencv_data)) as image:
+        return image.convert("RGB")
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _crop_fraction(
+    image: Image.Image, fraction: float, rng: np.random.Generator, region: Box | None = None
+) -> Image.Image:
+    """A random crop covering `fraction` of `region` (default: the whole image)."""
+    x0, y0, x1, y1 = region or (0, 0, image.width, image.height)
+    rw, rh = x1 - x0, y1 - y0
+    aspect = rng.uniform(0.8, 1.25)
+    cw = min(rw, math.sqrt(fraction * rw * rh * aspect * rw / rh))
+    ch = min(rh, fraction * rw * rh / cw)
+    left = x0 + rng.uniform(0, rw - cw)
+    top = y0 + rng.uniform(0, rh - ch)
+    return image.crop((round(left), round(top), round(left + cw), round(top + ch)))
+
+
+def _rotate_inside(image: Image.Image, degrees: float) -> Image.Image:
+    """Rotate, then keep the largest centred rectangle of the same shape with no empty corner."""
+    w, h = image.size
+    c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
+    shrink = min(w / (w * c + h * s), h / (w * s + h * c))
+    rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC)
+    cw, ch = w * shrink, h * shrink
+    return rotated.crop(
+        (round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2))
+    )
+
+
+def _jitter_colour(image: Image.Image, rng: np.random.Generator, spread: float) -> Image.Image:
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhancer(image).enhance(rng.uniform(1 - spread, 1 + spread))
+    return image
+
+
+def _shift_hue(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    hsv = np.asarray(image.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(50, 200))) % 256
+    return _jitter_colour(Image.fromarray(hsv, "HSV").convert("RGB"), rng, 0.3)
+
+
+def _perspective(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Show the whole photo as if seen from the side: each corner moves inwards by 5-25%."""
+    w, h = image.size
+    src = [(0, 0), (w, 0), (w, h), (0, h)]
+    inward = rng.uniform(0.05, 0.25, size=(4, 2)) * (w, h) * ((1, 1), (-1, 1), (-1, -1), (1, -1))
+    dst = np.asarray(src, dtype=np.float64) + inward
+    # PIL maps each output pixel to an input pixel: solve the homography dst -> src.
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(dst, src, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs.extend([u, v])
+    coeffs = np.linalg.solve(np.asarray(rows), np.asarray(rhs, dtype=np.float64))
+    return image.transform(
+        image.size,
+        Image.Transform.PERSPECTIVE,
+        tuple(coeffs),
+        Image.Resampling.BICUBIC,
+        fillcolor=(90, 90, 90),
+    )
+
+
+@dataclass
+class _Views:
+    """Synthetic view makers for one photo; `region` keeps zoom-ins on the object."""
+
+    image: Image.Image
+    region: Box | None
+    occluder: Image.Image
+
+    def easy(self, rng: np.random.Generator) -> Image.Image:
+        view = _crop_fraction(self.image, rng.uniform(0.72, 0.95), rng)
+        view = _rotate_inside(view, rng.uniform(-5, 5))
+        view = _jitter_colour(view, rng, 0.15)
+        return _fit(view, round(VIEW_SIDE * rng.uniform(0.7, 1.3)))
+
+    def zoom(self, rng: np.random.Generator) -> Image.Image:
+        view = _crop_fraction(self.image, rng.uniform(0.25, 0.45), rng, self.region)
+        return _fit(_jitter_colour(view, rng, 0.25), VIEW_SIDE)
+
+    def perspective(self, rng: np.random.Generator) -> Image.Image:
+        return _fit(_jitter_colour(_perspective(self.image, rng), rng, 0.25), VIEW_SIDE)
+
+    def rotate(self, rng: np.random.Generator) -> Image.Image:
+        degrees = rng.uniform(20, 30) * rng.choice([-1, 1])
+        return _fit(_jitter_colour(_rotate_inside(self.image, degrees), rng, 0.25), VIEW_SIDE)
+
+    def occlude(self, rng: np.random.Generator) -> Image.Image:
+        view = self.image.copy()
+        patch = _crop_fraction(self.occluder, 0.3, rng)
+        area = rng.uniform(0.18, 0.28) * view.width * view.height
+        pw = round(min(view.width * 0.7, math.sqrt(area * patch.width / patch.height)))
+        ph = round(min(view.height * 0.7, area / pw))
+        corner = (
+            int(rng.integers(0, view.width - pw + 1)),
+            int(rng.integers(0, view.height - ph + 1)),
+        )
+        view.paste(patch.resize((pw, ph), Image.Resampling.LANCZOS), corner)
+        return _fit(_shift_hue(view, rng), VIEW_SIDE)
+
+    def junk(self, rng: np.random.Generator, tiny: bool) -> Image.Image:
+        if tiny:
+            return _fit(_crop_fraction(self.image, rng.uniform(0.03, 0.06), rng), 320)
+        small = _fit(self.image, VIEW_SIDE)
+        return small.filter(ImageFilter.GaussianBlur(radius=0.035 * VIEW_SIDE))
+
+    def hard_makers(self) -> list[Callable[[np.random.Generator], Image.Image]]:
+        return [self.zoom, self.perspective, self.rotate, self.occlude]
+
+
+@dataclass
+class _GalleryImage:
+    image: Image.Image
+    query: int | None  # the query it belongs to, None for distractors
+    role: str  # easy | hard | junk | distractor
+
+
+def _query_views(
+    q: int,
+    photo: Image.Image,
+    second: Image.Image | None,
+    region: Box | None,
+    occluder: Image.Image,
+) -> list[_GalleryImage]:
+    """2 easy, 4 hard (the real second view counts as one), 1 junk."""
+    views = _Views(photo, region, occluder)
+    rng = np.random.default_rng([SEED, q])
+    out = [_GalleryImage(views.easy(rng), q, "easy") for _ in range(2)]
+    makers = views.hard_makers()
+    if second is not None:
+        out.append(_GalleryImage(_fit(second, VIEW_SIDE), q, "hard"))
+        makers = [makers[i] for i in sorted(rng.choice(len(makers), 3, replace=False))]
+    out += [_GalleryImage(make(rng), q, "hard") for make in makers]
+    out.append(_GalleryImage(views.junk(rng, tiny=q % 2 == 0), q, "junk"))
+    return out
+
+
+def _distractor_views(index: int, photo: Image.Image, occluder: Image.Image) -> list[Image.Image]:
+    views = _Views(photo, None, occluder)
+    rng = np.random.default_rng([SEED, 1000 + index])
+    hard = views.hard_makers()[int(rng.integers(4))]
+    return [_fit(photo, VIEW_SIDE), views.easy(rng), hard(rng)]
+
+
+def _save_jpeg(image: Image.Image, path: Path) -> None:
+    image.save(path, "JPEG", quality=JPEG_QUALITY)
+
+
+def build(opencv_data: Path, out: Path) -> dict:
+    """Write the demo into a temporary folder next to `out`, then swap it in."""
+    missing = [str(p) for p in demo_sources(opencv_data) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing source photos (install opencv-doc?): {', '.join(missing)}")
+    distractor_photos = [_open(n, opencv_data) for n in DISTRACTORS]
+    gallery: list[_GalleryImage] = []
+    queries: list[tuple[Image.Image, Box]] = []
+    for q, (name, second_name, box) in enumerate(QUERIES):
+        photo = _open(name, opencv_data)
+        second = _open(second_name, opencv_data) if second_name else None
+        occluder = distractor_photos[q % len(distractor_photos)]
+        gallery += _query_views(q, photo, second, box, occluder)
+        query = _fit(photo, min(QUERY_SIDE, max(photo.size)))
+        scale = query.width / photo.width
+        query_box = (0, 0, query.width, query.height) if box is None else [v * scale for v in box]
+        queries.append((query, tuple(query_box)))
+    for i, photo in enumerate(distractor_photos):
+        occluder = distractor_photos[(i + 1) % len(distractor_photos)]
+        gallery += [
+            _GalleryImage(v, None, "distractor") for v in _distractor_views(i, photo, occluder)
+        ]
+    gallery += [
+        _GalleryImage(_fit(_open(n, opencv_data), VIEW_SIDE), None, "distractor")
+        for n in RAW_DISTRACTORS
+    ]
+
+    order = np.random.default_rng(SEED).permutation(len(gallery))
+    gallery = [gallery[i] for i in order]
+    imlist = [f"g{i + 1:04d}" for i in range(len(gallery))]
+    qimlist = [f"q{q + 1:02d}" for q in range(len(queries))]
+    gnd = [
+        {
+            **{
+                role: [i for i, g in enumerate(gallery) if g.query == q and g.role == role]
+                for role in ("easy", "hard", "junk")
+            },
+            "bbx": [round(float(v), 2) for v in box],
+        }
+        for q, (_, box) in enumerate(queries)
+    ]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is a normal folder
+    (staging / "jpg").mkdir()
+    for name, item in zip(imlist, gallery, strict=True):
+        _save_jpeg(item.image, staging / "jpg" / f"{name}.jpg")
+    for name, (image, _) in zip(qimlist, queries, strict=True):
+        _save_jpeg(image, staging / "jpg" / f"{name}.jpg")
+    with (staging / "gnd_demo.pkl").open("wb") as handle:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, handle, protocol=4)
+    readme = out / "README.md"
+    if readme.is_file():
+        shutil.copy2(readme, staging / "README.md")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--opencv-data",
+        type=Path,
+        default=OPENCV_DATA,
+        help="OpenCV sample data folder (from the opencv-doc package)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "data" / "demo"
+    )
+    args = parser.parse_args()
+    gnd = build(args.opencv_data, args.out)
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(
+        f"wrote {args.out}: {len(gnd['qimlist'])} queries, {len(gnd['imlist'])} gallery images, "
+        f"{size / 1e6:.1f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

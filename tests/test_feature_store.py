@@ -1,0 +1,148 @@
+"""Sharded HDF5 feature files: write, join, move, read in any order, and the official layout."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from elvis_cli.errors import InputError
+from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+
+K, D, DG = 6, 4, 3
+SETTINGS = {"name": "efficientnet-lite0", "num_local": K}
+
+
+def make_rows(rng: np.random.Generator, count: int, real: int = K) -> np.ndarray:
+    """(count, K, 5 + D) rows in the official layout; rows past `real` are padding."""
+    rows = np.zeros((count, K, 5 + D), dtype=np.float32)
+    rows[:, :real, :2] = rng.random((count, real, 2))
+    rows[:, :real, 4] = np.sort(rng.random((count, real)), axis=1)[:, ::-1]
+    rows[:, :real, 5:] = rng.standard_normal((count, real, D))
+    rows[:, real:, 3] = 1
+    return rows
+
+
+@pytest.fixture
+def store_file(tmp_path):
+    """Three shards (2 images, 0 images, 3 images) joined into tmp_path/out/f.h5."""
+    rng = np.random.default_rng(0)
+    output = tmp_path / "out" / "f.h5"
+    sizes = [2, 0, 3]
+    rows = [make_rows(rng, n, real=4) for n in sizes]
+    glob = [rng.standard_normal((n, DG)).astype(np.float32) for n in sizes]
+    names = [[f"s{s}/img{i}.jpg" for i in range(n)] for s, n in enumerate(sizes)]
+    for index, count in enumerate(sizes):
+        write_shard(
+            shard_path(output, index),
+            rows[index],
+            glob[index],
+            names[index],
+            [f"{index:02d}{i:014x}" for i in range(count)],
+            np.full((count, 2), [640 + index, 480], dtype=np.int32),
+        )
+    finalize(output, [shard_path(output, i) for i in range(3)], SETTINGS, tmp_path)
+    expected = {
+        "rows": np.concatenate(rows),
+        "global": np.concatenate(glob),
+        "paths": [name for shard in names for name in shard],
+    }
+    return output, expected
+
+
+def test_round_trip_of_joined_shards(store_file, tmp_path):
+    output, expected = store_file
+    with FeatureStore.open(output) as store:
+        assert (store.num_images, store.num_local, store.local_dim, store.global_dim) == (
+            5,
+            K,
+            D,
+            DG,
+        )
+        assert store.paths == expected["paths"]
+        assert store.ids[0] == "00" + "0" * 14 and store.ids[2] == "02" + "0" * 14
+        np.testing.assert_array_equal(store.sizes[:, 0], [640, 640, 642, 642, 642])
+        assert store.backbone_settings == SETTINGS
+        assert store.root == tmp_path.resolve()
+        np.testing.assert_array_equal(store.global_descriptors(), expected["global"])
+
+
+def test_local_descriptors_any_order_with_duplicates(store_file):
+    output, expected = store_file
+    rows = expected["rows"].astype(np.float16).astype(np.float32)
+    order = [4, 0, 0, 3, 1, 4, 2]
+    with FeatureStore.open(output) as store:
+        desc, mask = store.local_descriptors(order)
+        np.testing.assert_array_equal(desc, rows[order, :, 5:])
+        np.testing.assert_array_equal(mask, rows[order, :, 3] == 1)
+        assert mask[:, 4:].all() and not mask[:, :4].any()
+        short, short_mask = store.local_descriptors(np.array([2, 1]), num_local=3)
+        np.testing.assert_array_equal(short, rows[[2, 1], :3, 5:])
+        assert short_mask.shape == (2, 3)
+        np.testing.assert_array_equal(store.read_local([3])[0], rows[3])
+        assert store.local_descriptors([])[0].shape == (0, K, D)
+        with pytest.raises(InputError, match="out of range"):
+            store.local_descriptors([5])
+        with pytest.raises(InputError, match="num_local"):
+            store.local_descriptors([0], num_local=K + 1)
+
+
+def test_file_and_shards_move_together(store_file, tmp_path):
+    output, expected = store_file
+    shutil.move(output.parent, tmp_path / "moved")
+    with FeatureStore.open(tmp_path / "moved" / "f.h5") as store:
+        assert store.paths == expected["paths"]
+        np.testing.assert_array_equal(store.global_descriptors(), expected["global"])
+
+
+def test_missing_shard_is_reported(store_file):
+    output, _ = store_file
+    shard_path(output, 2).unlink()
+    with pytest.raises(InputError, match="missing shard"):
+        FeatureStore.open(output)
+
+
+def test_all_empty_shards_make_an_empty_store(tmp_path):
+    output = tmp_path / "empty.h5"
+    empty = np.zeros((0, K, 5 + D)), np.zeros((0, DG)), [], [], np.zeros((0, 2))
+    write_shard(shard_path(output, 0), *empty)
+    finalize(output, [shard_path(output, 0)], SETTINGS, tmp_path)
+    with FeatureStore.open(output) as store:
+        assert store.num_images == 0 and store.num_local == K and store.global_dim == DG
+        assert store.global_descriptors().shape == (0, DG)
+
+
+def test_official_local_file_opens(tmp_path):
+    rows = make_rows(np.random.default_rng(1), 4, real=5)
+    with h5py.File(tmp_path / "dinov2_gallery_local.hdf5", "w") as file:
+        file.create_dataset("features", data=rows)  # float32, as some releases store it
+    with FeatureStore.open(tmp_path / "dinov2_gallery_local.hdf5") as store:
+        assert (store.num_images, store.num_local, store.local_dim) == (4, K, D)
+        assert store.paths == ["0", "1", "2", "3"] and store.ids == store.paths
+        assert store.backbone_settings is None and store.global_dim is None and store.root is None
+        desc, mask = store.local_descriptors([3, 0])
+        np.testing.assert_array_equal(desc, rows[[3, 0], :, 5:])
+        assert mask[:, 5].all() and not mask[:, :5].any()
+        with pytest.raises(InputError, match="no global descriptors"):
+            store.global_descriptors()
+
+
+def test_wrong_layouts_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        FeatureStore.open(tmp_path / "nothing.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(InputError, match="not an HDF5 file"):
+        FeatureStore.open(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "global.h5", "w") as file:
+        file.create_dataset("global", data=np.zeros((3, 8)))
+    with pytest.raises(InputError, match=r"global\.h5: no 'features' dataset"):
+        FeatureStore.open(tmp_path / "global.h5")
+    with h5py.File(tmp_path / "flat.h5", "w") as file:
+        file.create_dataset("features", data=np.zeros((3, 8)))
+    with pytest.raises(InputError, match="expected"):
+        FeatureStore.open(tmp_path / "flat.h5")
+    with h5py.File(tmp_path / "ours.h5", "w") as file:
+        file.create_dataset("features", data=np.zeros((1, K, 5 + D)))
+        file.attrs["format"] = "elvis-cli-features/1"
+    with pytest.raises(InputError, match="missing global, paths, ids, sizes, backbone, root"):
+        FeatureStore.open(tmp_path / "ours.h5")

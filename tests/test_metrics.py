@@ -1,0 +1,149 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from elvis_cli.errors import InputError
+from elvis_cli.metrics import (
+    compute_ap,
+    map_at_k,
+    protocol_junk,
+    recall_at_k,
+    revisitop_map,
+    revisitop_scores,
+)
+
+
+def test_compute_ap_trapezoids_by_hand():
+    # 2 positives at ranks 0 and 2; each recall step is 1/2 wide:
+    #   rank 0: precision before = 1 (by convention), after = 1/1 -> (1 + 1)/2 * 1/2 = 1/2
+    #   rank 2: before = 1/2, after = 2/3                          -> (1/2 + 2/3)/2 * 1/2 = 7/24
+    assert compute_ap(np.array([0, 2]), 2) == pytest.approx(1 / 2 + 7 / 24)
+    # 1 positive at rank 1: before = 0/1, after = 1/2 -> (0 + 1/2)/2 = 1/4
+    assert compute_ap(np.array([1]), 1) == pytest.approx(0.25)
+    # 3 positives, only one retrieved, at rank 0: (1 + 1)/2 * 1/3
+    assert compute_ap(np.array([0]), 3) == pytest.approx(1 / 3)
+    # nothing retrieved
+    assert compute_ap(np.array([], dtype=np.int64), 2) == 0.0
+    with pytest.raises(ValueError):
+        compute_ap(np.array([0]), 0)
+
+
+@given(st.sets(st.integers(0, 60), min_size=1, max_size=15), st.integers(0, 5))
+def test_compute_ap_is_one_only_for_a_perfect_ranking(ranks, missing):
+    ranks = np.array(sorted(ranks))
+    ap = compute_ap(ranks, len(ranks) + missing)
+    assert 0.0 < ap <= 1.0 + 1e-12
+    perfect = missing == 0 and ranks[-1] == len(ranks) - 1
+    assert (ap == pytest.approx(1.0)) == perfect
+
+
+GND = [
+    {"easy": [0], "hard": [3], "junk": [1]},
+    {"easy": [], "hard": [], "junk": [2]},  # no positive at all: skipped by both protocols
+]
+
+
+def test_revisitop_medium_and_hard_by_hand():
+    ranking = np.array([[1, 0, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    # Medium: positives {0, 3}, junk {1}. Without junk: [0, 2, 3, 4, 5] -> positives at 0 and 2,
+    # AP = 1/2 + 7/24 = 19/24 (see above).
+    medium = revisitop_map(ranking, GND, "medium")
+    assert medium["map"] == pytest.approx(100 * 19 / 24)
+    assert np.isnan(medium["aps"][1])
+    # Hard: positives {3}, junk {1, 0}. Without junk: [2, 3, 4, 5] -> positive at 1, AP = 1/4.
+    assert revisitop_map(ranking, GND, "hard")["map"] == pytest.approx(25.0)
+    scores = revisitop_scores(ranking, ranking, GND)
+    assert scores == pytest.approx(
+        {"map_medium": 100 * 19 / 24, "map_hard": 25.0, "map": (100 * 19 / 24 + 25) / 2}
+    )
+
+
+def test_revisitop_scores_take_a_ranking_per_protocol():
+    medium_ranking = np.array([[1, 0, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    hard_ranking = np.array([[3, 1, 0, 2, 4, 5], [0, 1, 2, 3, 4, 5]])  # hard positive first
+    scores = revisitop_scores(medium_ranking, hard_ranking, GND)
+    assert scores["map_medium"] == pytest.approx(100 * 19 / 24)
+    assert scores["map_hard"] == pytest.approx(100.0)
+
+
+def test_short_ranking_counts_missing_positives_as_never_retrieved():
+    gnd = [{"easy": [5], "hard": [4], "junk": []}]
+    ranking = np.array([[4, 0]])  # a shortlist of 2 out of a gallery of 6
+    # Medium: 2 positives, only 4 found at rank 0 -> (1 + 1)/2 * 1/2 = 1/2
+    assert revisitop_map(ranking, gnd, "medium")["map"] == pytest.approx(50.0)
+    # Hard: positives {4} (5 is easy, hence junk) -> rank 0 -> 1
+    assert revisitop_map(ranking, gnd, "hard")["map"] == pytest.approx(100.0)
+
+
+def test_ranking_longer_than_the_gallery_with_extra_distractors():
+    # indices 6.. are distractors beyond imlist (the +R1M setting)
+    ranking = np.array([[6, 0, 7, 3, 8, 1]])
+    gnd = [{"easy": [0], "hard": [3], "junk": [1]}]
+    # Medium: positives at 1 and 3 (junk 1 comes after them):
+    #   rank 1: (0/1 + 1/2)/2 * 1/2 = 1/8;  rank 3: (1/3 + 2/4)/2 * 1/2 = 5/24  -> 1/3
+    assert revisitop_map(ranking, gnd, "medium")["map"] == pytest.approx(100 / 3)
+
+
+def test_junk_everywhere():
+    gnd = [{"easy": [], "hard": [0], "junk": [1, 2, 3, 4, 5]}]
+    # all junk ahead of the positive is removed -> rank 0
+    assert revisitop_map(np.array([[1, 2, 3, 4, 5, 0]]), gnd, "medium")["map"] == 100.0
+    # a ranking of nothing but junk retrieves no positive
+    assert revisitop_map(np.array([[1, 2]]), gnd, "medium")["map"] == 0.0
+
+
+def test_no_query_with_positives_and_bad_shapes_are_input_errors():
+    with pytest.raises(InputError, match="no query has a positive"):
+        revisitop_map(np.array([[0, 1]]), [{"easy": [], "hard": [], "junk": [0]}])
+    with pytest.raises(InputError, match="shape"):
+        revisitop_map(np.array([0, 1, 2]), GND)
+    with pytest.raises(InputError, match="shape"):
+        revisitop_map(np.zeros((3, 4)), GND)
+
+
+def test_protocol_junk():
+    entry = {"easy": [1, 2], "hard": [3], "junk": [4]}
+    positives, junk = protocol_junk(entry, "medium")
+    assert sorted(positives) == [1, 2, 3] and list(junk) == [4]
+    positives, junk = protocol_junk(entry, "hard")
+    assert list(positives) == [3] and sorted(junk) == [1, 2, 4]
+    positives, junk = protocol_junk({"ok": [7, 8]}, "ok")
+    assert list(positives) == [7, 8] and junk.size == 0
+    with pytest.raises(InputError, match="unknown protocol 'easy'"):
+        protocol_junk(entry, "easy")
+    with pytest.raises(InputError, match="'ok'"):
+        protocol_junk(entry, "ok")
+
+
+def test_map_at_k_by_hand():
+    ranking = np.array([[0, 1, 2, 3, 4]])
+    # hits at ranks 0 and 3: precisions 1/1 and 2/4 -> (1 + 1/2) / min(2, 100) = 3/4
+    assert map_at_k(ranking, [[0, 3]])["map"] == pytest.approx(75.0)
+    # junk 1 removed: [0, 2, 3, 4] -> hits at 0 and 2: (1 + 2/3) / 2 = 5/6
+    assert map_at_k(ranking, [[0, 3]], junk=[[1]])["map"] == pytest.approx(100 * 5 / 6)
+    # top 2 only: [0, 1] -> one hit at 0: 1 / min(2, 2) = 1/2
+    assert map_at_k(ranking, [[0, 3]], k=2)["map"] == pytest.approx(50.0)
+    # 3 positives but k = 2: normalised by 2, both top slots are hits -> 1
+    assert map_at_k(ranking, [[0, 1, 2]], k=2)["map"] == pytest.approx(100.0)
+    # k=None: the whole ranking, normalised by all 3 positives; 9 never retrieved
+    # hits at 0 and 3 -> (1 + 2/4) / 3 = 1/2
+    assert map_at_k(ranking, [[0, 3, 9]], k=None)["map"] == pytest.approx(50.0)
+
+
+def test_map_at_k_skips_queries_without_positives():
+    ranking = np.array([[0, 1], [1, 0]])
+    result = map_at_k(ranking, [[1], []])
+    # query 0: hit at rank 1 -> (1/2) / 1
+    assert result["map"] == pytest.approx(50.0)
+    assert np.isnan(result["aps"][1])
+
+
+def test_recall_at_k():
+    ranking = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    positives = [[3], [0], []]  # the third query has none and is skipped
+    assert recall_at_k(ranking, positives, 1) == pytest.approx(50.0)
+    assert recall_at_k(ranking, positives, 3) == pytest.approx(50.0)
+    assert recall_at_k(ranking, positives, 4) == pytest.approx(100.0)
+    # removing junk 1 and 2 moves query 0's positive to rank 1
+    assert recall_at_k(ranking, positives, 2, junk=[[1, 2], [], []]) == pytest.approx(100.0)

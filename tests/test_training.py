@@ -1,0 +1,222 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from elvis_cli.augment import ViewConfig
+from elvis_cli.backbones import create_backbone
+from elvis_cli.checkpoints import load_checkpoint
+from elvis_cli.errors import InputError
+from elvis_cli.images import collect_images
+from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.training import (
+    FUSION_GRID,
+    PairSampler,
+    TrainConfig,
+    _train_step,
+    _uses_log_domain,
+    calibrate_logit,
+    extract_pool,
+    init_vote_counting,
+    photo_set,
+    raw_scores,
+    read_labels,
+    render_views,
+    split_by_instance,
+    train,
+)
+
+BACKBONE_OPTIONS = {"image_size": 128, "num_local": 32}
+SMALL_VIEWS = ViewConfig(max_side=192)
+CPU = torch.device("cpu")
+
+
+def _small_config(**changes) -> TrainConfig:
+    settings = {
+        "backbone_options": BACKBONE_OPTIONS, "views_per_image": 3, "rounds": 2,
+        "steps_per_round": 4, "batch_pairs": 8, "val_pairs": 32, "views": SMALL_VIEWS,
+        "device": "cpu", **changes,
+    }
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Seven real photos as JPEGs, decoded later by the real loader."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field",
+                 "immunohistochemistry"):
+        image = getattr(data, name)()
+        if image.ndim == 2:
+            image = np.stack([image] * 3, axis=-1)
+        Image.fromarray(image).save(folder / f"{name}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return create_backbone("efficientnet-lite0", **BACKBONE_OPTIONS).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(photos, tmp_path_factory):
+    """The same small run twice, to check the checkpoint and determinism together."""
+    out = tmp_path_factory.mktemp("runs")
+    first = train(photos, out / "a.pt", _small_config(), progress=False)
+    second = train(photos, out / "b.pt", _small_config(), progress=False)
+    return first, second
+
+
+def test_checkpoint_loads_with_fusion_backbone_and_record(trained):
+    report = trained[0]
+    checkpoint = load_checkpoint(report.checkpoint)
+    assert checkpoint.backbone["name"] == "efficientnet-lite0"
+    assert checkpoint.backbone["num_local"] == 32
+    assert checkpoint.descriptor_dim == 112  # lite0's stage-5 channels
+    assert (checkpoint.fusion.lam, checkpoint.fusion.temperature) in FUSION_GRID
+    assert checkpoint.fusion == report.fusion
+    info = checkpoint.info
+    assert info["rounds"] == 2 and info["steps_per_round"] == 4 and info["seed"] == 0
+    assert info["photos"] + info["val_photos"] == 7
+    assert len(info["fusion_grid"]) == len(FUSION_GRID) == 18
+    assert info["best_round"] == report.best_round
+    assert [entry["round"] for entry in report.history] == [1, 2]
+    best = report.history[report.best_round - 1]
+    assert best["val_map"] == max(entry["val_map"] for entry in report.history)
+    assert best["val_map"] == max(point["val_map"] for point in report.fusion_grid)
+    for entry in report.history:
+        assert math.isfinite(entry["loss"]) and entry["skipped_steps"] == 0
+
+
+def test_training_is_deterministic_for_a_seed(trained):
+    first, second = trained
+    assert first.history == second.history
+    a = load_checkpoint(first.checkpoint).model.state_dict()
+    b = load_checkpoint(second.checkpoint).model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_vote_counting_init_is_the_closed_form():
+    model = Elvis(ElvisConfig(descriptor_dim=8))
+    init_vote_counting(model, threshold=0.1, width=0.05, amplitude=3.0)
+    votes = torch.linspace(0.0, 0.5, 21)
+    t = (votes - 0.1) / 0.05
+    expected = 3.0 * t / torch.sqrt(1 + t**2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.f(votes[:, None]).squeeze(-1), expected, atol=1e-4,
+                                   rtol=1e-4)
+        raw = torch.tensor([3.0, 10.0, 20.0, 31.0])
+        calibrate_logit(model, raw)
+        torch.testing.assert_close(model.logit(raw), (raw - raw.mean()) / raw.std(), atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_loss_falls_on_a_fixed_pool(photos, backbone):
+    paths = collect_images(photos)[1]
+    pool_photos = photo_set(paths, None)
+    views = render_views(pool_photos, 4, SMALL_VIEWS, [0, 0, 0], {})
+    pool = extract_pool(backbone, views, pool_photos, 32, 8, CPU)
+    assert len(pool) == 4 * len(paths)
+    assert pool.local_desc.dtype == torch.float16 and pool.local_desc.shape[1:] == (32, 112)
+    sampler = PairSampler(pool, 5)
+    torch.manual_seed(0)
+    model = Elvis(ElvisConfig(descriptor_dim=112))
+    init_vote_counting(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    fixed = sampler.sample(np.random.default_rng(1), 16, 16, 0.5)
+    calibrate_logit(model, torch.from_numpy(raw_scores(model, pool, fixed[0], fixed[1], CPU)))
+
+    def fixed_loss() -> float:
+        raw = torch.from_numpy(raw_scores(model, pool, fixed[0], fixed[1], CPU))
+        with torch.no_grad():
+            logits = model.logit(raw)
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, torch.from_numpy(fixed[2])))
+
+    before = fixed_loss()
+    model.train()
+    for _ in range(25):
+        assert _train_step(model, optimizer, pool, sampler.sample(rng, 8, 8, 0.5), CPU, 5.0)
+    assert fixed_loss() < 0.7 * before
+
+
+def test_pairs_are_what_they_claim(photos, backbone):
+    pool_photos = photo_set(collect_images(photos)[1], None)
+    pool = extract_pool(backbone, render_views(pool_photos, 3, SMALL_VIEWS, [1], {}),
+                        pool_photos, 32, 8, CPU)
+    src, tgt, labels = PairSampler(pool, 4).sample(np.random.default_rng(0), 20, 20, 0.5)
+    same = pool.instance[src] == pool.instance[tgt]
+    np.testing.assert_array_equal(same, labels == 1)
+    assert np.all(src != tgt)
+
+
+def test_labelled_csv_makes_cross_photo_positives(photos, tmp_path):
+    """Two photos per instance (the photo and a mirrored crop of it), one view per photo."""
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    rows = ["path,instance_id"]
+    for index, source in enumerate(sorted(photos.glob("*.jpg"))):
+        image = Image.open(source).convert("RGB")
+        image.save(folder / f"{index}_a.jpg")
+        width, height = image.size
+        mirrored = image.crop((width // 10, 0, width, height)).transpose(Image.FLIP_LEFT_RIGHT)
+        mirrored.save(folder / f"{index}_b.jpg")
+        rows += [f"{index}_a.jpg,object{index}", f"{index}_b.jpg,object{index}"]
+    labels = folder / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+
+    label_map = read_labels(labels)
+    assert len(label_map) == 14 and len(set(label_map.values())) == 7
+    train_set, val_set = split_by_instance(photo_set(list(label_map), label_map), 0.2, 0)
+    assert not set(train_set.instances) & set(val_set.instances)
+
+    config = _small_config(views_per_image=1, rounds=1)
+    report = train(None, tmp_path / "labelled.pt", config, labels=labels, progress=False)
+    info = load_checkpoint(report.checkpoint).info
+    assert info["labelled"] is True
+    assert info["instances"] == 5 and info["photos"] == 10 and info["val_photos"] == 4
+
+
+def test_self_supervised_needs_two_views(photos, tmp_path):
+    with pytest.raises(InputError, match="single view"):
+        train(photos, tmp_path / "x.pt", _small_config(views_per_image=1), progress=False)
+
+
+def test_bad_labels_row_is_a_clear_error(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,instance_id\na.jpg,1\nb.jpg\n")
+    with pytest.raises(InputError, match=r"labels.csv:3"):
+        read_labels(labels)
+
+
+def test_unreadable_photo_is_skipped_and_reported(photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for source in sorted(photos.glob("*.jpg"))[:5]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    report = train(folder, tmp_path / "m.pt", _small_config(rounds=1), val_source=photos,
+                   progress=False)
+    assert len(report.skipped) == 1 and "broken.jpg" in report.skipped[0]
+
+
+def test_log_domain_fallback_trains_with_finite_gradients(photos, backbone):
+    """A dustbin corner past the linear-domain range switches Sinkhorn to the log domain."""
+    pool_photos = photo_set(collect_images(photos)[1], None)
+    pool = extract_pool(backbone, render_views(pool_photos, 2, SMALL_VIEWS, [2], {}),
+                        pool_photos, 32, 8, CPU)
+    model = Elvis(ElvisConfig(descriptor_dim=112))
+    init_vote_counting(model)
+    with torch.no_grad():
+        model.dust_bin.fill_(8.0)
+    assert _uses_log_domain(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pairs = PairSampler(pool, 4).sample(np.random.default_rng(0), 4, 4, 0.5)
+    assert _train_step(model, optimizer, pool, pairs, CPU, 5.0) is not None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
