@@ -4,8 +4,9 @@
 
 Every held-out photo gives `--views` strong random views (elvis_cli.augment with small crops,
 perspective, rotation and occlusion, like the demo's hard positives: mild views put every
-setting at 100 mAP and decide nothing); each view is a query against all other views, its positives the other views of the same
-photo. For each setting, varied one factor at a time around the default, it prints:
+setting at 100 mAP and decide nothing); each view is a query against all other views, its
+positives the other views of the same photo. For each setting, varied one factor at a time
+around the default, it prints:
 - global mAP: ranking by the global descriptor;
 - chamfer mAP: ranking by the training-free chamfer similarity of the local descriptors (mean
   over each image's descriptors of the best cosine match, both directions), a model-free proxy
@@ -17,7 +18,6 @@ No photo used here is in the training split or the demo benchmark.
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

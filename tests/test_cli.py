@@ -67,7 +67,7 @@ def test_extract_skips_bad_images_names_them_and_exits_3(tmp_path):
     Image.fromarray(cat).save(images / "good.jpg")
     Image.fromarray(cat).convert("L").save(images / "gray.png")
     Image.fromarray(cat).convert("CMYK").save(images / "cmyk.jpg")
-    Image.fromarray((cat[..., 0].astype(np.uint16) * 257)).save(images / "deep16.png")
+    Image.fromarray(cat[..., 0].astype(np.uint16) * 257).save(images / "deep16.png")
     Image.new("RGB", (1, 1)).save(images / "tiny.png")
     (images / "empty.jpg").write_bytes(b"")
     (images / "text.jpg").write_text("not an image")
