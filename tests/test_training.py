@@ -12,13 +12,12 @@ from elvis_cli.backbones import create_backbone
 from elvis_cli.checkpoints import load_checkpoint
 from elvis_cli.errors import InputError
 from elvis_cli.images import collect_images
-from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.model import Elvis, ElvisConfig, uses_log_domain
 from elvis_cli.training import (
     FUSION_GRID,
     PairSampler,
     TrainConfig,
     _train_step,
-    _uses_log_domain,
     calibrate_logit,
     extract_pool,
     init_vote_counting,
@@ -216,7 +215,7 @@ def test_log_domain_fallback_trains_with_finite_gradients(photos, backbone):
     init_vote_counting(model)
     with torch.no_grad():
         model.dust_bin.fill_(8.0)
-    assert _uses_log_domain(model)
+    assert uses_log_domain(model.dust_bin, model.config.regularisation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pairs = PairSampler(pool, 4).sample(np.random.default_rng(0), 4, 4, 0.5)
     assert _train_step(model, optimizer, pool, pairs, CPU, 5.0) is not None
