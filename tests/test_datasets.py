@@ -14,7 +14,7 @@ DEMO_ROOT = Path(__file__).resolve().parents[1] / "examples" / "data"
 def test_bundled_demo_is_a_valid_revisitop_benchmark():
     ds = load_dataset(DEMO_ROOT, "demo")
     assert ds.protocol == "revisitop"
-    assert len(ds.queries) == 15 and len(ds.gallery) == 156
+    assert len(ds.queries) == 15 and len(ds.gallery) == 171
     assert not set(ds.queries) & set(ds.gallery)  # queries are kept out of the gallery
     assert all(p.is_file() for p in ds.gallery_paths() + ds.query_paths())
     owner: dict[int, int] = {}
