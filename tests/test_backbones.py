@@ -1,4 +1,4 @@
-"""Backbones: real EfficientNet-Lite weights, and the ViTs' real code paths on tiny random models."""
+"""Backbones: real EfficientNet-Lite weights; the ViTs' real code paths on tiny random models."""
 
 import subprocess
 import sys
@@ -330,7 +330,8 @@ def expected_class_token_selection(features, cls, patches, grid, k):
     torch.testing.assert_close(features.metadata[:, :k, 4], best.values[:, :k])
     picked = patches.gather(1, best.indices[:, :k, None].expand(-1, -1, patches.shape[-1]))
     torch.testing.assert_close(features.local_desc[:, :k], F.normalize(picked, dim=-1))
-    torch.testing.assert_close(features.metadata[:, :k, :2], grid_centres(*grid)[best.indices[:, :k]])
+    centres = grid_centres(*grid)[best.indices[:, :k]]
+    torch.testing.assert_close(features.metadata[:, :k, :2], centres)
 
 
 def test_dinov3_class_token_weighting_skips_registers():
