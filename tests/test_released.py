@@ -260,6 +260,7 @@ def test_malicious_nn_pickle_is_refused_and_never_run(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow  # several CLI processes
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     make_release(tmp_path)
     official_checkpoint(tmp_path / "wide.pt", dim=32)
@@ -273,6 +274,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     one_line_error(rerank_release(tmp_path, "plain.pt"), "not in the official format")
 
 
+@pytest.mark.slow  # several CLI processes
 def test_wrong_hdf5_layouts_are_one_line_errors(tmp_path):
     make_release(tmp_path, "float32-chunks")
     official_checkpoint(tmp_path / "ckpt.pt")
@@ -290,6 +292,7 @@ def test_wrong_hdf5_layouts_are_one_line_errors(tmp_path):
     one_line_error(rerank_release(tmp_path), "no 'features' dataset")
 
 
+@pytest.mark.slow  # several CLI processes
 def test_inconsistent_release_files_are_one_line_errors(tmp_path):
     make_release(tmp_path / "data", "float16", 3)
     official_checkpoint(tmp_path / "ckpt.pt")
