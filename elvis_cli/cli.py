@@ -158,6 +158,7 @@ def rerank(
     """
     from elvis_cli.checkpoints import Fusion, check_compatible, default_checkpoint_for
     from elvis_cli.checkpoints import load_checkpoint as load
+    from elvis_cli.released import released_gallery
     from elvis_cli.rerank import RerankConfig, rerank_table
     from elvis_cli.rerank import rerank as run_rerank
     from elvis_cli.shortlist import load_shortlist
@@ -171,6 +172,7 @@ def rerank(
                         ckpt.fusion.temperature if temperature is None else temperature)
         if candidates is not None:
             candidate_list = load_shortlist(candidates)
+            gallery_store = released_gallery(query_store, gallery_store, candidate_list)
         else:
             candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
         config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
@@ -199,6 +201,9 @@ def evaluate(
     backbone: Annotated[str, typer.Option(help="Backbone for extraction.")] = "efficientnet-lite0",
     backbone_option: BackboneOptions = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name or path.")] = None,
+    descriptors: Annotated[str | None, typer.Option(
+        help="Use the released files <dataset>/<DESC>_{query,gallery}_local.hdf5 and "
+             "nn_<DESC>.pkl instead of extracting, e.g. `--descriptors dinov2`.")] = None,
     shortlist_sizes: Annotated[list[int] | None, typer.Option(
         "--shortlist", help="Sizes, e.g. `--shortlist 0 25 50 100` (0 = global).")] = None,
     lam: Annotated[float | None, typer.Option(help="Fusion weight of the global score.")] = None,
@@ -240,7 +245,8 @@ def evaluate(
     config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint,
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
-                            temperature=temperature, num_local=num_local, device=device)
+                            temperature=temperature, num_local=num_local, device=device,
+                            descriptors=descriptors)
     results = []
     with console.status("evaluating", spinner="dots") as status:
         for name in names:
@@ -306,11 +312,11 @@ class _open_pair:
         self.paths = (queries, gallery) if queries is not None else (features, features)
 
     def __enter__(self):
-        from elvis_cli.feature_store import FeatureStore
+        from elvis_cli.released import open_local
 
         query_path, gallery_path = self.paths
-        self.query = FeatureStore.open(query_path)
-        self.gallery = self.query if gallery_path == query_path else FeatureStore.open(gallery_path)
+        self.query = open_local(query_path)
+        self.gallery = self.query if gallery_path == query_path else open_local(gallery_path)
         return self.query, self.gallery, self.gallery is self.query
 
     def __exit__(self, *exc_info) -> None:

@@ -30,6 +30,7 @@ from elvis_cli.errors import InputError
 from elvis_cli.extract import ExtractConfig, extract_features
 from elvis_cli.feature_store import FeatureStore
 from elvis_cli.metrics import EVAL_PROTOCOLS, map_at_k, protocol_junk, recall_at_k, revisitop_map
+from elvis_cli.released import open_released
 from elvis_cli.rerank import PairScorer, RerankConfig, fuse_and_sort
 from elvis_cli.shortlist import build_shortlist
 
@@ -46,6 +47,7 @@ class EvaluateConfig:
     batch_size: int = 100
     device: str = "auto"
     features_dir: Path | None = None  # None: <dataset>/features/
+    descriptors: str | None = None  # released files of this name instead of extraction
 
     def __post_init__(self) -> None:
         if not self.shortlists or any(size < 0 for size in self.shortlists):
@@ -70,7 +72,12 @@ def evaluate_dataset(
     """Evaluate one dataset; `on_stage` hears a short label as each stage starts."""
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features")
-    queries, gallery = extract_dataset(dataset, config, progress)
+    if config.descriptors:
+        queries, gallery, ranking = open_released(dataset.root, config.descriptors,
+                                                  len(dataset.gallery))
+    else:
+        queries, gallery = extract_dataset(dataset, config, progress)
+        ranking = None
     with queries, gallery:
         if checkpoint is None:
             checkpoint = load_checkpoint(
@@ -82,9 +89,10 @@ def evaluate_dataset(
             checkpoint.fusion.temperature if config.temperature is None else config.temperature,
         )
         stage(f"{dataset.name}: global ranking")
-        ranking = build_shortlist(
-            queries.global_descriptors(), gallery.global_descriptors(), gallery.num_images
-        )
+        if ranking is None:
+            ranking = build_shortlist(
+                queries.global_descriptors(), gallery.global_descriptors(), gallery.num_images
+            )
         protocols = EVAL_PROTOCOLS[dataset.protocol]
         lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
                  for name in protocols}

@@ -187,8 +187,12 @@ class FeatureStore:
         for run in np.split(np.arange(len(unique)), breaks):
             if run.size:
                 first, last = unique[run[0]], unique[run[-1]]
-                rows[run[0] : run[-1] + 1] = self._features[first : last + 1, :count]
+                rows[run[0] : run[-1] + 1] = self._read_rows(first, last + 1, count)
         return rows[inverse]
+
+    def _read_rows(self, start: int, stop: int, count: int) -> np.ndarray:
+        """Images start..stop-1, first `count` rows each, as (n, count, 5 + D) numbers."""
+        return self._features[start:stop, :count]
 
     def local_descriptors(
         self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
@@ -207,14 +211,15 @@ class FeatureStore:
         self.close()
 
 
-def _check_layout(path: Path, file: h5py.File) -> None:
+def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) -> None:
     """Refuse files that would be misread, naming what is wrong."""
     if "features" not in file:
         raise InputError(f"{path}: no 'features' dataset (not a descriptor file)")
     features = file["features"]
     if features.dtype.names is not None:
-        raise InputError(f"{path}: binarised descriptors are not supported")
-    if features.ndim != 3 or features.shape[2] <= NUM_META:
+        if not allow_binarised:
+            raise InputError(f"{path}: binarised descriptors: open with released.open_local")
+    elif features.ndim != 3 or features.shape[2] <= NUM_META:
         raise InputError(f"{path}: 'features' has shape {features.shape}, expected (N, K, 5 + D)")
     if file.attrs.get("format") == FORMAT:
         missing = [name for name in SHARD_DATASETS if name not in file]
