@@ -143,6 +143,7 @@ def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path,
         assert not (tmp_path / "other.tgz.part").exists()
     finally:
         server.shutdown()
+        server.server_close()
     with pytest.raises(OfflineError, match=r"127\.0\.0\.1"):
         fetch(url, tmp_path / "third.tgz")  # server gone
 
