@@ -29,6 +29,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 console = Console()
+# Tables are written whole when the output is a file or a pipe, not cut to 80 columns.
+wide_console = console if console.is_terminal else Console(width=160)
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 BackboneOptions = Annotated[
@@ -194,10 +196,13 @@ def rerank(
 @app.command()
 def evaluate(
     data_root: Annotated[Path | None, typer.Option(
-        help="Folder of datasets in the revisitop layout; default $ELVIS_DATA_ROOT.")] = None,
+        help="Folder of datasets (see `elvis datasets list`); default $ELVIS_DATA_ROOT.")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset name (repeatable).")] = None,
     all_datasets: Annotated[bool, typer.Option(
-        "--all-datasets", help="Every dataset found under the data root.")] = False,
+        "--all-datasets", help="Every ready dataset under the data root.")] = False,
+    model: Annotated[list[str] | None, typer.Option(
+        help="Re-ranker(s) side by side: global, elvis, chamfer (repeatable or comma-separated; "
+             "default global,elvis).")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for extraction.")] = "efficientnet-lite0",
     backbone_option: BackboneOptions = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name or path.")] = None,
@@ -206,8 +211,10 @@ def evaluate(
              "nn_<DESC>.pkl instead of extracting, e.g. `--descriptors dinov2`.")] = None,
     shortlist_sizes: Annotated[list[int] | None, typer.Option(
         "--shortlist", help="Sizes, e.g. `--shortlist 0 25 50 100` (0 = global).")] = None,
-    lam: Annotated[float | None, typer.Option(help="Fusion weight of the global score.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temp", help="Fusion temperature.")] = None,
+    lam: Annotated[float | None, typer.Option(help="ELViS fusion weight of the global score.")
+                   ] = None,
+    temperature: Annotated[float | None, typer.Option("--temp", help="ELViS fusion temperature.")
+                           ] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
     device: DeviceOption = "auto",
     out_dir: Annotated[Path, typer.Option(
@@ -217,11 +224,14 @@ def evaluate(
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ) -> None:
-    """Global and re-ranked mAP per dataset and shortlist size, with runtime per query.
+    """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
-    Example: `elvis evaluate --data-root examples/data --all-datasets --shortlist 0 25 50 100`
+    Prints one table with a row per dataset (and average rows), the runtime-vs-shortlist curve,
+    and writes results.json, results.csv and runtime.png.
+
+    Example: `elvis evaluate --data-root examples/data --all-datasets --model global,elvis,chamfer`
     """
-    from elvis_cli.datasets import KNOWN_DATASETS, default_data_root, find_datasets, load_dataset
+    from elvis_cli.datasets import default_data_root, find_datasets, load_dataset
     from elvis_cli.evaluate import (
         EvaluateConfig,
         evaluate_dataset,
@@ -229,31 +239,32 @@ def evaluate(
         results_table,
         write_results,
     )
+    from elvis_cli.prepare import list_datasets
 
     root = data_root or default_data_root()
-    found = find_datasets(root) if root.is_dir() else []
+    found = find_datasets(root)
     if all_datasets:
-        names = found
+        statuses = {status.name: status for status in list_datasets(root)}
+        names = [name for name in found if statuses[name].state == "ready"]
+        not_ready = [status for status in statuses.values() if status.state != "ready"]
     elif dataset:
-        names = dataset
+        names, not_ready = dataset, []
     else:
         raise InputError("name a dataset with --dataset NAME, or use --all-datasets")
-    missing = [name for name in KNOWN_DATASETS if name not in found]
     if not names:
-        raise InputError(f"no dataset (gnd_<name>.pkl) found under {root}; "
-                         + _missing_hint(missing, KNOWN_DATASETS))
-    config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint,
+        raise InputError(f"no ready dataset under {root}; see `elvis datasets list --data-root "
+                         f"{root}` and prepare one with `elvis datasets prepare NAME`")
+    models = [part for item in (model or ["global,elvis"]) for part in item.split(",") if part]
+    config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint, models=models,
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
                             temperature=temperature, num_local=num_local, device=device,
                             descriptors=descriptors)
     results = []
-    with console.status("evaluating", spinner="dots") as status:
+    with _stages(len(names) * config.num_stages(), enabled=not quiet) as on_stage:
         for name in names:
-            data = load_dataset(root, name)
-            results.append(evaluate_dataset(
-                data, config, progress=not quiet,
-                on_stage=None if quiet else lambda label: status.update(label)))
+            results.append(evaluate_dataset(load_dataset(root, name), config, progress=False,
+                                            on_stage=on_stage))
     table = results_table(results)
     json_path = json_path or out_dir / "results.json"
     csv_path = csv_path or out_dir / "results.csv"
@@ -261,10 +272,65 @@ def evaluate(
     write_results(table, json_path, csv_path)
     plot_runtime(table, plot_path)
     _print_results(table)
-    if all_datasets and missing:
-        console.print("[dim]not found under the data root: " + _missing_hint(missing,
-                                                                             KNOWN_DATASETS))
+    for status in not_ready:
+        wide_console.print(f"[dim]not evaluated: {status.name} ({status.state}): "
+                           f"{status.detail}")
     console.print(f"results -> {json_path}, {csv_path}, {plot_path}")
+
+
+datasets_app = typer.Typer(help="The paper's benchmarks: status and preparation.",
+                           no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+DataRoot = Annotated[Path | None, typer.Option(help="Folder of datasets; default "
+                                                    "$ELVIS_DATA_ROOT or ~/.cache/elvis/data.")]
+
+
+@datasets_app.command("list")
+def datasets_list(data_root: DataRoot = None) -> None:
+    """Every known benchmark and every custom one under the data root: status, features, size.
+
+    Example: `elvis datasets list --data-root ~/data`
+    """
+    from elvis_cli.datasets import default_data_root
+    from elvis_cli.prepare import list_datasets
+    from elvis_cli.registry import REGISTRY
+
+    root = data_root or default_data_root()
+    view = Table(title=f"datasets under {root}", title_justify="left")
+    for column in ("name", "status", "features", "size", "metric", "to do"):
+        view.add_column(column, justify="right" if column == "size" else "left",
+                        overflow="fold")
+    for status in list_datasets(root):
+        entry = REGISTRY.get(status.name)
+        view.add_row(status.name, status.state, ", ".join(status.features) or "-",
+                     _human_size(status.size_bytes), entry.metric if entry else "custom",
+                     status.detail)
+    wide_console.print(view)
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `elvis datasets list`).")],
+    data_root: DataRoot = None,
+    source: Annotated[Path | None, typer.Option(
+        "--from", help="An archive (tar/zip) or folder holding the files already.")] = None,
+) -> None:
+    """Download (resumable, checksummed) or take from `--from`, then lay out a dataset.
+
+    Offline, it names each file to fetch, its URL and where to put it.
+
+    Example: `elvis datasets prepare roxford5k --from ~/Downloads/`
+    """
+    from elvis_cli.datasets import default_data_root
+    from elvis_cli.prepare import prepare
+
+    root = data_root or default_data_root()
+    with console.status(f"preparing {name}") as status:
+        report = prepare(name, root, source, on_file=lambda label: status.update(label))
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"{name} -> {report.folder} ({len(report.fetched)} file(s) taken, "
+                  f"{len(report.unpacked)} archive(s) unpacked)")
 
 
 @app.command()
@@ -363,21 +429,70 @@ def _print_top(table, show: int, per_query: int = 5) -> None:
         console.print(view)
 
 
+class _stages:
+    """A rich progress bar over every dataset and stage; `on_stage(label)` advances it."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                            transient=True, disable=not enabled)
+        self.task = self.bar.add_task("evaluating", total=total)
+        self.started = False
+
+    def __enter__(self):
+        self.bar.start()
+
+        def on_stage(label: str) -> None:
+            if self.started:
+                self.bar.advance(self.task)
+            self.started = True
+            self.bar.update(self.task, description=label)
+
+        return on_stage
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+
 def _print_results(table) -> None:
-    metric_columns = [c for c in ("map_medium", "map_hard", "map", "map@100", "recall@1")
-                      if c in table.columns]
-    view = Table(title="ELViS re-ranking (shortlist 0 = global only)", title_justify="left")
-    for column in ("dataset", "protocol", "shortlist", *metric_columns, "s/query"):
-        view.add_column(column, justify="left" if column in ("dataset", "protocol") else "right")
-    for row in table.to_dict("records"):
-        metrics = [("-" if row.get(c) != row.get(c) else f"{row[c]:.2f}") for c in metric_columns]
-        view.add_row(row["dataset"], row["protocol"], str(row["shortlist"]), *metrics,
-                     f"{row['seconds_per_query']:.3f}")
-    console.print(view)
+    from elvis_cli.evaluate import runtime_curve, summary_table
+
+    summary = summary_table(table)
+    view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",
+                 title_justify="left")
+    for column in summary.columns:
+        view.add_column(column, justify="left" if column in ("dataset", "metric") else "right")
+    for position, row in enumerate(summary.itertuples(index=False)):
+        if position == len(summary) - 2:
+            view.add_section()
+        view.add_row(*(value if isinstance(value, str) else _number(value) for value in row))
+    wide_console.print(view)
+    curve = runtime_curve(table)
+    slowest = max(curve["seconds_per_query"].max(), 1e-12)
+    view = Table(title="runtime vs shortlist size (mean over datasets)", title_justify="left")
+    for column in ("model", "shortlist", "s/query", "", "mAP"):
+        view.add_column(column, justify="left" if column in ("model", "") else "right")
+    for row in curve.itertuples(index=False):
+        bar = "█" * max(1, round(30 * row.seconds_per_query / slowest))
+        view.add_row(row.model, str(row.shortlist), f"{row.seconds_per_query:.4f}", bar,
+                     _number(row.map))
+    wide_console.print(view)
 
 
-def _missing_hint(missing: list[str], known: dict[str, str]) -> str:
-    return "; ".join(f"{name}: {known[name]}" for name in missing)
+def _number(value) -> str:
+    return "-" if value != value or value is None else f"{value:.2f}"
+
+
+def _human_size(size: float) -> str:
+    if not size:
+        return "-"
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def _expand_multi_values(argv: list[str]) -> list[str]:
