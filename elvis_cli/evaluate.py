@@ -373,7 +373,24 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
         summary.loc[label, "metric"] = f"mean of {len(names)}"
         summary.loc[label, "paper"] = PAPER_AVERAGES[paper_key] if complete and paper.notna(
         ).any() else np.nan
-    return summary.reset_index(names="dataset")
+    return _with_protocol_rows(summary, table, order).reset_index(names="dataset")
+
+
+def _with_protocol_rows(summary: pd.DataFrame, table: pd.DataFrame,
+                        order: list[str]) -> pd.DataFrame:
+    """Revisitop datasets get their Medium and Hard mAP on rows of their own under the headline
+    (not counted in the averages): Hard is where re-ranking shows."""
+    rows = []
+    for name in summary.index:
+        rows.append(summary.loc[[name]])
+        for protocol in ("medium", "hard"):
+            metric = f"map_{protocol}"
+            if metric not in table or table.loc[table["dataset"] == name, metric].isna().all():
+                continue
+            values = table[table["dataset"] == name].set_index("column")[metric]
+            row = pd.DataFrame([values.reindex(order)], index=[f"  {name} {protocol}"])
+            rows.append(row.assign(metric=f"mAP {protocol.capitalize()}"))
+    return pd.concat(rows)[summary.columns]
 
 
 def _model_order(column: pd.Series) -> pd.Series:
