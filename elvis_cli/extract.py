@@ -40,7 +40,7 @@ from elvis_cli.atomic import write_text_atomic
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from elvis_cli.backbones.base import NUM_META
 from elvis_cli.devices import resolve_device
-from elvis_cli.errors import InputError
+from elvis_cli.errors import DiskFullError, InputError
 from elvis_cli.feature_store import (
     FORMAT,
     finalize,
@@ -125,7 +125,11 @@ def extract_features(
         backbone = create_backbone(config.backbone, **config.backbone_options)
     with exclusive_lock(shards_dir(output) / LOCK_NAME, str(output)):
         _remove_partial_files(output)
-        return _run(output, items, root_dir, backbone, config, progress)
+        try:
+            return _run(output, items, root_dir, backbone, config, progress)
+        except DiskFullError as error:
+            raise DiskFullError(f"{error}; free some space and re-run the same command: "
+                                "finished shards are kept") from None
 
 
 def _run(

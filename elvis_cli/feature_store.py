@@ -10,6 +10,7 @@ files and the released `*_local.hdf5` files, which hold `features` only.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -55,13 +56,27 @@ def write_shard(
     count = len(paths)
     if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count):
         raise ValueError("shard arrays disagree on the number of images")
-    with atomic_path(target) as temporary, h5py.File(temporary, "w") as file:
+    with _new_hdf5(target) as file:
         file.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         file.create_dataset("global", data=np.asarray(global_desc, dtype=np.float32))
         file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("ids", data=list(ids), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int32).reshape(count, 2))
     return shard_record(target)
+
+
+@contextmanager
+def _new_hdf5(target: Path) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written atomically as plain bytes.
+
+    HDF5 itself must never meet a full disk: it crashes (SIGSEGV) while cleaning up after the
+    failed write. Plain Python writes raise ENOSPC cleanly, which atomic_path reports.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        yield file
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(buffer.getbuffer())
 
 
 def shard_record(shard: Path) -> dict[str, Any]:
@@ -113,7 +128,7 @@ def finalize(
     total = sum(info["paths"][0][0] for info in infos)
     first = infos[0]
     records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
-    with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
+    with _new_hdf5(path) as file:
         for name in SHARD_DATASETS:
             shape, dtype = first[name]
             full_shape = (total, *shape[1:])
