@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the command could not do its job (a one-line `elvis: error: ...` on
 stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (each one named on
-stderr); 130 interrupted.
+stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 interrupted.
 """
 
 import json
@@ -31,6 +31,10 @@ app = typer.Typer(
 console = Console()
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+ExternalOption = Annotated[bool, typer.Option(
+    "--allow-external-sources",
+    help="Let features files read data from files outside their own folder (only for files "
+         "you trust).")]
 BackboneOptions = Annotated[
     list[str] | None,
     typer.Option("--backbone-option", help="Extra backbone setting KEY=VALUE (repeatable)."),
@@ -100,6 +104,8 @@ def extract(
     report = extract_features(images, output, config, progress=not quiet)
     console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
                   f"{len(report.failures)} skipped -> {report.output}")
+    for shard in report.repaired:
+        print(f"elvis: re-extracted {shard}", file=sys.stderr)
     for path, reason in report.failures:
         print(f"elvis: skipped {path}: {reason}", file=sys.stderr)
     if report.failures:
@@ -115,6 +121,7 @@ def shortlist(
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 100,
     output: Annotated[Path, typer.Option("-o", "--output", help="Shortlist file (.npz).")] = Path(
         "shortlist.npz"),
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
@@ -122,7 +129,8 @@ def shortlist(
     """
     from elvis_cli.shortlist import save_shortlist
 
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         result = _global_shortlist(query_store, gallery_store, same, k)
     save_shortlist(output, result)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
@@ -151,6 +159,7 @@ def rerank(
                                          help="Results table: .csv or .parquet.")] = Path(
         "reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Re-rank each query's global shortlist with ELViS and write the fused ranking.
 
@@ -164,7 +173,8 @@ def rerank(
 
     if output.suffix not in (".csv", ".parquet"):
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         ckpt = load(checkpoint or default_checkpoint_for(gallery_store.backbone_settings))
         check_compatible(ckpt, gallery_store.backbone_settings, gallery_store.local_dim)
         fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
@@ -300,17 +310,20 @@ def train(
 class _open_pair:
     """Open one features file (all-vs-all) or a query/gallery pair, closing them afterwards."""
 
-    def __init__(self, features: Path, queries: Path | None, gallery: Path | None) -> None:
+    def __init__(self, features: Path, queries: Path | None, gallery: Path | None,
+                 allow_external_sources: bool) -> None:
         if (queries is None) != (gallery is None):
             raise InputError("--queries and --gallery go together")
         self.paths = (queries, gallery) if queries is not None else (features, features)
+        self.allow_external = allow_external_sources
 
     def __enter__(self):
         from elvis_cli.feature_store import FeatureStore
 
         query_path, gallery_path = self.paths
-        self.query = FeatureStore.open(query_path)
-        self.gallery = self.query if gallery_path == query_path else FeatureStore.open(gallery_path)
+        self.query = FeatureStore.open(query_path, self.allow_external)
+        self.gallery = (self.query if gallery_path == query_path
+                        else FeatureStore.open(gallery_path, self.allow_external))
         return self.query, self.gallery, self.gallery is self.query
 
     def __exit__(self, *exc_info) -> None:

@@ -205,8 +205,8 @@ class FeatureStore:
             raise InputError(f"{path}: not an HDF5 file") from None
         try:
             with _readable(path):
-                _check_layout(path, file)
                 _check_sources(path, file, allow_external_sources)
+                _check_layout(path, file)
                 return cls(path, file)
         except BaseException:
             file.close()
@@ -302,6 +302,8 @@ def _check_sources(path: Path, file: h5py.File, allow_external: bool) -> None:
     """Every other file the data comes from: inside the folder (unless allowed) and intact."""
     folder = path.parent.resolve()
     records = json.loads(file.attrs.get("shards", "{}"))
+    if not isinstance(records, dict):
+        raise InputError(f"{path}: its 'shards' attribute is not a JSON object")
     for name in SHARD_DATASETS:
         link = file.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
