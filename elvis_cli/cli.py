@@ -404,6 +404,11 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+# click's usage errors, and those of the copy of click that recent typer versions bundle
+USAGE_ERRORS = (click.ClickException,
+                next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -413,10 +418,10 @@ def main() -> None:
     except ElvisError as error:
         print(f"elvis: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except click.ClickException as error:
+    except USAGE_ERRORS as error:
         error.show()
         sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("elvis: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as error:

@@ -115,7 +115,7 @@ def extract_features(
     if boxes is not None and len(boxes) != len(paths):
         raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
     items = [
-        _Item(path, Path(os.path.relpath(path, root_dir)).as_posix(), _box(boxes, index))
+        _Item(path, _stored_name(path, root_dir), _box(boxes, index))
         for index, path in enumerate(paths)
     ]
     output = Path(output)
@@ -198,6 +198,13 @@ def _resolve_source(
     if root is None:
         root = os.path.commonpath([p.absolute().parent for p in paths])
     return Path(root), paths
+
+
+def _stored_name(path: Path, root: Path) -> str:
+    """The path relative to root, as UTF-8 text: bytes that are not UTF-8 (a Latin-1 file name)
+    are written as backslash escapes, since HDF5 strings must be valid UTF-8."""
+    relative = Path(os.path.relpath(path, root)).as_posix()
+    return os.fsencode(relative).decode("utf-8", "backslashreplace")
 
 
 def _box(boxes: Sequence[Box | None] | None, index: int) -> Box | None:
