@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError, unknown_name
 from elvis_cli.model import Elvis, ElvisConfig
 
 OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
@@ -79,8 +79,8 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
         return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
     path = Path(text).expanduser()
     if not path.is_file():
-        known = ", ".join([*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
-        raise InputError(f"no checkpoint file or known checkpoint named {text!r} (known: {known})")
+        raise unknown_name("checkpoint (no such file either)", text,
+                           [*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
     return _from_file(path, path.stem, None)
 
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the command could not do its job (a one-line `elvis: error: ...` on
 stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (each one named on
-stderr); 130 interrupted.
+stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 interrupted.
 """
 
 import json
@@ -33,6 +33,10 @@ console = Console()
 wide_console = console if console.is_terminal else Console(width=160)
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+ExternalOption = Annotated[bool, typer.Option(
+    "--allow-external-sources",
+    help="Let features files read data from files outside their own folder (only for files "
+         "you trust).")]
 BackboneOptions = Annotated[
     list[str] | None,
     typer.Option("--backbone-option", help="Extra backbone setting KEY=VALUE (repeatable)."),
@@ -102,6 +106,8 @@ def extract(
     report = extract_features(images, output, config, progress=not quiet)
     console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
                   f"{len(report.failures)} skipped -> {report.output}")
+    for shard in report.repaired:
+        print(f"elvis: re-extracted {shard}", file=sys.stderr)
     for path, reason in report.failures:
         print(f"elvis: skipped {path}: {reason}", file=sys.stderr)
     if report.failures:
@@ -117,6 +123,7 @@ def shortlist(
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 100,
     output: Annotated[Path, typer.Option("-o", "--output", help="Shortlist file (.npz).")] = Path(
         "shortlist.npz"),
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
@@ -124,7 +131,8 @@ def shortlist(
     """
     from elvis_cli.shortlist import save_shortlist
 
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         result = _global_shortlist(query_store, gallery_store, same, k)
     save_shortlist(output, result)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
@@ -153,6 +161,7 @@ def rerank(
                                          help="Results table: .csv or .parquet.")] = Path(
         "reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Re-rank each query's global shortlist with ELViS and write the fused ranking.
 
@@ -167,7 +176,8 @@ def rerank(
 
     if output.suffix not in (".csv", ".parquet"):
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         ckpt = load(checkpoint or default_checkpoint_for(gallery_store.backbone_settings))
         check_compatible(ckpt, gallery_store.backbone_settings, gallery_store.local_dim)
         fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
@@ -372,17 +382,20 @@ def train(
 class _open_pair:
     """Open one features file (all-vs-all) or a query/gallery pair, closing them afterwards."""
 
-    def __init__(self, features: Path, queries: Path | None, gallery: Path | None) -> None:
+    def __init__(self, features: Path, queries: Path | None, gallery: Path | None,
+                 allow_external_sources: bool) -> None:
         if (queries is None) != (gallery is None):
             raise InputError("--queries and --gallery go together")
         self.paths = (queries, gallery) if queries is not None else (features, features)
+        self.allow_external = allow_external_sources
 
     def __enter__(self):
         from elvis_cli.released import open_local
 
         query_path, gallery_path = self.paths
-        self.query = open_local(query_path)
-        self.gallery = self.query if gallery_path == query_path else open_local(gallery_path)
+        self.query = open_local(query_path, self.allow_external)
+        self.gallery = (self.query if gallery_path == query_path
+                        else open_local(gallery_path, self.allow_external))
         return self.query, self.gallery, self.gallery is self.query
 
     def __exit__(self, *exc_info) -> None:
@@ -512,6 +525,11 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+# click's usage errors, and those of the copy of click that recent typer versions bundle
+USAGE_ERRORS = (click.ClickException,
+                next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -521,10 +539,10 @@ def main() -> None:
     except ElvisError as error:
         print(f"elvis: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except click.ClickException as error:
+    except USAGE_ERRORS as error:
         error.show()
         sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("elvis: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as error:

@@ -17,7 +17,7 @@ import numpy as np
 
 from elvis_cli.backbones.base import NUM_META
 from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore, _check_layout
+from elvis_cli.feature_store import FeatureStore
 from elvis_cli.safe_pickle import load_pickle
 from elvis_cli.shortlist import Shortlist, load_shortlist
 
@@ -48,6 +48,8 @@ class ReleasedFiles:
 class BinarisedStore(FeatureStore):
     """A binarised local file: fields `metadata` (K x 5) and `descriptor` (K x D/8 packed bits),
     per image (dataset of shape (N,)) or per row (shape (N, K)); bits are read as -1/+1."""
+
+    binarised = True
 
     def __init__(self, path: Path, file: h5py.File) -> None:
         features = file["features"]
@@ -112,24 +114,18 @@ class ShortlistedGallery(FeatureStore):
         return self._store.read_local(rows, num_local)
 
 
-def open_local(path: str | Path) -> FeatureStore:
+def open_local(path: str | Path, allow_external_sources: bool = False) -> FeatureStore:
     """Ours or a released local file, float or binarised."""
     path = Path(path)
+    binarised = False
     if path.is_file():
         try:
             with h5py.File(path, "r") as file:
                 binarised = "features" in file and file["features"].dtype.names is not None
         except OSError:
-            binarised = False  # FeatureStore.open names the problem
-        if binarised:
-            file = h5py.File(path, "r")
-            try:
-                _check_layout(path, file, allow_binarised=True)
-                return BinarisedStore(path, file)
-            except BaseException:
-                file.close()
-                raise
-    return FeatureStore.open(path)
+            pass  # FeatureStore.open names the problem
+    store_class = BinarisedStore if binarised else FeatureStore
+    return store_class.open(path, allow_external_sources)
 
 
 def gallery_for(store: FeatureStore, shortlist: Shortlist,

@@ -6,13 +6,12 @@ cheap (in particular it never imports transformers).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
 from elvis_cli.backbones.base import Backbone, ImageFeatures, select_top_k
-from elvis_cli.errors import InputError
+from elvis_cli.errors import InputError, unknown_name
 
 __all__ = [
     "BACKBONES",
@@ -58,9 +57,7 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
     """Instantiate a backbone by registry name, with its options as keywords."""
     if name not in BACKBONES:
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown backbone {name!r}{hint}; known: {', '.join(BACKBONES)}")
+        raise unknown_name("backbone", name, BACKBONES)
     return BACKBONES[name](**options)
 
 
