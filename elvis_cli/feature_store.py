@@ -289,13 +289,13 @@ def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) ->
             raise InputError(f"{path}: binarised descriptors: open with released.open_local")
     elif features.ndim != 3 or features.shape[2] <= NUM_META:
         raise InputError(f"{path}: 'features' has shape {features.shape}, expected (N, K, 5 + D)")
+    elif features.shape[1] < 1:
+        raise InputError(f"{path}: 'features' holds no descriptor rows per image")
     if file.attrs.get("format") == FORMAT:
         missing = [name for name in SHARD_DATASETS if name not in file]
         missing += [key for key in ("backbone", "root") if key not in file.attrs]
         if missing:
             raise InputError(f"{path}: incomplete features file, missing {', '.join(missing)}")
-    if features.shape[1] < 1:
-        raise InputError(f"{path}: 'features' holds no descriptor rows per image")
     if file.attrs.get("format") == FORMAT:
         count = features.shape[0]
         shapes = {name: file[name].shape for name in SHARD_DATASETS}
