@@ -22,7 +22,7 @@ from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FORMAT, FeatureStore, finalize, shard_path, write_shard
 from elvis_cli.images import ImageError, load_image
 
-FUZZ = settings(max_examples=120, deadline=None,
+FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,  # repeatable
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
