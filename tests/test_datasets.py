@@ -19,7 +19,7 @@ def test_bundled_demo_is_a_valid_revisitop_benchmark():
     assert all(p.is_file() for p in ds.gallery_paths() + ds.query_paths())
     owner: dict[int, int] = {}
     for q, entry in enumerate(ds.ground_truth):
-        assert len(entry["easy"]) == 2 and len(entry["hard"]) == 4 and len(entry["junk"]) == 1
+        assert len(entry["easy"]) == 2 and len(entry["hard"]) == 5 and len(entry["junk"]) == 1
         for i in np.concatenate([entry["easy"], entry["hard"], entry["junk"]]):
             assert 0 <= i < len(ds.gallery)
             assert owner.setdefault(int(i), q) == q  # no gallery image belongs to two queries
