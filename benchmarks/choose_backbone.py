@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from elvis_cli.augment import ViewConfig, random_view
+from elvis_cli.augment import ViewConfig, inset_view, random_view
 from elvis_cli.backbones import create_backbone
 from elvis_cli.images import collect_images, load_image
 from elvis_cli.metrics import map_at_k
@@ -46,20 +46,32 @@ class Measurement:
     images_per_second: float
 
 
-def make_views(source: str, views: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+def make_views(
+    source: str, views: int, seed: int, inset: float = 0.0
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Views, their photo's label, and the label of the photo each was pasted into (-1: none);
+    with `inset` > 0 that share of views shows the photo small inside the previous photo."""
     _, paths = collect_images(source)
     rng = np.random.default_rng(seed)
-    images, labels = [], []
+    images, labels, backdrops = [], [], []
+    previous = None
     for label, path in enumerate(paths):
         photo = load_image(path)
         for _ in range(views):
-            images.append(random_view(photo, rng, HARD_VIEWS))
+            view = random_view(photo, rng, HARD_VIEWS)
+            backdrop = -1
+            if previous is not None and rng.random() < inset:
+                view, backdrop = inset_view(view, previous, rng, (0.15, 0.3)), label - 1
+            images.append(view)
             labels.append(label)
-    return images, np.array(labels)
+            backdrops.append(backdrop)
+        previous = photo
+    return images, np.array(labels), np.array(backdrops)
 
 
 @torch.inference_mode()
-def measure(images: list[np.ndarray], labels: np.ndarray, settings: dict) -> Measurement:
+def measure(images: list[np.ndarray], labels: np.ndarray, backdrops: np.ndarray,
+            settings: dict) -> Measurement:
     backbone = create_backbone("efficientnet-lite0", **settings).eval()
     global_rows, local_sets = [], []
     elapsed = 0.0
@@ -79,18 +91,25 @@ def measure(images: list[np.ndarray], labels: np.ndarray, settings: dict) -> Mea
                 cosine = src @ tgt.T
                 score = (cosine.amax(dim=1).mean() + cosine.amax(dim=0).mean()) / 2
                 chamfer[i, j] = chamfer[j, i] = score
-    return Measurement(settings, _map(global_similarity, labels), _map(chamfer, labels),
-                       len(images) / elapsed)
+    return Measurement(settings, _map(global_similarity, labels, backdrops),
+                       _map(chamfer, labels, backdrops), len(images) / elapsed)
 
 
-def _map(similarity: torch.Tensor, labels: np.ndarray) -> float:
-    """Non-interpolated mAP of every image against all others (itself excluded)."""
+def _map(similarity: torch.Tensor, labels: np.ndarray, backdrops: np.ndarray) -> float:
+    """Non-interpolated mAP of every image against all others (itself excluded); views that
+    share only a backdrop's content are junk."""
     similarity = similarity.clone()
     similarity.fill_diagonal_(-torch.inf)
     ranking = torch.argsort(similarity, dim=1, descending=True)[:, :-1].numpy()
-    positives = [np.flatnonzero((labels == labels[q]) & (np.arange(len(labels)) != q))
-                 for q in range(len(labels))]
-    return map_at_k(ranking, positives, None, k=None)["map"]
+    rows = np.arange(len(labels))
+    positives, junk = [], []
+    for q in rows:
+        same = (labels == labels[q]) & (rows != q)
+        shared = {labels[q], backdrops[q]} - {-1}
+        related = np.isin(labels, list(shared)) | np.isin(backdrops, list(shared))
+        positives.append(np.flatnonzero(same))
+        junk.append(np.flatnonzero(related & ~same & (rows != q)))
+    return map_at_k(ranking, positives, junk, k=None)["map"]
 
 
 def main() -> None:
@@ -100,24 +119,28 @@ def main() -> None:
     parser.add_argument("--around", nargs="*", default=[], metavar="KEY=VALUE",
                         help="centre the one-factor variations here instead of the default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inset", type=float, default=0.0,
+                        help="share of views pasted small into another held-out photo")
+    parser.add_argument("--factors", nargs="*", default=list(VARIATIONS),
+                        choices=list(VARIATIONS), help="which settings to vary")
     args = parser.parse_args()
     centre = dict(DEFAULT)
     for item in args.around:
         key, value = item.split("=", 1)
         centre[key] = value if key == "global_pooling" else int(value)
-    images, labels = make_views(args.photos, args.views, args.seed)
+    images, labels, backdrops = make_views(args.photos, args.views, args.seed, args.inset)
     print(f"{len(images)} views of {labels.max() + 1} held-out photos, "
           f"{torch.get_num_threads()} threads")
     print(f"{'setting':<28} {'global mAP':>10} {'chamfer mAP':>12} {'images/s':>9}")
     tried = set()
-    for factor, values in VARIATIONS.items():
-        for value in values:
+    for factor in args.factors:
+        for value in VARIATIONS[factor]:
             settings = {**centre, factor: value}
             key = tuple(sorted(settings.items()))
             if key in tried:
                 continue
             tried.add(key)
-            result = measure(images, labels, settings)
+            result = measure(images, labels, backdrops, settings)
             label = "centre" if settings == centre else f"{factor}={value}"
             print(f"{label:<28} {result.global_map:>10.2f} {result.chamfer_map:>12.2f} "
                   f"{result.images_per_second:>9.1f}", flush=True)

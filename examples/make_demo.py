@@ -8,8 +8,9 @@ motorcycle stereo pair; see examples/LICENSES.md. Each query is a real photo; it
 the real second view where the source has one (hard) and synthetic views of the same photo
 (easy: mild crop/scale/colour/rotation; hard: the object pasted small into another scene, a
 zoom-in, perspective, strong rotation, occlusion with strong colour change; junk: a tiny crop or
-a heavy blur). Distractors are views of other real photos. Every random choice comes from a fixed seed, so the output is the same on every run
-(given the same Pillow/libjpeg), and gallery names (g0001.jpg, ...) are shuffled so they do not
+a heavy blur). Distractors are views of other real photos. Every random choice comes from a
+fixed seed, so the output is the same on every run (given the same Pillow/libjpeg), and gallery
+names (g0001.jpg, ...) are shuffled so they do not
 reveal the query.
 """
 

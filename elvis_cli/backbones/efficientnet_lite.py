@@ -48,10 +48,11 @@ WEIGHT_PACKAGES = {
 @dataclass
 class EfficientNetLiteOptions:
     # Defaults chosen by benchmarks/choose_backbone.py on held-out photos (BENCHMARKS.md): the
-    # last stage's 320-d features matched hard views best, at a lower resolution that is faster.
-    image_size: int = 384  # longer side in px; both sides are rounded to a multiple of 32
+    # last stage's 320-d features matched hard views best; 512 px rather than 384 once views
+    # include objects shown small in other scenes, where the coarser grid loses them.
+    image_size: int = 512  # longer side in px; both sides are rounded to a multiple of 32
     local_layer: int = 7  # MBConv stage (1-7) giving local descriptors; 5: stride 16, 6-7: 32
-    num_local: int = 150  # K local descriptors kept per image (a 384 px image has <= 144)
+    num_local: int = 300  # K local descriptors kept per image (a 512 px image has <= 256)
     global_pooling: str = "gem"  # "gem" (p = 3) or "avg" over the head
 
     def __post_init__(self) -> None:
