@@ -5,8 +5,14 @@ every pair that image takes part in; queries are processed in blocks whose galle
 a fixed cache, so memory is bounded by options, not by the gallery size.
 """
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -16,8 +22,10 @@ from elvis_cli.checkpoints import Fusion
 from elvis_cli.devices import resolve_device
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, Embedded
+from elvis_cli.model import Elvis, Transport, uses_log_domain
 from elvis_cli.shortlist import Shortlist
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,17 +33,21 @@ class RerankConfig:
     shortlist: int = 100  # how many of each query's list are scored by ELViS
     num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
     # files that store fewer use all of theirs
-    batch_size: int = 100  # pairs scored at once
-    cache_images: int = 2048  # gallery images whose embeddings are held at once
+    batch_size: int = 100  # most pairs scored at once; on CPU fewer, so their kernels stay in cache
+    cache_images: int = 2048  # images whose embeddings are held at once
+    read_images: int = 64  # images per HDF5 read; reads run one step ahead of compute
     device: str = "auto"
+    workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
 
     def __post_init__(self) -> None:
-        for name in ("shortlist", "batch_size", "cache_images"):
+        for name in ("shortlist", "batch_size", "cache_images", "read_images"):
             value = getattr(self, name)
             if value <= 0:
                 raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
-        if self.num_local is not None and self.num_local <= 0:
-            raise InputError(f"num local must be positive, got {self.num_local}")
+        for name in ("num_local", "workers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
 
 
 @dataclass
@@ -48,8 +60,29 @@ class RerankResult:
     scores: np.ndarray  # (Q, L) fused score; NaN where not re-ranked
 
 
+@dataclass
+class _Rows:
+    """Embedded images as Elvis.rows, with their padding masks; slot i is the i-th image read."""
+
+    rows: torch.Tensor  # (N, K + 1, k)
+    mask: torch.Tensor  # (N, K)
+    padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
+
+    def take(self, slots: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(slots).to(device)
+        mask = self.mask[index] if self.padded[slots].any() else None
+        return self.rows[index], mask
+
+
 class PairScorer:
-    """Raw ELViS scores of (query, gallery) pairs read from two feature stores."""
+    """Raw ELViS scores of (query, gallery) pairs read from two feature stores.
+
+    Per image, projection, gains and the augmented rows are computed once. Pairs of a block of
+    queries are scored in chunks: on CPU each worker thread takes chunks small enough that their
+    transport kernels stay in the L2 cache through all Sinkhorn iterations; on CUDA a chunk is
+    `batch_size` pairs, across queries when shortlists are short, with no host sync until the
+    block ends. HDF5 reads run in a background thread one step ahead of compute.
+    """
 
     def __init__(
         self,
@@ -62,32 +95,50 @@ class PairScorer:
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
         self.queries, self.gallery = queries, gallery
+        self.log_domain = uses_log_domain(self.model.dust_bin, model.config.regularisation)
+        cpu = self.device.type == "cpu"
+        self.workers = (self.config.workers or torch.get_num_threads()) if cpu else 1
+        kernel_bytes = 4 * (self._num_local(queries) + 1) * (self._num_local(gallery) + 1)
+        fitting = max(1, _l2_cache_bytes() // (2 * kernel_bytes)) if cpu else self.config.batch_size
+        self.pairs_per_call = min(self.config.batch_size, fitting)
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
         """Raw scores (Q, L) for gallery rows `candidates` (Q, L) of queries 0..Q-1; -1 → NaN."""
         raw = np.full(candidates.shape, np.nan, dtype=np.float32)
-        for query_rows in self._query_blocks(candidates):
-            needed = np.unique(candidates[query_rows])
-            needed = needed[needed >= 0]
-            cache = self._embed(self.gallery, needed)
-            slot_of = {int(row): slot for slot, row in enumerate(needed)}
-            queries = self._embed(self.queries, query_rows)
-            for position, query in enumerate(query_rows):
-                self._score_query(queries, position, cache, slot_of, candidates[query], raw[query])
-                if progress is not None:
-                    progress()
+        blocks = [(queries, _unique_rows(candidates[queries]))
+                  for queries in self._query_blocks(candidates)]
+        reads = _read_ahead([partial(self._read, store, part)
+                             for queries, needed in blocks
+                             for store, rows in ((self.queries, queries), (self.gallery, needed))
+                             for part in self._parts(rows)])
+        with _workers(self.workers) as pool:
+            for queries, needed in blocks:
+                query_rows = self._embed(reads, len(queries), query=True)
+                gallery_rows = self._embed(reads, len(needed), query=False)
+                pairs = _block_pairs(candidates[queries], needed)
+                chunks = [pairs[:, start : start + self.pairs_per_call]
+                          for start in range(0, pairs.shape[1], self.pairs_per_call)]
+                scored = list(pool.map(partial(self._score_chunk, query_rows, gallery_rows),
+                                       chunks))
+                if scored:
+                    values = torch.cat(scored).float().cpu().numpy()  # the block's one sync
+                    raw[queries[pairs[0]], pairs[2]] = values
+                for _ in queries:
+                    if progress is not None:
+                        progress()
         return raw
 
-    def _score_query(self, queries: Embedded, position: int, cache: Embedded, slot_of: dict,
-                     rows: np.ndarray, out: np.ndarray) -> None:
-        valid = np.flatnonzero(rows >= 0)
-        query = _select(queries, torch.tensor([position], device=self.device))
-        for start in range(0, len(valid), self.config.batch_size):
-            chunk = valid[start : start + self.config.batch_size]
-            slots = torch.tensor([slot_of[int(r)] for r in rows[chunk]], device=self.device)
-            scores = self.model.score(query, _select(cache, slots))
-            out[chunk] = scores.float().cpu().numpy()
+    def _score_chunk(self, queries: _Rows, gallery: _Rows, chunk: np.ndarray) -> torch.Tensor:
+        query_slots = chunk[0]
+        if (query_slots == query_slots[0]).all():  # one query: broadcast it, no copies
+            query_slots = query_slots[:1]
+        src_rows, src_mask = queries.take(query_slots, self.device)
+        tgt_rows, tgt_mask = gallery.take(chunk[1], self.device)
+        config = self.model.config
+        problem = Transport(src_rows, tgt_rows, src_mask, tgt_mask, config.regularisation,
+                            config.sinkhorn_iterations)
+        return self.model.score_transport(problem, self.log_domain)
 
     def _query_blocks(self, candidates: np.ndarray) -> Iterator[np.ndarray]:
         """Consecutive queries whose distinct gallery rows fit the embedding cache."""
@@ -103,33 +154,88 @@ class PairScorer:
         if block:
             yield np.array(block)
 
+    def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
+        step = self.config.read_images
+        return [rows[start : start + step] for start in range(0, len(rows), step)]
+
     def _num_local(self, store: FeatureStore) -> int:
         wanted = self.config.num_local
         return store.num_local if wanted is None else min(wanted, store.num_local)
 
-    def _embed(self, store: FeatureStore, rows: np.ndarray) -> Embedded:
-        parts = []
-        chunk = self.config.batch_size
-        for start in range(0, len(rows), chunk):
-            descriptors, mask = store.local_descriptors(rows[start : start + chunk],
-                                                        self._num_local(store))
-            descriptors = torch.from_numpy(descriptors).to(self.device)
-            mask = torch.from_numpy(mask).to(self.device)
-            parts.append(self.model.embed(_finite(descriptors, mask), mask))
-        if not parts:
-            empty = torch.empty(0, device=self.device)
-            return Embedded(empty, empty, empty)
-        return Embedded(*(torch.cat([getattr(p, name) for p in parts])
-                          for name in ("descriptors", "gains", "mask")))
+    def _read(self, store: FeatureStore, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Descriptors with padding zeroed (released files may hold anything there) and masks."""
+        descriptors, mask = store.local_descriptors(rows, self._num_local(store))
+        descriptors[mask] = 0.0
+        tensor = torch.from_numpy(descriptors)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor, mask
+
+    def _embed(self, reads: Iterator, count: int, query: bool) -> _Rows:
+        """Rows of the next `count` images that the reader delivers."""
+        rows, masks = [], []
+        for _ in range(0, count, self.config.read_images):
+            descriptors, mask = next(reads)
+            masks.append(mask)
+            embedded = self.model.embed(descriptors.to(self.device, non_blocking=True))
+            rows.append(self.model.rows(embedded, query))
+        mask = np.concatenate(masks) if masks else np.zeros((0, 0), dtype=bool)
+        if not rows:
+            return _Rows(torch.empty(0, device=self.device), torch.from_numpy(mask), mask.any(1))
+        return _Rows(torch.cat(rows), torch.from_numpy(mask).to(self.device), mask.any(axis=1))
 
 
-def _finite(descriptors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Padding slots may hold anything in released files; zero them so they stay harmless."""
-    return descriptors.masked_fill(mask.unsqueeze(-1), 0.0)
+def _unique_rows(candidates: np.ndarray) -> np.ndarray:
+    rows = np.unique(candidates)
+    return rows[rows >= 0]
 
 
-def _select(embedded: Embedded, slots: torch.Tensor) -> Embedded:
-    return Embedded(embedded.descriptors[slots], embedded.gains[slots], embedded.mask[slots])
+def _block_pairs(candidates: np.ndarray, needed: np.ndarray) -> np.ndarray:
+    """(3, P) query slot, gallery slot and list position of every valid pair, query-major."""
+    query_slots, positions = np.nonzero(candidates >= 0)
+    gallery_slots = np.searchsorted(needed, candidates[query_slots, positions])
+    return np.stack([query_slots, gallery_slots, positions])
+
+
+def _read_ahead(reads: list[Callable[[], T]], depth: int = 1) -> Iterator[T]:
+    """Results of `reads` in order, computed in a background thread `depth` steps ahead."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending: deque[Future[T]] = deque()
+        for read in reads:
+            pending.append(reader.submit(read))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextmanager
+def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads that score side by side, each single-threaded inside torch.
+
+    One pair per thread keeps each kernel in its core's cache, and avoids intra-op thread
+    barriers, which stall badly when other processes share the cores.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=count,
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _l2_cache_bytes() -> int:
+    """Per-core L2 size from Linux sysfs (e.g. "2048K"); 1 MiB where the system does not say."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+        except (OSError, ValueError):
+            continue
+    return 1 << 20
 
 
 def fuse_and_sort(
