@@ -168,9 +168,13 @@ class FeatureStore:
         return np.asarray(self._global[()], dtype=np.float32)
 
     def read_local(
-        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
+        dtype: np.dtype | None = np.float32,
     ) -> np.ndarray:
         """Raw (len, K', 5 + D) float32 rows (metadata then descriptor) for any index order.
+
+        dtype None keeps the stored type (float16 in our files): HDF5's own float16 conversion
+        is slow, so the re-ranking engine converts in torch instead.
 
         h5py wants sorted, unique indices, so rows are read once per contiguous run of sorted
         unique indices and then gathered back into the requested order (duplicates included).
@@ -182,7 +186,8 @@ class FeatureStore:
         if wanted.size and (wanted.min() < 0 or wanted.max() >= self.num_images):
             raise InputError(f"{self.path}: image index out of range 0..{self.num_images - 1}")
         unique, inverse = np.unique(wanted, return_inverse=True)
-        rows = np.empty((len(unique), count, self.local_dim + NUM_META), dtype=np.float32)
+        rows = np.empty((len(unique), count, self.local_dim + NUM_META),
+                        dtype=self._features.dtype if dtype is None else dtype)
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         for run in np.split(np.arange(len(unique)), breaks):
             if run.size:
@@ -191,10 +196,11 @@ class FeatureStore:
         return rows[inverse]
 
     def local_descriptors(
-        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
+        dtype: np.dtype | None = np.float32,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(len, K', D) float32 descriptors and a (len, K') mask, True where a row is padding."""
-        rows = self.read_local(indices, num_local)
+        rows = self.read_local(indices, num_local, dtype)
         return np.ascontiguousarray(rows[..., NUM_META:]), rows[..., META_PADDING] > 0.5
 
     def close(self) -> None:

@@ -114,8 +114,8 @@ class PairScorer:
                              for part in self._parts(rows)])
         with _workers(self.workers) as pool:
             for queries, needed in blocks:
-                query_rows = self._embed(reads, len(queries), query=True)
-                gallery_rows = self._embed(reads, len(needed), query=False)
+                query_rows = self._embed(pool, reads, len(queries), query=True)
+                gallery_rows = self._embed(pool, reads, len(needed), query=False)
                 pairs = _block_pairs(candidates[queries], needed)
                 chunks = [pairs[:, start : start + self.pairs_per_call]
                           for start in range(0, pairs.shape[1], self.pairs_per_call)]
@@ -164,25 +164,32 @@ class PairScorer:
 
     def _read(self, store: FeatureStore, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Descriptors with padding zeroed (released files may hold anything there) and masks."""
-        descriptors, mask = store.local_descriptors(rows, self._num_local(store))
+        descriptors, mask = store.local_descriptors(rows, self._num_local(store), dtype=None)
         descriptors[mask] = 0.0
         tensor = torch.from_numpy(descriptors)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return tensor, mask
+        if self.device.type == "cuda":  # float16 files travel as float16, converted on the GPU
+            return tensor.pin_memory(), mask
+        return tensor.float(), mask
 
-    def _embed(self, reads: Iterator, count: int, query: bool) -> _Rows:
-        """Rows of the next `count` images that the reader delivers."""
-        rows, masks = [], []
-        for _ in range(0, count, self.config.read_images):
-            descriptors, mask = next(reads)
-            masks.append(mask)
-            embedded = self.model.embed(descriptors.to(self.device, non_blocking=True))
-            rows.append(self.model.rows(embedded, query))
-        mask = np.concatenate(masks) if masks else np.zeros((0, 0), dtype=bool)
-        if not rows:
-            return _Rows(torch.empty(0, device=self.device), torch.from_numpy(mask), mask.any(1))
-        return _Rows(torch.cat(rows), torch.from_numpy(mask).to(self.device), mask.any(axis=1))
+    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int, query: bool
+               ) -> _Rows:
+        """Rows of the next `count` images that the reader delivers, one read per worker."""
+        parts = [None] * -(-count // self.config.read_images)
+        embedded = []
+        for start in range(0, len(parts), self.workers):
+            group = [next(reads) for _ in parts[start : start + self.workers]]
+            embedded += pool.map(partial(self._embed_part, query=query), group)
+        if not embedded:
+            return _Rows(torch.empty(0), torch.empty(0), np.zeros(0, dtype=bool))
+        mask = np.concatenate([mask for _, mask in embedded])
+        rows = torch.cat([rows for rows, _ in embedded])
+        return _Rows(rows, torch.from_numpy(mask).to(self.device), mask.any(axis=1))
+
+    def _embed_part(self, read: tuple[torch.Tensor, np.ndarray], query: bool
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+        descriptors, mask = read
+        descriptors = descriptors.to(self.device, non_blocking=True).float()
+        return self.model.rows(self.model.embed(descriptors), query), mask
 
 
 def _unique_rows(candidates: np.ndarray) -> np.ndarray:
