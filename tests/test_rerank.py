@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
 from elvis_cli.rerank import PairScorer, RerankConfig
 from tests.reference_elvis import reference_score
@@ -105,12 +106,24 @@ def test_threads_are_restored_and_progress_counts_queries(stores):
     assert len(calls) == len(CANDIDATES)
 
 
+def test_float16_needs_cuda_and_precision_is_checked(stores):
+    queries, gallery = stores
+    with pytest.raises(InputError, match="CUDA"):
+        PairScorer(random_model(dim=D), queries, gallery,
+                   RerankConfig(device="cpu", precision="float16"))
+    with pytest.raises(InputError, match="precision"):
+        RerankConfig(precision="bfloat16")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(stores):
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_cuda_matches_reference(stores, precision):
+    """Pinned float16 reads, cross-query batches, tensor-core products, one sync per block."""
     queries, gallery = stores
     model = random_model(dim=D, seed=33)
-    cpu = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
-    cuda = PairScorer(random_model(dim=D, seed=33), queries, gallery,
-                      RerankConfig(device="cuda", batch_size=3)).score(CANDIDATES)
-    np.testing.assert_allclose(cuda, cpu, atol=1e-3, equal_nan=True)
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cuda", batch_size=3,
+                                                              precision=precision))
+    tolerance = 1e-4 if precision == "float32" else 1e-3
+    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=tolerance, equal_nan=True)
