@@ -196,11 +196,12 @@ def _linear_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor
     m, n = problem.sizes
     shift = 1.0 / problem.regularisation
     kernel = problem.augmented(shift, -shift).exp_()  # (B, m + 1, n + 1)
-    a, b = (x.exp() for x in problem.log_marginals(kernel))
+    a, b = (x.exp()[:, None] for x in problem.log_marginals(kernel))
+    transposed = kernel.transpose(1, 2)
     v = kernel.new_ones(kernel.shape[0], n + 1, 1)
     for _ in range(problem.iterations):
-        u = a[:, None] / torch.bmm(kernel, v)  # (B, m + 1, 1)
-        v = b[:, None] / torch.bmm(kernel.transpose(1, 2), u)  # (B, n + 1, 1)
+        u = a / torch.bmm(kernel, v)  # (B, m + 1, 1)
+        v = b / torch.bmm(transposed, u)  # (B, n + 1, 1)
     # u here is exp(shift) times the log-domain exp(u), so
     # P'_ij = exp(M_ij + log u_i + log v_j + log N) = kernel_ij * u_i * v_j * N.
     u, v = u[:, :m, 0] * (m + n), v[:, :n, 0]

@@ -5,6 +5,7 @@ every pair that image takes part in; queries are processed in blocks whose galle
 a fixed cache, so memory is bounded by options, not by the gallery size.
 """
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -110,6 +111,8 @@ class PairScorer:
         kernel_bytes = 4 * (self._num_local(queries) + 1) * (self._num_local(gallery) + 1)
         fitting = max(1, _l2_cache_bytes() // (2 * kernel_bytes)) if cpu else self.config.batch_size
         self.pairs_per_call = min(self.config.batch_size, fitting)
+        # wall time per phase over all calls: reads overlap both, so they show only as waits
+        self.seconds = {"read and embed": 0.0, "score": 0.0}
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
@@ -123,19 +126,25 @@ class PairScorer:
                              for part in self._parts(rows)])
         with _workers(self.workers) as pool:
             for queries, needed in blocks:
+                started = time.perf_counter()
                 query_rows = self._embed(pool, reads, len(queries), query=True)
                 gallery_rows = self._embed(pool, reads, len(needed), query=False)
+                embedded = time.perf_counter()
                 pairs = _block_pairs(candidates[queries], needed)
                 chunks = [pairs[:, start : start + self.pairs_per_call]
                           for start in range(0, pairs.shape[1], self.pairs_per_call)]
-                scored = list(pool.map(partial(self._score_chunk, query_rows, gallery_rows),
-                                       chunks))
+                scored, reported = [], 0
+                for chunk, values in zip(chunks, pool.map(
+                        partial(self._score_chunk, query_rows, gallery_rows), chunks),
+                        strict=True):
+                    scored.append(values)
+                    reported = _report(progress, reported, chunk[0, -1])  # earlier slots done
                 if scored:
                     values = torch.cat(scored).float().cpu().numpy()  # the block's one sync
                     raw[queries[pairs[0]], pairs[2]] = values
-                for _ in queries:
-                    if progress is not None:
-                        progress()
+                _report(progress, reported, len(queries))
+                self.seconds["read and embed"] += embedded - started
+                self.seconds["score"] += time.perf_counter() - embedded
         return raw
 
     def _score_chunk(self, queries: _Rows, gallery: _Rows, chunk: np.ndarray) -> torch.Tensor:
@@ -200,6 +209,14 @@ class PairScorer:
         descriptors = descriptors.to(self.device, non_blocking=True).float()
         rows = self.model.rows(self.model.embed(descriptors), query)
         return rows.to(self.rows_dtype), mask
+
+
+def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
+    """Call progress once per query in [reported, finished); returns the new count."""
+    for _ in range(reported, finished):
+        if progress is not None:
+            progress()
+    return max(reported, finished)
 
 
 def _unique_rows(candidates: np.ndarray) -> np.ndarray:
