@@ -196,11 +196,10 @@ class FeatureStore:
         return rows[inverse]
 
     def local_descriptors(
-        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
-        dtype: np.dtype | None = np.float32,
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(len, K', D) float32 descriptors and a (len, K') mask, True where a row is padding."""
-        rows = self.read_local(indices, num_local, dtype)
+        rows = self.read_local(indices, num_local)
         return np.ascontiguousarray(rows[..., NUM_META:]), rows[..., META_PADDING] > 0.5
 
     def close(self) -> None:

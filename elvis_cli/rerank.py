@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from elvis_cli.backbones.base import META_PADDING, NUM_META
 from elvis_cli.checkpoints import Fusion
 from elvis_cli.devices import resolve_device
 from elvis_cli.errors import InputError
@@ -181,13 +182,19 @@ class PairScorer:
         return store.num_local if wanted is None else min(wanted, store.num_local)
 
     def _read(self, store: FeatureStore, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Descriptors with padding zeroed (released files may hold anything there) and masks."""
-        descriptors, mask = store.local_descriptors(rows, self._num_local(store), dtype=None)
-        descriptors[mask] = 0.0
-        tensor = torch.from_numpy(descriptors)
-        if self.device.type == "cuda":  # float16 files travel as float16, converted on the GPU
-            return tensor.pin_memory(), mask
-        return tensor.float(), mask
+        """Descriptors with padding zeroed (released files may hold anything there) and masks.
+
+        Rows come in the stored type (float16 in our files) and are converted by torch, in one
+        pass with the slicing: HDF5's own float16 conversion is several times slower.
+        """
+        stored = torch.from_numpy(store.read_local(rows, self._num_local(store), dtype=None))
+        mask = stored[..., META_PADDING] > 0.5
+        descriptors = stored[..., NUM_META:]
+        if self.device.type == "cuda":  # travels as stored, converted on the GPU
+            descriptors = descriptors.contiguous().pin_memory()
+        else:
+            descriptors = descriptors.float()
+        return descriptors.masked_fill_(mask.unsqueeze(-1), 0.0), mask.numpy()
 
     def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int, query: bool
                ) -> _Rows:

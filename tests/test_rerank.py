@@ -1,5 +1,6 @@
 """The re-ranking engine against the plain reference, on real HDF5 feature files."""
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -127,3 +128,20 @@ def test_cuda_matches_reference(stores, precision):
                                                               precision=precision))
     tolerance = 1e-4 if precision == "float32" else 1e-3
     np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=tolerance, equal_nan=True)
+
+
+def test_official_float32_files_score_like_ours(stores, tmp_path):
+    """Released `features`-only files store float32 (and padding may hold anything)."""
+    queries, gallery = stores
+    for store, name in ((queries, "q"), (gallery, "g")):
+        rows = store.read_local(np.arange(store.num_images))
+        rows[rows[..., 3] > 0.5, 5:] = np.nan
+        with h5py.File(tmp_path / f"{name}_local.hdf5", "w") as file:
+            file.create_dataset("features", data=rows)
+    model = random_model(dim=D, seed=34)
+    with FeatureStore.open(tmp_path / "q_local.hdf5") as official_queries, \
+            FeatureStore.open(tmp_path / "g_local.hdf5") as official_gallery:
+        official = PairScorer(model, official_queries, official_gallery,
+                              RerankConfig(device="cpu")).score(CANDIDATES)
+    ours = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    np.testing.assert_allclose(official, ours, atol=1e-5, equal_nan=True)
