@@ -4,7 +4,7 @@ Times each stage of `elvis extract` separately on real photos (decode: read + JP
 EXIF; resize: the backbone's preprocessing; model: forward passes in batches of same-shaped
 images, as extraction batches them; write: the HDF5 shard), then the real extraction end to end.
 
-    PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~1 min
+    PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~1-2 min
     PYTHONPATH=$PWD python benchmarks/extract_speed.py IMAGES --limit 50 --option image_size=512
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="backbone KEY=VALUE")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="stage timings: median of runs")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
     args = parser.parse_args()
     options = {}
     for option in args.option:
@@ -77,7 +77,7 @@ def main() -> None:
     backbone = create_backbone(args.backbone, **options).eval()
     print(f"{len(paths)} images from {args.images}; {args.backbone} {backbone.settings()}; "
           f"torch threads {torch.get_num_threads()}")
-    stage_times(backbone, paths[:4], args.batch_size)  # warm up
+    stage_times(backbone, paths, args.batch_size)  # warm up: oneDNN prepares each new shape
     runs = [stage_times(backbone, paths, args.batch_size) for _ in range(args.repeats)]
     stages = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
     total = sum(stages.values())
