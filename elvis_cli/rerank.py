@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -125,7 +125,7 @@ class PairScorer:
                              for queries, needed in blocks
                              for store, rows in ((self.queries, queries), (self.gallery, needed))
                              for part in self._parts(rows)])
-        with _workers(self.workers) as pool:
+        with closing(reads), _workers(self.workers) as pool:
             for queries, needed in blocks:
                 started = time.perf_counter()
                 query_rows = self._embed(pool, reads, len(queries), query=True)
@@ -148,6 +148,7 @@ class PairScorer:
                 self.seconds["score"] += time.perf_counter() - embedded
         return raw
 
+    @torch.inference_mode()  # grad mode is per thread: workers need their own
     def _score_chunk(self, queries: _Rows, gallery: _Rows, chunk: np.ndarray) -> torch.Tensor:
         query_slots = chunk[0]
         if (query_slots == query_slots[0]).all():  # one query: broadcast it, no copies
@@ -210,6 +211,7 @@ class PairScorer:
         rows = torch.cat([rows for rows, _ in embedded])
         return _Rows(rows, torch.from_numpy(mask).to(self.device), mask.any(axis=1))
 
+    @torch.inference_mode()
     def _embed_part(self, read: tuple[torch.Tensor, np.ndarray], query: bool
                     ) -> tuple[torch.Tensor, np.ndarray]:
         descriptors, mask = read
