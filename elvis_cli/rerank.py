@@ -199,25 +199,22 @@ class PairScorer:
 
     def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int, query: bool
                ) -> _Rows:
-        """Rows of the next `count` images that the reader delivers, one read per worker."""
-        parts = [None] * -(-count // self.config.read_images)
-        embedded = []
-        for start in range(0, len(parts), self.workers):
-            group = [next(reads) for _ in parts[start : start + self.workers]]
-            embedded += pool.map(partial(self._embed_part, query=query), group)
-        if not embedded:
+        """Rows of the next `count` images that the reader delivers; workers share each read."""
+        rows, masks = [], []
+        for _ in range(-(-count // self.config.read_images)):
+            descriptors, mask = next(reads)
+            masks.append(mask)
+            pieces = torch.tensor_split(descriptors, min(self.workers, len(descriptors)))
+            rows += pool.map(partial(self._embed_part, query=query), pieces)
+        if not rows:
             return _Rows(torch.empty(0), torch.empty(0), np.zeros(0, dtype=bool))
-        mask = np.concatenate([mask for _, mask in embedded])
-        rows = torch.cat([rows for rows, _ in embedded])
-        return _Rows(rows, torch.from_numpy(mask).to(self.device), mask.any(axis=1))
+        mask = np.concatenate(masks)
+        return _Rows(torch.cat(rows), torch.from_numpy(mask).to(self.device), mask.any(axis=1))
 
     @torch.inference_mode()
-    def _embed_part(self, read: tuple[torch.Tensor, np.ndarray], query: bool
-                    ) -> tuple[torch.Tensor, np.ndarray]:
-        descriptors, mask = read
+    def _embed_part(self, descriptors: torch.Tensor, query: bool) -> torch.Tensor:
         descriptors = descriptors.to(self.device, non_blocking=True).float()
-        rows = self.model.rows(self.model.embed(descriptors), query)
-        return rows.to(self.rows_dtype), mask
+        return self.model.rows(self.model.embed(descriptors), query).to(self.rows_dtype)
 
 
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
