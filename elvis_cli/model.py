@@ -133,18 +133,18 @@ class Elvis(nn.Module):
         [0, dust_bin, 1]. So one GEMM yields S, both dustbin gains and the corner exactly (the
         extra terms are products with zero), and all of it is per-image work done once.
         """
-        descriptors, gains = embedded.descriptors, embedded.gains.unsqueeze(-1)
+        descriptors = embedded.descriptors
         batch, count, dim = descriptors.shape
-        zeros = descriptors.new_zeros(batch, count, 1)
-        extra = descriptors.new_zeros(batch, 1, dim + 2)
+        rows = descriptors.new_zeros(batch, count + 1, dim + 2)
+        rows[:, :count, :dim] = descriptors
         if query:
-            body = torch.cat([descriptors, zeros, gains], dim=2)
-            extra[:, 0, dim] = 1.0
+            rows[:, :count, dim + 1] = embedded.gains
+            rows[:, count, dim] = 1.0
         else:
-            body = torch.cat([descriptors, gains, zeros], dim=2)
-            extra = extra + F.pad(torch.stack([self.dust_bin, self.dust_bin.new_ones(())]),
-                                  (dim, 0))
-        return torch.cat([body, extra], dim=1)
+            rows[:, :count, dim] = embedded.gains
+            rows[:, count, dim] = self.dust_bin
+            rows[:, count, dim + 1] = 1.0
+        return rows
 
     def aggregate(
         self,

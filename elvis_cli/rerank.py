@@ -195,7 +195,9 @@ class PairScorer:
             descriptors = descriptors.contiguous().pin_memory()
         else:
             descriptors = descriptors.float()
-        return descriptors.masked_fill_(mask.unsqueeze(-1), 0.0), mask.numpy()
+        if mask.any():
+            descriptors.masked_fill_(mask.unsqueeze(-1), 0.0)
+        return descriptors, mask.numpy()
 
     def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int, query: bool
                ) -> _Rows:
