@@ -75,7 +75,10 @@ class _Rows:
     padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
 
     def take(self, slots: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.from_numpy(slots).to(device)
+        if len(slots) == 1:  # the CPU case: views, no copies
+            index: slice | torch.Tensor = slice(slots[0], slots[0] + 1)
+        else:
+            index = torch.from_numpy(slots).to(device)
         mask = self.mask[index] if self.padded[slots].any() else None
         return self.rows[index], mask
 
