@@ -36,7 +36,8 @@ class RerankConfig:
     num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
     # files that store fewer use all of theirs
     batch_size: int = 100  # most pairs scored at once; on CPU fewer, so their kernels stay in cache
-    cache_images: int = 2048  # images whose embeddings are held at once
+    cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last
+    # block's stay for the next block or call, so up to twice this is held while one is built)
     read_images: int = 64  # images per HDF5 read; reads run one step ahead of compute
     device: str = "auto"
     workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
@@ -82,6 +83,17 @@ class _Rows:
         mask = self.mask[index] if self.padded[slots].any() else None
         return self.rows[index], mask
 
+    def subset(self, slots: np.ndarray) -> "_Rows":
+        index = torch.from_numpy(slots).to(self.rows.device)
+        return _Rows(self.rows[index], self.mask[index], self.padded[slots])
+
+    @staticmethod
+    def join(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(torch.cat([p.rows for p in parts]), torch.cat([p.mask for p in parts]),
+                     np.concatenate([p.padded for p in parts]))
+
 
 class PairScorer:
     """Raw ELViS scores of (query, gallery) pairs read from two feature stores.
@@ -117,22 +129,31 @@ class PairScorer:
         self.pairs_per_call = min(self.config.batch_size, fitting)
         # wall time per phase over all calls: reads overlap both, so they show only as waits
         self.seconds = {"read and embed": 0.0, "score": 0.0}
+        # the last block's gallery rows stay embedded for the next block or call (evaluate
+        # scores several shortlist sizes); a changed model needs a new PairScorer
+        self._kept_ids = np.zeros(0, dtype=np.int64)
+        self._kept: _Rows | None = None
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
         """Raw scores (Q, L) for gallery rows `candidates` (Q, L) of queries 0..Q-1; -1 → NaN."""
         raw = np.full(candidates.shape, np.nan, dtype=np.float32)
-        blocks = [(queries, _unique_rows(candidates[queries]))
-                  for queries in self._query_blocks(candidates)]
+        blocks, kept = [], self._kept_ids
+        for queries in self._query_blocks(candidates):
+            needed = _unique_rows(candidates[queries])
+            blocks.append((queries, needed, np.setdiff1d(needed, kept)))  # only these are read
+            kept = needed
         reads = _read_ahead([partial(self._read, store, part)
-                             for queries, needed in blocks
-                             for store, rows in ((self.queries, queries), (self.gallery, needed))
+                             for queries, _, missing in blocks
+                             for store, rows in ((self.queries, queries), (self.gallery, missing))
                              for part in self._parts(rows)])
         with closing(reads), _workers(self.workers) as pool:
-            for queries, needed in blocks:
+            for queries, needed, missing in blocks:
                 started = time.perf_counter()
                 query_rows = self._embed(pool, reads, len(queries), query=True)
-                gallery_rows = self._embed(pool, reads, len(needed), query=False)
+                gallery_rows = self._with_kept(needed, missing,
+                                               self._embed(pool, reads, len(missing), query=False))
+                self._kept_ids, self._kept = needed, gallery_rows
                 embedded = time.perf_counter()
                 pairs = _block_pairs(candidates[queries], needed)
                 chunks = [pairs[:, start : start + self.pairs_per_call]
@@ -176,6 +197,16 @@ class PairScorer:
             seen |= rows_set
         if block:
             yield np.array(block)
+
+    def _with_kept(self, needed: np.ndarray, missing: np.ndarray, new: _Rows) -> _Rows:
+        """Rows of `needed` (sorted): `new` holds `missing`, the kept block holds the rest."""
+        if len(missing) == len(needed):
+            return new
+        kept = self._kept.subset(np.searchsorted(self._kept_ids, np.setdiff1d(needed, missing)))
+        if not len(missing):
+            return kept
+        order = np.argsort(np.concatenate([np.setdiff1d(needed, missing), missing]))
+        return _Rows.join([kept, new]).subset(order)
 
     def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
         step = self.config.read_images

@@ -145,3 +145,26 @@ def test_official_float32_files_score_like_ours(stores, tmp_path):
                               RerankConfig(device="cpu")).score(CANDIDATES)
     ours = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
     np.testing.assert_allclose(official, ours, atol=1e-5, equal_nan=True)
+
+
+def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeypatch):
+    """Consecutive blocks and calls (evaluate's shortlist sizes) read only images not kept."""
+    queries, gallery = stores
+    model = random_model(dim=D, seed=35)
+    read = []
+    original = gallery.read_local
+    monkeypatch.setattr(gallery, "read_local",
+                        lambda rows, *args, **kwargs: read.append(list(rows)) or original(
+                            rows, *args, **kwargs))
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", cache_images=5))
+    first = np.array([[0, 1, 2], [1, 2, 3], [5, 6, 7]])  # blocks: queries 0-1, then query 2
+    second = np.array([[5, 6, 8], [8, 7, -1], [0, 1, 4]])  # blocks: 0-1 (5, 6, 7 kept), 2
+    scorer.score(first)
+    assert read == [[0, 1, 2, 3], [5, 6, 7]]
+    read.clear()
+    scores = scorer.score(second)
+    assert read == [[8], [0, 1, 4]]
+    fresh = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(second)
+    np.testing.assert_allclose(scores, fresh, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(scores, reference(model, queries, gallery, second, None),
+                               atol=1e-4, equal_nan=True)
