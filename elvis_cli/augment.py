@@ -33,6 +33,8 @@ class ViewConfig:
     max_blur_radius: float = 2.0  # pixels of the output
     occlusion_prob: float = 0.3
     occlusion_area: tuple[float, float] = (0.03, 0.15)  # fraction of the output area
+    inset_prob: float = 0.0  # chance that a view is shown small inside another photo
+    inset_area: tuple[float, float] = (0.15, 0.4)  # fraction of that photo's area it covers
 
 
 def random_view(
@@ -95,7 +97,9 @@ def _perspective(view: Image.Image, rng: np.random.Generator, strength: float) -
     shift = rng.uniform(0.0, strength, size=(4, 2)) * np.array([width, height])
     source = corners + inward * shift
     return view.transform(
-        view.size, Image.Transform.PERSPECTIVE, _perspective_coefficients(corners, source),
+        view.size,
+        Image.Transform.PERSPECTIVE,
+        _perspective_coefficients(corners, source),
         Image.Resampling.BICUBIC,
     )
 
@@ -154,3 +158,24 @@ def _occlude(pixels: np.ndarray, rng: np.random.Generator, area: tuple[float, fl
         src_left = int(rng.integers(0, width - box_w + 1))
         patch = pixels[src_top : src_top + box_h, src_left : src_left + box_w].copy()
     pixels[top : top + box_h, left : left + box_w] = patch
+
+
+def inset_view(
+    pixels: np.ndarray, backdrop: np.ndarray, rng: np.random.Generator, area: tuple[float, float]
+) -> np.ndarray:
+    """The view shrunk into a same-sized frame of another photo: the object in clutter, where
+    only a few local matches exist and a global descriptor mostly sees the other scene."""
+    height, width = pixels.shape[:2]
+    frame = np.array(Image.fromarray(backdrop).resize((width, height), Image.Resampling.BICUBIC))
+    fraction = rng.uniform(*area)
+    inner_w, inner_h = (
+        max(1, round(width * math.sqrt(fraction))),
+        max(1, round(height * math.sqrt(fraction))),
+    )
+    top = int(rng.integers(0, height - inner_h + 1))
+    left = int(rng.integers(0, width - inner_w + 1))
+    small = Image.fromarray(pixels).resize(
+        (inner_w, inner_h), Image.Resampling.BICUBIC, reducing_gap=3.0
+    )
+    frame[top : top + inner_h, left : left + inner_w] = np.asarray(small)
+    return frame

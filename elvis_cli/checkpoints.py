@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError, unknown_name
 from elvis_cli.model import Elvis, ElvisConfig
 
 OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
@@ -66,7 +66,7 @@ class Checkpoint:
 
 def cache_dir() -> Path:
     """Where downloads live: $ELVIS_CACHE, else ~/.cache/elvis."""
-    return Path(os.environ.get("ELVIS_CACHE", Path.home() / ".cache" / "elvis"))
+    return Path(os.environ.get("ELVIS_CACHE", Path.home() / ".cache" / "elvis")).expanduser()
 
 
 def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
@@ -79,8 +79,8 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
         return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
     path = Path(text).expanduser()
     if not path.is_file():
-        known = ", ".join([*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
-        raise InputError(f"no checkpoint file or known checkpoint named {text!r} (known: {known})")
+        raise unknown_name("checkpoint (no such file either)", text,
+                           [*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
     return _from_file(path, path.stem, None)
 
 
@@ -149,10 +149,15 @@ def _descriptor_space(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _download_official(name: str) -> Path:
-    target = cache_dir() / "checkpoints" / f"{name}.pt"
+    return download_to_cache(OFFICIAL_CHECKPOINT_URL.format(name=name),
+                             cache_dir() / "checkpoints" / f"{name}.pt", f"checkpoint {name!r}",
+                             "pass --checkpoint PATH")
+
+
+def download_to_cache(url: str, target: Path, what: str, alternative: str) -> Path:
+    """`target`, downloaded from `url` the first time; a failed download leaves nothing behind."""
     if target.is_file():
         return target
-    url = OFFICIAL_CHECKPOINT_URL.format(name=name)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     try:
@@ -160,8 +165,8 @@ def _download_official(name: str) -> Path:
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         partial.unlink(missing_ok=True)
         raise OfflineError(
-            f"could not download checkpoint {name!r} from {url} ({_reason(error)}); "
-            f"copy the file to {target} or pass --checkpoint PATH"
+            f"could not download {what} from {url} ({_reason(error)}); "
+            f"copy the file to {target} or {alternative}"
         ) from None
     os.replace(partial, target)
     return target

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the command could not do its job (a one-line `elvis: error: ...` on
 stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (each one named on
-stderr); 130 interrupted.
+stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 interrupted.
 """
 
 import json
@@ -29,8 +29,14 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 console = Console()
+# Tables are written whole when the output is a file or a pipe, not cut to 80 columns.
+wide_console = console if console.is_terminal else Console(width=160)
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+ExternalOption = Annotated[bool, typer.Option(
+    "--allow-external-sources",
+    help="Let features files read data from files outside their own folder (only for files "
+         "you trust).")]
 BackboneOptions = Annotated[
     list[str] | None,
     typer.Option("--backbone-option", help="Extra backbone setting KEY=VALUE (repeatable)."),
@@ -100,6 +106,8 @@ def extract(
     report = extract_features(images, output, config, progress=not quiet)
     console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
                   f"{len(report.failures)} skipped -> {report.output}")
+    for shard in report.repaired:
+        print(f"elvis: re-extracted {shard}", file=sys.stderr)
     for path, reason in report.failures:
         print(f"elvis: skipped {path}: {reason}", file=sys.stderr)
     if report.failures:
@@ -115,6 +123,7 @@ def shortlist(
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 100,
     output: Annotated[Path, typer.Option("-o", "--output", help="Shortlist file (.npz).")] = Path(
         "shortlist.npz"),
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
@@ -122,7 +131,8 @@ def shortlist(
     """
     from elvis_cli.shortlist import save_shortlist
 
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         result = _global_shortlist(query_store, gallery_store, same, k)
     save_shortlist(output, result)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
@@ -154,6 +164,7 @@ def rerank(
                                          help="Results table: .csv or .parquet.")] = Path(
         "reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
+    allow_external_sources: ExternalOption = False,
 ) -> None:
     """Re-rank each query's global shortlist with ELViS and write the fused ranking.
 
@@ -161,19 +172,22 @@ def rerank(
     """
     from elvis_cli.checkpoints import Fusion, check_compatible, default_checkpoint_for
     from elvis_cli.checkpoints import load_checkpoint as load
+    from elvis_cli.released import released_gallery
     from elvis_cli.rerank import RerankConfig, rerank_table
     from elvis_cli.rerank import rerank as run_rerank
     from elvis_cli.shortlist import load_shortlist
 
     if output.suffix not in (".csv", ".parquet"):
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
-    with _open_pair(features, queries, gallery) as (query_store, gallery_store, same):
+    with _open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
         ckpt = load(checkpoint or default_checkpoint_for(gallery_store.backbone_settings))
         check_compatible(ckpt, gallery_store.backbone_settings, gallery_store.local_dim)
         fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
                         ckpt.fusion.temperature if temperature is None else temperature)
         if candidates is not None:
             candidate_list = load_shortlist(candidates)
+            gallery_store = released_gallery(query_store, gallery_store, candidate_list)
         else:
             candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
         config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
@@ -195,17 +209,25 @@ def rerank(
 @app.command()
 def evaluate(
     data_root: Annotated[Path | None, typer.Option(
-        help="Folder of datasets in the revisitop layout; default $ELVIS_DATA_ROOT.")] = None,
+        help="Folder of datasets (see `elvis datasets list`); default $ELVIS_DATA_ROOT.")] = None,
     dataset: Annotated[list[str] | None, typer.Option(help="Dataset name (repeatable).")] = None,
     all_datasets: Annotated[bool, typer.Option(
-        "--all-datasets", help="Every dataset found under the data root.")] = False,
+        "--all-datasets", help="Every ready dataset under the data root.")] = False,
+    model: Annotated[list[str] | None, typer.Option(
+        help="Re-ranker(s) side by side: global, elvis, chamfer (repeatable or comma-separated; "
+             "default global,elvis).")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone for extraction.")] = "efficientnet-lite0",
     backbone_option: BackboneOptions = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name or path.")] = None,
+    descriptors: Annotated[str | None, typer.Option(
+        help="Use the released files <dataset>/<DESC>_{query,gallery}_local.hdf5 and "
+             "nn_<DESC>.pkl instead of extracting, e.g. `--descriptors dinov2`.")] = None,
     shortlist_sizes: Annotated[list[int] | None, typer.Option(
         "--shortlist", help="Sizes, e.g. `--shortlist 0 25 50 100` (0 = global).")] = None,
-    lam: Annotated[float | None, typer.Option(help="Fusion weight of the global score.")] = None,
-    temperature: Annotated[float | None, typer.Option("--temp", help="Fusion temperature.")] = None,
+    lam: Annotated[float | None, typer.Option(help="ELViS fusion weight of the global score.")
+                   ] = None,
+    temperature: Annotated[float | None, typer.Option("--temp", help="ELViS fusion temperature.")
+                           ] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
     device: DeviceOption = "auto",
     out_dir: Annotated[Path, typer.Option(
@@ -215,11 +237,14 @@ def evaluate(
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ) -> None:
-    """Global and re-ranked mAP per dataset and shortlist size, with runtime per query.
+    """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
-    Example: `elvis evaluate --data-root examples/data --all-datasets --shortlist 0 25 50 100`
+    Prints one table with a row per dataset (and average rows), the runtime-vs-shortlist curve,
+    and writes results.json, results.csv and runtime.png.
+
+    Example: `elvis evaluate --data-root examples/data --all-datasets --model global,elvis,chamfer`
     """
-    from elvis_cli.datasets import KNOWN_DATASETS, default_data_root, find_datasets, load_dataset
+    from elvis_cli.datasets import default_data_root, find_datasets, load_dataset
     from elvis_cli.evaluate import (
         EvaluateConfig,
         evaluate_dataset,
@@ -227,30 +252,32 @@ def evaluate(
         results_table,
         write_results,
     )
+    from elvis_cli.prepare import list_datasets
 
     root = data_root or default_data_root()
-    found = find_datasets(root) if root.is_dir() else []
+    found = find_datasets(root)
     if all_datasets:
-        names = found
+        statuses = {status.name: status for status in list_datasets(root)}
+        names = [name for name in found if statuses[name].state == "ready"]
+        not_ready = [status for status in statuses.values() if status.state != "ready"]
     elif dataset:
-        names = dataset
+        names, not_ready = dataset, []
     else:
         raise InputError("name a dataset with --dataset NAME, or use --all-datasets")
-    missing = [name for name in KNOWN_DATASETS if name not in found]
     if not names:
-        raise InputError(f"no dataset (gnd_<name>.pkl) found under {root}; "
-                         + _missing_hint(missing, KNOWN_DATASETS))
-    config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint,
+        raise InputError(f"no ready dataset under {root}; see `elvis datasets list --data-root "
+                         f"{root}` and prepare one with `elvis datasets prepare NAME`")
+    models = [part for item in (model or ["global,elvis"]) for part in item.split(",") if part]
+    config = EvaluateConfig(backbone=backbone, checkpoint=checkpoint, models=models,
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
-                            temperature=temperature, num_local=num_local, device=device)
+                            temperature=temperature, num_local=num_local, device=device,
+                            descriptors=descriptors)
     results = []
-    with console.status("evaluating", spinner="dots") as status:
+    with _stages(len(names) * config.num_stages(), enabled=not quiet) as on_stage:
         for name in names:
-            data = load_dataset(root, name)
-            results.append(evaluate_dataset(
-                data, config, progress=not quiet,
-                on_stage=None if quiet else lambda label: status.update(label)))
+            results.append(evaluate_dataset(load_dataset(root, name), config, progress=False,
+                                            on_stage=on_stage))
     table = results_table(results)
     json_path = json_path or out_dir / "results.json"
     csv_path = csv_path or out_dir / "results.csv"
@@ -258,10 +285,65 @@ def evaluate(
     write_results(table, json_path, csv_path)
     plot_runtime(table, plot_path)
     _print_results(table)
-    if all_datasets and missing:
-        console.print("[dim]not found under the data root: " + _missing_hint(missing,
-                                                                             KNOWN_DATASETS))
+    for status in not_ready:
+        wide_console.print(f"[dim]not evaluated: {status.name} ({status.state}): "
+                           f"{status.detail}")
     console.print(f"results -> {json_path}, {csv_path}, {plot_path}")
+
+
+datasets_app = typer.Typer(help="The paper's benchmarks: status and preparation.",
+                           no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+DataRoot = Annotated[Path | None, typer.Option(help="Folder of datasets; default "
+                                                    "$ELVIS_DATA_ROOT or ~/.cache/elvis/data.")]
+
+
+@datasets_app.command("list")
+def datasets_list(data_root: DataRoot = None) -> None:
+    """Every known benchmark and every custom one under the data root: status, features, size.
+
+    Example: `elvis datasets list --data-root ~/data`
+    """
+    from elvis_cli.datasets import default_data_root
+    from elvis_cli.prepare import list_datasets
+    from elvis_cli.registry import REGISTRY
+
+    root = data_root or default_data_root()
+    view = Table(title=f"datasets under {root}", title_justify="left")
+    for column in ("name", "status", "features", "size", "metric", "to do"):
+        view.add_column(column, justify="right" if column == "size" else "left",
+                        overflow="fold")
+    for status in list_datasets(root):
+        entry = REGISTRY.get(status.name)
+        view.add_row(status.name, status.state, ", ".join(status.features) or "-",
+                     _human_size(status.size_bytes), entry.metric if entry else "custom",
+                     status.detail)
+    wide_console.print(view)
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `elvis datasets list`).")],
+    data_root: DataRoot = None,
+    source: Annotated[Path | None, typer.Option(
+        "--from", help="An archive (tar/zip) or folder holding the files already.")] = None,
+) -> None:
+    """Download (resumable, checksummed) or take from `--from`, then lay out a dataset.
+
+    Offline, it names each file to fetch, its URL and where to put it.
+
+    Example: `elvis datasets prepare roxford5k --from ~/Downloads/`
+    """
+    from elvis_cli.datasets import default_data_root
+    from elvis_cli.prepare import prepare
+
+    root = data_root or default_data_root()
+    with console.status(f"preparing {name}") as status:
+        report = prepare(name, root, source, on_file=lambda label: status.update(label))
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"{name} -> {report.folder} ({len(report.fetched)} file(s) taken, "
+                  f"{len(report.unpacked)} archive(s) unpacked)")
 
 
 @app.command()
@@ -303,17 +385,20 @@ def train(
 class _open_pair:
     """Open one features file (all-vs-all) or a query/gallery pair, closing them afterwards."""
 
-    def __init__(self, features: Path, queries: Path | None, gallery: Path | None) -> None:
+    def __init__(self, features: Path, queries: Path | None, gallery: Path | None,
+                 allow_external_sources: bool) -> None:
         if (queries is None) != (gallery is None):
             raise InputError("--queries and --gallery go together")
         self.paths = (queries, gallery) if queries is not None else (features, features)
+        self.allow_external = allow_external_sources
 
     def __enter__(self):
-        from elvis_cli.feature_store import FeatureStore
+        from elvis_cli.released import open_local
 
         query_path, gallery_path = self.paths
-        self.query = FeatureStore.open(query_path)
-        self.gallery = self.query if gallery_path == query_path else FeatureStore.open(gallery_path)
+        self.query = open_local(query_path, self.allow_external)
+        self.gallery = (self.query if gallery_path == query_path
+                        else open_local(gallery_path, self.allow_external))
         return self.query, self.gallery, self.gallery is self.query
 
     def __exit__(self, *exc_info) -> None:
@@ -360,21 +445,70 @@ def _print_top(table, show: int, per_query: int = 5) -> None:
         console.print(view)
 
 
+class _stages:
+    """A rich progress bar over every dataset and stage; `on_stage(label)` advances it."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                            transient=True, disable=not enabled)
+        self.task = self.bar.add_task("evaluating", total=total)
+        self.started = False
+
+    def __enter__(self):
+        self.bar.start()
+
+        def on_stage(label: str) -> None:
+            if self.started:
+                self.bar.advance(self.task)
+            self.started = True
+            self.bar.update(self.task, description=label)
+
+        return on_stage
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+
 def _print_results(table) -> None:
-    metric_columns = [c for c in ("map_medium", "map_hard", "map", "map@100", "recall@1")
-                      if c in table.columns]
-    view = Table(title="ELViS re-ranking (shortlist 0 = global only)", title_justify="left")
-    for column in ("dataset", "protocol", "shortlist", *metric_columns, "s/query"):
-        view.add_column(column, justify="left" if column in ("dataset", "protocol") else "right")
-    for row in table.to_dict("records"):
-        metrics = [("-" if row.get(c) != row.get(c) else f"{row[c]:.2f}") for c in metric_columns]
-        view.add_row(row["dataset"], row["protocol"], str(row["shortlist"]), *metrics,
-                     f"{row['seconds_per_query']:.3f}")
-    console.print(view)
+    from elvis_cli.evaluate import runtime_curve, summary_table
+
+    summary = summary_table(table)
+    view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",
+                 title_justify="left")
+    for column in summary.columns:
+        view.add_column(column, justify="left" if column in ("dataset", "metric") else "right")
+    for position, row in enumerate(summary.itertuples(index=False)):
+        if position == len(summary) - 2:
+            view.add_section()
+        view.add_row(*(value if isinstance(value, str) else _number(value) for value in row))
+    wide_console.print(view)
+    curve = runtime_curve(table)
+    slowest = max(curve["seconds_per_query"].max(), 1e-12)
+    view = Table(title="runtime vs shortlist size (mean over datasets)", title_justify="left")
+    for column in ("model", "shortlist", "s/query", "", "mAP"):
+        view.add_column(column, justify="left" if column in ("model", "") else "right")
+    for row in curve.itertuples(index=False):
+        bar = "█" * max(1, round(30 * row.seconds_per_query / slowest))
+        view.add_row(row.model, str(row.shortlist), f"{row.seconds_per_query:.4f}", bar,
+                     _number(row.map))
+    wide_console.print(view)
 
 
-def _missing_hint(missing: list[str], known: dict[str, str]) -> str:
-    return "; ".join(f"{name}: {known[name]}" for name in missing)
+def _number(value) -> str:
+    return "-" if value != value or value is None else f"{value:.2f}"
+
+
+def _human_size(size: float) -> str:
+    if not size:
+        return "-"
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def _expand_multi_values(argv: list[str]) -> list[str]:
@@ -394,6 +528,11 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
+# click's usage errors, and those of the copy of click that recent typer versions bundle
+USAGE_ERRORS = (click.ClickException,
+                next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -403,10 +542,10 @@ def main() -> None:
     except ElvisError as error:
         print(f"elvis: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except click.ClickException as error:
+    except USAGE_ERRORS as error:
         error.show()
         sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("elvis: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as error:

@@ -1,36 +1,30 @@
-"""Retrieval benchmarks in the revisitop layout: `<root>/gnd_<name>.pkl` plus `<root>/jpg/`.
+"""Retrieval benchmarks on disk, in the ground-truth layouts the benchmarks ship with.
 
-The ground-truth pickle is the one file every benchmark tool agrees on, so it is the source of
-truth for names, order and positives; images are only located, never listed from disk.
+- revisitop pickle `<root>/gnd_<name>.pkl` (easy/hard/junk, or ok/junk) plus `<root>/jpg/`;
+- class-labelled lines `<root>/gallery.txt` (+ optional `queries.txt`) of `path,class,...`;
+- GLDv2 `<root>/index.csv` + `retrieval_solution_v2.1.csv` (public/private) with the official
+  `index/a/b/c/<id>.jpg` and `test/a/b/c/<id>.jpg` image folders.
+
+The ground truth is the source of truth for names, order and positives; images are only
+located, never listed from disk. Every layout becomes per-query index lists, so one set of
+metrics serves them all.
 """
 
 from __future__ import annotations
 
+import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from elvis_cli.errors import InputError
+from elvis_cli.registry import LAYOUT_CLASS, LAYOUT_GLDV2, LAYOUT_PICKLE, REGISTRY
 from elvis_cli.safe_pickle import load_pickle
 
-_GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets"
-_IMAGES_URL = {
-    "roxford5k": "http://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images.tgz",
-    "rparis6k": "http://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1.tgz and paris_2.tgz",
-}
-KNOWN_DATASETS: dict[str, str] = {
-    name: (
-        f"download {_GND_URL}/{name}/gnd_{name}.pkl into <data-root>/{name}/ and unpack "
-        f"the images of {images} flat into <data-root>/{name}/jpg/"
-    )
-    for name, images in _IMAGES_URL.items()
-}
-KNOWN_DATASETS["demo"] = (
-    "bundled with the repository in examples/data/demo (data root: examples/data)"
-)
+GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
 
 # Index lists of each ground-truth flavour; the first that matches decides the protocol.
 _PROTOCOL_KEYS = {"revisitop": ("easy", "hard", "junk"), "ok-junk": ("ok", "junk")}
@@ -49,19 +43,30 @@ class RetrievalDataset:
     gallery: list[str]
     queries: list[str]
     ground_truth: list[dict[str, np.ndarray]]
-    protocol: str
+    protocol: str  # "revisitop", "ok-junk", "class" or "gldv2"
+    images_dir: Path | None = None  # where names resolve; None: <root>/jpg
+    distractor_dir: Path | None = None  # the last `num_distractors` gallery names live here
+    num_distractors: int = 0
+    splits: dict[str, np.ndarray] = field(default_factory=dict)  # named query subsets (GLDv2)
+    map_k: int | None = 100  # cut-off of mAP@k for ok/junk ground truth
 
-    def _image_path(self, entry: str) -> Path:
+    @property
+    def image_root(self) -> Path:
+        return self.images_dir or self.root / "jpg"
+
+    def _image_path(self, folder: Path, entry: str) -> Path:
         # revisitop lists bare names ("all_souls_000013"); INSTRE-style lists carry the suffix.
         if Path(entry).suffix.lower() in _IMAGE_SUFFIXES:
-            return self.root / "jpg" / entry
-        return self.root / "jpg" / f"{entry}.jpg"
+            return folder / entry
+        return folder / f"{entry}.jpg"
 
     def gallery_paths(self) -> list[Path]:
-        return [self._image_path(entry) for entry in self.gallery]
+        own = len(self.gallery) - self.num_distractors
+        return [self._image_path(self.image_root if index < own else self.distractor_dir, entry)
+                for index, entry in enumerate(self.gallery)]
 
     def query_paths(self) -> list[Path]:
-        return [self._image_path(entry) for entry in self.queries]
+        return [self._image_path(self.image_root, entry) for entry in self.queries]
 
     def query_boxes(self) -> list[Box | None]:
         """The crop (x1, y1, x2, y2) each query is evaluated with, or None for the full image."""
@@ -80,18 +85,36 @@ def default_data_root() -> Path:
     return Path(cache).expanduser() / "data"
 
 
+def detect_layout(folder: Path) -> str | None:
+    """Which ground-truth layout `folder` holds, or None."""
+    if (folder / f"gnd_{folder.name}.pkl").is_file():
+        return LAYOUT_PICKLE
+    if (folder / "gallery.txt").is_file():
+        return LAYOUT_CLASS
+    if (folder / GLDV2_SOLUTION).is_file() and (folder / "index.csv").is_file():
+        return LAYOUT_GLDV2
+    return None
+
+
 def find_datasets(data_root: Path) -> list[str]:
-    """Names of the datasets under `data_root` (folders holding their `gnd_<name>.pkl`)."""
+    """Names of the benchmarks under `data_root`: folders with ground truth in a known layout,
+    plus the +R1M sets whose base set and distractors are both there."""
     data_root = Path(data_root)
     if not data_root.is_dir():
         return []
-    return sorted(
-        child.name for child in data_root.iterdir() if (child / f"gnd_{child.name}.pkl").is_file()
-    )
+    found = {child.name for child in data_root.iterdir()
+             if child.is_dir() and detect_layout(child) is not None}
+    found |= {entry.name for entry in REGISTRY.values()
+              if entry.base in found and (data_root / str(entry.distractors)
+                                          / "revisitop1m.txt").is_file()}
+    return sorted(found)
 
 
 def _how_to_get(name: str) -> str:
-    return KNOWN_DATASETS.get(name, "expected <data-root>/<name>/gnd_<name>.pkl and jpg/")
+    if name in REGISTRY:
+        return f"run `elvis datasets prepare {name}`"
+    return ("expected <data-root>/<name>/ with gnd_<name>.pkl and jpg/, gallery.txt, "
+            "or GLDv2's index.csv and " + GLDV2_SOLUTION)
 
 
 def _names(raw: dict[str, Any], key: str, gnd_file: Path) -> list[str]:
@@ -143,13 +166,30 @@ def _parse_ground_truth(
 
 
 def load_dataset(data_root: Path, name: str) -> RetrievalDataset:
-    """Read `<data_root>/<name>/gnd_<name>.pkl` and check every index against the gallery."""
+    """Read the ground truth of `<data_root>/<name>` and check every index against the gallery."""
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.base is not None:
+        return _with_distractors(load_dataset(data_root, entry.base), name,
+                                 Path(data_root) / str(entry.distractors))
     root = Path(data_root) / name
     if not root.is_dir():
         raise InputError(f"no dataset '{name}' in {data_root}: {_how_to_get(name)}")
-    gnd_file = root / f"gnd_{name}.pkl"
-    if not gnd_file.is_file():
+    layout = detect_layout(root)
+    if layout == LAYOUT_CLASS:
+        dataset = _load_class_lines(root)
+    elif layout == LAYOUT_GLDV2:
+        dataset = _load_gldv2(root)
+    elif layout == LAYOUT_PICKLE:
+        dataset = _load_pickle(root)
+    else:
         raise InputError(f"{root} has no gnd_{name}.pkl: {_how_to_get(name)}")
+    if entry is not None and dataset.protocol == "ok-junk":
+        dataset.map_k = entry.map_k
+    return dataset
+
+
+def _load_pickle(root: Path) -> RetrievalDataset:
+    gnd_file = root / f"gnd_{root.name}.pkl"
     raw = load_pickle(gnd_file)
     if not isinstance(raw, dict):
         raise InputError(f"{gnd_file} must hold a dict with 'imlist', 'qimlist' and 'gnd'")
@@ -162,4 +202,93 @@ def load_dataset(data_root: Path, name: str) -> RetrievalDataset:
         raise InputError(f"{gnd_file}: 'gnd' has {len(entries)} entries for {len(queries)} queries")
     protocol = _protocol_of(entries, gnd_file)
     ground_truth = _parse_ground_truth(entries, protocol, len(gallery), gnd_file)
-    return RetrievalDataset(name, root, gallery, queries, ground_truth, protocol)
+    return RetrievalDataset(root.name, root, gallery, queries, ground_truth, protocol)
+
+
+def _read_class_lines(path: Path) -> list[tuple[str, str]]:
+    """(path, class) of each `path,class,...` line; blank lines, `#` comments and a
+    `path,class` header are skipped; an empty class marks an image of no class."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = [part.strip() for part in line.split(",")]
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if len(fields) < 2 or not fields[0]:
+            raise InputError(f"{path}:{number}: expected `path,class,...`, got {line.strip()!r}")
+        if number == 1 and fields[:2] == ["path", "class"]:
+            continue
+        rows.append((fields[0], fields[1]))
+    if not rows:
+        raise InputError(f"{path} lists no images")
+    return rows
+
+
+def _load_class_lines(root: Path) -> RetrievalDataset:
+    """Positives are the other gallery images of the query's class; a query that is itself in
+    the gallery has its own row as junk, so it is taken out of its ranking (SOP, RP2K)."""
+    gallery = _read_class_lines(root / "gallery.txt")
+    query_file = root / "queries.txt"
+    queries = _read_class_lines(query_file) if query_file.is_file() else gallery
+    members: dict[str, list[int]] = {}
+    row_of: dict[str, int] = {}
+    for index, (path, label) in enumerate(gallery):
+        if path in row_of:
+            raise InputError(f"{root / 'gallery.txt'} lists {path} twice")
+        row_of[path] = index
+        if label:
+            members.setdefault(label, []).append(index)
+    ground_truth = []
+    for path, label in queries:
+        own = row_of.get(path)
+        same = np.asarray(members.get(label, []) if label else [], dtype=np.int64)
+        junk = np.asarray([] if own is None else [own], dtype=np.int64)
+        ground_truth.append({"ok": same[same != own] if own is not None else same,
+                             "junk": junk})
+    return RetrievalDataset(root.name, root, [path for path, _ in gallery],
+                            [path for path, _ in queries], ground_truth, "class", map_k=None)
+
+
+def _gldv2_path(split: str, image_id: str) -> str:
+    return f"{split}/{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+
+
+def _load_gldv2(root: Path) -> RetrievalDataset:
+    """Queries with ground truth, public first then private, so the private split is the last
+    block (ELVIS_SPEC §6); `Ignored` rows have no landmark and are left out."""
+    with open(root / "index.csv", newline="", encoding="utf-8") as handle:
+        index_ids = [row["id"] for row in csv.DictReader(handle)]
+    row_of = {image_id: row for row, image_id in enumerate(index_ids)}
+    by_usage: dict[str, list[tuple[str, np.ndarray]]] = {"Public": [], "Private": []}
+    solution = root / GLDV2_SOLUTION
+    with open(solution, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("Usage") not in by_usage:
+                continue
+            unknown = [image for image in row["images"].split() if image not in row_of]
+            if unknown:
+                raise InputError(f"{solution}: query {row['id']} lists {unknown[0]}, "
+                                 "which index.csv does not")
+            positives = np.asarray([row_of[image] for image in row["images"].split()], np.int64)
+            by_usage[row["Usage"]].append((row["id"], positives))
+    ordered = by_usage["Public"] + by_usage["Private"]
+    if not ordered:
+        raise InputError(f"{solution} has no Public or Private query")
+    public = len(by_usage["Public"])
+    return RetrievalDataset(
+        root.name, root, [_gldv2_path("index", image) for image in index_ids],
+        [_gldv2_path("test", image) for image, _ in ordered],
+        [{"ok": positives, "junk": np.empty(0, np.int64)} for _, positives in ordered],
+        "gldv2", images_dir=root,
+        splits={"public": np.arange(public), "private": np.arange(public, len(ordered))})
+
+
+def _with_distractors(base: RetrievalDataset, name: str, folder: Path) -> RetrievalDataset:
+    listing = folder / "revisitop1m.txt"
+    if not listing.is_file():
+        raise InputError(f"{name} needs the R1M distractors: {listing} is missing; run "
+                         f"`elvis datasets prepare {folder.name}`")
+    names = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    return RetrievalDataset(name, base.root, base.gallery + names, base.queries,
+                            base.ground_truth, base.protocol, images_dir=base.images_dir,
+                            distractor_dir=folder / "jpg", num_distractors=len(names))

@@ -2,13 +2,17 @@
 
 The image list is split into fixed-size shards in its planned order. `FILE.h5.shards/manifest.json`
 records the backbone settings, every shard's images (and crop boxes), whether it is finished and
-which of its images failed with what reason. A re-run skips finished shards; a run with other
-settings or images is refused rather than mixed in. Failed images are left out of their shard
-and reported in the manifest and in the returned ExtractReport; they never stop the run.
+which of its images failed with what reason, and each finished shard's size and checksum. A
+re-run skips finished shards that still match their checksum and redoes the rest, so a run
+killed at any moment (even SIGKILL) or stopped by a full disk resumes where it stopped; a run
+with other settings or images is refused rather than mixed in. One process at a time writes an
+output (lock.py). Failed images are left out of their shard and reported in the manifest and
+in the returned ExtractReport; they never stop the run.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -32,14 +36,24 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from elvis_cli.atomic import write_text_atomic
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from elvis_cli.backbones.base import NUM_META
 from elvis_cli.devices import resolve_device
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FORMAT, finalize, shard_path, shards_dir, write_shard
+from elvis_cli.errors import DiskFullError, InputError
+from elvis_cli.feature_store import (
+    FORMAT,
+    finalize,
+    shard_damage,
+    shard_path,
+    shards_dir,
+    write_shard,
+)
 from elvis_cli.images import ImageError, collect_images, load_image
+from elvis_cli.lock import exclusive_lock
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "lock"
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
 Box = tuple[float, float, float, float]
 
@@ -60,6 +74,7 @@ class ExtractReport:
     num_extracted: int
     num_resumed: int  # images found in shards finished by an earlier run
     failures: list[tuple[str, str]]  # (path relative to root, reason)
+    repaired: list[str] = field(default_factory=list)  # finished shards found damaged, redone
 
 
 @dataclass
@@ -100,17 +115,42 @@ def extract_features(
     if boxes is not None and len(boxes) != len(paths):
         raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
     items = [
-        _Item(path, Path(os.path.relpath(path, root_dir)).as_posix(), _box(boxes, index))
+        _Item(path, _stored_name(path, root_dir), _box(boxes, index))
         for index, path in enumerate(paths)
     ]
     output = Path(output)
+    if output.exists() and not _manifest_path(output).exists():
+        raise InputError(f"{output} already exists: use a new output or delete it")
     if backbone is None:
         backbone = create_backbone(config.backbone, **config.backbone_options)
-    manifest = _plan(output, items, backbone, root_dir, config.shard_size)
+    with exclusive_lock(shards_dir(output) / LOCK_NAME, str(output)):
+        _remove_partial_files(output)
+        try:
+            return _run(output, items, root_dir, backbone, config, progress)
+        except DiskFullError as error:
+            raise DiskFullError(f"{error}; free some space and re-run the same command: "
+                                "finished shards are kept") from None
 
+
+def _run(
+    output: Path,
+    items: list[_Item],
+    root_dir: Path,
+    backbone: Backbone,
+    config: ExtractConfig,
+    progress: bool,
+) -> ExtractReport:
+    """The extraction proper, under the output's lock."""
+    manifest = _plan(output, items, backbone, root_dir, config.shard_size)
     device = resolve_device(config.device)
     backbone = backbone.to(device).eval()
-    todo = [i for i, shard in enumerate(manifest["shards"]) if not _finished(output, i, shard)]
+    damage = {i: _damage(output, i, shard) for i, shard in enumerate(manifest["shards"])}
+    todo = [i for i, reason in damage.items() if reason]
+    repaired = [
+        f"{shard_path(output, i).name} {damage[i]}"
+        for i in todo
+        if manifest["shards"][i]["done"]
+    ]
     num_todo = sum(len(manifest["shards"][i]["images"]) for i in todo)
     extracted = 0
     with (
@@ -121,7 +161,7 @@ def extract_features(
         for index in todo:
             shard = manifest["shards"][index]
             shard_items = items[shard["start"] : shard["start"] + len(shard["images"])]
-            failures = _extract_shard(
+            failures, record = _extract_shard(
                 backbone,
                 shard_items,
                 output,
@@ -131,9 +171,9 @@ def extract_features(
                 pool,
                 lambda: bar.advance(task),
             )
-            shard.update(done=True, failures=failures)
+            shard.update(done=True, failures=failures, **record)
             extracted += len(shard_items) - len(failures)
-            _write_json(_manifest_path(output), manifest)
+            _save_manifest(output, manifest)
     if todo or not output.exists():
         shards = [shard_path(output, i) for i in range(len(manifest["shards"]))]
         finalize(output, shards, manifest["backbone"], root_dir)
@@ -143,7 +183,7 @@ def extract_features(
         for i, shard in enumerate(manifest["shards"])
         if i not in todo
     )
-    return ExtractReport(output, len(items), extracted, resumed, failures)
+    return ExtractReport(output, len(items), extracted, resumed, failures, repaired)
 
 
 def _resolve_source(
@@ -160,6 +200,13 @@ def _resolve_source(
     return Path(root), paths
 
 
+def _stored_name(path: Path, root: Path) -> str:
+    """The path relative to root, as UTF-8 text: bytes that are not UTF-8 (a Latin-1 file name)
+    are written as backslash escapes, since HDF5 strings must be valid UTF-8."""
+    relative = Path(os.path.relpath(path, root)).as_posix()
+    return os.fsencode(relative).decode("utf-8", "backslashreplace")
+
+
 def _box(boxes: Sequence[Box | None] | None, index: int) -> Box | None:
     if boxes is None or boxes[index] is None:
         return None
@@ -170,11 +217,17 @@ def _manifest_path(output: Path) -> Path:
     return shards_dir(output) / MANIFEST_NAME
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(temporary, path)
+def _save_manifest(output: Path, manifest: dict[str, Any]) -> None:
+    write_text_atomic(_manifest_path(output), json.dumps(manifest, indent=1))
+
+
+def _remove_partial_files(output: Path) -> None:
+    """Temporary files of a killed run: never complete, and ours to delete under the lock."""
+    for partial in [
+        *shards_dir(output).glob(".*.tmp"),
+        *output.parent.glob(f".{glob.escape(output.name)}.*.tmp"),
+    ]:
+        partial.unlink(missing_ok=True)
 
 
 def _plan(
@@ -196,9 +249,7 @@ def _plan(
     planned = {"format": FORMAT, "backbone": settings, "root": root_name, "shards": shards}
     manifest_file = _manifest_path(output)
     if not manifest_file.exists():
-        if output.exists():
-            raise InputError(f"{output} already exists: use a new output or delete it")
-        _write_json(manifest_file, planned)
+        _save_manifest(output, planned)
         return planned
     try:
         existing = json.loads(manifest_file.read_text(encoding="utf-8"))
@@ -220,8 +271,11 @@ def _layout(shard: dict[str, Any]) -> tuple[Any, ...]:
     return shard.get("start"), shard.get("images"), shard.get("boxes")
 
 
-def _finished(output: Path, index: int, shard: dict[str, Any]) -> bool:
-    return bool(shard["done"]) and shard_path(output, index).is_file()
+def _damage(output: Path, index: int, shard: dict[str, Any]) -> str | None:
+    """Why a shard must be (re-)extracted: not done yet, or no longer what was written."""
+    if not shard["done"]:
+        return "not done"
+    return shard_damage(shard_path(output, index), shard)
 
 
 class _RateColumn(ProgressColumn):
@@ -275,8 +329,9 @@ def _extract_shard(
     batch_size: int,
     pool: ThreadPoolExecutor,
     advance: Callable[[], None],
-) -> list[list[str]]:
-    """Encode one shard's images and write it; returns its failures as [name, reason] pairs.
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """Encode one shard's images and write it; returns its failures as [name, reason] pairs
+    and the written shard's record.
 
     Images whose preprocessed tensors have the same shape share batches. Odd shapes wait for
     company only while few images are pending, which bounds memory; results are put back in
@@ -316,7 +371,7 @@ def _extract_shard(
 
     kept = sorted(results)
     local_shape = (0, backbone.num_local, NUM_META + backbone.local_dim)
-    write_shard(
+    record = write_shard(
         shard_path(output, index),
         np.stack([results[p][0] for p in kept]) if kept else np.zeros(local_shape, np.float32),
         np.stack([results[p][1] for p in kept]) if kept else np.zeros((0, backbone.global_dim)),
@@ -324,4 +379,4 @@ def _extract_shard(
         [decoded[p].image_id for p in kept],
         np.array([decoded[p].size for p in kept], dtype=np.int32).reshape(-1, 2),
     )
-    return failures
+    return failures, record

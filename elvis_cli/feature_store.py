@@ -9,21 +9,27 @@ files and the released `*_local.hdf5` files, which hold `features` only.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from elvis_cli.atomic import atomic_path
 from elvis_cli.backbones.base import META_PADDING, NUM_META
 from elvis_cli.errors import InputError
 
 FORMAT = "elvis-cli-features/1"
 SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
 STRING_DTYPE = h5py.string_dtype("utf-8")
+# what h5py raises on files it cannot make sense of (damaged, hand-made, hostile)
+HDF5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
 
 
 def shards_dir(path: str | Path) -> Path:
@@ -34,10 +40,6 @@ def shard_path(path: str | Path, index: int) -> Path:
     return shards_dir(path) / f"shard-{index:05d}.h5"
 
 
-def _temporary(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
-
-
 def write_shard(
     target: Path,
     features: np.ndarray,
@@ -45,23 +47,60 @@ def write_shard(
     paths: Sequence[str],
     ids: Sequence[str],
     sizes: np.ndarray,
-) -> None:
+) -> dict[str, Any]:
     """Write one shard atomically. features (n, K, 5 + D), global_desc (n, Dg), sizes (n, 2).
 
     An empty shard (n = 0, every image failed) is valid: it keeps K, D and Dg in its shapes.
+    Returns its shard_record, to be kept and compared with later (shard_damage).
     """
     count = len(paths)
     if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count):
         raise ValueError("shard arrays disagree on the number of images")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(target)
-    with h5py.File(temporary, "w") as file:
+    with _new_hdf5(target) as file:
         file.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         file.create_dataset("global", data=np.asarray(global_desc, dtype=np.float32))
         file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("ids", data=list(ids), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int32).reshape(count, 2))
-    os.replace(temporary, target)
+    return shard_record(target)
+
+
+@contextmanager
+def _new_hdf5(target: Path) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written atomically as plain bytes.
+
+    HDF5 itself must never meet a full disk: it crashes (SIGSEGV) while cleaning up after the
+    failed write. Plain Python writes raise ENOSPC cleanly, which atomic_path reports.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as file:
+        yield file
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(buffer.getbuffer())
+
+
+def shard_record(shard: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a finished shard: what a later run checks before trusting it."""
+    digest = hashlib.sha256()
+    with open(shard, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": shard.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def shard_damage(shard: Path, record: dict[str, Any], checksum: bool = True) -> str | None:
+    """Why `shard` no longer matches its record (missing, truncated, altered), or None.
+
+    Without `checksum` only the size is compared: a stat, cheap enough for every open.
+    """
+    if not shard.is_file():
+        return "missing"
+    size = shard.stat().st_size
+    if size != record.get("bytes"):
+        return f"damaged ({size} bytes, {record.get('bytes')} expected)"
+    if checksum and shard_record(shard)["sha256"] != record.get("sha256"):
+        return "damaged (checksum mismatch)"
+    return None
 
 
 def shard_length(shard: Path) -> int:
@@ -75,7 +114,9 @@ def finalize(
     """Build the joined top-level file over finished shards, atomically.
 
     Virtual sources use paths relative to the joined file, so FILE.h5 and FILE.h5.shards can be
-    moved together. Zero-image shards contribute nothing.
+    moved together. Zero-image shards contribute nothing. Each shard's size and checksum are
+    kept in the `shards` attribute, so a truncated shard is named on open instead of being read
+    as zeros (HDF5 fills unreadable virtual sources silently).
     """
     path = Path(path)
     infos = []
@@ -86,8 +127,8 @@ def finalize(
         raise ValueError("finalize needs at least one shard")
     total = sum(info["paths"][0][0] for info in infos)
     first = infos[0]
-    temporary = _temporary(path)
-    with h5py.File(temporary, "w") as file:
+    records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
+    with _new_hdf5(path) as file:
         for name in SHARD_DATASETS:
             shape, dtype = first[name]
             full_shape = (total, *shape[1:])
@@ -114,13 +155,15 @@ def finalize(
                 "num_local": num_local,
                 "local_dim": width - NUM_META,
                 "global_dim": first["global"][0][1],
+                "shards": json.dumps(records, sort_keys=True),
             }
         )
-    os.replace(temporary, path)
 
 
 class FeatureStore:
     """Read access to a features file: ours, or an official `features`-only local file."""
+
+    binarised = False  # subclasses that decode packed bits accept the structured layout
 
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = path
@@ -138,6 +181,8 @@ class FeatureStore:
             self.sizes: np.ndarray | None = file["sizes"][()]
             self.backbone_settings: dict[str, Any] | None = json.loads(file.attrs["backbone"])
             self.root: Path | None = Path(file.attrs["root"])
+            if not isinstance(self.backbone_settings, dict):
+                raise InputError(f"{path}: backbone settings are not a JSON object")
         else:
             self.paths = [str(index) for index in range(self.num_images)]
             self.ids = list(self.paths)
@@ -146,7 +191,13 @@ class FeatureStore:
             self.root = None
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
+    def open(cls, path: str | Path, allow_external_sources: bool = False) -> FeatureStore:
+        """Open and validate a features file; anything unusable is an InputError naming it.
+
+        Data stored in other files (virtual sources, external links or storage) must lie in
+        the file's own folder unless `allow_external_sources`: a downloaded file must not make
+        us read arbitrary files on this machine.
+        """
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: features file not found")
@@ -155,8 +206,10 @@ class FeatureStore:
         except OSError:
             raise InputError(f"{path}: not an HDF5 file") from None
         try:
-            _check_layout(path, file)
-            return cls(path, file)
+            with _readable(path):
+                _check_sources(path, file, allow_external_sources)
+                _check_layout(path, file, allow_binarised=cls.binarised)
+                return cls(path, file)
         except BaseException:
             file.close()
             raise
@@ -165,7 +218,10 @@ class FeatureStore:
         """(N, Dg) float32 L2-normalised global descriptors."""
         if self._global is None:
             raise InputError(f"{self.path}: has no global descriptors (official local-only file)")
-        return np.asarray(self._global[()], dtype=np.float32)
+        with _readable(self.path):
+            values = np.asarray(self._global[()], dtype=np.float32)
+        self._check_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)), "global")
+        return values
 
     def read_local(
         self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
@@ -173,8 +229,8 @@ class FeatureStore:
     ) -> np.ndarray:
         """Raw (len, K', 5 + D) float32 rows (metadata then descriptor) for any index order.
 
-        dtype None keeps the stored type (float16 in our files): HDF5's own float16 conversion
-        is slow, so the re-ranking engine converts in torch instead.
+        dtype None keeps float16 where that is the stored type (our files): HDF5's own float16
+        conversion is slow, so the re-ranking engine converts in torch instead.
 
         h5py wants sorted, unique indices, so rows are read once per contiguous run of sorted
         unique indices and then gathered back into the requested order (duplicates included).
@@ -187,13 +243,30 @@ class FeatureStore:
             raise InputError(f"{self.path}: image index out of range 0..{self.num_images - 1}")
         unique, inverse = np.unique(wanted, return_inverse=True)
         rows = np.empty((len(unique), count, self.local_dim + NUM_META),
-                        dtype=self._features.dtype if dtype is None else dtype)
+                        dtype=dtype or (np.float16 if self._features.dtype == np.float16
+                                        else np.float32))
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        for run in np.split(np.arange(len(unique)), breaks):
-            if run.size:
-                first, last = unique[run[0]], unique[run[-1]]
-                rows[run[0] : run[-1] + 1] = self._features[first : last + 1, :count]
+        with _readable(self.path):
+            for run in np.split(np.arange(len(unique)), breaks):
+                if run.size:
+                    first, last = unique[run[0]], unique[run[-1]]
+                    rows[run[0] : run[-1] + 1] = self._read_rows(first, last + 1, count)
+        # padding rows may hold anything; a real row with NaN/inf would poison every score
+        real = ~(rows[..., META_PADDING] > 0.5)
+        self._check_finite((~np.isfinite(rows).all(axis=-1) & real).any(axis=1), unique, "local")
         return rows[inverse]
+
+    def _read_rows(self, start: int, stop: int, count: int) -> np.ndarray:
+        """Images start..stop-1, first `count` rows each, as (n, count, 5 + D) numbers."""
+        return self._features[start:stop, :count]
+
+    def _check_finite(self, bad: np.ndarray, rows: np.ndarray, kind: str) -> None:
+        if bad.any():
+            first = int(rows[np.argmax(bad)])
+            raise InputError(
+                f"{self.path}: {int(bad.sum())} image(s) with NaN/inf {kind} descriptors, "
+                f"first {self.paths[first]!r} (row {first})"
+            )
 
     def local_descriptors(
         self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
@@ -212,26 +285,75 @@ class FeatureStore:
         self.close()
 
 
-def _check_layout(path: Path, file: h5py.File) -> None:
+def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) -> None:
     """Refuse files that would be misread, naming what is wrong."""
     if "features" not in file:
         raise InputError(f"{path}: no 'features' dataset (not a descriptor file)")
     features = file["features"]
     if features.dtype.names is not None:
-        raise InputError(f"{path}: binarised descriptors are not supported")
-    if features.ndim != 3 or features.shape[2] <= NUM_META:
+        if not allow_binarised:
+            raise InputError(f"{path}: binarised descriptors: open with released.open_local")
+    elif features.ndim != 3 or features.shape[2] <= NUM_META:
         raise InputError(f"{path}: 'features' has shape {features.shape}, expected (N, K, 5 + D)")
+    elif features.shape[1] < 1:
+        raise InputError(f"{path}: 'features' holds no descriptor rows per image")
     if file.attrs.get("format") == FORMAT:
         missing = [name for name in SHARD_DATASETS if name not in file]
         missing += [key for key in ("backbone", "root") if key not in file.attrs]
         if missing:
             raise InputError(f"{path}: incomplete features file, missing {', '.join(missing)}")
-    sources = {
-        source.file_name
-        for name in SHARD_DATASETS
-        if name in file and file[name].is_virtual
-        for source in file[name].virtual_sources()
-    }
-    for source in sorted(sources - {"."}):
-        if not (path.parent / source).is_file():
-            raise InputError(f"{path}: missing shard {path.parent / source}")
+    if file.attrs.get("format") == FORMAT:
+        count = features.shape[0]
+        shapes = {name: file[name].shape for name in SHARD_DATASETS}
+        if any(shape[:1] != (count,) for shape in shapes.values()) or (
+            len(shapes["global"]) != 2 or shapes["sizes"] != (count, 2)
+        ):
+            raise InputError(f"{path}: datasets disagree on their shapes: {shapes}")
+
+
+def _check_sources(path: Path, file: h5py.File, allow_external: bool) -> None:
+    """Every other file the data comes from: inside the folder (unless allowed) and intact."""
+    folder = path.parent.resolve()
+    records = json.loads(file.attrs.get("shards", "{}"))
+    if not isinstance(records, dict):
+        raise InputError(f"{path}: its 'shards' attribute is not a JSON object")
+    for name in SHARD_DATASETS:
+        link = file.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            sources = [link.filename]
+        elif name in file:
+            dataset = file[name]
+            sources = [entry[0] for entry in dataset.external or []]
+            if dataset.is_virtual:
+                sources += [source.file_name for source in dataset.virtual_sources()]
+        else:
+            continue
+        for source in sorted(set(sources) - {"."}):
+            _check_source(path, folder, Path(os.fsdecode(source)), records, allow_external)
+
+
+def _check_source(
+    path: Path, folder: Path, source: Path, records: dict[str, Any], allow_external: bool
+) -> None:
+    location = (path.parent / source).resolve()
+    if not allow_external and not location.is_relative_to(folder):
+        raise InputError(
+            f"{path}: refers to {source}, outside its folder {folder}; "
+            "open it with --allow-external-sources if you trust it"
+        )
+    if not location.is_file():
+        raise InputError(f"{path}: missing shard {path.parent / source}")
+    record = records.get(source.as_posix())
+    damage = record and shard_damage(location, record, checksum=False)
+    if damage:
+        raise InputError(f"{path}: shard {path.parent / source} is {damage}; "
+                         "re-run the extraction to re-create it")
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """h5py's own errors on a damaged or hostile file become one InputError naming it."""
+    try:
+        yield
+    except HDF5_ERRORS as error:
+        raise InputError(f"{path}: unreadable features file ({error})") from None

@@ -18,6 +18,7 @@ from elvis_cli.errors import InputError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MAX_PIXELS = 200_000_000  # above this an image is treated as a decompression bomb
+DRAFT_SIDE = 2048  # a JPEG above MAX_PIXELS is decoded at 1/2..1/8 scale, to about this side
 MIN_SIDE = 2
 
 # PIL's own guard warns (to stderr) below its hard limit; our check in load_image reads the size
@@ -125,6 +126,8 @@ def load_image(
 
     `box` = (x1, y1, x2, y2) crops in pixels of the upright image (clipped to it); it is how query
     crops of ROxford/RParis are described. Raises ImageError with a short reason otherwise.
+    A huge JPEG comes back reduced by its decoder's DCT scaling (the full image never exists in
+    memory; `box` is scaled along); other images above MAX_PIXELS are refused.
     """
     path = Path(path)
     try:
@@ -135,7 +138,11 @@ def load_image(
     try:
         with Image.open(path) as img:
             width, height = img.size
-            if width * height > MAX_PIXELS:
+            if width * height > MAX_PIXELS and img.format == "JPEG":
+                img.draft(img.mode, (DRAFT_SIDE, DRAFT_SIDE))
+                scale = img.size[0] / width
+                box = box and tuple(value * scale for value in box)  # type: ignore[assignment]
+            if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise ImageError(path, f"too large ({width}x{height} px, limit {MAX_PIXELS} px)")
             img.load()  # full decode now, so truncated data fails here and not later
             upright = ImageOps.exif_transpose(img)

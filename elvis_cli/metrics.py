@@ -159,3 +159,49 @@ def recall_at_k(
     if not hits:
         raise InputError("cannot compute recall@k: no query has a positive")
     return 100.0 * float(np.mean(hits))
+
+
+GLDV2_PRIVATE_QUERIES = 750  # GLDv2-test: the last 750 queries are the private split
+
+
+def gldv2_scores(ranking: Any, positives: Sequence[Any], k: int = 100) -> dict[str, float]:
+    """mAP@k of GLDv2-test's private split (the headline), public split and all queries.
+
+    A split without any query that has a positive is NaN rather than an error, so a small
+    test set still reports the splits it has.
+    """
+    aps = map_at_k(ranking, positives, None, k)["aps"]
+    split = max(len(aps) - GLDV2_PRIVATE_QUERIES, 0)
+
+    def mean(values: np.ndarray) -> float:
+        scored = values[~np.isnan(values)]
+        return float(scored.mean()) if scored.size else float("nan")
+
+    return {f"map@{k}_private": mean(aps[split:]), f"map@{k}_public": mean(aps[:split]),
+            f"map@{k}": mean(aps)}
+
+
+def class_ground_truth(
+    query_labels: Sequence[Any], gallery_labels: Sequence[Any], queries_in_gallery: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(positives, junk) per query for class-labelled sets (SOP, RP2K, MET).
+
+    With `queries_in_gallery` (SOP, RP2K) query q is gallery row q: it is junk to itself, and
+    its positives are the other images of its class. Otherwise (MET) the positives are the
+    gallery images of its class, so AP is normalised by the class size.
+    """
+    gallery = np.asarray(gallery_labels)
+    positives, junk = [], []
+    for q, label in enumerate(query_labels):
+        same = np.flatnonzero(gallery == label)
+        own = np.array([q] if queries_in_gallery else [], dtype=np.int64)
+        positives.append(np.setdiff1d(same, own))
+        junk.append(own)
+    return positives, junk
+
+
+def class_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any]) -> dict[str, float]:
+    """AP over the whole ranked gallery, recall@1 and recall@5 (ELVIS_SPEC §6, class labels)."""
+    return {"map": map_at_k(ranking, positives, junk, None)["map"],
+            "recall@1": recall_at_k(ranking, positives, 1, junk),
+            "recall@5": recall_at_k(ranking, positives, 5, junk)}

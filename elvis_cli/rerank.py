@@ -24,7 +24,7 @@ from elvis_cli.checkpoints import Fusion
 from elvis_cli.devices import resolve_device
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, Transport, uses_log_domain
+from elvis_cli.model import Elvis, Embedded
 from elvis_cli.shortlist import Shortlist
 
 T = TypeVar("T")
@@ -35,7 +35,7 @@ class RerankConfig:
     shortlist: int = 100  # how many of each query's list are scored by ELViS
     num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
     # files that store fewer use all of theirs
-    batch_size: int = 100  # most pairs scored at once; on CPU fewer, so their kernels stay in cache
+    batch_size: int = 100  # pairs scored at once on CUDA; CPU takes as many as fit its L2 cache
     cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last
     # block's stay for the next block or call, so up to twice this is held while one is built)
     read_images: int = 64  # images per HDF5 read; reads run one step ahead of compute
@@ -68,41 +68,45 @@ class RerankResult:
 
 
 @dataclass
-class _Rows:
-    """Embedded images as Elvis.rows, with their padding masks; slot i is the i-th image read."""
+class _Images:
+    """Embedded images (the model's per-image part); slot i is the i-th image read."""
 
-    rows: torch.Tensor  # (N, K + 1, k)
-    mask: torch.Tensor  # (N, K)
+    embedded: Embedded  # descriptors (N, K, d), gains (N, K), mask (N, K)
     padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
 
-    def take(self, slots: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, slots: np.ndarray, device: torch.device) -> Embedded:
         if len(slots) == 1:  # the CPU case: views, no copies
             index: slice | torch.Tensor = slice(slots[0], slots[0] + 1)
         else:
             index = torch.from_numpy(slots).to(device)
-        mask = self.mask[index] if self.padded[slots].any() else None
-        return self.rows[index], mask
+        embedded = self.embedded
+        mask = embedded.mask[index] if self.padded[slots].any() else None
+        return Embedded(embedded.descriptors[index], embedded.gains[index], mask)
 
-    def subset(self, slots: np.ndarray) -> "_Rows":
-        index = torch.from_numpy(slots).to(self.rows.device)
-        return _Rows(self.rows[index], self.mask[index], self.padded[slots])
+    def subset(self, slots: np.ndarray) -> "_Images":
+        index = torch.from_numpy(slots).to(self.embedded.descriptors.device)
+        embedded = self.embedded
+        return _Images(Embedded(embedded.descriptors[index], embedded.gains[index],
+                                embedded.mask[index]), self.padded[slots])
 
     @staticmethod
-    def join(parts: list["_Rows"]) -> "_Rows":
+    def join(parts: list["_Images"]) -> "_Images":
         if len(parts) == 1:
             return parts[0]
-        return _Rows(torch.cat([p.rows for p in parts]), torch.cat([p.mask for p in parts]),
-                     np.concatenate([p.padded for p in parts]))
+        return _Images(Embedded(*(torch.cat([getattr(p.embedded, name) for p in parts])
+                                  for name in ("descriptors", "gains", "mask"))),
+                       np.concatenate([p.padded for p in parts]))
 
 
 class PairScorer:
-    """Raw ELViS scores of (query, gallery) pairs read from two feature stores.
+    """Raw scores of (query, gallery) pairs read from two feature stores, by ELViS or any module
+    with its interface (`embed` once per image, `score` per pair; the chamfer baseline).
 
-    Per image, projection, gains and the augmented rows are computed once. Pairs of a block of
-    queries are scored in chunks: on CPU each worker thread takes chunks small enough that their
-    transport kernels stay in the L2 cache through all Sinkhorn iterations; on CUDA a chunk is
-    `batch_size` pairs, across queries when shortlists are short, with no host sync until the
-    block ends. HDF5 reads run in a background thread one step ahead of compute.
+    Per image, projection and dustbin gains are computed once. Pairs of a block of queries are
+    scored in chunks: on CPU each worker thread takes chunks small enough that their transport
+    kernels stay in the L2 cache through all Sinkhorn iterations; on CUDA a chunk is
+    `batch_size` pairs, across queries when shortlists are short, with no host sync per pair.
+    HDF5 reads run in a background thread one step ahead of compute.
     """
 
     def __init__(
@@ -116,23 +120,24 @@ class PairScorer:
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
         self.queries, self.gallery = queries, gallery
-        self.log_domain = uses_log_domain(self.model.dust_bin, model.config.regularisation)
         cpu = self.device.type == "cpu"
         if cpu and self.config.precision == "float16":
             raise InputError("float16 precision needs a CUDA device (no float16 GEMM with "
                              "float32 results on CPU)")
         half = self.config.precision == "float16" or (self.config.precision == "auto" and not cpu)
-        self.rows_dtype = torch.float16 if half else torch.float32
+        self.embedded_dtype = torch.float16 if half else torch.float32
         self.workers = (self.config.workers or torch.get_num_threads()) if cpu else 1
+        # CPU: as many pairs as keep their kernels in L2, whatever batch_size says, so that
+        # chunks and hence scores are bitwise the same for every batch size
         kernel_bytes = 4 * (self._num_local(queries) + 1) * (self._num_local(gallery) + 1)
-        fitting = max(1, _l2_cache_bytes() // (2 * kernel_bytes)) if cpu else self.config.batch_size
-        self.pairs_per_call = min(self.config.batch_size, fitting)
+        self.pairs_per_call = (max(1, _l2_cache_bytes() // (2 * kernel_bytes)) if cpu
+                               else self.config.batch_size)
         # wall time per phase over all calls: reads overlap both, so they show only as waits
         self.seconds = {"read and embed": 0.0, "score": 0.0}
         # the last block's gallery rows stay embedded for the next block or call (evaluate
         # scores several shortlist sizes); a changed model needs a new PairScorer
         self._kept_ids = np.zeros(0, dtype=np.int64)
-        self._kept: _Rows | None = None
+        self._kept: _Images | None = None
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
@@ -150,22 +155,22 @@ class PairScorer:
         with closing(reads), _workers(self.workers) as pool:
             for queries, needed, missing in blocks:
                 started = time.perf_counter()
-                query_rows = self._embed(pool, reads, len(queries), query=True)
-                gallery_rows = self._with_kept(needed, missing,
-                                               self._embed(pool, reads, len(missing), query=False))
-                self._kept_ids, self._kept = needed, gallery_rows
+                query_images = self._embed(pool, reads, len(queries))
+                gallery_images = self._with_kept(needed, missing,
+                                                 self._embed(pool, reads, len(missing)))
+                self._kept_ids, self._kept = needed, gallery_images
                 embedded = time.perf_counter()
                 pairs = _block_pairs(candidates[queries], needed)
                 chunks = [pairs[:, start : start + self.pairs_per_call]
                           for start in range(0, pairs.shape[1], self.pairs_per_call)]
                 scored, reported = [], 0
                 for chunk, values in zip(chunks, pool.map(
-                        partial(self._score_chunk, query_rows, gallery_rows), chunks),
+                        partial(self._score_chunk, query_images, gallery_images), chunks),
                         strict=True):
                     scored.append(values)
                     reported = _report(progress, reported, chunk[0, -1])  # earlier slots done
                 if scored:
-                    values = torch.cat(scored).float().cpu().numpy()  # the block's one sync
+                    values = torch.cat(scored).float().cpu().numpy()  # the block's scores: one sync
                     raw[queries[pairs[0]], pairs[2]] = values
                 _report(progress, reported, len(queries))
                 self.seconds["read and embed"] += embedded - started
@@ -173,16 +178,13 @@ class PairScorer:
         return raw
 
     @torch.inference_mode()  # grad mode is per thread: workers need their own
-    def _score_chunk(self, queries: _Rows, gallery: _Rows, chunk: np.ndarray) -> torch.Tensor:
+    def _score_chunk(self, queries: _Images, gallery: _Images, chunk: np.ndarray
+                     ) -> torch.Tensor:
         query_slots = chunk[0]
         if (query_slots == query_slots[0]).all():  # one query: broadcast it, no copies
             query_slots = query_slots[:1]
-        src_rows, src_mask = queries.take(query_slots, self.device)
-        tgt_rows, tgt_mask = gallery.take(chunk[1], self.device)
-        config = self.model.config
-        problem = Transport(src_rows, tgt_rows, src_mask, tgt_mask, config.regularisation,
-                            config.sinkhorn_iterations)
-        return self.model.score_transport(problem, self.log_domain)
+        return self.model.score(queries.take(query_slots, self.device),
+                                gallery.take(chunk[1], self.device))
 
     def _query_blocks(self, candidates: np.ndarray) -> Iterator[np.ndarray]:
         """Consecutive queries whose distinct gallery rows fit the embedding cache."""
@@ -198,7 +200,7 @@ class PairScorer:
         if block:
             yield np.array(block)
 
-    def _with_kept(self, needed: np.ndarray, missing: np.ndarray, new: _Rows) -> _Rows:
+    def _with_kept(self, needed: np.ndarray, missing: np.ndarray, new: _Images) -> _Images:
         """Rows of `needed` (sorted): `new` holds `missing`, the kept block holds the rest."""
         if len(missing) == len(needed):
             return new
@@ -206,7 +208,7 @@ class PairScorer:
         if not len(missing):
             return kept
         order = np.argsort(np.concatenate([np.setdiff1d(needed, missing), missing]))
-        return _Rows.join([kept, new]).subset(order)
+        return _Images.join([kept, new]).subset(order)
 
     def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
         step = self.config.read_images
@@ -233,24 +235,27 @@ class PairScorer:
             descriptors.masked_fill_(mask.unsqueeze(-1), 0.0)
         return descriptors, mask.numpy()
 
-    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int, query: bool
-               ) -> _Rows:
-        """Rows of the next `count` images that the reader delivers; workers share each read."""
-        rows, masks = [], []
+    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int) -> _Images:
+        """Embeddings of the next `count` images that the reader delivers; workers share reads."""
+        parts, masks = [], []
         for _ in range(-(-count // self.config.read_images)):
             descriptors, mask = next(reads)
             masks.append(mask)
             pieces = torch.tensor_split(descriptors, min(self.workers, len(descriptors)))
-            rows += pool.map(partial(self._embed_part, query=query), pieces)
-        if not rows:
-            return _Rows(torch.empty(0), torch.empty(0), np.zeros(0, dtype=bool))
+            parts += pool.map(self._embed_part, pieces)
+        if not parts:
+            empty = torch.empty(0)
+            return _Images(Embedded(empty, empty, empty), np.zeros(0, dtype=bool))
         mask = np.concatenate(masks)
-        return _Rows(torch.cat(rows), torch.from_numpy(mask).to(self.device), mask.any(axis=1))
+        embedded = Embedded(torch.cat([part.descriptors for part in parts]),
+                            torch.cat([part.gains for part in parts]),
+                            torch.from_numpy(mask).to(self.device))
+        return _Images(embedded, mask.any(axis=1))
 
     @torch.inference_mode()
-    def _embed_part(self, descriptors: torch.Tensor, query: bool) -> torch.Tensor:
-        descriptors = descriptors.to(self.device, non_blocking=True).float()
-        return self.model.rows(self.model.embed(descriptors), query).to(self.rows_dtype)
+    def _embed_part(self, descriptors: torch.Tensor) -> Embedded:
+        embedded = self.model.embed(descriptors.to(self.device, non_blocking=True).float())
+        return Embedded(embedded.descriptors.to(self.embedded_dtype), embedded.gains)
 
 
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:

@@ -20,6 +20,8 @@ from elvis_cli.safe_pickle import load_pickle
 class Shortlist:
     indices: np.ndarray  # (Q, K) int64 gallery rows, most similar first; -1 pads short lists
     similarities: np.ndarray  # (Q, K) float32 global similarities; -inf where padded
+    # (Q, K) rows in a gallery file holding only shortlisted images (3-row nn files), or None
+    file_rows: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -87,4 +89,7 @@ def load_shortlist(path: Path) -> Shortlist:
     table = np.asarray(table)
     if table.ndim != 3 or table.shape[0] not in (2, 3):
         raise InputError(f"{path}: expected a (2, Q, K) or (3, Q, K) array, got {table.shape}")
-    return Shortlist(table[1].astype(np.int64), table[0].astype(np.float32))
+    if not np.isfinite(table[1:]).all():
+        raise InputError(f"{path}: gallery indices must be finite numbers")
+    file_rows = table[2].astype(np.int64) if table.shape[0] == 3 else None
+    return Shortlist(table[1].astype(np.int64), table[0].astype(np.float32), file_rows)

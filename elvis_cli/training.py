@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from elvis_cli.augment import ViewConfig, random_view
+from elvis_cli.augment import ViewConfig, inset_view, random_view
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from elvis_cli.backbones.base import META_PADDING
 from elvis_cli.checkpoints import Fusion, save_checkpoint
@@ -76,7 +76,7 @@ class TrainConfig:
     # pick the best round or the fusion (measured on the held-out split of the bundled model).
     views: ViewConfig = field(default_factory=lambda: ViewConfig(
         crop_area=(0.15, 1.0), perspective_strength=0.18, max_rotation=25.0,
-        occlusion_prob=0.4))
+        occlusion_prob=0.4, inset_prob=0.3))
     seed: int = 0
     device: str = "auto"
 
@@ -127,9 +127,21 @@ class ViewPool:
     padding: torch.Tensor  # (N, K) bool
     photo: np.ndarray  # (N,) index into the PhotoSet
     instance: np.ndarray  # (N,)
+    backdrop: np.ndarray  # (N,) instance of the photo a view was pasted into, -1 for none
 
     def __len__(self) -> int:
         return len(self.photo)
+
+    def related(self, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """Whether two views share content of some instance (as object or as backdrop): such
+        pairs are neither positives nor negatives, so they are never drawn or scored."""
+        a_in = (self.instance[rows], self.backdrop[rows])
+        b_in = (self.instance[others], self.backdrop[others])
+        shared = np.zeros(np.broadcast_shapes(a_in[0].shape, b_in[0].shape), dtype=bool)
+        for a in a_in:
+            for b in b_in:
+                shared |= (a == b) & (a >= 0)
+        return shared
 
     def local(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(rows)
@@ -202,11 +214,16 @@ def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
 def render_views(
     photos: PhotoSet, views_per_image: int, config: ViewConfig, entropy: list[int],
     skipped: dict[Path, str],
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(photo index, view) for every readable photo: the photo itself, then random views.
+) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(photo index, view, backdrop photo index or -1) for every readable photo: the photo
+    itself, then random views, which may be pasted into the previous readable photo (a
+    deterministic choice of another scene that costs no extra decoding).
 
     Each photo has its own generator, so its views do not depend on which other photos failed.
     """
+    previous: tuple[int, np.ndarray] | None = None
+    # with fewer than three instances an inset could share content with every other view
+    inset_prob = config.inset_prob if len(np.unique(photos.instances)) >= 3 else 0.0
     for index, path in enumerate(photos.paths):
         if path in skipped:
             continue
@@ -216,15 +233,20 @@ def render_views(
             skipped[path] = str(error)
             continue
         rng = np.random.default_rng([*entropy, index])
-        yield index, _fit(image, config.max_side)
+        yield index, _fit(image, config.max_side), -1
         for _ in range(views_per_image - 1):
-            yield index, random_view(image, rng, config)
+            view = random_view(image, rng, config)
+            if previous is not None and inset_prob > 0 and rng.random() < inset_prob:
+                yield index, inset_view(view, previous[1], rng, config.inset_area), previous[0]
+            else:
+                yield index, view, -1
+        previous = (index, image)
 
 
 @torch.inference_mode()
 def extract_pool(
     backbone: Backbone,
-    views: Iterator[tuple[int, np.ndarray]],
+    views: Iterator[tuple[int, np.ndarray, int]],
     photos: PhotoSet,
     num_local: int,
     batch_size: int,
@@ -244,9 +266,10 @@ def extract_pool(
         for row, (order, _) in enumerate(items):
             results[order] = (global_desc[row], local[row], padding[row])
 
-    photo_of = []
-    for order, (photo, image) in enumerate(views):
+    photo_of, backdrop_of = [], []
+    for order, (photo, image, backdrop) in enumerate(views):
         photo_of.append(photo)
+        backdrop_of.append(backdrop)
         tensor = backbone.preprocess(image)
         bucket = buckets.setdefault(tuple(tensor.shape), [])
         bucket.append((order, tensor))
@@ -259,12 +282,14 @@ def extract_pool(
         raise InputError("none of the photos could be read")
     rows = [results[order] for order in range(len(photo_of))]
     photo = np.asarray(photo_of, dtype=np.int64)
+    backdrop = np.asarray(backdrop_of, dtype=np.int64)
     return ViewPool(
         torch.stack([row[0] for row in rows]),
         torch.stack([row[1] for row in rows]),
         torch.stack([row[2] for row in rows]),
         photo,
         photos.instances[photo],
+        np.where(backdrop >= 0, photos.instances[np.maximum(backdrop, 0)], -1),
     )
 
 
@@ -272,6 +297,7 @@ class PairSampler:
     """Balanced pairs from a pool: positives share an instance, negatives do not."""
 
     def __init__(self, pool: ViewPool, hard_pool: int) -> None:
+        self.pool = pool
         self.instance = pool.instance
         self.partners = _positive_partners(pool)
         self.anchors = np.flatnonzero([len(partners) > 0 for partners in self.partners])
@@ -282,7 +308,7 @@ class PairSampler:
             )
         if len(np.unique(self.instance)) < 2:
             raise InputError("no negative pairs: all readable photos are one instance")
-        self.hard = _hardest_negatives(pool.global_desc, self.instance, hard_pool)
+        self.hard = _hardest_negatives(pool, hard_pool)
 
     def sample(
         self, rng: np.random.Generator, positives: int, negatives: int, hard_fraction: float
@@ -300,10 +326,10 @@ class PairSampler:
 
     def _other_instance(self, rng: np.random.Generator, sources: np.ndarray) -> np.ndarray:
         targets = rng.integers(0, len(self.instance), size=len(sources))
-        clash = self.instance[targets] == self.instance[sources]
+        clash = self.pool.related(sources, targets)
         while clash.any():
             targets[clash] = rng.integers(0, len(self.instance), size=int(clash.sum()))
-            clash = self.instance[targets] == self.instance[sources]
+            clash = self.pool.related(sources, targets)
         return targets
 
 
@@ -317,17 +343,20 @@ def _positive_partners(pool: ViewPool) -> list[np.ndarray]:
     return partners
 
 
-def _hardest_negatives(global_desc: torch.Tensor, instance: np.ndarray, count: int) -> np.ndarray:
-    """(N, count) the globally most similar views of other instances, per view."""
-    largest = np.unique(instance, return_counts=True)[1].max()
-    count = min(count, len(instance) - int(largest))
-    same = torch.from_numpy(instance[:, None] == instance[None, :])
-    hardest = []
-    for start in range(0, len(instance), 1024):
-        similarity = global_desc[start : start + 1024] @ global_desc.T
-        similarity.masked_fill_(same[start : start + 1024], -torch.inf)
-        hardest.append(similarity.topk(count, dim=1).indices)
-    return torch.cat(hardest).numpy()
+def _hardest_negatives(pool: ViewPool, count: int) -> np.ndarray:
+    """(N, count) the globally most similar unrelated views, per view."""
+    rows = np.arange(len(pool))
+    hardest, unrelated = [], len(pool)
+    for start in range(0, len(pool), 1024):
+        block = rows[start : start + 1024]
+        related = pool.related(block[:, None], rows[None, :])
+        unrelated = min(unrelated, int((~related).sum(axis=1).min()))
+        similarity = pool.global_desc[block] @ pool.global_desc.T
+        similarity.masked_fill_(torch.from_numpy(related), -torch.inf)
+        hardest.append(similarity.topk(min(count, len(pool)), dim=1).indices)
+    if unrelated < 1:
+        raise InputError("no negative pairs: every view shares an instance with every other")
+    return torch.cat(hardest)[:, : min(count, unrelated)].numpy()
 
 
 @dataclass
@@ -338,6 +367,7 @@ class ValidationSet:
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # balanced (src, tgt, label)
     ranking: Shortlist  # every view against all other views, by global similarity
     positives: list[np.ndarray]  # other views of each view's instance
+    junk: list[np.ndarray]  # views sharing only a backdrop's content: left out of the ranking
     top: int  # re-ranked shortlist length
 
     @classmethod
@@ -348,9 +378,13 @@ class ValidationSet:
         pairs = sampler.sample(rng, half, half, config.hard_negative_fraction)
         ranking = build_shortlist(pool.global_desc.numpy(), pool.global_desc.numpy(),
                                   len(pool) - 1, exclude_self=True)
-        positives = [np.flatnonzero((pool.instance == pool.instance[row])
-                                    & (np.arange(len(pool)) != row)) for row in range(len(pool))]
-        return cls(pool, pairs, ranking, positives, min(config.rerank_top, len(pool) - 1))
+        rows = np.arange(len(pool))
+        positives, junk = [], []
+        for row in rows:
+            same = (pool.instance == pool.instance[row]) & (rows != row)
+            positives.append(np.flatnonzero(same))
+            junk.append(np.flatnonzero(pool.related(row, rows) & ~same & (rows != row)))
+        return cls(pool, pairs, ranking, positives, junk, min(config.rerank_top, len(pool) - 1))
 
 
 def validate(
@@ -367,7 +401,7 @@ def validate(
         "val_accuracy": float(((logits > 0).float() == targets).float().mean()),
         "val_raw_positive": float(pair_raw[targets > 0].mean()),
         "val_raw_negative": float(pair_raw[targets == 0].mean()),
-        "val_map_global": mean_ap(val.ranking.indices, val.positives),
+        "val_map_global": mean_ap(val.ranking.indices, val.positives, val.junk),
     }
     head = val.ranking.indices[:, : val.top]
     queries = np.repeat(np.arange(len(val.pool)), val.top)
@@ -375,7 +409,7 @@ def validate(
     raw[:, : val.top] = raw_scores(model, val.pool, queries, head.reshape(-1), device).reshape(
         head.shape
     )
-    grid = fusion_grid(val.ranking, raw, val.top, val.positives)
+    grid = fusion_grid(val, raw)
     best = choose_fusion(grid)
     metrics.update(val_map=best["val_map"], lam=best["lam"], temperature=best["temperature"],
                    val_map_default=grid[0]["val_map"])
@@ -398,21 +432,19 @@ def raw_scores(
     return out
 
 
-def mean_ap(ranking: np.ndarray, positives: list[np.ndarray]) -> float:
+def mean_ap(ranking: np.ndarray, positives: list[np.ndarray], junk: list[np.ndarray]) -> float:
     """mAP (percent) over the whole ranking, each query's AP normalised by its positives."""
-    return float(map_at_k(ranking, positives, k=None)["map"])
+    return float(map_at_k(ranking, positives, junk, k=None)["map"])
 
 
-def fusion_grid(
-    ranking: Shortlist, raw: np.ndarray, top: int, positives: list[np.ndarray]
-) -> list[dict[str, float]]:
+def fusion_grid(val: ValidationSet, raw: np.ndarray) -> list[dict[str, float]]:
     """Re-ranked val mAP for every point of FUSION_GRID."""
     grid = []
     for lam, temperature in FUSION_GRID:
-        fused = fuse_and_sort(ranking.indices, ranking.similarities, raw, top,
+        fused = fuse_and_sort(val.ranking.indices, val.ranking.similarities, raw, val.top,
                               Fusion(lam, temperature))
         grid.append({"lam": lam, "temperature": temperature,
-                     "val_map": mean_ap(fused.indices, positives)})
+                     "val_map": mean_ap(fused.indices, val.positives, val.junk)})
     return grid
 
 

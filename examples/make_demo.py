@@ -6,10 +6,11 @@
 Sources: the sample photos of OpenCV (Debian package opencv-doc) and scikit-image's
 motorcycle stereo pair; see examples/LICENSES.md. Each query is a real photo; its positives are
 the real second view where the source has one (hard) and synthetic views of the same photo
-(easy: mild crop/scale/colour/rotation; hard: zoom-in, perspective, strong rotation, occlusion
-with strong colour change; junk: a tiny crop or a heavy blur). Distractors are views of other
-real photos. Every random choice comes from a fixed seed, so the output is the same on every run
-(given the same Pillow/libjpeg), and gallery names (g0001.jpg, ...) are shuffled so they do not
+(easy: mild crop/scale/colour/rotation; hard: the object pasted small into another scene, a
+zoom-in, perspective, strong rotation, occlusion with strong colour change; junk: a tiny crop or
+a heavy blur). Distractors are views of other real photos. Every random choice comes from a
+fixed seed, so the output is the same on every run (given the same Pillow/libjpeg), and gallery
+names (g0001.jpg, ...) are shuffled so they do not
 reveal the query.
 """
 
@@ -167,7 +168,7 @@ class _Views:
 
     image: Image.Image
     region: Box | None
-    occluder: Image.Image
+    others: list[Image.Image]  # photos of other scenes: occluders and backgrounds
 
     def easy(self, rng: np.random.Generator) -> Image.Image:
         view = _crop_fraction(self.image, rng.uniform(0.72, 0.95), rng)
@@ -176,8 +177,26 @@ class _Views:
         return _fit(view, round(VIEW_SIDE * rng.uniform(0.7, 1.3)))
 
     def zoom(self, rng: np.random.Generator) -> Image.Image:
-        view = _crop_fraction(self.image, rng.uniform(0.25, 0.45), rng, self.region)
+        view = _crop_fraction(self.image, rng.uniform(0.08, 0.2), rng, self.region)
         return _fit(_jitter_colour(view, rng, 0.25), VIEW_SIDE)
+
+    def inset(self, rng: np.random.Generator) -> Image.Image:
+        """The object seen small inside another scene: what makes a global descriptor miss it."""
+        part = _crop_fraction(self.image, rng.uniform(0.5, 0.9), rng, self.region)
+        part = _perspective(part, rng)
+        background = self.others[int(rng.integers(len(self.others)))]
+        scene = _jitter_colour(_fit(background, VIEW_SIDE), rng, 0.2)
+        area = rng.uniform(0.15, 0.3) * scene.width * scene.height
+        pw = round(min(scene.width * 0.8, math.sqrt(area * part.width / part.height)))
+        ph = round(min(scene.height * 0.8, area / pw))
+        corner = (
+            int(rng.integers(0, scene.width - pw + 1)),
+            int(rng.integers(0, scene.height - ph + 1)),
+        )
+        scene.paste(
+            _jitter_colour(part, rng, 0.2).resize((pw, ph), Image.Resampling.LANCZOS), corner
+        )
+        return scene
 
     def perspective(self, rng: np.random.Generator) -> Image.Image:
         return _fit(_jitter_colour(_perspective(self.image, rng), rng, 0.25), VIEW_SIDE)
@@ -188,7 +207,7 @@ class _Views:
 
     def occlude(self, rng: np.random.Generator) -> Image.Image:
         view = self.image.copy()
-        patch = _crop_fraction(self.occluder, 0.3, rng)
+        patch = _crop_fraction(self.others[int(rng.integers(len(self.others)))], 0.3, rng)
         area = rng.uniform(0.18, 0.28) * view.width * view.height
         pw = round(min(view.width * 0.7, math.sqrt(area * patch.width / patch.height)))
         ph = round(min(view.height * 0.7, area / pw))
@@ -221,23 +240,27 @@ def _query_views(
     photo: Image.Image,
     second: Image.Image | None,
     region: Box | None,
-    occluder: Image.Image,
+    others: list[Image.Image],
 ) -> list[_GalleryImage]:
-    """2 easy, 4 hard (the real second view counts as one), 1 junk."""
-    views = _Views(photo, region, occluder)
+    """2 easy; 5 hard: two insets, a zoom-in, the real second view where there is one and
+    synthetic views to make up the number; 1 junk."""
+    views = _Views(photo, region, others)
     rng = np.random.default_rng([SEED, q])
     out = [_GalleryImage(views.easy(rng), q, "easy") for _ in range(2)]
-    makers = views.hard_makers()
+    makers = [views.inset, views.inset, views.zoom]
+    warps = [views.perspective, views.rotate, views.occlude]
     if second is not None:
         out.append(_GalleryImage(_fit(second, VIEW_SIDE), q, "hard"))
-        makers = [makers[i] for i in sorted(rng.choice(len(makers), 3, replace=False))]
-    out += [_GalleryImage(make(rng), q, "hard") for make in makers]
+    picked = sorted(rng.choice(len(warps), 1 if second is not None else 2, replace=False))
+    out += [_GalleryImage(make(rng), q, "hard") for make in makers + [warps[i] for i in picked]]
     out.append(_GalleryImage(views.junk(rng, tiny=q % 2 == 0), q, "junk"))
     return out
 
 
-def _distractor_views(index: int, photo: Image.Image, occluder: Image.Image) -> list[Image.Image]:
-    views = _Views(photo, None, occluder)
+def _distractor_views(
+    index: int, photo: Image.Image, others: list[Image.Image]
+) -> list[Image.Image]:
+    views = _Views(photo, None, others)
     rng = np.random.default_rng([SEED, 1000 + index])
     hard = views.hard_makers()[int(rng.integers(4))]
     return [_fit(photo, VIEW_SIDE), views.easy(rng), hard(rng)]
@@ -258,16 +281,15 @@ def build(opencv_data: Path, out: Path) -> dict:
     for q, (name, second_name, box) in enumerate(QUERIES):
         photo = _open(name, opencv_data)
         second = _open(second_name, opencv_data) if second_name else None
-        occluder = distractor_photos[q % len(distractor_photos)]
-        gallery += _query_views(q, photo, second, box, occluder)
+        gallery += _query_views(q, photo, second, box, distractor_photos)
         query = _fit(photo, min(QUERY_SIDE, max(photo.size)))
         scale = query.width / photo.width
         query_box = (0, 0, query.width, query.height) if box is None else [v * scale for v in box]
         queries.append((query, tuple(query_box)))
     for i, photo in enumerate(distractor_photos):
-        occluder = distractor_photos[(i + 1) % len(distractor_photos)]
+        others = distractor_photos[:i] + distractor_photos[i + 1 :]
         gallery += [
-            _GalleryImage(v, None, "distractor") for v in _distractor_views(i, photo, occluder)
+            _GalleryImage(v, None, "distractor") for v in _distractor_views(i, photo, others)
         ]
     gallery += [
         _GalleryImage(_fit(_open(n, opencv_data), VIEW_SIDE), None, "distractor")

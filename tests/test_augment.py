@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from elvis_cli.augment import ViewConfig, random_view
+from elvis_cli.augment import ViewConfig, inset_view, random_view
 
 IDENTITY = ViewConfig(
     crop_area=(1.0, 1.0), aspect_jitter=0.0, perspective_prob=0.0, rotation_prob=0.0,
@@ -62,3 +62,14 @@ def test_each_transform_alone_keeps_the_view_close_to_the_photo(photo, change):
         reference = photo.astype(np.float64).ravel()
         correlation = np.corrcoef(reference, view.astype(np.float64).ravel())[0, 1]
         assert correlation > 0.3
+
+
+def test_inset_covers_the_drawn_fraction_of_the_backdrop():
+    view = np.full((60, 80, 3), 255, dtype=np.uint8)
+    backdrop = np.zeros((200, 300, 3), dtype=np.uint8)
+    for seed in range(5):
+        out = inset_view(view, backdrop, np.random.default_rng(seed), (0.2, 0.3))
+        assert out.shape == view.shape and out.dtype == np.uint8
+        covered = (out == 255).all(axis=2).mean()
+        assert 0.18 <= covered <= 0.32
+        assert (out == 0).all(axis=2).mean() == pytest.approx(1 - covered)

@@ -1,8 +1,10 @@
-"""Backbones: real EfficientNet-Lite weights, and DINOv2's real code path on a tiny random model."""
+"""Backbones: real EfficientNet-Lite weights; the ViTs' real code paths on tiny random models."""
 
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -14,7 +16,7 @@ from elvis_cli.backbones import (
     create_backbone,
     select_top_k,
 )
-from elvis_cli.backbones import dinov2 as dinov2_module
+from elvis_cli.backbones import vit as vit_module
 from elvis_cli.backbones.base import grid_centres, resize_to_multiple
 from elvis_cli.backbones.efficientnet_lite import (
     EfficientNetLite,
@@ -23,7 +25,7 @@ from elvis_cli.backbones.efficientnet_lite import (
     load_weights,
 )
 from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
-from tests.conftest import TINY_DINOV2
+from tests.conftest import TINY_DINOV2, TINY_DINOV3, TINY_SIGLIP2
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +272,7 @@ def test_dinov2_from_config_and_settings(tiny_dino_model):
 
 def test_dinov2_learned_detector(tmp_path, tiny_dino_model):
     torch.manual_seed(1)
-    detector = dinov2_module.Detector(32)
+    detector = vit_module.Detector(32)
     detector.bn.running_mean.uniform_(-0.5, 0.5)
     torch.save({"state": detector.state_dict()}, tmp_path / "dinov2_detector.pt")
     backbone = create_backbone(
@@ -298,7 +300,7 @@ def test_dinov2_learned_detector(tmp_path, tiny_dino_model):
 def test_dinov2_detector_errors(tmp_path, tiny_dino_model, monkeypatch):
     with pytest.raises(InputError, match="not found"):
         create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "none.pt"))
-    torch.save(dinov2_module.Detector(16).state_dict(), tmp_path / "small.pt")
+    torch.save(vit_module.Detector(16).state_dict(), tmp_path / "small.pt")
     with pytest.raises(ModelMismatchError, match="32-dim"):
         create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "small.pt"))
 
@@ -311,7 +313,7 @@ def test_dinov2_detector_errors(tmp_path, tiny_dino_model, monkeypatch):
         create_backbone("dinov2", model=tiny_dino_model, detector="official")
     cached = tmp_path / "cache" / "detectors" / "dinov2_detector.pt"
     cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dinov2_module.Detector(32).state_dict(), cached)
+    torch.save(vit_module.Detector(32).state_dict(), cached)
     backbone = create_backbone("dinov2", model=tiny_dino_model, detector="official")
     assert backbone.detector is not None and backbone.settings()["detector"] == "official"
 
@@ -320,3 +322,116 @@ def test_dinov2_offline_hub_is_an_offline_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OfflineError, match="efficientnet-lite0 works offline"):
         create_backbone("dinov2", model_id="elvis-tests/not-in-any-cache")
+
+
+# --- DINOv3 and SigLIP2 --------------------------------------------------------------------------
+
+
+def tiny_vit(name: str):
+    import transformers
+
+    config_class, model_class, tiny = {
+        "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", TINY_DINOV3),
+        "siglip2": ("Siglip2VisionConfig", "Siglip2VisionModel", TINY_SIGLIP2),
+        "dinov2": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", TINY_DINOV2),
+    }[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**tiny)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def expected_class_token_selection(features, cls, patches, grid, k):
+    """Top-k patches by cosine to the global token, in descending weight, with their centres."""
+    cosine = F.normalize(patches, dim=-1) @ F.normalize(cls, dim=-1)[..., None]
+    best = cosine[..., 0].sort(dim=1, descending=True)
+    torch.testing.assert_close(features.global_desc, F.normalize(cls, dim=-1))
+    torch.testing.assert_close(features.metadata[:, :k, 4], best.values[:, :k])
+    picked = patches.gather(1, best.indices[:, :k, None].expand(-1, -1, patches.shape[-1]))
+    torch.testing.assert_close(features.local_desc[:, :k], F.normalize(picked, dim=-1))
+    centres = grid_centres(*grid)[best.indices[:, :k]]
+    torch.testing.assert_close(features.metadata[:, :k, :2], centres)
+
+
+def test_dinov3_class_token_weighting_skips_registers():
+    model = tiny_vit("dinov3")
+    backbone = create_backbone("dinov3", model=model, image_size=80, num_local=20)
+    image = skimage.data.chelsea()  # 451 x 300 -> longer side 80, sides multiples of 16
+    tensor = backbone.preprocess(image)
+    assert tensor.shape == (3, 48, 80)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(tensor, (resize_to_multiple(image, 80, 16) - mean) / std)
+    batch = torch.stack([tensor, backbone.preprocess(image[::-1].copy())])
+    with torch.inference_mode():
+        features = backbone(batch)
+        tokens = model(pixel_values=batch).last_hidden_state
+    assert tokens.shape[1] == 1 + 4 + 15  # class, 4 registers, 3 x 5 patches
+    check_features(features, 2, 20, 32, 32)
+    expected_class_token_selection(features, tokens[:, 0], tokens[:, 5:], (3, 5), 15)
+    assert (features.metadata[:, 15:, 3] == 1).all()
+    assert backbone.settings()["name"] == "dinov3" and backbone.settings()["model_id"] == "custom"
+
+
+def patches_one_by_one(image: torch.Tensor, p: int) -> torch.Tensor:
+    """The SigLIP2 processor's convention: row-major patches, each (p, p, C) flattened."""
+    _, height, width = image.shape
+    return torch.stack([image[:, i : i + p, j : j + p].permute(1, 2, 0).reshape(-1)
+                        for i in range(0, height, p) for j in range(0, width, p)])
+
+
+def test_siglip2_patches_match_the_official_processor_and_pooled_token_weights():
+    model = tiny_vit("siglip2")
+    backbone = create_backbone("siglip2", model=model, image_size=80, num_local=6)
+    image = skimage.data.coffee()  # 600 x 400 -> 48 x 80 -> 3 x 5 patches of 16
+    tensor = backbone.preprocess(image)
+    torch.testing.assert_close(tensor, (resize_to_multiple(image, 80, 16) - 0.5) / 0.5)
+    with torch.inference_mode():
+        features = backbone(tensor[None])
+        output = model(pixel_values=patches_one_by_one(tensor, 16)[None],
+                       pixel_attention_mask=torch.ones(1, 15, dtype=torch.long),
+                       spatial_shapes=torch.tensor([[3, 5]]))
+    check_features(features, 1, 6, 32, 32)
+    expected_class_token_selection(features, output.pooler_output, output.last_hidden_state,
+                                   (3, 5), 6)
+
+
+@pytest.mark.parametrize("name", ["dinov3", "siglip2"])
+def test_official_detector_by_name_for_each_vit(name, tmp_path, monkeypatch):
+    model = tiny_vit(name)
+    monkeypatch.setenv("ELVIS_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, progress=True: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(OfflineError, match=f"{name}_detector.pt"):
+        create_backbone(name, model=model, detector="official")
+    cached = tmp_path / "detectors" / f"{name}_detector.pt"
+    assert not any(cached.parent.iterdir())  # the failed download left nothing behind
+    torch.manual_seed(2)
+    detector = vit_module.Detector(32)
+    torch.save({"state": detector.state_dict()}, cached)
+    backbone = create_backbone(name, model=model, detector="official", image_size=80, num_local=4)
+    with torch.inference_mode():
+        features = backbone(backbone.preprocess(skimage.data.coffee())[None])
+    check_features(features, 1, 4, 32, 32)
+    assert (features.metadata[0, :, 4] > 0).all()  # softplus weights, not cosines
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov3", "siglip2"])
+def test_vit_features_are_stored_in_float16(name, tmp_path):
+    from PIL import Image
+
+    from elvis_cli.extract import ExtractConfig, extract_features
+    from elvis_cli.feature_store import FeatureStore
+
+    model = tiny_vit(name)
+    (tmp_path / "imgs").mkdir()
+    for photo in ("coffee", "rocket"):
+        Image.fromarray(getattr(skimage.data, photo)()).save(tmp_path / "imgs" / f"{photo}.jpg")
+    backbone = create_backbone(name, model=model, image_size=64, num_local=8)
+    extract_features(tmp_path / "imgs", tmp_path / "f.h5", ExtractConfig(device="cpu"),
+                     progress=False, backbone=backbone)
+    with h5py.File(tmp_path / "f.h5") as file:
+        assert file["features"].dtype == np.float16 and file["features"].shape[1:] == (8, 37)
+    with FeatureStore.open(tmp_path / "f.h5") as store:
+        assert store.backbone_settings["name"] == name
+        _, mask = store.local_descriptors([0, 1])
+        assert not mask[:, 0].any()

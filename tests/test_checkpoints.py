@@ -117,3 +117,17 @@ def test_default_checkpoint_follows_the_backbone():
     assert default_checkpoint_for({"name": "efficientnet-lite0"}) == "efficientnet-lite0"
     with pytest.raises(InputError, match="pass --checkpoint"):
         default_checkpoint_for(None)
+
+
+def test_wrongly_shaped_and_non_finite_weights_are_one_line_errors(tmp_path):
+    state = Elvis(ElvisConfig(descriptor_dim=8)).state_dict()
+    state["dust_bin_mlp.0.weight"] = torch.zeros(64, 128)
+    torch.save({"state": state}, tmp_path / "shape.pt")
+    with pytest.raises(InputError, match=r"wrongly shaped dust_bin_mlp\.0\.weight: \(64, 128\)"):
+        load_checkpoint(tmp_path / "shape.pt")
+    state = Elvis(ElvisConfig(descriptor_dim=8)).state_dict()
+    state["dust_bin"] = torch.tensor(float("nan"))
+    torch.save({"state": state}, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match="non-finite dust_bin") as error:
+        load_checkpoint(tmp_path / "nan.pt")
+    assert "\n" not in str(error.value)

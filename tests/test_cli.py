@@ -22,8 +22,8 @@ from elvis_cli.shortlist import build_shortlist
 SMALL = ["--backbone-option", "image_size=64", "--backbone-option", "num_local=16"]
 
 
-def elvis(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ELVIS_CACHE": str(cwd / "cache")}
+def elvis(*args, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ELVIS_CACHE": str(cwd / "cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "elvis_cli", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
 

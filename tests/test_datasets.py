@@ -14,12 +14,12 @@ DEMO_ROOT = Path(__file__).resolve().parents[1] / "examples" / "data"
 def test_bundled_demo_is_a_valid_revisitop_benchmark():
     ds = load_dataset(DEMO_ROOT, "demo")
     assert ds.protocol == "revisitop"
-    assert len(ds.queries) == 15 and len(ds.gallery) == 156
+    assert len(ds.queries) == 15 and len(ds.gallery) == 171
     assert not set(ds.queries) & set(ds.gallery)  # queries are kept out of the gallery
     assert all(p.is_file() for p in ds.gallery_paths() + ds.query_paths())
     owner: dict[int, int] = {}
     for q, entry in enumerate(ds.ground_truth):
-        assert len(entry["easy"]) == 2 and len(entry["hard"]) == 4 and len(entry["junk"]) == 1
+        assert len(entry["easy"]) == 2 and len(entry["hard"]) == 5 and len(entry["junk"]) == 1
         for i in np.concatenate([entry["easy"], entry["hard"], entry["junk"]]):
             assert 0 <= i < len(ds.gallery)
             assert owner.setdefault(int(i), q) == q  # no gallery image belongs to two queries
@@ -96,10 +96,10 @@ def test_bad_ground_truth_is_an_input_error(tmp_path, mutate, message):
 
 
 def test_missing_folder_or_file_says_how_to_get_it(tmp_path):
-    with pytest.raises(InputError, match=r"no dataset 'roxford5k'.*gnd_roxford5k\.pkl"):
+    with pytest.raises(InputError, match=r"no dataset 'roxford5k'.*datasets prepare roxford5k"):
         load_dataset(tmp_path, "roxford5k")
     (tmp_path / "rparis6k").mkdir()
-    with pytest.raises(InputError, match=r"has no gnd_rparis6k\.pkl.*paris_1\.tgz"):
+    with pytest.raises(InputError, match=r"has no gnd_rparis6k\.pkl.*datasets prepare rparis6k"):
         load_dataset(tmp_path, "rparis6k")
 
 
@@ -112,3 +112,73 @@ def test_default_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("ELVIS_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_data_root() == tmp_path / ".cache" / "elvis" / "data"
+
+
+def test_class_labelled_lines_exclude_the_query_and_score_by_hand(tmp_path):
+    from elvis_cli.evaluate import score_rankings
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / "gallery.txt").write_text(
+        "path,class\na.jpg,1\nb.jpg,1\n\nc.jpg,2\nd.jpg,1,x\ne.jpg,\n")
+    ds = load_dataset(tmp_path, "shop")
+    assert ds.protocol == "class" and ds.queries == ds.gallery
+    assert find_datasets(tmp_path) == ["shop"]
+    assert ds.ground_truth[0]["ok"].tolist() == [1, 3]
+    assert ds.ground_truth[0]["junk"].tolist() == [0]
+    assert ds.ground_truth[2]["ok"].size == 0 and ds.ground_truth[4]["ok"].size == 0
+    ranking = np.array([[0, 2, 1, 4, 3],   # a: own row dropped, hits at 2nd, 4th: (1/2+2/4)/2
+                        [1, 0, 3, 2, 4],   # b: hits at 1st, 2nd: 1
+                        [2, 0, 1, 3, 4],   # c: no other image of class 2, skipped
+                        [3, 2, 4, 0, 1],   # d: hits at 3rd, 4th: (1/3+2/4)/2
+                        [4, 0, 1, 2, 3]])  # e: no class, skipped
+    scores = score_rankings(ds, {"ok": ranking})
+    assert scores["map"] == pytest.approx((50 + 100 + 100 * (1 / 3 + 2 / 4) / 2) / 3)
+    assert scores["recall@1"] == pytest.approx(100 / 3) and scores["recall@5"] == 100.0
+    (root / "queries.txt").write_text("d.jpg,1\nz.jpg,2\n")  # z: a query outside the gallery
+    ds = load_dataset(tmp_path, "shop")
+    assert ds.ground_truth[0]["ok"].tolist() == [0, 1] and ds.ground_truth[1]["ok"].tolist() == [2]
+    assert ds.ground_truth[1]["junk"].size == 0
+    (root / "gallery.txt").write_text("a.jpg\n")
+    with pytest.raises(InputError, match=r"gallery.txt:1: expected `path,class"):
+        load_dataset(tmp_path, "shop")
+
+
+def test_gldv2_public_private_splits_score_by_hand(tmp_path):
+    from elvis_cli.evaluate import score_rankings
+
+    root = tmp_path / "gldv2"
+    root.mkdir()
+    (root / "index.csv").write_text("id\naaa1\nbbb2\nccc3\nddd4\n")
+    (root / "retrieval_solution_v2.1.csv").write_text(
+        "id,images,Usage\nq001,aaa1 ccc3,Private\nq002,bbb2,Public\nq003,None,Ignored\n"
+        "q004,ddd4,Private\n")
+    ds = load_dataset(tmp_path, "gldv2")
+    assert ds.protocol == "gldv2"
+    assert ds.gallery_paths()[0] == root / "index" / "a" / "a" / "a" / "aaa1.jpg"
+    assert ds.query_paths()[0] == root / "test" / "q" / "0" / "0" / "q002.jpg"  # public first
+    assert ds.splits["private"].tolist() == [1, 2]
+    ranking = np.array([[1, 0, 2, 3],   # q002 (public): hit at 1st -> 100
+                        [1, 0, 3, 2],   # q001 (private): hits at 2nd, 4th -> (1/2+2/4)/2
+                        [0, 1, 2, 3]])  # q004 (private): hit at 4th -> 1/4
+    scores = score_rankings(ds, {"ok": ranking})
+    assert scores["map"] == pytest.approx(37.5)  # private is the headline
+    assert scores["map_public"] == pytest.approx(100.0)
+    assert scores["map_all"] == pytest.approx((100 + 50 + 25) / 3)
+    (root / "retrieval_solution_v2.1.csv").write_text("id,images,Usage\nq1,zzz9,Public\n")
+    with pytest.raises(InputError, match=r"lists zzz9, which index\.csv does not"):
+        load_dataset(tmp_path, "gldv2")
+
+
+def test_r1m_version_appends_the_distractors(tmp_path):
+    _write(tmp_path, "roxford5k", _valid())
+    assert "roxford5k+r1m" not in find_datasets(tmp_path)
+    with pytest.raises(InputError, match=r"revisitop1m\.txt is missing"):
+        load_dataset(tmp_path, "roxford5k+r1m")
+    (tmp_path / "revisitop1m").mkdir()
+    (tmp_path / "revisitop1m" / "revisitop1m.txt").write_text("d1\nd2\n")
+    ds = load_dataset(tmp_path, "roxford5k+r1m")
+    assert "roxford5k+r1m" in find_datasets(tmp_path)
+    assert ds.gallery[3:] == ["d1", "d2"] and ds.ground_truth[0]["hard"].tolist() == [2]
+    assert ds.gallery_paths()[2] == tmp_path / "roxford5k" / "jpg" / "c.png"
+    assert ds.gallery_paths()[4] == tmp_path / "revisitop1m" / "jpg" / "d2.jpg"

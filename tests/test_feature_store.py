@@ -146,3 +146,96 @@ def test_wrong_layouts_are_input_errors(tmp_path):
         file.attrs["format"] = "elvis-cli-features/1"
     with pytest.raises(InputError, match="missing global, paths, ids, sizes, backbone, root"):
         FeatureStore.open(tmp_path / "ours.h5")
+
+
+def virtual_file(path, source, rows: np.ndarray) -> None:
+    """A features file whose data lives in `source` (an official-style chunked release)."""
+    with h5py.File(source, "w") as file:
+        file.create_dataset("features", data=rows)
+    layout = h5py.VirtualLayout(shape=rows.shape, dtype=rows.dtype)
+    layout[:] = h5py.VirtualSource(str(source), "features", shape=rows.shape)
+    with h5py.File(path, "w") as file:
+        file.create_virtual_dataset("features", layout)
+
+
+@pytest.mark.parametrize("where", ["elsewhere/chunk.h5", "release/../elsewhere/chunk.h5"])
+def test_virtual_sources_outside_the_folder_need_permission(tmp_path, where):
+    rows = make_rows(np.random.default_rng(2), 3)
+    (tmp_path / "release").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = tmp_path / "release" / "local.hdf5"
+    virtual_file(path, tmp_path / where, rows)
+    with pytest.raises(InputError, match=r"refers to .*chunk\.h5, outside its folder .*"
+                                         r"--allow-external-sources"):
+        FeatureStore.open(path)
+    with FeatureStore.open(path, allow_external_sources=True) as store:
+        np.testing.assert_array_equal(store.read_local([2, 0]), rows[[2, 0]])
+
+
+def test_virtual_sources_inside_the_folder_are_fine(tmp_path):
+    rows = make_rows(np.random.default_rng(3), 2)
+    (tmp_path / "chunks").mkdir()
+    virtual_file(tmp_path / "local.hdf5", tmp_path / "chunks" / "0.h5", rows)
+    with FeatureStore.open(tmp_path / "local.hdf5") as store:
+        np.testing.assert_array_equal(store.read_local([1]), rows[[1]])
+
+
+def test_external_links_and_external_storage_are_refused(tmp_path):
+    rows = make_rows(np.random.default_rng(4), 2)
+    (tmp_path / "secret").mkdir()
+    with h5py.File(tmp_path / "secret" / "data.h5", "w") as file:
+        file.create_dataset("features", data=rows)
+    (tmp_path / "pub").mkdir()
+    with h5py.File(tmp_path / "pub" / "link.h5", "w") as file:
+        file["features"] = h5py.ExternalLink(str(tmp_path / "secret" / "data.h5"), "features")
+    raw = tmp_path / "secret" / "raw.bin"
+    raw.write_bytes(rows.tobytes())
+    with h5py.File(tmp_path / "pub" / "raw.h5", "w") as file:
+        file.create_dataset("features", shape=rows.shape, dtype=rows.dtype,
+                            external=[(str(raw), 0, rows.nbytes)])
+    for name in ("link.h5", "raw.h5"):
+        with pytest.raises(InputError, match="outside its folder"):
+            FeatureStore.open(tmp_path / "pub" / name)
+        with FeatureStore.open(tmp_path / "pub" / name, allow_external_sources=True) as store:
+            np.testing.assert_array_equal(store.read_local([0, 1]), rows)
+
+
+def test_non_finite_descriptors_are_named_at_read_time(store_file):
+    output, _ = store_file
+    rows = make_rows(np.random.default_rng(5), 3, real=4)
+    rows[1, 2, 6] = np.nan  # a real row of image 1
+    rows[2, 5, 6] = np.inf  # a padding row of image 2: never used, so harmless
+    with h5py.File(output.parent / "nan.h5", "w") as file:
+        file.create_dataset("features", data=rows)
+    with FeatureStore.open(output.parent / "nan.h5") as store:
+        store.read_local([0, 2])
+        with pytest.raises(InputError, match=r"1 image\(s\) with NaN/inf local descriptors, "
+                                             r"first '1' \(row 1\)"):
+            store.local_descriptors([2, 1, 0])
+    with h5py.File(shard_path(output, 2), "r+") as shard:
+        shard["global"][1, 0] = -np.inf
+    with FeatureStore.open(output) as store, pytest.raises(
+        InputError, match=r"NaN/inf global descriptors, first 's2/img1.jpg' \(row 3\)"
+    ):
+        store.global_descriptors()
+
+
+def test_disagreeing_shapes_and_bad_attributes_are_input_errors(tmp_path):
+    def ours(name, **datasets):
+        with h5py.File(tmp_path / name, "w") as file:
+            file.create_dataset("features", data=np.zeros((2, K, 5 + D)))
+            names = np.array([b"a", b"b"])
+            defaults = {"global": np.zeros((2, 3)), "paths": names, "ids": names,
+                        "sizes": np.zeros((2, 2))}
+            for key, default in defaults.items():
+                file.create_dataset(key, data=datasets.get(key, default))
+            file.attrs.update(format="elvis-cli-features/1", backbone=datasets.get("bb", "{}"),
+                              root="/")
+        return tmp_path / name
+
+    with pytest.raises(InputError, match="datasets disagree on their shapes"):
+        FeatureStore.open(ours("short.h5", ids=np.zeros(3)))
+    with pytest.raises(InputError, match="backbone settings are not a JSON object"):
+        FeatureStore.open(ours("list.h5", bb="[1]"))
+    with pytest.raises(InputError, match="unreadable features file"):
+        FeatureStore.open(ours("json.h5", bb="{nope"))

@@ -3,6 +3,8 @@
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -218,3 +220,24 @@ def test_decompression_bomb_is_rejected_from_the_header(tmp_path, side):
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "gone.png")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory via /proc")
+def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
+    """20000 x 20000 (1.2 GB as RGB): the JPEG decoder's 1/8 scaling is used, never full size."""
+    path = tmp_path / "huge.jpg"
+    make = "import sys; from PIL import Image; Image.new('L', (20000, 20000), 90).save(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", make, str(path)], check=True)
+    # peak memory of this process alone: VmHWM (ru_maxrss would include the forking parent's)
+    probe = ("import re, sys; from elvis_cli.images import load_image; "
+             "image = load_image(sys.argv[1], box=(0, 0, 10000, 20000)); "
+             "status = open('/proc/self/status').read(); "
+             "print(*image.shape, image.min(), image.max(), "
+             "re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], env=env,
+                            capture_output=True, text=True, check=True)
+    height, width, channels, low, high, peak_kib = map(int, result.stdout.split())
+    assert (height, width, channels) == (2500, 1250, 3)  # the box was scaled along
+    assert 88 <= low <= high <= 92
+    assert peak_kib < 400_000  # the interpreter, numpy, PIL and a 2500 px image: well under

@@ -3,9 +3,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from elvis_cli.checkpoints import Fusion
 from elvis_cli.errors import InputError
 from elvis_cli.metrics import (
+    class_ground_truth,
+    class_scores,
     compute_ap,
+    gldv2_scores,
     map_at_k,
     protocol_junk,
     recall_at_k,
@@ -147,3 +151,74 @@ def test_recall_at_k():
     assert recall_at_k(ranking, positives, 4) == pytest.approx(100.0)
     # removing junk 1 and 2 moves query 0's positive to rank 1
     assert recall_at_k(ranking, positives, 2, junk=[[1, 2], [], []]) == pytest.approx(100.0)
+
+
+# --- edge cases of every scoring rule (ELVIS_SPEC §6) ---------------------------------------------
+
+
+def test_revisitop_query_without_hard_positive_is_skipped_only_in_hard():
+    gnd = [{"easy": [0], "hard": [], "junk": []}, {"easy": [], "hard": [1], "junk": []}]
+    ranking = np.array([[1, 0], [0, 1]])
+    # Medium: q0 positive at rank 1 -> (0 + 1/2)/2 = 25; q1 at rank 1 -> 25
+    assert revisitop_map(ranking, gnd, "medium")["map"] == pytest.approx(25.0)
+    hard = revisitop_map(ranking, gnd, "hard")
+    assert np.isnan(hard["aps"][0]) and hard["map"] == pytest.approx(25.0)
+
+
+def test_revisitop_all_junk_ranking_scores_zero():
+    # every retrieved image is junk: after removal nothing is left, the positive is never found
+    gnd = [{"easy": [3], "hard": [], "junk": [0, 1, 2]}]
+    assert revisitop_map(np.array([[0, 1, 2]]), gnd, "medium")["map"] == 0.0
+    # and with the positive last, it moves to rank 0 once junk is gone -> AP 100
+    assert revisitop_map(np.array([[0, 1, 2, 3]]), gnd, "medium")["map"] == pytest.approx(100.0)
+
+
+def test_map_at_k_with_k_beyond_the_gallery_and_a_short_shortlist():
+    # 3-image gallery, k = 100: positives at ranks 0 and 2 -> (1 + 2/3) / min(2, 100)
+    assert map_at_k(np.array([[4, 1, 7]]), [[4, 7]], k=100)["map"] == pytest.approx(100 * 5 / 6)
+    # a shortlist of 2 for 3 positives, one found at rank 1 -> (1/2) / min(3, 100)
+    assert map_at_k(np.array([[0, 5]]), [[5, 8, 9]], k=100)["map"] == pytest.approx(100 / 6)
+    # recall@5 on a 2-long list: the positive at rank 1 counts
+    assert recall_at_k(np.array([[0, 5]]), [[5]], 5) == pytest.approx(100.0)
+
+
+def test_gldv2_private_split_is_the_last_750_queries():
+    queries = 752
+    ranking = np.tile(np.arange(4), (queries, 1))
+    positives = [[0]] * (queries - 750) + [[1]] * 749 + [[]]  # the very last query has none
+    scores = gldv2_scores(ranking, positives)
+    assert scores["map@100_public"] == pytest.approx(100.0)  # hits at rank 0
+    assert scores["map@100_private"] == pytest.approx(50.0)  # hits at rank 1: 1/2
+    assert scores["map@100"] == pytest.approx((2 * 100 + 749 * 50) / 751)
+    small = gldv2_scores(ranking[:3], positives[:3])  # fewer than 750 queries: all private
+    assert np.isnan(small["map@100_public"])
+    assert small["map@100_private"] == pytest.approx((100 + 100 + 50) / 3)
+
+
+def test_class_labelled_sets_by_hand():
+    labels = ["a", "a", "b", "a", "b"]
+    # SOP/RP2K: every image is a query and in the gallery; each ranking starts with itself
+    ranking = np.array([[0, 2, 1, 4, 3], [1, 0, 3, 2, 4], [2, 4, 0, 1, 3],
+                        [3, 2, 4, 0, 1], [4, 0, 2, 1, 3]])
+    positives, junk = class_ground_truth(labels, labels, queries_in_gallery=True)
+    assert [list(p) for p in positives[:3]] == [[1, 3], [0, 3], [4]]
+    scores = class_scores(ranking, positives, junk)
+    # without self: q0 [2 1 4 3] hits at 1, 3 -> (1/2 + 2/4)/2 = 1/2; q1 [0 3 2 4] -> 1;
+    # q2 [4 0 1 3] -> 1; q3 [2 4 0 1] hits at 2, 3 -> (1/3 + 2/4)/2 = 5/12; q4 [0 2 1 3] -> 1/2
+    assert scores["map"] == pytest.approx(100 * (1 / 2 + 1 + 1 + 5 / 12 + 1 / 2) / 5)
+    assert scores["recall@1"] == pytest.approx(40.0) and scores["recall@5"] == 100.0
+    # MET: queries apart from the gallery; AP normalised by the class size, a distractor
+    # query (no class in the gallery) is skipped
+    positives, junk = class_ground_truth(["b", "z"], labels, queries_in_gallery=False)
+    met = class_scores(np.array([[2, 0, 1, 3, 4], [0, 1, 2, 3, 4]]), positives, junk)
+    assert met["map"] == pytest.approx(100 * (1 + 2 / 5) / 2)
+
+
+def test_ties_in_the_fused_score_keep_the_global_order():
+    from elvis_cli.rerank import fuse_and_sort
+
+    indices = np.array([[7, 3, 5, 1]])
+    global_scores = np.array([[0.9, 0.9, 0.9, 0.1]], dtype=np.float32)
+    raw = np.array([[2.0, 2.0, 2.0, 50.0]], dtype=np.float32)
+    result = fuse_and_sort(indices, global_scores, raw, 3, Fusion(0.5, 0.5))
+    np.testing.assert_array_equal(result.indices, [[7, 3, 5, 1]])  # tied head, untouched tail

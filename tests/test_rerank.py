@@ -7,6 +7,7 @@ import torch
 
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.model import uses_log_domain
 from elvis_cli.rerank import PairScorer, RerankConfig
 from tests.reference_elvis import reference_score
 from tests.test_model import random_model
@@ -64,7 +65,7 @@ CANDIDATES = np.array([[3, 1, 1, 8, -1],  # a duplicate and a padded slot
 @pytest.mark.parametrize("options", [
     {},  # everything in one block
     {"cache_images": 3, "read_images": 2, "workers": 2},  # many blocks and reads, two threads
-    {"batch_size": 1, "num_local": 10},  # one pair per call, fewer descriptors than stored
+    {"num_local": 10},  # fewer descriptors than stored
 ])
 def test_scores_match_reference(stores, options):
     queries, gallery = stores
@@ -77,21 +78,35 @@ def test_scores_match_reference(stores, options):
 
 
 def test_chunks_cross_queries_when_kernels_are_small(stores):
-    """Small kernels fit the cache many at a time: chunks then span queries, as on CUDA."""
+    """Small kernels fit the cache many at a time: chunks then span queries, as on CUDA, and do
+    not depend on batch_size, so neither do the scores, to the bit."""
     queries, gallery = stores
     model = random_model(dim=D, seed=31)
-    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=7))
-    assert scorer.pairs_per_call == 7
-    one_at_a_time = PairScorer(model, queries, gallery,
-                               RerankConfig(device="cpu", batch_size=1)).score(CANDIDATES)
-    np.testing.assert_allclose(scorer.score(CANDIDATES), one_at_a_time, atol=1e-5, equal_nan=True)
+    scores = [PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=size))
+              for size in (1, 100)]
+    assert scores[0].pairs_per_call == scores[1].pairs_per_call > CANDIDATES.shape[1]
+    first, second = (scorer.score(CANDIDATES) for scorer in scores)
+    assert first.tobytes() == second.tobytes()
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
+
+
+def test_one_pair_per_call_when_a_kernel_fills_the_cache(stores, monkeypatch):
+    """The K = 600 case on a 2 MiB L2: each worker scores single pairs, on views of the rows."""
+    queries, gallery = stores
+    monkeypatch.setattr("elvis_cli.rerank._l2_cache_bytes", lambda: 1024)
+    model = random_model(dim=D, seed=36)
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", workers=2))
+    assert scorer.pairs_per_call == 1
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
 
 
 def test_large_dust_bin_takes_the_log_domain_path(stores):
     queries, gallery = stores
     model = random_model(dim=D, seed=32, dust_bin=40.0)
     scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu"))
-    assert scorer.log_domain
+    assert uses_log_domain(model.dust_bin, model.config.regularisation)
     expected = reference(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
 
@@ -120,7 +135,7 @@ def test_float16_needs_cuda_and_precision_is_checked(stores):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_cuda_matches_reference(stores, precision):
-    """Pinned float16 reads, cross-query batches, tensor-core products, one sync per block."""
+    """Pinned float16 reads, cross-query batches, tensor-core products."""
     queries, gallery = stores
     model = random_model(dim=D, seed=33)
     expected = reference(model, queries, gallery, CANDIDATES, None)

@@ -62,3 +62,17 @@ def test_bad_k(k):
 def test_dimension_mismatch():
     with pytest.raises(InputError, match="differ in size: 4 vs 5"):
         build_shortlist(unit_rows(2, 4, 8), unit_rows(3, 5, 9), 2)
+
+
+def test_official_pickle_with_a_third_row(tmp_path):
+    table = torch.tensor([[[0.9, 0.5], [0.8, 0.1]], [[4, 2], [2, 9]], [[1, 0], [0, 2]]])
+    with open(tmp_path / "nn_three.pkl", "wb") as handle:
+        pickle.dump(table, handle)
+    loaded = load_shortlist(tmp_path / "nn_three.pkl")
+    np.testing.assert_array_equal(loaded.indices, [[4, 2], [2, 9]])
+    np.testing.assert_array_equal(loaded.file_rows, [[1, 0], [0, 2]])
+    table[1, 0, 0] = float("nan")
+    with open(tmp_path / "nn_nan.pkl", "wb") as handle:
+        pickle.dump(table, handle)
+    with pytest.raises(InputError, match="must be finite"):
+        load_shortlist(tmp_path / "nn_nan.pkl")

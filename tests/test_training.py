@@ -17,6 +17,7 @@ from elvis_cli.training import (
     FUSION_GRID,
     PairSampler,
     TrainConfig,
+    ValidationSet,
     _train_step,
     calibrate_logit,
     extract_pool,
@@ -30,7 +31,7 @@ from elvis_cli.training import (
 )
 
 BACKBONE_OPTIONS = {"image_size": 192, "num_local": 32}
-SMALL_VIEWS = ViewConfig(max_side=192)
+SMALL_VIEWS = ViewConfig(max_side=192, inset_prob=0.5)
 CPU = torch.device("cpu")
 
 
@@ -154,6 +155,23 @@ def test_pairs_are_what_they_claim(photos, backbone):
     same = pool.instance[src] == pool.instance[tgt]
     np.testing.assert_array_equal(same, labels == 1)
     assert np.all(src != tgt)
+    # a view pasted into another photo is never a negative of that photo's views
+    assert (pool.backdrop >= 0).any()
+    assert not pool.related(src[labels == 0], tgt[labels == 0]).any()
+
+
+def test_insets_record_their_backdrop_and_are_junk_in_validation(photos, backbone):
+    pool_photos = photo_set(collect_images(photos)[1], None)
+    views = list(render_views(pool_photos, 3, ViewConfig(max_side=192, inset_prob=1.0), [3], {}))
+    # the first photo has no previous photo to be pasted into; each later one uses the previous
+    assert [backdrop for _, _, backdrop in views] == [-1, -1, -1] + [
+        b for photo in range(1, len(pool_photos.paths)) for b in (-1, photo - 1, photo - 1)]
+    pool = extract_pool(backbone, iter(views), pool_photos, 32, 8, CPU)
+    val = ValidationSet.build(pool, _small_config())
+    inset = int(np.flatnonzero(pool.backdrop >= 0)[0])
+    backdrop_views = np.flatnonzero(pool.instance == pool.backdrop[inset])
+    assert set(backdrop_views) <= set(val.junk[inset])
+    assert not set(val.junk[inset]) & set(val.positives[inset])
 
 
 def test_labelled_csv_makes_cross_photo_positives(photos, tmp_path):

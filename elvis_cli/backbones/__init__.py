@@ -1,4 +1,4 @@
-"""Backbones by name: the offline EfficientNet-Lite default and the paper's DINOv2.
+"""Backbones by name: the offline EfficientNet-Lite default and the paper's ViTs.
 
 Backbone modules are imported only when one is created, so `import elvis_cli.backbones` stays
 cheap (in particular it never imports transformers).
@@ -6,12 +6,12 @@ cheap (in particular it never imports transformers).
 
 from __future__ import annotations
 
-import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 from elvis_cli.backbones.base import Backbone, ImageFeatures, select_top_k
-from elvis_cli.errors import InputError
+from elvis_cli.errors import InputError, unknown_name
 
 __all__ = [
     "BACKBONES",
@@ -35,26 +35,29 @@ def _efficientnet_lite(name: str) -> Callable[..., Backbone]:
     return build
 
 
-def _dinov2(**options: Any) -> Backbone:
-    from elvis_cli.backbones.dinov2 import DinoV2Backbone
+def _vit(module: str, class_name: str) -> Callable[..., Backbone]:
+    def build(**options: Any) -> Backbone:
+        backbone_class = getattr(importlib.import_module(f"elvis_cli.backbones.{module}"),
+                                 class_name)
+        return backbone_class(**options)
 
-    return DinoV2Backbone(**options)
+    return build
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "efficientnet-lite0": _efficientnet_lite("efficientnet-lite0"),
     "efficientnet-lite1": _efficientnet_lite("efficientnet-lite1"),
     "efficientnet-lite2": _efficientnet_lite("efficientnet-lite2"),
-    "dinov2": _dinov2,
+    "dinov2": _vit("dinov2", "DinoV2Backbone"),
+    "dinov3": _vit("dinov3", "DinoV3Backbone"),
+    "siglip2": _vit("siglip2", "Siglip2Backbone"),
 }
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
     """Instantiate a backbone by registry name, with its options as keywords."""
     if name not in BACKBONES:
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown backbone {name!r}{hint}; known: {', '.join(BACKBONES)}")
+        raise unknown_name("backbone", name, BACKBONES)
     return BACKBONES[name](**options)
 
 

@@ -1,0 +1,182 @@
+"""What the paper's ViT backbones share (ELVIS_SPEC §3): hub weights through transformers,
+resizing to multiples of the patch size, last-layer normalised patch tokens, the learned
+detector or class-token weighting, and top-K selection.
+
+DINOv2, DINOv3 and SigLIP2 differ only in their transformers class, normalisation and how
+their tokens are laid out; each subclass says just that. transformers is imported only when
+one of them is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elvis_cli.backbones.base import (
+    Backbone,
+    ImageFeatures,
+    grid_centres,
+    parse_options,
+    resize_to_multiple,
+    select_top_k,
+)
+from elvis_cli.checkpoints import cache_dir, download_to_cache
+from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+
+DETECTOR_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{name}_detector.pt"
+OFFICIAL_DETECTOR = "official"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViTOptions:
+    model_id: str = ""  # each backbone sets its hub default
+    image_size: int = 768  # longer side before rounding each side to a multiple of the patch size
+    num_local: int = 700  # the official files keep 700; ELViS reads the first 600
+    detector: str | None = None  # None (class-token similarity), a .pt path, or "official"
+
+
+class Detector(nn.Module):
+    """The learned local-feature detector: 1x1 conv, BatchNorm, ReLU, 1x1 conv, softplus."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, h, w) -> projected features (B, D, h, w) and weights (B, h, w)."""
+        projected = self.bn(self.conv1(feature_map))
+        weights = F.softplus(self.conv2(F.relu(projected)))
+        return projected, weights[:, 0]
+
+
+def detector_file(detector: str, backbone: str) -> Path:
+    """A detector path as given, or the backbone's official one downloaded once into the cache."""
+    if detector != OFFICIAL_DETECTOR:
+        path = Path(detector).expanduser()
+        if not path.is_file():
+            raise InputError(f"detector file not found: {path}")
+        return path
+    return download_to_cache(
+        DETECTOR_URL.format(name=backbone),
+        cache_dir() / "detectors" / f"{backbone}_detector.pt",
+        f"the {backbone} detector",
+        "run without the detector option or put the file there by hand",
+    )
+
+
+def load_detector(detector: str, dim: int, backbone: str) -> Detector:
+    path = detector_file(detector, backbone)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means an unusable file
+        raise InputError(f"{path}: not a detector checkpoint ({error})") from None
+    if isinstance(state, dict) and isinstance(state.get("state"), dict):
+        state = state["state"]
+    module = Detector(dim)
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ModelMismatchError(
+            f"{path}: detector does not fit a {dim}-dim backbone ({str(error).splitlines()[0]})"
+        ) from None
+    return module.eval()
+
+
+def load_hub_model(class_name: str, model_id: str) -> nn.Module:
+    """from_pretrained with the hub cache; no network (or HF_HUB_OFFLINE) -> OfflineError."""
+    import transformers
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    model_class = getattr(transformers, class_name)
+    try:
+        return model_class.from_pretrained(model_id, local_files_only=offline).eval()
+    except (OSError, ValueError) as error:
+        raise OfflineError(
+            f"could not fetch the weights {model_id!r} ({str(error).splitlines()[0]}); "
+            "the default backbone efficientnet-lite0 works offline"
+        ) from None
+
+
+class ViTBackbone(Backbone):
+    """A global token as global descriptor, the top-weighted patch tokens as local descriptors."""
+
+    model_class: ClassVar[str]  # transformers class of the vision model
+    options_type: ClassVar[type[ViTOptions]]
+    mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
+    std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+
+    def __init__(self, model: Any = None, **options: Any) -> None:
+        """`model`: a model of `model_class` or its config, used instead of the hub weights."""
+        super().__init__()
+        self.options: ViTOptions = parse_options(self.options_type, options, self.name)
+        if model is None:
+            model = load_hub_model(self.model_class, self.options.model_id)
+        else:
+            if not isinstance(model, nn.Module):
+                import transformers
+
+                model = getattr(transformers, self.model_class)(model)
+            if "model_id" not in options:  # record what was used, not the hub default
+                source = getattr(model.config, "_name_or_path", "") or "custom"
+                self.options = dataclasses.replace(self.options, model_id=source)
+        self.model = model.eval()
+        self.patch_size = int(self.model.config.patch_size)
+        self.local_dim = self.global_dim = int(self.model.config.hidden_size)
+        self.num_local = self.options.num_local
+        self.detector = (
+            load_detector(self.options.detector, self.local_dim, self.name)
+            if self.options.detector
+            else None
+        )
+
+    def settings(self) -> dict[str, Any]:
+        settings = {"name": self.name, **dataclasses.asdict(self.options)}
+        if self.options.detector not in (None, OFFICIAL_DETECTOR):
+            settings["detector"] = str(Path(self.options.detector).expanduser().resolve())
+        return settings
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        tensor = resize_to_multiple(image, self.options.image_size, self.patch_size)
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        return (tensor - mean) / std
+
+    @abstractmethod
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer, normalised (B, D) global token and (B, h * w, D) row-major patch tokens."""
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        cls, patches = self.tokens(images)
+        if self.detector is None:
+            weights = F.normalize(patches, dim=-1) @ F.normalize(cls, dim=-1)[..., None]
+            local, weights = patches, weights[..., 0]
+        else:
+            feature_map = patches.transpose(1, 2).reshape(len(images), -1, grid_h, grid_w)
+            projected, weights = self.detector(feature_map)
+            local, weights = projected.flatten(2).transpose(1, 2), weights.flatten(1)
+        xy = grid_centres(grid_h, grid_w).to(images.device)
+        desc, meta = select_top_k(local, weights, xy, self.num_local)
+        return ImageFeatures(F.normalize(cls.float(), dim=-1), desc, meta)
+
+
+class RegisterViTBackbone(ViTBackbone):
+    """DINO-style token layout: class token, register tokens, then the patches."""
+
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        registers = int(getattr(self.model.config, "num_register_tokens", 0))
+        hidden = self.model(pixel_values=images).last_hidden_state  # after the final norm
+        return hidden[:, 0], hidden[:, 1 + registers :]

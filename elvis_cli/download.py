@@ -1,0 +1,83 @@
+"""Resumable HTTP downloads with checksum verification.
+
+Benchmark archives are gigabytes: an interrupted transfer is kept as `<file>.part` and the next
+attempt asks the server for the rest with a Range request. The file takes its final name only
+after its size and (when known) SHA-256 check out, so a present file is a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from elvis_cli.errors import InputError, OfflineError
+
+_CHUNK = 1 << 20
+
+
+def offline_forced() -> bool:
+    """$ELVIS_OFFLINE=1 means: never touch the network (air-gapped machines, tests)."""
+    return os.environ.get("ELVIS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path, sha256: str | None = None, timeout: float = 30.0,
+          on_bytes: Callable[[int], None] | None = None) -> str:
+    """Download `url` to `target`, resuming a `.part` file; returns the file's SHA-256.
+
+    Raises OfflineError when the server cannot be reached (the `.part` is kept for next time)
+    and InputError when the finished file fails its checksum (the `.part` is removed, since
+    resuming it would only repeat the mismatch).
+    """
+    if offline_forced():
+        raise OfflineError("offline ($ELVIS_OFFLINE is set)")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    start = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "elvis-cli"})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            resumed = response.status == 206
+            expected = _expected_size(response, start if resumed else 0)
+            with open(partial, "ab" if resumed else "wb") as handle:
+                for block in iter(lambda: response.read(_CHUNK), b""):
+                    handle.write(block)
+                    if on_bytes is not None:
+                        on_bytes(len(block))
+    except urllib.error.HTTPError as error:
+        if error.code != 416 or not start:  # 416: the .part already holds every byte
+            raise OfflineError(f"{url}: HTTP {error.code} {error.reason}") from None
+        expected = None
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise OfflineError(f"{url}: {str(reason).splitlines()[0][:120]}") from None
+    size = partial.stat().st_size
+    if expected is not None and size != expected:
+        raise OfflineError(f"{url}: transfer stopped at {size} of {expected} bytes; run again "
+                           "to resume")
+    digest = sha256_of(partial)
+    if sha256 is not None and digest != sha256.lower():
+        partial.unlink()
+        raise InputError(f"{url}: checksum mismatch (sha256 {digest}, expected {sha256}); "
+                         "the download was removed")
+    os.replace(partial, target)
+    return digest
+
+
+def _expected_size(response, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    return None if length is None else offset + int(length)

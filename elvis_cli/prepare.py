@@ -1,0 +1,326 @@
+"""Getting a benchmark onto disk in the layout datasets.py reads, and saying how far along it is.
+
+`prepare` fetches what the registry names (resumable, checksummed), or takes the same files
+from an archive or folder the user already has (`source`), then unpacks image archives. What it
+cannot fetch it names, with the URL and the place to put it, in one error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elvis_cli.atomic import write_text_atomic
+from elvis_cli.datasets import (
+    GLDV2_SOLUTION,
+    detect_layout,
+    find_datasets,
+    load_dataset,
+)
+from elvis_cli.download import fetch
+from elvis_cli.errors import InputError, OfflineError
+from elvis_cli.registry import REGISTRY, DatasetEntry, Remote, custom_entry
+
+MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
+_GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,
+                       "revisitop1m.txt")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".zip")
+
+
+@dataclass
+class PrepareReport:
+    name: str
+    folder: Path
+    fetched: list[str] = field(default_factory=list)
+    unpacked: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetStatus:
+    name: str
+    state: str  # ready, images only, ground truth only, missing, bundled
+    features: list[str]  # backbones with extracted features; "<desc> (released)" files
+    size_bytes: int
+    detail: str = ""
+
+
+def _entry(name: str) -> DatasetEntry:
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise InputError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
+    return entry
+
+
+def prepare(name: str, data_root: Path, source: Path | None = None,
+            on_file=None) -> PrepareReport:
+    """Lay out dataset `name` under `data_root/name`; `on_file(label)` hears each step."""
+    entry = _entry(name)
+    step = on_file or (lambda _label: None)
+    folder = Path(data_root) / name
+    report = PrepareReport(name, folder)
+    if entry.base is not None:
+        for needed in (entry.base, str(entry.distractors)):
+            if needed not in find_datasets(data_root) and not (
+                    Path(data_root) / needed / "revisitop1m.txt").is_file():
+                raise InputError(f"{name} is {entry.base} plus R1M distractors: run `elvis "
+                                 f"datasets prepare {needed}` first")
+        return report
+    if entry.bundled is not None:
+        shutil.copytree(entry.bundled, folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("features"))
+        report.fetched.append(str(entry.bundled))
+        return report
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(folder)
+    if source is not None:
+        with _opened(Path(source), folder) as files:
+            _take_from(files, entry, folder, report)
+    missing = [remote for remote in entry.remotes if not _present(remote, folder, manifest)]
+    reason = "the files were not in --from"
+    if source is None:
+        missing, reason = _download(missing, folder, manifest, report, step)
+    if missing:
+        raise OfflineError(_what_to_fetch(entry, folder, missing, reason))
+    for remote in entry.remotes:
+        if remote.unpack_to and not manifest.get(remote.filename, {}).get("unpacked"):
+            step(f"unpacking {remote.filename}")
+            _unpack(folder / remote.filename, folder / remote.unpack_to, remote.flatten)
+            (folder / remote.filename).unlink()
+            manifest.setdefault(remote.filename, {})["unpacked"] = True
+            report.unpacked.append(remote.filename)
+            _write_manifest(folder, manifest)
+    if entry.layout != "distractors" and detect_layout(folder) is None:
+        raise InputError(_ground_truth_hint(entry))
+    report.warnings = _check(entry, data_root)
+    return report
+
+
+def _present(remote: Remote, folder: Path, manifest: dict) -> bool:
+    return (folder / remote.filename).is_file() or bool(
+        manifest.get(remote.filename, {}).get("unpacked"))
+
+
+def _download(missing: list[Remote], folder: Path, manifest: dict, report: PrepareReport,
+              step) -> tuple[list[Remote], str]:
+    """Fetch each missing file; returns those that could not be fetched and the first reason.
+
+    Once the network has failed, the rest are not attempted: each would fail the same way.
+    """
+    for position, remote in enumerate(missing):
+        step(f"downloading {remote.url}")
+        try:
+            digest = fetch(remote.url, folder / remote.filename, remote.sha256)
+        except OfflineError as error:
+            return missing[position:], str(error)
+        manifest[remote.filename] = {"sha256": digest, "url": remote.url}
+        _write_manifest(folder, manifest)
+        report.fetched.append(remote.filename)
+    return [], ""
+
+
+def _ground_truth_hint(entry: DatasetEntry) -> str:
+    """One line for a dataset whose ground truth elvis cannot fetch or build itself."""
+    where = {"gnd-pickle": f"gnd_{entry.name}.pkl and jpg/",
+             "class-lines": "gallery.txt (+ queries.txt) of `path,class` lines and jpg/",
+             "gldv2-csv": f"index.csv, {GLDV2_SOLUTION}, index/ and test/"}[entry.layout]
+    source = f" ({entry.homepage})" if entry.homepage else ""
+    return (f"{entry.name}: elvis cannot fetch its ground truth ({entry.unverified or 'no URL'})"
+            f"; get it from its authors{source} and run `elvis datasets prepare {entry.name} "
+            f"--from PATH` with a folder or archive holding {where}")
+
+
+def _what_to_fetch(entry: DatasetEntry, folder: Path, missing: list[Remote], reason: str) -> str:
+    """One line: every file to fetch by hand, its URL, and where it goes."""
+    shown = missing[:6]
+    files = "; ".join(f"{remote.url} -> {folder / remote.filename}" for remote in shown)
+    more = f"; and {len(missing) - len(shown)} more like them" if len(missing) > len(shown) else ""
+    return (f"cannot download {len(missing)} file(s) of {entry.name} ({reason}); "
+            f"fetch them by hand: {files}{more}; then run `elvis datasets prepare {entry.name}` "
+            f"again, or `elvis datasets prepare {entry.name} --from DIR` with a folder or "
+            "archive holding them")
+
+
+@contextmanager
+def _opened(source: Path, folder: Path) -> Iterator[Path]:
+    """A folder to search: `source` itself, or a staging copy of a file (an expected download
+    as it is, any other archive unpacked) that is removed afterwards."""
+    if source.is_dir():
+        yield source
+        return
+    if not source.is_file():
+        raise InputError(f"--from {source}: no such file or folder")
+    expected = {remote.filename for entry in REGISTRY.values() for remote in entry.remotes}
+    staging = Path(tempfile.mkdtemp(prefix=".from-", dir=folder))
+    try:
+        if source.name in expected or not source.name.endswith(_ARCHIVE_SUFFIXES):
+            shutil.copy2(source, staging / source.name)
+        else:
+            _unpack(source, staging, flatten=False, images_only=False)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _take_from(files: Path, entry: DatasetEntry, folder: Path, report: PrepareReport) -> None:
+    """Copy the expected files (found anywhere under `files`) and any laid-out ground truth
+    and image folders into the dataset folder."""
+    by_name: dict[str, Path] = {}
+    for path in files.rglob("*"):
+        if path.is_file():
+            by_name.setdefault(path.name, path)
+    wanted = [remote.filename for remote in entry.remotes]
+    wanted += [f"gnd_{entry.name}.pkl", *_GROUND_TRUTH_FILES]
+    for filename in wanted:
+        if filename in by_name and not (folder / filename).is_file():
+            shutil.copy2(by_name[filename], folder / filename)
+            report.fetched.append(filename)
+    for sub in ("jpg", "index", "test"):
+        found = next((path for path in [files / sub, *files.rglob(sub)] if path.is_dir()), None)
+        if found is not None:
+            shutil.copytree(found, folder / sub, dirs_exist_ok=True)
+            report.fetched.append(f"{sub}/")
+    if not report.fetched:
+        raise InputError(f"--from {files}: found none of {', '.join(wanted)} nor a jpg/ folder")
+
+
+def _unpack(archive: Path, target: Path, flatten: bool, images_only: bool = True) -> None:
+    """Extract regular files by content, never by the archive's paths, so a hostile member
+    name (absolute, `..`) cannot land outside `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, read in _members(archive):
+        parts = [part for part in Path(name).parts if part not in ("", ".", "..", "/")]
+        if not parts or (images_only and not parts[-1].lower().endswith(_IMAGE_SUFFIXES)):
+            continue
+        destination = target / (parts[-1] if flatten else Path(*parts))
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(read())
+
+
+def _members(archive: Path):
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                for info in bundle.infolist():
+                    if not info.is_dir():
+                        yield info.filename, lambda info=info: bundle.read(info)
+            return
+        with tarfile.open(archive) as bundle:
+            for member in bundle:
+                if member.isfile():
+                    yield member.name, lambda member=member: bundle.extractfile(member).read()
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
+        raise InputError(f"{archive}: not a readable tar or zip archive ({error})") from None
+
+
+def _check(entry: DatasetEntry, data_root: Path) -> list[str]:
+    """Warnings about a prepared dataset: images that are missing, counts that differ."""
+    if entry.layout == "distractors":
+        return []
+    dataset = load_dataset(data_root, entry.name)
+    warnings = []
+    paths = dataset.gallery_paths() + dataset.query_paths()
+    absent = [path for path in paths if not path.is_file()]
+    if absent:
+        warnings.append(f"{len(absent)} image(s) missing, first {absent[0]}")
+    for what, expected, actual in (("queries", entry.num_queries, len(dataset.queries)),
+                                   ("gallery images", entry.num_gallery, len(dataset.gallery))):
+        if expected is not None and expected != actual:
+            warnings.append(f"{actual} {what}, the benchmark has {expected}")
+    return warnings
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def dataset_status(data_root: Path, name: str) -> DatasetStatus:
+    """Ready (ground truth and every image), images only, ground truth only, or missing."""
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.base is not None:  # +R1M: ready when both parts are
+        ready = name in find_datasets(data_root)
+        return DatasetStatus(name, "ready" if ready else "missing",
+                             feature_sets(Path(data_root) / name), 0,
+                             "" if ready else f"elvis datasets prepare {entry.base}; "
+                             f"elvis datasets prepare {entry.distractors}")
+    folder = Path(data_root) / name
+    features = feature_sets(folder)
+    size = _size(folder)
+    prepare_hint = f"elvis datasets prepare {name}"
+    if not folder.is_dir():
+        if entry is not None and entry.bundled is not None:
+            return DatasetStatus(name, "bundled", features, 0, f"{prepare_hint} (or "
+                                 f"--data-root {entry.bundled.parent})")
+        return DatasetStatus(name, "missing", features, size, prepare_hint)
+    if entry is not None and entry.layout == "distractors":
+        state = "ready" if (folder / "revisitop1m.txt").is_file() else "images only"
+        return DatasetStatus(name, state, features, size)
+    if detect_layout(folder) is None:
+        has_images = any((folder / sub).is_dir() for sub in ("jpg", "index", "test"))
+        return DatasetStatus(name, "images only" if has_images else "missing", features, size,
+                             prepare_hint)
+    try:
+        dataset = load_dataset(data_root, name)
+    except InputError as error:
+        return DatasetStatus(name, "broken", features, size, str(error))
+    absent = sum(not path.is_file() for path in dataset.gallery_paths() + dataset.query_paths())
+    if absent:
+        return DatasetStatus(name, "ground truth only", features, size,
+                             f"{absent} image(s) missing; {prepare_hint}")
+    return DatasetStatus(name, "ready", features, size)
+
+
+def list_datasets(data_root: Path) -> list[DatasetStatus]:
+    """Every registry entry, then every custom dataset found under the data root."""
+    names = list(REGISTRY) + [name for name in find_datasets(data_root) if name not in REGISTRY]
+    return [dataset_status(data_root, name) for name in names]
+
+
+def entry_or_custom(data_root: Path, name: str) -> DatasetEntry:
+    return REGISTRY.get(name) or custom_entry(name, detect_layout(Path(data_root) / name) or "?")
+
+
+def feature_sets(folder: Path) -> list[str]:
+    """Backbones with both query and gallery features cached under `features/`, and released
+    descriptor files (`<desc>_query_local.hdf5` beside `<desc>_gallery_local.hdf5`)."""
+    names = []
+    cache = folder / "features"
+    if cache.is_dir():
+        for sub in sorted(cache.iterdir()):
+            if (sub / "query.h5").is_file() and (sub / "gallery.h5").is_file():
+                names.append(sub.name.rsplit("-", 1)[0])
+    if folder.is_dir():
+        for query in sorted(folder.glob("*_query_local.hdf5")):
+            desc = query.name[: -len("_query_local.hdf5")]
+            if (folder / f"{desc}_gallery_local.hdf5").is_file():
+                names.append(f"{desc} (released)")
+    return sorted(set(names), key=names.index)
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            entries = list(Path(stack.pop()).iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            if path.is_dir() and not path.is_symlink():
+                stack.append(path)
+            elif path.is_file():
+                total += path.stat().st_size
+    return total
