@@ -157,6 +157,9 @@ def rerank(
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs scored at once.")] = 100,
     device: DeviceOption = "auto",
+    precision: Annotated[str, typer.Option(
+        help="Similarity products: auto (float16 on CUDA, float32 on CPU), float32, float16.")
+    ] = "auto",
     output: Annotated[Path, typer.Option("-o", "--output",
                                          help="Results table: .csv or .parquet.")] = Path(
         "reranked.csv"),
@@ -188,7 +191,7 @@ def rerank(
         else:
             candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
         config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
-                              batch_size=batch_size, device=device)
+                              batch_size=batch_size, device=device, precision=precision)
         with _progress("re-ranking", query_store.num_images) as advance:
             result = run_rerank(ckpt.model, query_store, gallery_store, candidate_list, fusion,
                                 config, progress=advance)

@@ -224,9 +224,13 @@ class FeatureStore:
         return values
 
     def read_local(
-        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
+        dtype: np.dtype | None = np.float32,
     ) -> np.ndarray:
         """Raw (len, K', 5 + D) float32 rows (metadata then descriptor) for any index order.
+
+        dtype None keeps float16 where that is the stored type (our files): HDF5's own float16
+        conversion is slow, so the re-ranking engine converts in torch instead.
 
         h5py wants sorted, unique indices, so rows are read once per contiguous run of sorted
         unique indices and then gathered back into the requested order (duplicates included).
@@ -238,7 +242,9 @@ class FeatureStore:
         if wanted.size and (wanted.min() < 0 or wanted.max() >= self.num_images):
             raise InputError(f"{self.path}: image index out of range 0..{self.num_images - 1}")
         unique, inverse = np.unique(wanted, return_inverse=True)
-        rows = np.empty((len(unique), count, self.local_dim + NUM_META), dtype=np.float32)
+        rows = np.empty((len(unique), count, self.local_dim + NUM_META),
+                        dtype=dtype or (np.float16 if self._features.dtype == np.float16
+                                        else np.float32))
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         with _readable(self.path):
             for run in np.split(np.arange(len(unique)), breaks):

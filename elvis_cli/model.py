@@ -5,6 +5,9 @@ transport plan is computed with 10 Sinkhorn iterations, and the best transport v
 descriptor is a "vote" that a small learned function turns into a count of confident matches.
 
 Parameter names follow the official state dict, so the released checkpoints load as they are.
+For speed, each image becomes rows whose products give the whole augmented matrix in one GEMM
+(Elvis.rows), and Sinkhorn runs in the linear domain, with the spec's log domain as fallback
+(transport_votes); tests/reference_elvis.py is the plain form these are checked against.
 """
 
 import math
@@ -41,6 +44,46 @@ class Embedded:
     mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
 
 
+@dataclass
+class Transport:
+    """A batch of optimal-transport problems, given by the per-image rows of Elvis.rows."""
+
+    src_rows: torch.Tensor  # (B or 1, m + 1, k) query rows; a single query broadcasts;
+    # float16 rows (CUDA only) take the tensor-core product, within 1e-3 of float32 scores
+    tgt_rows: torch.Tensor  # (B, n + 1, k) gallery rows
+    src_mask: torch.Tensor | None  # (B or 1, m) True where padding
+    tgt_mask: torch.Tensor | None  # (B, n)
+    regularisation: float
+    iterations: int
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.src_rows.shape[1] - 1, self.tgt_rows.shape[1] - 1
+
+    def augmented(self, scale: float, offset: float) -> torch.Tensor:
+        """scale * A + offset for the augmented matrix A (B, m+1, n+1); padded entries -inf."""
+        batch = max(self.src_rows.shape[0], self.tgt_rows.shape[0])
+        src, tgt = self.src_rows.expand(batch, -1, -1), self.tgt_rows.transpose(1, 2)
+        if src.dtype == torch.float16:  # CUDA tensor cores, accumulated and returned in float32
+            scores = torch.bmm(src, tgt, out_dtype=torch.float32).mul_(scale).add_(offset)
+        else:
+            scores = torch.baddbmm(src.new_full((1, 1, 1), offset), src, tgt, alpha=scale)
+        if self.src_mask is not None or self.tgt_mask is not None:
+            m, n = self.sizes
+            body = scores[:, :m, :n]
+            body.masked_fill_(_pair_mask(self.src_mask, self.tgt_mask, body), -math.inf)
+        return scores
+
+    def log_marginals(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5: log a (m + 1,) and log b (n + 1,), padding counted in N = m + n."""
+        m, n = self.sizes
+        log_a = like.new_full((m + 1,), -math.log(m + n))
+        log_b = like.new_full((n + 1,), -math.log(m + n))
+        log_a[m] += math.log(n)
+        log_b[n] += math.log(m)
+        return log_a, log_b
+
+
 class Elvis(nn.Module):
     def __init__(self, config: ElvisConfig | None = None) -> None:
         super().__init__()
@@ -74,21 +117,37 @@ class Elvis(nn.Module):
 
     def score(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
         """Raw scores from embedded images; a (1, m, d) query broadcasts over B gallery images."""
-        similarity = torch.matmul(src.descriptors, tgt.descriptors.transpose(-1, -2))
-        batch = similarity.shape[0]
-        src_gains = src.gains.expand(batch, -1)
-        src_mask = None if src.mask is None else src.mask.expand(batch, -1)
-        row_votes, col_votes = transport_votes(
-            similarity,
-            src_gains,
-            tgt.gains,
-            self.dust_bin,
-            src_mask,
-            tgt.mask,
-            self.config.regularisation,
-            self.config.sinkhorn_iterations,
-        )
-        return self.aggregate(row_votes, col_votes, src_mask, tgt.mask)
+        problem = Transport(self.rows(src, query=True), self.rows(tgt, query=False),
+                            src.mask, tgt.mask, self.config.regularisation,
+                            self.config.sinkhorn_iterations)
+        return self.score_transport(problem, uses_log_domain(self.dust_bin, problem.regularisation))
+
+    def score_transport(self, problem: Transport, log_domain: bool) -> torch.Tensor:
+        """Steps 6-9 on prepared rows; `log_domain` is decided once by the caller (no sync)."""
+        row_votes, col_votes = transport_votes(problem, log_domain)
+        batch = max(problem.src_rows.shape[0], problem.tgt_rows.shape[0])
+        src_mask = None if problem.src_mask is None else problem.src_mask.expand(batch, -1)
+        return self.aggregate(row_votes, col_votes, src_mask, problem.tgt_mask)
+
+    def rows(self, embedded: Embedded, query: bool) -> torch.Tensor:
+        """Per-image rows (B, m + 1, d + 2) whose products are the augmented matrix of step 4.
+
+        Query rows are [s_i, 0, hs_i] plus [0, 1, 0]; gallery rows are [t_j, ht_j, 0] plus
+        [0, dust_bin, 1]. So one GEMM yields S, both dustbin gains and the corner exactly (the
+        extra terms are products with zero), and all of it is per-image work done once.
+        """
+        descriptors = embedded.descriptors
+        batch, count, dim = descriptors.shape
+        rows = descriptors.new_zeros(batch, count + 1, dim + 2)
+        rows[:, :count, :dim] = descriptors
+        if query:
+            rows[:, :count, dim + 1] = embedded.gains
+            rows[:, count, dim] = 1.0
+        else:
+            rows[:, :count, dim] = embedded.gains
+            rows[:, count, dim] = self.dust_bin
+            rows[:, count, dim + 1] = 1.0
+        return rows
 
     def aggregate(
         self,
@@ -114,26 +173,15 @@ def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return ~mask
 
 
-def transport_votes(
-    similarity: torch.Tensor,
-    src_gains: torch.Tensor,
-    tgt_gains: torch.Tensor,
-    dust_bin: torch.Tensor,
-    src_mask: torch.Tensor | None,
-    tgt_mask: torch.Tensor | None,
-    regularisation: float,
-    iterations: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 3-8: row and column maxima of the rescaled transport plan P' (dustbins dropped).
+def transport_votes(problem: Transport, log_domain: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 6-8: row and column maxima of the rescaled transport plan P' (dustbins dropped).
 
     The linear-domain form needs one exponential per entry instead of one per entry and
-    iteration; it is exact up to rounding while the dustbin corner stays in range, and the
-    log-domain form of the spec takes over when it does not.
+    iteration; it is exact up to rounding while the dustbin corner stays in range (see
+    uses_log_domain), and the log-domain form of the spec takes over when it does not.
     """
-    solve = _log_domain_votes if uses_log_domain(dust_bin, regularisation) else _linear_domain_votes
-    return solve(
-        similarity, src_gains, tgt_gains, dust_bin, src_mask, tgt_mask, regularisation, iterations
-    )
+    solve = _log_domain_votes if log_domain else _linear_domain_votes
+    return solve(problem)
 
 
 def uses_log_domain(dust_bin: torch.Tensor, regularisation: float) -> bool:
@@ -141,81 +189,45 @@ def uses_log_domain(dust_bin: torch.Tensor, regularisation: float) -> bool:
     return (dust_bin.detach().abs().item() + 1.0) / regularisation > _LINEAR_DOMAIN_MAX_EXPONENT
 
 
-def _log_marginals(m: int, n: int) -> tuple[float, float, float, float]:
-    """Log marginals of step 5: rows, dustbin row, columns, dustbin column (padding counted)."""
-    log_norm = -math.log(m + n)
-    return log_norm, log_norm + math.log(n), log_norm, log_norm + math.log(m)
-
-
-def _linear_domain_votes(
-    similarity: torch.Tensor,
-    src_gains: torch.Tensor,
-    tgt_gains: torch.Tensor,
-    dust_bin: torch.Tensor,
-    src_mask: torch.Tensor | None,
-    tgt_mask: torch.Tensor | None,
-    regularisation: float,
-    iterations: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
     """Sinkhorn with scaling vectors u = exp(log u), v = exp(log v) on K = exp(M - shift).
 
     A constant shift of every row of M is absorbed exactly by the first u update, so the
-    iterates are those of the log-domain algorithm started from u = v = 0.
+    iterates are those of the log-domain algorithm started from u = v = 0. Each iteration is
+    two matrix-vector products over K, which stays in cache for small batches.
     """
-    batch, m, n = similarity.shape
-    shift = 1.0 / regularisation
-    scores = similarity
-    if src_mask is not None or tgt_mask is not None:
-        scores = scores.masked_fill(_pair_mask(src_mask, tgt_mask, similarity), -math.inf)
-    kernel = torch.exp(scores * shift - shift)  # (B, m, n)
-    row_dust = torch.exp((src_gains - 1.0) * shift)  # (B, m): column n of the kernel
-    col_dust = torch.exp((tgt_gains - 1.0) * shift)  # (B, n): row m of the kernel
-    corner = torch.exp((dust_bin - 1.0) * shift)
-    log_a, log_a_dust, log_b, log_b_dust = _log_marginals(m, n)
-    a, a_dust, b, b_dust = (math.exp(x) for x in (log_a, log_a_dust, log_b, log_b_dust))
-
-    v = similarity.new_ones(batch, n)
-    v_dust = similarity.new_ones(batch)
-    for _ in range(iterations):
-        u = a / (torch.bmm(kernel, v.unsqueeze(-1)).squeeze(-1) + row_dust * v_dust[:, None])
-        u_dust = a_dust / ((col_dust * v).sum(dim=1) + corner * v_dust)
-        v = b / (torch.bmm(u.unsqueeze(1), kernel).squeeze(1) + col_dust * u_dust[:, None])
-        v_dust = b_dust / ((row_dust * u).sum(dim=1) + corner * u_dust)
-
-    # The shift is absorbed into u (u here is exp(shift) times the log-domain exp(u)), so
+    m, n = problem.sizes
+    shift = 1.0 / problem.regularisation
+    kernel = problem.augmented(shift, -shift).exp_()  # (B, m + 1, n + 1)
+    a, b = (x.exp()[:, None] for x in problem.log_marginals(kernel))
+    transposed = kernel.transpose(1, 2)
+    v = kernel.new_ones(kernel.shape[0], n + 1, 1)
+    for _ in range(problem.iterations):
+        u = a / torch.bmm(kernel, v)  # (B, m + 1, 1)
+        v = b / torch.bmm(transposed, u)  # (B, n + 1, 1)
+    # u here is exp(shift) times the log-domain exp(u), so
     # P'_ij = exp(M_ij + log u_i + log v_j + log N) = kernel_ij * u_i * v_j * N.
-    row_votes = (kernel * v[:, None, :]).amax(dim=2) * u * (m + n)
-    col_votes = (kernel * u[:, :, None]).amax(dim=1) * v * (m + n)
+    u, v = u[:, :m, 0] * (m + n), v[:, :n, 0]
+    plan = _scaled(kernel[:, :m, :n], v[:, None, :])
+    row_votes = plan.amax(dim=2) * u
+    col_votes = _scaled(plan, u[:, :, None]).amax(dim=1)
     return row_votes, col_votes
 
 
-def _log_domain_votes(
-    similarity: torch.Tensor,
-    src_gains: torch.Tensor,
-    tgt_gains: torch.Tensor,
-    dust_bin: torch.Tensor,
-    src_mask: torch.Tensor | None,
-    tgt_mask: torch.Tensor | None,
-    regularisation: float,
-    iterations: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec's log-domain iterations on the augmented (m+1) x (n+1) matrix."""
-    batch, m, n = similarity.shape
-    scores = similarity
-    if src_mask is not None or tgt_mask is not None:
-        scores = scores.masked_fill(_pair_mask(src_mask, tgt_mask, similarity), -math.inf)
-    augmented = torch.cat([scores, src_gains.unsqueeze(-1)], dim=2)
-    bottom = torch.cat([tgt_gains, dust_bin.expand(batch).to(tgt_gains)[:, None]], dim=1)
-    augmented = torch.cat([augmented, bottom.unsqueeze(1)], dim=1) / regularisation
+def _scaled(matrix: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """matrix * factor, in place when no autograd graph needs it: saves a pass of allocation."""
+    if torch.is_grad_enabled() and matrix.requires_grad:
+        return matrix * factor
+    return matrix.mul_(factor)
 
-    log_a_real, log_a_dust, log_b_real, log_b_dust = _log_marginals(m, n)
-    log_a = similarity.new_full((batch, m + 1), log_a_real)
-    log_a[:, m] = log_a_dust
-    log_b = similarity.new_full((batch, n + 1), log_b_real)
-    log_b[:, n] = log_b_dust
-    u = similarity.new_zeros(batch, m + 1)
-    v = similarity.new_zeros(batch, n + 1)
-    for _ in range(iterations):
+
+def _log_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec's log-domain iterations on the augmented (m+1) x (n+1) matrix."""
+    m, n = problem.sizes
+    augmented = problem.augmented(1.0 / problem.regularisation, 0.0)
+    log_a, log_b = problem.log_marginals(augmented)
+    v = augmented.new_zeros(augmented.shape[0], n + 1)
+    for _ in range(problem.iterations):
         u = log_a - torch.logsumexp(augmented + v[:, None, :], dim=2)
         v = log_b - torch.logsumexp(augmented + u[:, :, None], dim=1)
     plan = torch.exp(augmented + u[:, :, None] + v[:, None, :] + math.log(m + n))[:, :m, :n]

@@ -17,10 +17,14 @@ def reference_score(
     src_pad: torch.Tensor | None = None,
     tgt_pad: torch.Tensor | None = None,
     iterations: int = 10,
+    dtype: torch.dtype = torch.float64,
 ) -> float:
-    """Raw ELViS score of one pair: src (m, D), tgt (n, D), padding flags (m,), (n,)."""
-    src, tgt = src.double(), tgt.double()
-    sd = {k: v.double() for k, v in state.items()}
+    """Raw ELViS score of one pair: src (m, D), tgt (n, D), padding flags (m,), (n,).
+
+    float64 for the parity tests; benchmarks/rerank_speed.py times it in float32.
+    """
+    src, tgt = src.to(dtype), tgt.to(dtype)
+    sd = {k: v.to(dtype) for k, v in state.items()}
     m, n = src.shape[0], tgt.shape[0]
     src_pad = torch.zeros(m, dtype=torch.bool) if src_pad is None else src_pad
     tgt_pad = torch.zeros(n, dtype=torch.bool) if tgt_pad is None else tgt_pad
@@ -37,24 +41,21 @@ def reference_score(
     s, t = project(src), project(tgt)
     hs, ht = gain(s), gain(t)
     sim = s @ t.T  # step 3
-    for i in range(m):
-        for j in range(n):
-            if src_pad[i] or tgt_pad[j]:
-                sim[i, j] = -math.inf
-    aug = torch.empty(m + 1, n + 1, dtype=torch.float64)  # step 4
+    sim[src_pad[:, None] | tgt_pad[None, :]] = -math.inf
+    aug = torch.empty(m + 1, n + 1, dtype=dtype)  # step 4
     aug[:m, :n] = sim
     aug[m, :n] = ht
     aug[:m, n] = hs
     aug[m, n] = sd["dust_bin"]
     big_n = m + n  # step 5
-    log_a = torch.full((m + 1,), -math.log(big_n), dtype=torch.float64)
+    log_a = torch.full((m + 1,), -math.log(big_n), dtype=dtype)
     log_a[m] += math.log(n)
-    log_b = torch.full((n + 1,), -math.log(big_n), dtype=torch.float64)
+    log_b = torch.full((n + 1,), -math.log(big_n), dtype=dtype)
     log_b[n] += math.log(m)
     reg = 1.0 / math.exp(math.log(10.0))
     big_m = aug / reg  # step 6
-    u = torch.zeros(m + 1, dtype=torch.float64)
-    v = torch.zeros(n + 1, dtype=torch.float64)
+    u = torch.zeros(m + 1, dtype=dtype)
+    v = torch.zeros(n + 1, dtype=dtype)
     for _ in range(iterations):
         u = log_a - torch.logsumexp(big_m + v[None, :], dim=1)
         v = log_b - torch.logsumexp(big_m + u[:, None], dim=0)

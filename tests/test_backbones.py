@@ -18,7 +18,12 @@ from elvis_cli.backbones import (
 )
 from elvis_cli.backbones import vit as vit_module
 from elvis_cli.backbones.base import grid_centres, resize_to_multiple
-from elvis_cli.backbones.efficientnet_lite import build_network, load_weights
+from elvis_cli.backbones.efficientnet_lite import (
+    EfficientNetLite,
+    block_specs,
+    build_network,
+    load_weights,
+)
 from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
 from tests.conftest import TINY_DINOV2, TINY_DINOV3, TINY_SIGLIP2
 
@@ -129,6 +134,19 @@ def test_lite0_weights_classify_a_cat():
     probability, label = logits.softmax(-1)[0].max(0)
     assert 281 <= int(label) <= 285  # ImageNet domestic cats
     assert float(probability) > 0.6
+
+
+def test_folded_batch_norms_change_no_output():
+    """build_network folds every BatchNorm into its convolution for speed; outputs must agree."""
+    state = {k: v for k, v in load_weights("lite0").items() if not k.startswith("_fc.")}
+    plain = EfficientNetLite(block_specs(state), state["_conv_head.weight"].shape[0])
+    plain.load_state_dict(state)
+    folded = build_network("lite0")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    image = resize_to_multiple(skimage.data.chelsea(), 160, 32)[None] * 2 - 1
+    with torch.inference_mode():
+        for expected, actual in zip(plain.eval()(image, 5), folded(image, 5), strict=True):
+            torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_lite0_features(lite0):

@@ -103,6 +103,9 @@ def test_extract_then_rerank_in_the_same_folder(tmp_path):
     parquet = elvis("rerank", "--shortlist", "2", "--checkpoint", "c.pt", "-o", "r.parquet",
                     cwd=tmp_path)
     assert parquet.returncode == 0 and len(pd.read_parquet(tmp_path / "r.parquet")) == 16
+    half = elvis("rerank", "--checkpoint", "c.pt", "--device", "cpu", "--precision", "float16",
+                 cwd=tmp_path)
+    assert half.returncode == 1 and "needs a CUDA device" in half.stderr, half.stderr
 
 
 def test_mismatched_checkpoint_is_one_line_naming_both(tmp_path):

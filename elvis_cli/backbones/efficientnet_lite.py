@@ -139,10 +139,17 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.spec.expanded != self.spec.in_channels:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=True)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
-        return out + x if self.spec.residual else out
+        return out.add_(x) if self.spec.residual else out
+
+    def fold_batch_norms(self) -> None:
+        pairs = [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+        if self.spec.expanded != self.spec.in_channels:
+            pairs.append(("_expand_conv", "_bn0"))
+        for conv, norm in pairs:
+            fold_batch_norm(self, conv, norm)
 
 
 class EfficientNetLite(nn.Module):
@@ -165,15 +172,39 @@ class EfficientNetLite(nn.Module):
 
     def forward(self, x: torch.Tensor, local_stage: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [-1, 1] -> (output of MBConv stage `local_stage` (1-based), head activations)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         tap = self.stage_ends[local_stage - 1]
         local = x
         for index, block in enumerate(self._blocks):
             x = block(x)
             if index == tap:
                 local = x
-        head = F.relu6(self._bn1(self._conv_head(x)))
+        head = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return local, head
+
+    def fold_batch_norms(self) -> None:
+        """Inference only: each BatchNorm becomes its convolution's scale and bias.
+
+        Every BatchNorm was a separate pass over a large activation map; folded, extraction
+        spends its time in the convolutions (BENCHMARKS.md, extraction speed).
+        """
+        fold_batch_norm(self, "_conv_stem", "_bn0")
+        fold_batch_norm(self, "_conv_head", "_bn1")
+        for block in self._blocks:
+            block.fold_batch_norms()
+
+
+@torch.no_grad()
+def fold_batch_norm(module: nn.Module, conv_name: str, norm_name: str) -> None:
+    """Replace module.<norm_name> (eval statistics) by a scale and bias of module.<conv_name>."""
+    conv, norm = getattr(module, conv_name), getattr(module, norm_name)
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(bias)
+    setattr(module, norm_name, nn.Identity())
 
 
 def load_weights(variant: str) -> dict[str, torch.Tensor]:
@@ -191,12 +222,13 @@ def load_weights(variant: str) -> dict[str, torch.Tensor]:
 
 
 def build_network(variant: str) -> EfficientNetLite:
-    """The pretrained network without its ImageNet classifier, loaded strictly."""
+    """The pretrained network without its ImageNet classifier, loaded strictly, for inference."""
     state = {k: v for k, v in load_weights(variant).items() if not k.startswith("_fc.")}
     network = EfficientNetLite(block_specs(state), state["_conv_head.weight"].shape[0])
     network.load_state_dict(state, strict=True)
+    network.eval().fold_batch_norms()
     # channels-last makes the depthwise convolutions markedly faster on CPU
-    return network.eval().to(memory_format=torch.channels_last)
+    return network.to(memory_format=torch.channels_last)
 
 
 class EfficientNetLiteBackbone(Backbone):
@@ -213,7 +245,7 @@ class EfficientNetLiteBackbone(Backbone):
         )
         self.network = build_network(variant)
         self.local_dim = self.network.stage_channels(self.options.local_layer)
-        self.global_dim = self.network._bn1.num_features
+        self.global_dim = self.network._conv_head.out_channels
         self.num_local = self.options.num_local
 
     def settings(self) -> dict[str, Any]:

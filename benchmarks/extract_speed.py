@@ -1,0 +1,102 @@
+"""Extraction speed of the offline backbone on CPU: images/s and where the time goes.
+
+Times each stage of `elvis extract` separately on real photos (decode: read + JPEG decode +
+EXIF; resize: the backbone's preprocessing; model: forward passes in batches of same-shaped
+images, as extraction batches them; write: the HDF5 shard), then the real extraction end to end.
+
+    PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~1-2 min
+    PYTHONPATH=$PWD python benchmarks/extract_speed.py IMAGES --limit 50 --option image_size=512
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elvis_cli.backbones import create_backbone
+from elvis_cli.extract import ExtractConfig, extract_features
+from elvis_cli.feature_store import shard_path, write_shard
+from elvis_cli.images import collect_images, load_image
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "data" / "demo" / "jpg"
+
+
+def stage_times(backbone, paths: list[Path], batch_size: int) -> dict[str, float]:
+    """Seconds spent per stage over all images, one stage at a time on the main thread."""
+    seconds: dict[str, float] = defaultdict(float)
+    tensors = []
+    for path in paths:
+        started = time.perf_counter()
+        image = load_image(path)
+        seconds["decode"] += time.perf_counter() - started
+        started = time.perf_counter()
+        tensors.append(backbone.preprocess(image))
+        seconds["resize"] += time.perf_counter() - started
+    by_shape = defaultdict(list)
+    for tensor in tensors:
+        by_shape[tuple(tensor.shape)].append(tensor)
+    rows, globals_ = [], []
+    with torch.inference_mode():
+        for group in by_shape.values():
+            for start in range(0, len(group), batch_size):
+                started = time.perf_counter()
+                features = backbone(torch.stack(group[start : start + batch_size]))
+                seconds["model"] += time.perf_counter() - started
+                rows.append(torch.cat([features.metadata, features.local_desc], -1).numpy())
+                globals_.append(features.global_desc.numpy())
+    with tempfile.TemporaryDirectory() as folder:
+        names = [path.name for path in paths]
+        started = time.perf_counter()
+        write_shard(shard_path(Path(folder) / "f.h5", 0), np.concatenate(rows),
+                    np.concatenate(globals_), names, names, np.ones((len(paths), 2), np.int32))
+        seconds["write"] += time.perf_counter() - started
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="?", type=Path, default=DEMO)
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--option", action="append", default=[], help="backbone KEY=VALUE")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
+    args = parser.parse_args()
+    options = {}
+    for option in args.option:
+        key, value = option.split("=", 1)
+        options[key] = int(value) if value.isdigit() else value
+
+    _, paths = collect_images(args.images)
+    paths = paths[: args.limit]
+    backbone = create_backbone(args.backbone, **options).eval()
+    print(f"{len(paths)} images from {args.images}; {args.backbone} {backbone.settings()}; "
+          f"torch threads {torch.get_num_threads()}")
+    stage_times(backbone, paths, args.batch_size)  # warm up: oneDNN prepares each new shape
+    runs = [stage_times(backbone, paths, args.batch_size) for _ in range(args.repeats)]
+    stages = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    total = sum(stages.values())
+    for name, seconds in stages.items():
+        share = 100 * seconds / total
+        print(f"  {name:7s} {1e3 * seconds / len(paths):7.2f} ms/image  {share:5.1f}%")
+    print(f"  stages in sequence: {len(paths) / total:.1f} images/s")
+
+    times = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            extract_features(paths, Path(folder) / "f.h5", ExtractConfig(
+                backbone=args.backbone, backbone_options=options, batch_size=args.batch_size,
+                device="cpu"), progress=False, backbone=backbone)
+            times.append(time.perf_counter() - started)
+    print(f"extract_features end to end (decode in threads, median of {args.repeats}): "
+          f"{len(paths) / statistics.median(times):.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()

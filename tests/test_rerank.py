@@ -1,0 +1,185 @@
+"""The re-ranking engine against the plain reference, on real HDF5 feature files."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from elvis_cli.errors import InputError
+from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.model import uses_log_domain
+from elvis_cli.rerank import PairScorer, RerankConfig
+from tests.reference_elvis import reference_score
+from tests.test_model import random_model
+
+D = 48
+
+
+def write_store(path, rng, count: int, stored: int, real: list[int]) -> FeatureStore:
+    """A joined features file whose image i has real[i] descriptors, the rest padding."""
+    rows = np.zeros((count, stored, 5 + D), dtype=np.float32)
+    descriptors = rng.standard_normal((count, stored, D))
+    rows[..., 5:] = descriptors / np.linalg.norm(descriptors, axis=-1, keepdims=True)
+    rows[..., 5:] += 50.0 * (np.arange(stored)[None, :, None] >= np.array(real)[:, None, None])
+    rows[..., 3] = np.arange(stored)[None, :] >= np.array(real)[:, None]  # padding flag
+    names = [f"img{i}.jpg" for i in range(count)]
+    write_shard(shard_path(path, 0), rows, np.zeros((count, 3), np.float32), names, names,
+                np.ones((count, 2), np.int32))
+    finalize(path, [shard_path(path, 0)], {"name": "test"}, path.parent)
+    return FeatureStore.open(path)
+
+
+def reference(model, queries: FeatureStore, gallery: FeatureStore, candidates, num_local):
+    state = model.state_dict()
+    expected = np.full(candidates.shape, np.nan)
+    src_local, tgt_local = (min(num_local or store.num_local, store.num_local)
+                            for store in (queries, gallery))
+    for (q, position), row in np.ndenumerate(candidates):
+        if row >= 0:
+            src, src_pad = queries.local_descriptors([q], src_local)
+            tgt, tgt_pad = gallery.local_descriptors([row], tgt_local)
+            src, tgt = torch.from_numpy(src[0]), torch.from_numpy(tgt[0])
+            src[src_pad[0]] = 0.0
+            tgt[tgt_pad[0]] = 0.0
+            expected[q, position] = reference_score(state, src, tgt, torch.from_numpy(src_pad[0]),
+                                                    torch.from_numpy(tgt_pad[0]))
+    return expected
+
+
+@pytest.fixture
+def stores(tmp_path):
+    rng = np.random.default_rng(0)
+    queries = write_store(tmp_path / "q.h5", rng, 4, 12, [12, 7, 12, 1])
+    gallery = write_store(tmp_path / "g.h5", rng, 9, 14, [14, 14, 3, 14, 0, 14, 9, 14, 14])
+    yield queries, gallery
+    queries.close()
+    gallery.close()
+
+
+CANDIDATES = np.array([[3, 1, 1, 8, -1],  # a duplicate and a padded slot
+                       [0, 2, 4, 5, 6],
+                       [-1, -1, -1, -1, -1],  # nothing to score
+                       [7, 6, 5, 0, 2]])
+
+
+@pytest.mark.parametrize("options", [
+    {},  # everything in one block
+    {"cache_images": 3, "read_images": 2, "workers": 2},  # many blocks and reads, two threads
+    {"num_local": 10},  # fewer descriptors than stored
+])
+def test_scores_match_reference(stores, options):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=30)
+    config = RerankConfig(device="cpu", **options)
+    scores = PairScorer(model, queries, gallery, config).score(CANDIDATES)
+    expected = reference(model, queries, gallery, CANDIDATES, config.num_local)
+    assert np.array_equal(np.isnan(scores), np.isnan(expected))
+    np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)
+
+
+def test_chunks_cross_queries_when_kernels_are_small(stores):
+    """Small kernels fit the cache many at a time: chunks then span queries, as on CUDA, and do
+    not depend on batch_size, so neither do the scores, to the bit."""
+    queries, gallery = stores
+    model = random_model(dim=D, seed=31)
+    scores = [PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=size))
+              for size in (1, 100)]
+    assert scores[0].pairs_per_call == scores[1].pairs_per_call > CANDIDATES.shape[1]
+    first, second = (scorer.score(CANDIDATES) for scorer in scores)
+    assert first.tobytes() == second.tobytes()
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
+
+
+def test_one_pair_per_call_when_a_kernel_fills_the_cache(stores, monkeypatch):
+    """The K = 600 case on a 2 MiB L2: each worker scores single pairs, on views of the rows."""
+    queries, gallery = stores
+    monkeypatch.setattr("elvis_cli.rerank._l2_cache_bytes", lambda: 1024)
+    model = random_model(dim=D, seed=36)
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", workers=2))
+    assert scorer.pairs_per_call == 1
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
+
+
+def test_large_dust_bin_takes_the_log_domain_path(stores):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=32, dust_bin=40.0)
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu"))
+    assert uses_log_domain(model.dust_bin, model.config.regularisation)
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
+
+
+def test_threads_are_restored_and_progress_counts_queries(stores):
+    queries, gallery = stores
+    threads = torch.get_num_threads()
+    calls = []
+    PairScorer(random_model(dim=D), queries, gallery, RerankConfig(device="cpu", workers=2,
+                                                                   cache_images=4)).score(
+        CANDIDATES, progress=lambda: calls.append(1))
+    assert torch.get_num_threads() == threads
+    assert len(calls) == len(CANDIDATES)
+
+
+def test_float16_needs_cuda_and_precision_is_checked(stores):
+    queries, gallery = stores
+    with pytest.raises(InputError, match="CUDA"):
+        PairScorer(random_model(dim=D), queries, gallery,
+                   RerankConfig(device="cpu", precision="float16"))
+    with pytest.raises(InputError, match="precision"):
+        RerankConfig(precision="bfloat16")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_cuda_matches_reference(stores, precision):
+    """Pinned float16 reads, cross-query batches, tensor-core products."""
+    queries, gallery = stores
+    model = random_model(dim=D, seed=33)
+    expected = reference(model, queries, gallery, CANDIDATES, None)
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cuda", batch_size=3,
+                                                              precision=precision))
+    tolerance = 1e-4 if precision == "float32" else 1e-3
+    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=tolerance, equal_nan=True)
+
+
+def test_official_float32_files_score_like_ours(stores, tmp_path):
+    """Released `features`-only files store float32 (and padding may hold anything)."""
+    queries, gallery = stores
+    for store, name in ((queries, "q"), (gallery, "g")):
+        rows = store.read_local(np.arange(store.num_images))
+        rows[rows[..., 3] > 0.5, 5:] = np.nan
+        with h5py.File(tmp_path / f"{name}_local.hdf5", "w") as file:
+            file.create_dataset("features", data=rows)
+    model = random_model(dim=D, seed=34)
+    with FeatureStore.open(tmp_path / "q_local.hdf5") as official_queries, \
+            FeatureStore.open(tmp_path / "g_local.hdf5") as official_gallery:
+        official = PairScorer(model, official_queries, official_gallery,
+                              RerankConfig(device="cpu")).score(CANDIDATES)
+    ours = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    np.testing.assert_allclose(official, ours, atol=1e-5, equal_nan=True)
+
+
+def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeypatch):
+    """Consecutive blocks and calls (evaluate's shortlist sizes) read only images not kept."""
+    queries, gallery = stores
+    model = random_model(dim=D, seed=35)
+    read = []
+    original = gallery.read_local
+    monkeypatch.setattr(gallery, "read_local",
+                        lambda rows, *args, **kwargs: read.append(list(rows)) or original(
+                            rows, *args, **kwargs))
+    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", cache_images=5))
+    first = np.array([[0, 1, 2], [1, 2, 3], [5, 6, 7]])  # blocks: queries 0-1, then query 2
+    second = np.array([[5, 6, 8], [8, 7, -1], [0, 1, 4]])  # blocks: 0-1 (5, 6, 7 kept), 2
+    scorer.score(first)
+    assert read == [[0, 1, 2, 3], [5, 6, 7]]
+    read.clear()
+    scores = scorer.score(second)
+    assert read == [[8], [0, 1, 4]]
+    fresh = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(second)
+    np.testing.assert_allclose(scores, fresh, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(scores, reference(model, queries, gallery, second, None),
+                               atol=1e-4, equal_nan=True)
