@@ -162,6 +162,25 @@ def _perspective(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     )
 
 
+def _random_box(
+    canvas: Image.Image,
+    patch: Image.Image,
+    area: tuple[float, float],
+    max_side: float,
+    rng: np.random.Generator,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Size (patch aspect, a random fraction of the canvas area, each side at most `max_side`
+    of the canvas's) and a random top-left corner for pasting `patch` into `canvas`."""
+    target = rng.uniform(*area) * canvas.width * canvas.height
+    width = round(min(canvas.width * max_side, math.sqrt(target * patch.width / patch.height)))
+    height = round(min(canvas.height * max_side, target / width))
+    corner = (
+        int(rng.integers(0, canvas.width - width + 1)),
+        int(rng.integers(0, canvas.height - height + 1)),
+    )
+    return (width, height), corner
+
+
 @dataclass
 class _Views:
     """Synthetic view makers for one photo; `region` keeps zoom-ins on the object."""
@@ -186,16 +205,8 @@ class _Views:
         part = _perspective(part, rng)
         background = self.others[int(rng.integers(len(self.others)))]
         scene = _jitter_colour(_fit(background, VIEW_SIDE), rng, 0.2)
-        area = rng.uniform(0.15, 0.3) * scene.width * scene.height
-        pw = round(min(scene.width * 0.8, math.sqrt(area * part.width / part.height)))
-        ph = round(min(scene.height * 0.8, area / pw))
-        corner = (
-            int(rng.integers(0, scene.width - pw + 1)),
-            int(rng.integers(0, scene.height - ph + 1)),
-        )
-        scene.paste(
-            _jitter_colour(part, rng, 0.2).resize((pw, ph), Image.Resampling.LANCZOS), corner
-        )
+        size, corner = _random_box(scene, part, (0.15, 0.3), 0.8, rng)
+        scene.paste(_jitter_colour(part, rng, 0.2).resize(size, Image.Resampling.LANCZOS), corner)
         return scene
 
     def perspective(self, rng: np.random.Generator) -> Image.Image:
@@ -208,14 +219,8 @@ class _Views:
     def occlude(self, rng: np.random.Generator) -> Image.Image:
         view = self.image.copy()
         patch = _crop_fraction(self.others[int(rng.integers(len(self.others)))], 0.3, rng)
-        area = rng.uniform(0.18, 0.28) * view.width * view.height
-        pw = round(min(view.width * 0.7, math.sqrt(area * patch.width / patch.height)))
-        ph = round(min(view.height * 0.7, area / pw))
-        corner = (
-            int(rng.integers(0, view.width - pw + 1)),
-            int(rng.integers(0, view.height - ph + 1)),
-        )
-        view.paste(patch.resize((pw, ph), Image.Resampling.LANCZOS), corner)
+        size, corner = _random_box(view, patch, (0.18, 0.28), 0.7, rng)
+        view.paste(patch.resize(size, Image.Resampling.LANCZOS), corner)
         return _fit(_shift_hue(view, rng), VIEW_SIDE)
 
     def junk(self, rng: np.random.Generator, tiny: bool) -> Image.Image:
