@@ -6,9 +6,7 @@ containers, never code.
 """
 
 import math
-import os
 import pickle
-import urllib.error
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,8 @@ from typing import Any
 import torch
 
 from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError, unknown_name
+from elvis_cli.download import cache_dir, download_to_cache
+from elvis_cli.errors import InputError, ModelMismatchError, unknown_name
 from elvis_cli.model import Elvis, ElvisConfig
 
 OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
@@ -62,11 +61,6 @@ class Checkpoint:
     @property
     def descriptor_dim(self) -> int:
         return self.model.config.descriptor_dim
-
-
-def cache_dir() -> Path:
-    """Where downloads live: $ELVIS_CACHE, else ~/.cache/elvis."""
-    return Path(os.environ.get("ELVIS_CACHE", Path.home() / ".cache" / "elvis")).expanduser()
 
 
 def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
@@ -152,24 +146,6 @@ def _download_official(name: str) -> Path:
     return download_to_cache(OFFICIAL_CHECKPOINT_URL.format(name=name),
                              cache_dir() / "checkpoints" / f"{name}.pt", f"checkpoint {name!r}",
                              "pass --checkpoint PATH")
-
-
-def download_to_cache(url: str, target: Path, what: str, alternative: str) -> Path:
-    """`target`, downloaded from `url` the first time; a failed download leaves nothing behind."""
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    try:
-        torch.hub.download_url_to_file(url, str(partial), progress=True)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        partial.unlink(missing_ok=True)
-        raise OfflineError(
-            f"could not download {what} from {url} ({_reason(error)}); "
-            f"copy the file to {target} or {alternative}"
-        ) from None
-    os.replace(partial, target)
-    return target
 
 
 def _reason(error: BaseException) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from elvis_cli.download import cache_dir
 from elvis_cli.errors import InputError
 from elvis_cli.registry import LAYOUT_CLASS, LAYOUT_GLDV2, LAYOUT_PICKLE, REGISTRY
 from elvis_cli.safe_pickle import load_pickle
@@ -81,8 +82,7 @@ def default_data_root() -> Path:
     """$ELVIS_DATA_ROOT, else `<cache>/data` where cache is $ELVIS_CACHE or ~/.cache/elvis."""
     if os.environ.get("ELVIS_DATA_ROOT"):
         return Path(os.environ["ELVIS_DATA_ROOT"]).expanduser()
-    cache = os.environ.get("ELVIS_CACHE") or Path.home() / ".cache" / "elvis"
-    return Path(cache).expanduser() / "data"
+    return cache_dir() / "data"
 
 
 def detect_layout(folder: Path) -> str | None:

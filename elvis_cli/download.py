@@ -19,6 +19,25 @@ from elvis_cli.errors import InputError, OfflineError
 _CHUNK = 1 << 20
 
 
+def cache_dir() -> Path:
+    """Where downloads live: $ELVIS_CACHE, else ~/.cache/elvis."""
+    return Path(os.environ.get("ELVIS_CACHE") or Path.home() / ".cache" / "elvis").expanduser()
+
+
+def download_to_cache(url: str, target: Path, what: str, alternative: str) -> Path:
+    """`target`, fetched from `url` the first time (resumable); offline, one line that says
+    where to put the file instead."""
+    if target.is_file():
+        return target
+    try:
+        fetch(url, target)
+    except OfflineError as error:
+        raise OfflineError(
+            f"could not download {what} ({error}); copy the file to {target} or {alternative}"
+        ) from None
+    return target
+
+
 def offline_forced() -> bool:
     """$ELVIS_OFFLINE=1 means: never touch the network (air-gapped machines, tests)."""
     return os.environ.get("ELVIS_OFFLINE", "").lower() in ("1", "true", "yes", "on")

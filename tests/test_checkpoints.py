@@ -1,7 +1,10 @@
+
 """Checkpoints in the official format: loading, weights-only safety, clear one-line errors."""
 
 import os
 import pickle
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -81,10 +84,10 @@ def test_unknown_name_lists_known_ones():
 def test_official_name_offline_gives_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ELVIS_CACHE", str(tmp_path))
 
-    def no_network(url, dst, progress=True):
-        raise OSError("Network is unreachable")
+    def no_network(request, timeout):
+        raise urllib.error.URLError("Network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(OfflineError) as error:
         load_checkpoint("dinov2_elvis_gld")
     message = str(error.value)
