@@ -100,9 +100,10 @@ def _fill(shape: tuple, dtype, values: list[float]) -> np.ndarray:
     kind = np.dtype(dtype)
     if kind.names or kind.kind == "S":
         return np.zeros(shape, dtype=kind)
-    if kind.kind in "iub":
-        return np.nan_to_num(base, nan=0, posinf=1, neginf=-1).astype(kind)
-    return base.astype(kind)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are the point
+        if kind.kind in "iub":
+            return np.nan_to_num(base, nan=0, posinf=1, neginf=-1).astype(kind)
+        return base.astype(kind)
 
 
 DATASET = st.tuples(SHAPES, st.sampled_from(DTYPES), VALUES)
