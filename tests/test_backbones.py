@@ -237,26 +237,16 @@ def test_dinov2_class_token_weighting(tiny_dino_model):
     image = skimage.data.chelsea()
     tensor = backbone.preprocess(image)
     assert tensor.shape == (3, 42, 70)  # longer side 70, both sides multiples of 14
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    torch.testing.assert_close(tensor, (resize_to_multiple(image, 70, 14) - mean) / std)
+    assert_imagenet_input(tensor, image, 70, 14)
 
     batch = torch.stack([tensor, backbone.preprocess(image[::-1].copy())])
     with torch.inference_mode():
         features = backbone(batch)
         tokens = tiny_dino_model(pixel_values=batch).last_hidden_state
     check_features(features, 2, 20, 32, 32)
-    torch.testing.assert_close(features.global_desc, F.normalize(tokens[:, 0], dim=-1))
     patches = tokens[:, 5:]  # after CLS and 4 registers: 3 x 5 = 15 patches
     assert patches.shape[1] == 15
-    cosine = F.normalize(patches, dim=-1) @ F.normalize(tokens[:, 0], dim=-1)[..., None]
-    best = cosine[..., 0].sort(dim=1, descending=True)
-    torch.testing.assert_close(features.metadata[:, :15, 4], best.values)
-    torch.testing.assert_close(
-        features.local_desc[:, :15],
-        F.normalize(patches.gather(1, best.indices[..., None].expand(-1, -1, 32)), dim=-1),
-    )
-    torch.testing.assert_close(features.metadata[:, :15, :2], grid_centres(3, 5)[best.indices])
+    expected_class_token_selection(features, tokens[:, 0], patches, (3, 5), 15)
     assert (features.metadata[:, 15:, 3] == 1).all()
 
 
@@ -340,6 +330,13 @@ def tiny_vit(name: str):
     return getattr(transformers, model_class)(config).eval()
 
 
+def assert_imagenet_input(tensor, image, side, patch):
+    """The image resized to `side` with both sides multiples of `patch`, ImageNet-normalised."""
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(tensor, (resize_to_multiple(image, side, patch) - mean) / std)
+
+
 def expected_class_token_selection(features, cls, patches, grid, k):
     """Top-k patches by cosine to the global token, in descending weight, with their centres."""
     cosine = F.normalize(patches, dim=-1) @ F.normalize(cls, dim=-1)[..., None]
@@ -358,9 +355,7 @@ def test_dinov3_class_token_weighting_skips_registers():
     image = skimage.data.chelsea()  # 451 x 300 -> longer side 80, sides multiples of 16
     tensor = backbone.preprocess(image)
     assert tensor.shape == (3, 48, 80)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    torch.testing.assert_close(tensor, (resize_to_multiple(image, 80, 16) - mean) / std)
+    assert_imagenet_input(tensor, image, 80, 16)
     batch = torch.stack([tensor, backbone.preprocess(image[::-1].copy())])
     with torch.inference_mode():
         features = backbone(batch)
