@@ -220,17 +220,20 @@ class FeatureStore:
             raise InputError(f"{self.path}: has no global descriptors (official local-only file)")
         with _readable(self.path):
             values = np.asarray(self._global[()], dtype=np.float32)
-        self._check_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)), "global")
+        self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)),
+                                 "global")
         return values
 
     def read_local(
         self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
-        dtype: np.dtype | None = np.float32,
+        dtype: np.dtype | None = np.float32, check_finite: bool = True,
     ) -> np.ndarray:
         """Raw (len, K', 5 + D) float32 rows (metadata then descriptor) for any index order.
 
         dtype None keeps float16 where that is the stored type (our files): HDF5's own float16
-        conversion is slow, so the re-ranking engine converts in torch instead.
+        conversion is slow, so the re-ranking engine converts in torch instead. It also checks
+        finiteness itself (check_finite=False), on its far smaller projections: NaN and inf
+        survive the projection, and numpy's float16 arithmetic is slow.
 
         h5py wants sorted, unique indices, so rows are read once per contiguous run of sorted
         unique indices and then gathered back into the requested order (duplicates included).
@@ -250,17 +253,29 @@ class FeatureStore:
             for run in np.split(np.arange(len(unique)), breaks):
                 if run.size:
                     first, last = unique[run[0]], unique[run[-1]]
-                    rows[run[0] : run[-1] + 1] = self._read_rows(first, last + 1, count)
-        # padding rows may hold anything; a real row with NaN/inf would poison every score
-        real = ~(rows[..., META_PADDING] > 0.5)
-        self._check_finite((~np.isfinite(rows).all(axis=-1) & real).any(axis=1), unique, "local")
-        return rows[inverse]
+                    self._read_rows_into(rows[run[0] : run[-1] + 1], first, last + 1)
+        if check_finite:  # padding rows may hold anything; a real one with NaN/inf would
+            real = ~(rows[..., META_PADDING] > 0.5)  # poison every score
+            self.raise_if_not_finite((~np.isfinite(rows).all(axis=-1) & real).any(axis=1),
+                                     unique, "local")
+        in_order = len(unique) == len(wanted) and np.array_equal(unique, wanted)
+        return rows if in_order else rows[inverse]
+
+    def _read_rows_into(self, out: np.ndarray, start: int, stop: int) -> None:
+        """Images start..stop-1 into `out` (n, count, 5 + D); straight from HDF5, without an
+        intermediate array, where no conversion is needed."""
+        if out.dtype == self._features.dtype:
+            self._features.read_direct(out, np.s_[start:stop, : out.shape[1]])
+        else:
+            out[...] = self._read_rows(start, stop, out.shape[1])
 
     def _read_rows(self, start: int, stop: int, count: int) -> np.ndarray:
         """Images start..stop-1, first `count` rows each, as (n, count, 5 + D) numbers."""
         return self._features[start:stop, :count]
 
-    def _check_finite(self, bad: np.ndarray, rows: np.ndarray, kind: str) -> None:
+    def raise_if_not_finite(self, bad: np.ndarray, rows: np.ndarray, kind: str = "local"
+                            ) -> None:
+        """One-line error naming the first of `rows` flagged `bad` (NaN/inf descriptors)."""
         if bad.any():
             first = int(rows[np.argmax(bad)])
             raise InputError(

@@ -13,9 +13,12 @@ For speed, each image becomes rows whose products give the whole augmented matri
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from elvis_cli.fused_sinkhorn import sinkhorn_votes
 
 # In the linear domain the kernel is exp(A / reg - 1 / reg). Similarities and tanh gains lie in
 # [-1, 1], so those entries sit in [exp(-2 / reg), 1]; only the learned dust_bin corner can leave
@@ -116,18 +119,56 @@ class Elvis(nn.Module):
         return self.score(self.embed(src, src_mask), self.embed(tgt, tgt_mask))
 
     def score(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
-        """Raw scores from embedded images; a (1, m, d) query broadcasts over B gallery images."""
+        """Raw scores from embedded images; a (1, m, d) query broadcasts over B gallery images.
+
+        CPU inference takes the compiled loop (fused_sinkhorn), one pair at a time; CUDA,
+        training (autograd) and large dust_bin values take the torch transport below.
+        """
+        regularisation = self.config.regularisation
+        log_domain = uses_log_domain(self.dust_bin, regularisation)
+        if not log_domain and _runs_compiled(src, tgt):
+            row_votes, col_votes = self._compiled_votes(src, tgt)
+            return self._aggregate_pairs(row_votes, col_votes, src.mask, tgt.mask)
         problem = Transport(self.rows(src, query=True), self.rows(tgt, query=False),
-                            src.mask, tgt.mask, self.config.regularisation,
-                            self.config.sinkhorn_iterations)
-        return self.score_transport(problem, uses_log_domain(self.dust_bin, problem.regularisation))
+                            src.mask, tgt.mask, regularisation, self.config.sinkhorn_iterations)
+        return self.score_transport(problem, log_domain)
 
     def score_transport(self, problem: Transport, log_domain: bool) -> torch.Tensor:
         """Steps 6-9 on prepared rows; `log_domain` is decided once by the caller (no sync)."""
         row_votes, col_votes = transport_votes(problem, log_domain)
-        batch = max(problem.src_rows.shape[0], problem.tgt_rows.shape[0])
-        src_mask = None if problem.src_mask is None else problem.src_mask.expand(batch, -1)
-        return self.aggregate(row_votes, col_votes, src_mask, problem.tgt_mask)
+        return self._aggregate_pairs(row_votes, col_votes, problem.src_mask, problem.tgt_mask)
+
+    def _compiled_votes(self, src: Embedded, tgt: Embedded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 3-8 pair by pair, so that each pair's kernel stays in the core's cache.
+
+        The similarity body is one GEMM with the 1/reg scale folded in; the dustbin border
+        comes from the per-image gains, so no augmented rows are built per pair.
+        """
+        scale = 1.0 / self.config.regularisation
+        (batch, n, _), m = tgt.descriptors.shape, src.descriptors.shape[1]
+        dustbin_rows = torch.exp(tgt.gains * scale)
+        dustbin_cols = torch.exp(src.gains * scale).expand(batch, -1)
+        corner = np.float32(math.exp(self.dust_bin.item() * scale))
+        row_votes, col_votes = torch.empty(batch, m), torch.empty(batch, n)
+        body = torch.empty(m, n)
+        for pair in range(batch):
+            query = min(pair, src.descriptors.shape[0] - 1)
+            torch.addmm(body, src.descriptors[query], tgt.descriptors[pair].T, beta=0,
+                        alpha=scale, out=body).exp_()
+            if src.mask is not None or tgt.mask is not None:
+                body.masked_fill_(_pair_mask(_at(src.mask, query), _at(tgt.mask, pair),
+                                             body[None])[0], 0.0)
+            sinkhorn_votes(body.numpy(), dustbin_rows[pair].numpy(),
+                           dustbin_cols[pair].numpy(), corner, self.config.sinkhorn_iterations,
+                           row_votes[pair].numpy(), col_votes[pair].numpy())
+        return row_votes, col_votes
+
+    def _aggregate_pairs(self, row_votes: torch.Tensor, col_votes: torch.Tensor,
+                         src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None
+                         ) -> torch.Tensor:
+        if src_mask is not None:  # a single query's mask broadcasts like its descriptors
+            src_mask = src_mask.expand(row_votes.shape[0], -1)
+        return self.aggregate(row_votes, col_votes, src_mask, tgt_mask)
 
     def rows(self, embedded: Embedded, query: bool) -> torch.Tensor:
         """Per-image rows (B, m + 1, d + 2) whose products are the augmented matrix of step 4.
@@ -165,6 +206,17 @@ class Elvis(nn.Module):
     def logit(self, raw_score: torch.Tensor) -> torch.Tensor:
         """Training-time logit g(raw) for the binary cross-entropy loss (step 10)."""
         return self.g(raw_score.unsqueeze(-1)).squeeze(-1)
+
+
+def _runs_compiled(src: Embedded, tgt: Embedded) -> bool:
+    """CPU float32 inference: what fused_sinkhorn serves (it has no autograd and no CUDA)."""
+    tensors = (src.descriptors, src.gains, tgt.descriptors, tgt.gains)
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _at(mask: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    return None if mask is None else mask[index : index + 1]
 
 
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ class ShortlistedGallery(FeatureStore):
         self.sizes, self.backbone_settings, self.root = None, None, None
 
     def read_local(self, indices, num_local: int | None = None,
-                   dtype: np.dtype | None = np.float32) -> np.ndarray:
+                   dtype: np.dtype | None = np.float32, check_finite: bool = True) -> np.ndarray:
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= self.num_images):
             raise InputError(f"{self.path}: image index out of range 0..{self.num_images - 1}")
@@ -112,7 +112,7 @@ class ShortlistedGallery(FeatureStore):
             absent = int(wanted[np.flatnonzero(rows < 0)[0]])
             raise InputError(f"gallery image {absent} is in no shortlist, so {self.path.name} "
                              "(shortlisted images only) does not hold it")
-        return self._store.read_local(rows, num_local, dtype)
+        return self._store.read_local(rows, num_local, dtype, check_finite)
 
 
 def open_local(path: str | Path, allow_external_sources: bool = False) -> FeatureStore:

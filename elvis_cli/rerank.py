@@ -5,6 +5,7 @@ every pair that image takes part in; queries are processed in blocks whose galle
 a fixed cache, so memory is bounded by options, not by the gallery size.
 """
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -12,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -29,16 +29,22 @@ from elvis_cli.shortlist import Shortlist
 
 T = TypeVar("T")
 
+# Pairs a CPU worker scores per call: the model computes them one kernel at a time, so this
+# only amortises per-call work (the votes' f network runs once per call) over the pairs.
+CPU_PAIRS_PER_CALL = 32
+
 
 @dataclass
 class RerankConfig:
     shortlist: int = 100  # how many of each query's list are scored by ELViS
     num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
     # files that store fewer use all of theirs
-    batch_size: int = 100  # pairs scored at once on CUDA; CPU takes as many as fit its L2 cache
+    batch_size: int = 100  # pairs scored at once on CUDA (CPU: a fixed CPU_PAIRS_PER_CALL, so
+    # that CPU scores are bitwise the same for every batch size)
     cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last
     # block's stay for the next block or call, so up to twice this is held while one is built)
-    read_images: int = 64  # images per HDF5 read; reads run one step ahead of compute
+    read_images: int = 16  # images per HDF5 read; reads run one step ahead of compute (small
+    # reads keep the float32 conversion of a worker's share in cache)
     device: str = "auto"
     workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
     precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
@@ -98,14 +104,24 @@ class _Images:
                        np.concatenate([p.padded for p in parts]))
 
 
+@dataclass
+class _Read:
+    """Rows of images read from a store, as stored (pinned when bound for CUDA)."""
+
+    store: FeatureStore
+    rows: np.ndarray  # (n,) image indices in the store
+    stored: torch.Tensor  # (n, K, 5 + D) metadata and descriptors
+    padding: np.ndarray  # (n, K) True where a slot is padding
+
+
 class PairScorer:
     """Raw scores of (query, gallery) pairs read from two feature stores, by ELViS or any module
     with its interface (`embed` once per image, `score` per pair; the chamfer baseline).
 
     Per image, projection and dustbin gains are computed once. Pairs of a block of queries are
-    scored in chunks: on CPU each worker thread takes chunks small enough that their transport
-    kernels stay in the L2 cache through all Sinkhorn iterations; on CUDA a chunk is
-    `batch_size` pairs, across queries when shortlists are short, with no host sync per pair.
+    scored in chunks, across queries when shortlists are short: on CPU each worker thread takes
+    CPU_PAIRS_PER_CALL pairs (the model keeps one pair's kernel in cache at a time); on CUDA a
+    chunk is `batch_size` pairs, with no host sync per pair.
     HDF5 reads run in a background thread one step ahead of compute.
     """
 
@@ -127,17 +143,14 @@ class PairScorer:
         half = self.config.precision == "float16" or (self.config.precision == "auto" and not cpu)
         self.embedded_dtype = torch.float16 if half else torch.float32
         self.workers = (self.config.workers or torch.get_num_threads()) if cpu else 1
-        # CPU: as many pairs as keep their kernels in L2, whatever batch_size says, so that
-        # chunks and hence scores are bitwise the same for every batch size
-        kernel_bytes = 4 * (self._num_local(queries) + 1) * (self._num_local(gallery) + 1)
-        self.pairs_per_call = (max(1, _l2_cache_bytes() // (2 * kernel_bytes)) if cpu
-                               else self.config.batch_size)
+        self.pairs_per_call = CPU_PAIRS_PER_CALL if cpu else self.config.batch_size
         # wall time per phase over all calls: reads overlap both, so they show only as waits
         self.seconds = {"read and embed": 0.0, "score": 0.0}
         # the last block's gallery rows stay embedded for the next block or call (evaluate
         # scores several shortlist sizes); a changed model needs a new PairScorer
         self._kept_ids = np.zeros(0, dtype=np.int64)
         self._kept: _Images | None = None
+        self._buffers = threading.local()
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
@@ -218,31 +231,33 @@ class PairScorer:
         wanted = self.config.num_local
         return store.num_local if wanted is None else min(wanted, store.num_local)
 
-    def _read(self, store: FeatureStore, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Descriptors with padding zeroed (released files may hold anything there) and masks.
+    def _read(self, store: FeatureStore, rows: np.ndarray) -> _Read:
+        """Rows as stored (float16 in our files), converted later by torch on the workers or
+        the GPU: HDF5's own float16 conversion is several times slower."""
+        stored = store.read_local(rows, self._num_local(store), dtype=None, check_finite=False)
+        padding = stored[..., META_PADDING] > 0.5
+        tensor = torch.from_numpy(stored)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return _Read(store, rows, tensor, padding)
 
-        Rows come in the stored type (float16 in our files) and are converted by torch, in one
-        pass with the slicing: HDF5's own float16 conversion is several times slower.
+    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator[_Read], count: int) -> _Images:
+        """Embeddings of the next `count` images that the reader delivers.
+
+        Each read is split among the workers, and the next read's pieces are queued before this
+        one's are done, so that no worker waits for the others; at most two reads are in
+        flight, so memory stays bounded by read_images.
         """
-        stored = torch.from_numpy(store.read_local(rows, self._num_local(store), dtype=None))
-        mask = stored[..., META_PADDING] > 0.5
-        descriptors = stored[..., NUM_META:]
-        if self.device.type == "cuda":  # travels as stored, converted on the GPU
-            descriptors = descriptors.contiguous().pin_memory()
-        else:
-            descriptors = descriptors.float()
-        if mask.any():
-            descriptors.masked_fill_(mask.unsqueeze(-1), 0.0)
-        return descriptors, mask.numpy()
-
-    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator, count: int) -> _Images:
-        """Embeddings of the next `count` images that the reader delivers; workers share reads."""
-        parts, masks = [], []
+        parts, masks, pending = [], [], deque()
         for _ in range(-(-count // self.config.read_images)):
-            descriptors, mask = next(reads)
-            masks.append(mask)
-            pieces = torch.tensor_split(descriptors, min(self.workers, len(descriptors)))
-            parts += pool.map(self._embed_part, pieces)
+            read = next(reads)
+            masks.append(read.padding)
+            pieces = np.array_split(np.arange(len(read.rows)), min(self.workers, len(read.rows)))
+            pending.extend(pool.submit(self._embed_part, read, (piece[0], piece[-1] + 1))
+                           for piece in pieces)
+            while len(pending) > 2 * len(pieces):
+                parts.append(pending.popleft().result())
+        parts += [future.result() for future in pending]
         if not parts:
             empty = torch.empty(0)
             return _Images(Embedded(empty, empty, empty), np.zeros(0, dtype=bool))
@@ -253,9 +268,33 @@ class PairScorer:
         return _Images(embedded, mask.any(axis=1))
 
     @torch.inference_mode()
-    def _embed_part(self, descriptors: torch.Tensor) -> Embedded:
-        embedded = self.model.embed(descriptors.to(self.device, non_blocking=True).float())
+    def _embed_part(self, read: _Read, span: tuple[int, int]) -> Embedded:
+        """Embed images span[0]..span[1]-1 of a read, padding zeroed (released files may hold
+        anything there). A NaN or inf descriptor leaves its image's embedding non-finite, which
+        is checked here, on 6x fewer numbers than the stored rows."""
+        start, stop = span
+        stored = read.stored[start:stop, :, NUM_META:]
+        if self.device.type == "cpu":
+            descriptors = self._float32_buffer(stored.shape).copy_(stored)
+        else:
+            descriptors = stored.to(self.device, non_blocking=True).float()
+        padding = read.padding[start:stop]
+        if padding.any():
+            descriptors.masked_fill_(torch.from_numpy(padding).to(self.device)[..., None], 0.0)
+        embedded = self.model.embed(descriptors)
+        bad = ~embedded.descriptors.sum(dim=(1, 2)).isfinite()
+        if bad.any():
+            read.store.raise_if_not_finite(bad.cpu().numpy(), read.rows[start:stop])
         return Embedded(embedded.descriptors.to(self.embedded_dtype), embedded.gains)
+
+    def _float32_buffer(self, shape: torch.Size) -> torch.Tensor:
+        """This thread's conversion buffer, reused: a fresh tensor per read costs the kernel's
+        page faults on every call, more than the conversion itself. embed copies out of it."""
+        size = shape.numel()
+        buffer = getattr(self._buffers, "float32", None)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers.float32 = torch.empty(size)
+        return buffer[:size].view(shape)
 
 
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
@@ -294,8 +333,8 @@ def _read_ahead(reads: list[Callable[[], T]], depth: int = 1) -> Iterator[T]:
 def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
     """Threads that score side by side, each single-threaded inside torch.
 
-    One pair per thread keeps each kernel in its core's cache, and avoids intra-op thread
-    barriers, which stall badly when other processes share the cores.
+    A pair per thread at a time keeps each kernel in its core's cache, and avoids intra-op
+    thread barriers, which stall badly when other processes share the cores.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -305,18 +344,6 @@ def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
             yield pool
     finally:
         torch.set_num_threads(threads)
-
-
-def _l2_cache_bytes() -> int:
-    """Per-core L2 size from Linux sysfs (e.g. "2048K"); 1 MiB where the system does not say."""
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip()
-                return int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
-        except (OSError, ValueError):
-            continue
-    return 1 << 20
 
 
 def fuse_and_sort(

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.model import Elvis, ElvisConfig, Embedded, _runs_compiled
 from tests.reference_elvis import reference_score
 
 TOLERANCE = 1e-4
@@ -28,15 +28,21 @@ def descriptors(batch: int, count: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def assert_matches_reference(model, src, tgt, src_mask=None, tgt_mask=None):
+    """Both transport paths: inference takes the compiled CPU loop, a graph for autograd
+    (training) takes the torch ops that CUDA runs too."""
     with torch.no_grad():
         scores = model(src, tgt, src_mask, tgt_mask)
+    with torch.enable_grad():
+        torch_path = model(src, tgt, src_mask, tgt_mask).detach()
     state = model.state_dict()
     for b in range(src.shape[0]):
         expected = reference_score(
             state, src[b], tgt[b],
             None if src_mask is None else src_mask[b],
             None if tgt_mask is None else tgt_mask[b])
-        assert abs(float(scores[b]) - expected) <= TOLERANCE, (b, float(scores[b]), expected)
+        for path, values in (("compiled", scores), ("torch", torch_path)):
+            assert abs(float(values[b]) - expected) <= TOLERANCE, (path, b, float(values[b]),
+                                                                   expected)
     return scores
 
 
@@ -55,6 +61,13 @@ def test_single_pair_matches_reference():
 def test_batch_with_unequal_sizes_matches_reference():
     model = random_model(seed=3)
     assert_matches_reference(model, descriptors(5, 23, 48, 4), descriptors(5, 41, 48, 5))
+
+
+@pytest.mark.parametrize(("m", "n"), [(1, 1), (3, 5), (4, 4), (5, 3), (9, 2)])
+def test_small_sizes_match_reference(m, n):
+    """Row counts below, at and past the compiled loop's blocks of four."""
+    model = random_model(seed=40 + m)
+    assert_matches_reference(model, descriptors(2, m, 48, m), descriptors(2, n, 48, 50 + n))
 
 
 @pytest.mark.parametrize("side", ["src", "tgt", "both"])
@@ -107,6 +120,17 @@ def test_query_broadcasts_over_gallery_batch():
         broadcast = model.score(model.embed(src), model.embed(tgt))
         paired = model(src.expand(6, -1, -1), tgt)
     torch.testing.assert_close(broadcast, paired)
+
+
+def test_inference_on_cpu_takes_the_compiled_loop():
+    model = random_model(seed=27)
+    src, tgt = model.embed(descriptors(1, 9, 48, 28)), model.embed(descriptors(2, 9, 48, 29))
+    assert not _runs_compiled(src, tgt)  # parameters require grad: a graph is being built
+    with torch.no_grad():
+        src, tgt = model.embed(descriptors(1, 9, 48, 28)), model.embed(descriptors(2, 9, 48, 29))
+    assert _runs_compiled(src, tgt)
+    half = Embedded(src.descriptors.half(), src.gains.half())
+    assert not _runs_compiled(half, tgt)
 
 
 def test_gradients_are_finite():

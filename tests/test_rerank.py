@@ -77,9 +77,9 @@ def test_scores_match_reference(stores, options):
     np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)
 
 
-def test_chunks_cross_queries_when_kernels_are_small(stores):
-    """Small kernels fit the cache many at a time: chunks then span queries, as on CUDA, and do
-    not depend on batch_size, so neither do the scores, to the bit."""
+def test_cpu_chunks_cross_queries_and_ignore_batch_size(stores):
+    """CPU chunks span queries, as on CUDA, and do not depend on batch_size, so neither do the
+    scores, to the bit."""
     queries, gallery = stores
     model = random_model(dim=D, seed=31)
     scores = [PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=size))
@@ -91,15 +91,16 @@ def test_chunks_cross_queries_when_kernels_are_small(stores):
     np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
 
 
-def test_one_pair_per_call_when_a_kernel_fills_the_cache(stores, monkeypatch):
-    """The K = 600 case on a 2 MiB L2: each worker scores single pairs, on views of the rows."""
+def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
+    """The model computes a chunk's pairs one by one; the chunk size changes nothing."""
     queries, gallery = stores
-    monkeypatch.setattr("elvis_cli.rerank._l2_cache_bytes", lambda: 1024)
     model = random_model(dim=D, seed=36)
-    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", workers=2))
+    config = RerankConfig(device="cpu", workers=2)
+    chunked = PairScorer(model, queries, gallery, config).score(CANDIDATES)
+    monkeypatch.setattr("elvis_cli.rerank.CPU_PAIRS_PER_CALL", 1)
+    scorer = PairScorer(model, queries, gallery, config)
     assert scorer.pairs_per_call == 1
-    expected = reference(model, queries, gallery, CANDIDATES, None)
-    np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
+    assert scorer.score(CANDIDATES).tobytes() == chunked.tobytes()
 
 
 def test_large_dust_bin_takes_the_log_domain_path(stores):
