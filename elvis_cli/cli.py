@@ -155,7 +155,9 @@ def rerank(
     temperature: Annotated[float | None, typer.Option(
         "--temp", help="Fusion temperature on the raw score.")] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
-    batch_size: Annotated[int, typer.Option(min=1, help="Pairs scored at once.")] = 100,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs scored at once on CUDA.")] = 100,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads scoring pairs; default: torch's thread count.")] = None,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(
         help="Similarity products: auto (float16 on CUDA, float32 on CPU), float32, float16.")
@@ -191,7 +193,8 @@ def rerank(
         else:
             candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
         config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
-                              batch_size=batch_size, device=device, precision=precision)
+                              batch_size=batch_size, device=device, precision=precision,
+                              workers=workers)
         with _progress("re-ranking", query_store.num_images) as advance:
             result = run_rerank(ckpt.model, query_store, gallery_store, candidate_list, fusion,
                                 config, progress=advance)

@@ -101,8 +101,13 @@ def test_extract_then_rerank_in_the_same_folder(tmp_path):
     for _, rows in table.groupby("query_index"):
         assert (np.diff(rows["score"].to_numpy()) <= 1e-7).all()  # sorted by fused score
     parquet = elvis("rerank", "--shortlist", "2", "--checkpoint", "c.pt", "-o", "r.parquet",
-                    cwd=tmp_path)
-    assert parquet.returncode == 0 and len(pd.read_parquet(tmp_path / "r.parquet")) == 16
+                    "--workers", "1", cwd=tmp_path)
+    assert parquet.returncode == 0, parquet.stderr
+    one_thread = pd.read_parquet(tmp_path / "r.parquet")
+    assert len(one_thread) == 16
+    both = table.merge(one_thread, on=["query_index", "gallery_index"], suffixes=("", "_one"))
+    assert len(both) == 16  # same bits with one worker thread as with two
+    assert (both["raw_score"].astype(np.float32) == both["raw_score_one"]).all()
     half = elvis("rerank", "--checkpoint", "c.pt", "--device", "cpu", "--precision", "float16",
                  cwd=tmp_path)
     assert half.returncode == 1 and "needs a CUDA device" in half.stderr, half.stderr
