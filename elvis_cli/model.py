@@ -5,9 +5,11 @@ transport plan is computed with 10 Sinkhorn iterations, and the best transport v
 descriptor is a "vote" that a small learned function turns into a count of confident matches.
 
 Parameter names follow the official state dict, so the released checkpoints load as they are.
-For speed, each image becomes rows whose products give the whole augmented matrix in one GEMM
-(Elvis.rows), and Sinkhorn runs in the linear domain, with the spec's log domain as fallback
-(transport_votes); tests/reference_elvis.py is the plain form these are checked against.
+For speed, Sinkhorn runs in the linear domain, with the spec's log domain as fallback. CPU
+inference runs it pair by pair in one compiled loop (fused_sinkhorn); CUDA and training use
+torch ops, where each image becomes rows whose products give the whole augmented matrix in one
+GEMM (Elvis.rows, transport_votes). tests/reference_elvis.py is the plain form both are
+checked against.
 """
 
 import math

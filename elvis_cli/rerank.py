@@ -273,11 +273,12 @@ class PairScorer:
         anything there). A NaN or inf descriptor leaves its image's embedding non-finite, which
         is checked here, on 6x fewer numbers than the stored rows."""
         start, stop = span
-        stored = read.stored[start:stop, :, NUM_META:]
         if self.device.type == "cpu":
+            stored = read.stored[start:stop, :, NUM_META:]
             descriptors = self._float32_buffer(stored.shape).copy_(stored)
-        else:
-            descriptors = stored.to(self.device, non_blocking=True).float()
+        else:  # the contiguous pinned rows travel as stored; sliced and converted on the GPU
+            stored = read.stored[start:stop].to(self.device, non_blocking=True)
+            descriptors = stored[..., NUM_META:].float()
         padding = read.padding[start:stop]
         if padding.any():
             descriptors.masked_fill_(torch.from_numpy(padding).to(self.device)[..., None], 0.0)

@@ -204,10 +204,18 @@ def test_degenerate_galleries_and_descriptors(tmp_path, checkpoint, capsys):
     assert code == 0 and len(pd.read_csv(tmp_path / "q.csv")) == 4, err
 
     poisoned = descriptor_rows(rng, 3)
-    poisoned[1, 0, 7] = np.nan
-    bad = features_file(tmp_path / "nan.h5", poisoned, unit(rng, 3))
-    code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, capsys=capsys)
-    one_error_line(code, err, "NaN/inf local descriptors, first 'img1.jpg'")
+    poisoned[0, 4, 3], poisoned[0, 4, 6] = 1, np.nan  # in a padding row: harmless
+    bad = features_file(tmp_path / "padding_nan.h5", poisoned, unit(rng, 3))
+    code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, "-o",
+                       tmp_path / "p.csv", capsys=capsys)
+    assert code == 0 and np.isfinite(pd.read_csv(tmp_path / "p.csv")["raw_score"]).all(), err
+    for image, value in ((1, np.nan), (2, np.inf), (2, -np.inf)):
+        poisoned = descriptor_rows(rng, 3)
+        poisoned[image, 0, 7] = value
+        bad = features_file(tmp_path / f"{image}{value}.h5", poisoned, unit(rng, 3))
+        code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint,
+                           capsys=capsys)
+        one_error_line(code, err, f"NaN/inf local descriptors, first 'img{image}.jpg'")
     glob_nan = unit(rng, 3)
     glob_nan[0, 0] = np.inf
     bad = features_file(tmp_path / "inf.h5", descriptor_rows(rng, 3), glob_nan)
