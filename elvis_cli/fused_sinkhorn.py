@@ -37,7 +37,7 @@ def sinkhorn_votes(
     total = np.float32(m + n)
     share = np.float32(1.0) / total
     row_bin_share, col_bin_share = np.float32(n) / total, np.float32(m) / total
-    u = np.empty(m, np.float32)
+    u = np.zeros(m, np.float32)  # (zero iterations: no votes)
     v = np.ones(n, np.float32)
     v_bin = np.float32(1.0)
     column_sums = np.empty(n, np.float32)  # K^T u, built row by row
