@@ -1,7 +1,9 @@
 """A slow, plain ELViS forward pass written line by line from ELVIS_SPEC §1.
 
-One pair at a time, log-domain Sinkhorn on the augmented matrix, no batching tricks: the
-yardstick that the production model and re-ranking engine are checked against.
+Log-domain Sinkhorn on the augmented matrix, per-image work redone for every pair, no
+batching tricks: the yardstick that the production model and re-ranking engine are checked
+against. It scores one pair (reference_score) or a batch of equally sized pairs
+(reference_scores), the way the authors' forward pass runs.
 """
 
 import math
@@ -23,11 +25,25 @@ def reference_score(
 
     float64 for the parity tests; benchmarks/rerank_speed.py times it in float32.
     """
+    pads = [None if pad is None else pad[None] for pad in (src_pad, tgt_pad)]
+    return float(reference_scores(state, src[None], tgt[None], *pads, iterations, dtype)[0])
+
+
+def reference_scores(
+    state: dict[str, torch.Tensor],
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    src_pad: torch.Tensor | None = None,
+    tgt_pad: torch.Tensor | None = None,
+    iterations: int = 10,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Raw ELViS scores (B,) of B pairs: src (B, m, D), tgt (B, n, D), flags (B, m), (B, n)."""
     src, tgt = src.to(dtype), tgt.to(dtype)
     sd = {k: v.to(dtype) for k, v in state.items()}
-    m, n = src.shape[0], tgt.shape[0]
-    src_pad = torch.zeros(m, dtype=torch.bool) if src_pad is None else src_pad
-    tgt_pad = torch.zeros(n, dtype=torch.bool) if tgt_pad is None else tgt_pad
+    batch, m, n = src.shape[0], src.shape[1], tgt.shape[1]
+    src_pad = torch.zeros(batch, m, dtype=torch.bool) if src_pad is None else src_pad
+    tgt_pad = torch.zeros(batch, n, dtype=torch.bool) if tgt_pad is None else tgt_pad
 
     def project(x):  # step 1
         x = F.linear(x, sd["remap_local.0.weight"], sd["remap_local.0.bias"])
@@ -36,17 +52,18 @@ def reference_score(
 
     def gain(x):  # step 2
         h = F.gelu(F.linear(x, sd["dust_bin_mlp.0.weight"], sd["dust_bin_mlp.0.bias"]))
-        return torch.tanh(F.linear(h, sd["dust_bin_mlp.2.weight"], sd["dust_bin_mlp.2.bias"]))[:, 0]
+        return torch.tanh(F.linear(h, sd["dust_bin_mlp.2.weight"], sd["dust_bin_mlp.2.bias"]))[
+            ..., 0]
 
     s, t = project(src), project(tgt)
     hs, ht = gain(s), gain(t)
-    sim = s @ t.T  # step 3
-    sim[src_pad[:, None] | tgt_pad[None, :]] = -math.inf
-    aug = torch.empty(m + 1, n + 1, dtype=dtype)  # step 4
-    aug[:m, :n] = sim
-    aug[m, :n] = ht
-    aug[:m, n] = hs
-    aug[m, n] = sd["dust_bin"]
+    sim = s @ t.transpose(1, 2)  # step 3
+    sim[src_pad[:, :, None] | tgt_pad[:, None, :]] = -math.inf
+    aug = torch.empty(batch, m + 1, n + 1, dtype=dtype)  # step 4
+    aug[:, :m, :n] = sim
+    aug[:, m, :n] = ht
+    aug[:, :m, n] = hs
+    aug[:, m, n] = sd["dust_bin"]
     big_n = m + n  # step 5
     log_a = torch.full((m + 1,), -math.log(big_n), dtype=dtype)
     log_a[m] += math.log(n)
@@ -54,19 +71,19 @@ def reference_score(
     log_b[n] += math.log(m)
     reg = 1.0 / math.exp(math.log(10.0))
     big_m = aug / reg  # step 6
-    u = torch.zeros(m + 1, dtype=dtype)
-    v = torch.zeros(n + 1, dtype=dtype)
+    u = torch.zeros(batch, m + 1, dtype=dtype)
+    v = torch.zeros(batch, n + 1, dtype=dtype)
     for _ in range(iterations):
-        u = log_a - torch.logsumexp(big_m + v[None, :], dim=1)
-        v = log_b - torch.logsumexp(big_m + u[:, None], dim=0)
-    plan = torch.exp(big_m + u[:, None] + v[None, :] + math.log(big_n))[:m, :n]  # step 7
-    votes = torch.cat([plan.max(dim=1).values, plan.max(dim=0).values])  # step 8
+        u = log_a - torch.logsumexp(big_m + v[:, None, :], dim=2)
+        v = log_b - torch.logsumexp(big_m + u[:, :, None], dim=1)
+    plan = torch.exp(big_m + u[:, :, None] + v[:, None, :] + math.log(big_n))[:, :m, :n]  # 7
+    votes = torch.cat([plan.max(dim=2).values, plan.max(dim=1).values], dim=1)  # step 8
 
     def f(x):  # step 9
-        h = F.linear(x[:, None], sd["f.0.weight"], sd["f.0.bias"])
+        h = F.linear(x[..., None], sd["f.0.weight"], sd["f.0.bias"])
         h = F.gelu(F.layer_norm(h, (16,), sd["f.1.weight"], sd["f.1.bias"], 1e-6))
-        return F.linear(h, sd["f.3.weight"], sd["f.3.bias"])[:, 0]
+        return F.linear(h, sd["f.3.weight"], sd["f.3.bias"])[..., 0]
 
     confidence = torch.sigmoid(f(votes))
-    confidence[torch.cat([src_pad, tgt_pad])] = 0.0
-    return float(confidence.sum())
+    confidence[torch.cat([src_pad, tgt_pad], dim=1)] = 0.0
+    return confidence.sum(dim=1)

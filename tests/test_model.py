@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elvis_cli.model import Elvis, ElvisConfig, Embedded, _runs_compiled
-from tests.reference_elvis import reference_score
+from tests.reference_elvis import reference_score, reference_scores
 
 TOLERANCE = 1e-4
 
@@ -44,6 +44,19 @@ def assert_matches_reference(model, src, tgt, src_mask=None, tgt_mask=None):
             assert abs(float(values[b]) - expected) <= TOLERANCE, (path, b, float(values[b]),
                                                                    expected)
     return scores
+
+
+def test_batched_reference_scores_each_pair_as_alone():
+    """The benchmark times the reference in batches: the batch must not mix pairs."""
+    state = random_model(seed=60).state_dict()
+    src, tgt = descriptors(3, 11, 48, 61), descriptors(3, 13, 48, 62)
+    src_pad, tgt_pad = torch.zeros(3, 11, dtype=torch.bool), torch.zeros(3, 13, dtype=torch.bool)
+    src_pad[1, 6:], tgt_pad[2, 1:] = True, True
+    batched = reference_scores(state, src, tgt, src_pad, tgt_pad)
+    alone = [reference_score(state, src[b], tgt[b], src_pad[b], tgt_pad[b]) for b in range(3)]
+    torch.testing.assert_close(batched, torch.tensor(alone, dtype=torch.float64), rtol=0,
+                               atol=1e-9)
+    assert len(set(alone)) == 3
 
 
 def test_official_parameter_count_and_names():
