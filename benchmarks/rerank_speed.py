@@ -136,7 +136,7 @@ def main() -> None:
               f"{scorer.pairs_per_call} pair(s) per call)")
         print(f"  of which the scoring kernel alone:  {kernel:9.1f} pairs/s "
               "(without reading and embedding the images)")
-        images = args.queries + args.gallery
+        images = args.queries + len(np.unique(shortlist.indices))  # those read and embedded
         print(f"  reading and embedding {images} images: {embedding:.3f} s wall "
               f"({1e3 * embedding / images:.2f} ms per image)")
         print(f"ratio production / reference: {production / reference:.1f}x one pair at a time,"
