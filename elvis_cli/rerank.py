@@ -43,8 +43,8 @@ class RerankConfig:
     # that CPU scores are bitwise the same for every batch size)
     cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last
     # block's stay for the next block or call, so up to twice this is held while one is built)
-    read_images: int = 16  # images per HDF5 read; reads run one step ahead of compute (small
-    # reads keep the float32 conversion of a worker's share in cache)
+    read_images: int = 16  # images per HDF5 read; reads run one step ahead of compute (16 was
+    # faster than 64 in benchmarks/rerank_speed.py: smaller conversions, workers start sooner)
     device: str = "auto"
     workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
     precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
