@@ -14,6 +14,7 @@ the features); their ratios, the max abs raw-score differences, and end-to-end p
 """
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,11 @@ def main() -> None:
             kernel = pairs / statistics.median(s.seconds["score"] for s in scorers)
             embedding = statistics.median(s.seconds["read and embed"] for s in scorers)
             production, scorer = pairs / seconds, scorers[-1]
+            cached = dataclasses.replace(config, embedding_cache=folder / "embeddings")
+            PairScorer(model, queries, gallery, cached).score(shortlist.indices)  # fills it
+            warm, warm_raw = timed(
+                lambda: PairScorer(model, queries, gallery, cached).score(shortlist.indices),
+                args.repeats)
             reference, raw32, raw64 = reference_path(model, queries, gallery, shortlist, args)
             batched, raw_batched = batched_reference_path(model, queries, gallery, shortlist,
                                                           args)
@@ -139,6 +145,8 @@ def main() -> None:
         images = args.queries + len(np.unique(shortlist.indices))  # those read and embedded
         print(f"  reading and embedding {images} images: {embedding:.3f} s wall "
               f"({1e3 * embedding / images:.2f} ms per image)")
+        print(f"production, embedding cache warm:     {pairs / warm:9.1f} pairs/s "
+              f"(same bits: {warm_raw.tobytes() == raw.tobytes()}; images loaded, not embedded)")
         print(f"ratio production / reference: {production / reference:.1f}x one pair at a time,"
               f" {production / batched:.1f}x batched")
         print(f"raw scores: min {np.min(raw):.1f}, median {np.median(raw):.1f}, max "
@@ -158,6 +166,11 @@ def main() -> None:
         print(f"end-to-end `elvis rerank` (in process): {pairs / seconds:7.1f} pairs/s "
               f"({kernel * seconds / pairs:.2f}x the kernel's time, "
               f"{production * seconds / pairs:.2f}x the production path's)")
+        seconds, _ = timed(lambda: app(args=[*command, "--embedding-cache",
+                                             str(folder / "embeddings")], standalone_mode=False),
+                           args.repeats)
+        print(f"  with --embedding-cache, warm:       {pairs / seconds:7.1f} pairs/s "
+              f"({kernel * seconds / pairs:.2f}x the kernel's time)")
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "elvis_cli", *command], check=True,
                        stdout=subprocess.DEVNULL)

@@ -7,6 +7,7 @@ stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 int
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from elvis_cli import __version__
 from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import EXIT_PARTIAL, ElvisError, InputError
+from elvis_cli.errors import EXIT_PARTIAL, ElvisError, ElvisWarning, InputError
 
 app = typer.Typer(
     name="elvis",
@@ -33,6 +34,10 @@ console = Console()
 wide_console = console if console.is_terminal else Console(width=160)
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+EmbeddingCacheOption = Annotated[Path | None, typer.Option(
+    help="Folder keeping ELViS embeddings of images between runs (per features file and "
+         "checkpoint): a gallery re-ranked again is not embedded again. Needs about 0.5 KB per "
+         "descriptor.")]
 ExternalOption = Annotated[bool, typer.Option(
     "--allow-external-sources",
     help="Let features files read data from files outside their own folder (only for files "
@@ -158,6 +163,7 @@ def rerank(
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs scored at once on CUDA.")] = 100,
     workers: Annotated[int | None, typer.Option(
         min=1, help="CPU threads scoring pairs; default: torch's thread count.")] = None,
+    embedding_cache: EmbeddingCacheOption = None,
     device: DeviceOption = "auto",
     precision: Annotated[str, typer.Option(
         help="Similarity products: auto (float16 on CUDA, float32 on CPU), float32, float16.")
@@ -194,7 +200,7 @@ def rerank(
             candidate_list = _global_shortlist(query_store, gallery_store, same, shortlist_size)
         config = RerankConfig(shortlist=shortlist_size, num_local=num_local,
                               batch_size=batch_size, device=device, precision=precision,
-                              workers=workers)
+                              workers=workers, embedding_cache=embedding_cache)
         with _progress("re-ranking", query_store.num_images) as advance:
             result = run_rerank(ckpt.model, query_store, gallery_store, candidate_list, fusion,
                                 config, progress=advance)
@@ -233,6 +239,7 @@ def evaluate(
                            ] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
     device: DeviceOption = "auto",
+    embedding_cache: EmbeddingCacheOption = None,
     out_dir: Annotated[Path, typer.Option(
         help="Where results.json/.csv and runtime.png go.")] = Path("elvis-results"),
     json_path: Annotated[Path | None, typer.Option("--json", help="JSON results path.")] = None,
@@ -275,7 +282,7 @@ def evaluate(
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
                             temperature=temperature, num_local=num_local, device=device,
-                            descriptors=descriptors)
+                            descriptors=descriptors, embedding_cache=embedding_cache)
     results = []
     with _stages(len(names) * config.num_stages(), enabled=not quiet) as on_stage:
         for name in names:
@@ -536,8 +543,20 @@ USAGE_ERRORS = (click.ClickException,
                 next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings as one line; anything else as Python shows it."""
+    if issubclass(category, ElvisWarning):
+        print(f"elvis: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
+    warnings.showwarning = _show_warning
     try:
         # without standalone mode click returns typer.Exit's code instead of exiting
         code = app(args=_expand_multi_values(sys.argv[1:]), prog_name="elvis",

@@ -38,6 +38,10 @@ class DiskFullError(ElvisError):
     exit_code = EXIT_DISK_FULL
 
 
+class ElvisWarning(UserWarning):
+    """Something a user should know that did not stop the job; the CLI prints it on one line."""
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> InputError:
     """The error for a misspelt name: the closest known one as a suggestion, then all of them."""
     names = list(known)

@@ -57,6 +57,7 @@ class EvaluateConfig:
     device: str = "auto"
     features_dir: Path | None = None  # None: <dataset>/features/
     descriptors: str | None = None  # released files of this name instead of extraction
+    embedding_cache: Path | None = None  # keeps ELViS embeddings between runs (EmbeddingCache)
 
     def __post_init__(self) -> None:
         if not self.shortlists or any(size < 0 for size in self.shortlists):
@@ -154,7 +155,8 @@ def evaluate_dataset(
         for model_name in config.rerankers:
             module, fusion, label = _reranker(model_name, config, features, checkpoint)
             scorer = PairScorer(module, features.queries, features.gallery, RerankConfig(
-                num_local=config.num_local, batch_size=config.batch_size, device=config.device))
+                num_local=config.num_local, batch_size=config.batch_size, device=config.device,
+                embedding_cache=config.embedding_cache if model_name == "elvis" else None))
             scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
             for size in (size for size in config.shortlists if size > 0):
                 stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")

@@ -56,7 +56,7 @@ def write_shard(
     count = len(paths)
     if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count):
         raise ValueError("shard arrays disagree on the number of images")
-    with _new_hdf5(target) as file:
+    with new_hdf5(target) as file:
         file.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         file.create_dataset("global", data=np.asarray(global_desc, dtype=np.float32))
         file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
@@ -66,7 +66,7 @@ def write_shard(
 
 
 @contextmanager
-def _new_hdf5(target: Path) -> Iterator[h5py.File]:
+def new_hdf5(target: Path) -> Iterator[h5py.File]:
     """An HDF5 file built in memory, then written atomically as plain bytes.
 
     HDF5 itself must never meet a full disk: it crashes (SIGSEGV) while cleaning up after the
@@ -128,7 +128,7 @@ def finalize(
     total = sum(info["paths"][0][0] for info in infos)
     first = infos[0]
     records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
-    with _new_hdf5(path) as file:
+    with new_hdf5(path) as file:
         for name in SHARD_DATASETS:
             shape, dtype = first[name]
             full_shape = (total, *shape[1:])
@@ -213,6 +213,15 @@ class FeatureStore:
         except BaseException:
             file.close()
             raise
+
+    def identity(self) -> dict[str, Any]:
+        """What the rows of this file depend on, for caches keyed by it: the file's path, size
+        and modification time, and for our files the shards' checksums."""
+        stat = self.path.stat()
+        shards = self._file.attrs.get("shards") if self._file.attrs.get("format") == FORMAT \
+            else None
+        return {"file": str(self.path.resolve()), "bytes": stat.st_size,
+                "modified": stat.st_mtime_ns, "shards": shards}
 
     def global_descriptors(self) -> np.ndarray:
         """(N, Dg) float32 L2-normalised global descriptors."""

@@ -9,8 +9,10 @@ ground truth next to them when it is there. Local files may be float16/float32 o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -101,6 +103,11 @@ class ShortlistedGallery(FeatureStore):
         self.paths = [str(index) for index in range(num_images)]
         self.ids = list(self.paths)
         self.sizes, self.backbone_settings, self.root = None, None, None
+
+    def identity(self) -> dict[str, Any]:
+        """The file's, and which of its rows each gallery index maps to."""
+        mapping = hashlib.sha256(np.ascontiguousarray(self._file_rows, np.int64)).hexdigest()
+        return {**self._store.identity(), "gallery_rows": mapping}
 
     def read_local(self, indices, num_local: int | None = None,
                    dtype: np.dtype | None = np.float32, check_finite: bool = True) -> np.ndarray:

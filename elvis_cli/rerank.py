@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from elvis_cli.backbones.base import META_PADDING, NUM_META
 from elvis_cli.checkpoints import Fusion
 from elvis_cli.devices import resolve_device
+from elvis_cli.embedding_cache import EmbeddingCache
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore
 from elvis_cli.model import Elvis, Embedded
@@ -47,6 +49,8 @@ class RerankConfig:
     # faster than 64 in benchmarks/rerank_speed.py: smaller conversions, workers start sooner)
     device: str = "auto"
     workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
+    embedding_cache: Path | None = None  # a folder that keeps images' embeddings between runs
+    # (EmbeddingCache), for galleries re-ranked again and again
     precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
     # 1e-4 off the float32 raw score, spec tolerance 1e-3); auto: float16 on CUDA, else float32
 
@@ -151,6 +155,10 @@ class PairScorer:
         self._kept_ids = np.zeros(0, dtype=np.int64)
         self._kept: _Images | None = None
         self._buffers = threading.local()
+        root = self.config.embedding_cache
+        self._caches = {} if root is None else {
+            id(store): EmbeddingCache(root, store, self.model, self._num_local(store),
+                                      self.embedded_dtype) for store in (queries, gallery)}
 
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
@@ -159,18 +167,21 @@ class PairScorer:
         blocks, kept = [], self._kept_ids
         for queries in self._query_blocks(candidates):
             needed = _unique_rows(candidates[queries])
-            blocks.append((queries, needed, np.setdiff1d(needed, kept)))  # only these are read
+            missing = np.setdiff1d(needed, kept)  # not embedded for the last block
+            blocks.append((queries, needed, missing, self._unread(self.queries, queries),
+                           self._unread(self.gallery, missing)))
             kept = needed
         reads = _read_ahead([partial(self._read, store, part)
-                             for queries, _, missing in blocks
-                             for store, rows in ((self.queries, queries), (self.gallery, missing))
+                             for *_, query_reads, gallery_reads in blocks
+                             for store, rows in ((self.queries, query_reads),
+                                                 (self.gallery, gallery_reads))
                              for part in self._parts(rows)])
         with closing(reads), _workers(self.workers) as pool:
-            for queries, needed, missing in blocks:
+            for queries, needed, missing, query_reads, gallery_reads in blocks:
                 started = time.perf_counter()
-                query_images = self._embed(pool, reads, len(queries))
-                gallery_images = self._with_kept(needed, missing,
-                                                 self._embed(pool, reads, len(missing)))
+                query_images = self._images(pool, reads, self.queries, queries, query_reads)
+                gallery_images = self._with_kept(needed, missing, self._images(
+                    pool, reads, self.gallery, missing, gallery_reads))
                 self._kept_ids, self._kept = needed, gallery_images
                 embedded = time.perf_counter()
                 pairs = _block_pairs(candidates[queries], needed)
@@ -200,7 +211,7 @@ class PairScorer:
                                 gallery.take(chunk[1], self.device))
 
     def _query_blocks(self, candidates: np.ndarray) -> Iterator[np.ndarray]:
-        """Consecutive queries whose distinct gallery rows fit the embedding cache."""
+        """Consecutive queries whose distinct gallery rows fit `cache_images`."""
         block: list[int] = []
         seen: set[int] = set()
         for query, rows in enumerate(candidates):
@@ -215,13 +226,34 @@ class PairScorer:
 
     def _with_kept(self, needed: np.ndarray, missing: np.ndarray, new: _Images) -> _Images:
         """Rows of `needed` (sorted): `new` holds `missing`, the kept block holds the rest."""
-        if len(missing) == len(needed):
+        kept_rows = np.setdiff1d(needed, missing)
+        kept = (self._kept.subset(np.searchsorted(self._kept_ids, kept_rows)) if len(kept_rows)
+                else None)
+        return _merged([kept_rows, missing], [kept, new])
+
+    def _unread(self, store: FeatureStore, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` to read and embed: all, but for those the embedding cache holds."""
+        cache = self._caches.get(id(store))
+        return rows if cache is None else rows[~cache.holds(rows)]
+
+    def _images(self, pool: ThreadPoolExecutor, reads: Iterator[_Read], store: FeatureStore,
+                rows: np.ndarray, unread: np.ndarray) -> _Images:
+        """Embeddings of `rows` (sorted): `unread` ones embedded from the reader's rows, the
+        others loaded from the embedding cache, which then keeps the new ones."""
+        new = self._embed(pool, reads, len(unread))
+        cache = self._caches.get(id(store))
+        if cache is None:
             return new
-        kept = self._kept.subset(np.searchsorted(self._kept_ids, np.setdiff1d(needed, missing)))
-        if not len(missing):
-            return kept
-        order = np.argsort(np.concatenate([np.setdiff1d(needed, missing), missing]))
-        return _Images.join([kept, new]).subset(order)
+        cache.add(unread, new.embedded.descriptors, new.embedded.gains,
+                  new.embedded.mask.cpu().numpy())
+        cached = np.setdiff1d(rows, unread)
+        if not len(cached):
+            return new
+        descriptors, gains, padding = cache.load(cached)
+        loaded = _Images(Embedded(descriptors.to(self.device, self.embedded_dtype),
+                                  gains.to(self.device), torch.from_numpy(padding).to(self.device)),
+                         padding.any(axis=1))
+        return _merged([cached, unread], [loaded, new])
 
     def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
         step = self.config.read_images
@@ -296,6 +328,17 @@ class PairScorer:
         if buffer is None or buffer.numel() < size:
             buffer = self._buffers.float32 = torch.empty(size)
         return buffer[:size].view(shape)
+
+
+def _merged(rows: list[np.ndarray], parts: list[_Images | None]) -> _Images:
+    """One _Images in the sorted order of all `rows`; parts[i] holds rows[i] in order (None or
+    anything where rows[i] is empty)."""
+    present = [(part_rows, part) for part_rows, part in zip(rows, parts, strict=True)
+               if len(part_rows)]
+    if len(present) <= 1:
+        return present[0][1] if present else parts[-1]
+    order = np.argsort(np.concatenate([part_rows for part_rows, _ in present]))
+    return _Images.join([part for _, part in present]).subset(order)
 
 
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:

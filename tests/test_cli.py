@@ -101,8 +101,10 @@ def test_extract_then_rerank_in_the_same_folder(tmp_path):
     for _, rows in table.groupby("query_index"):
         assert (np.diff(rows["score"].to_numpy()) <= 1e-7).all()  # sorted by fused score
     parquet = elvis("rerank", "--shortlist", "2", "--checkpoint", "c.pt", "-o", "r.parquet",
-                    "--workers", "1", cwd=tmp_path)
+                    "--workers", "1", "--embedding-cache", "kept", cwd=tmp_path)
     assert parquet.returncode == 0, parquet.stderr
+    kept = list((tmp_path / "kept").glob("*/part-*.h5"))  # queries' part and gallery's
+    assert len(kept) == 2 and len({part.parent for part in kept}) == 1  # one features file
     one_thread = pd.read_parquet(tmp_path / "r.parquet")
     assert len(one_thread) == 16
     both = table.merge(one_thread, on=["query_index", "gallery_index"], suffixes=("", "_one"))

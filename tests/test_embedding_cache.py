@@ -1,0 +1,86 @@
+"""The on-disk embedding cache: same scores, no re-embedding, and never a reason to fail."""
+
+import numpy as np
+import pytest
+
+from elvis_cli.errors import DiskFullError, ElvisWarning
+from elvis_cli.rerank import PairScorer, RerankConfig
+from tests import test_rerank
+from tests.test_model import random_model
+from tests.test_rerank import CANDIDATES, D, reference
+
+stores = test_rerank.stores  # the same two small feature files
+
+
+def scorer(model, queries, gallery, cache_dir, monkeypatch, read: list):
+    """A PairScorer whose reads of local descriptors are recorded in `read` (image rows)."""
+    original = PairScorer._read
+
+    def recording(self, store, rows):
+        read.extend((store is gallery, int(row)) for row in rows)
+        return original(self, store, rows)
+
+    monkeypatch.setattr(PairScorer, "_read", recording)
+    return PairScorer(model, queries, gallery,
+                      RerankConfig(device="cpu", embedding_cache=cache_dir, cache_images=3))
+
+
+def test_a_second_run_reads_nothing_and_scores_the_same_bits(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=70)
+    first_reads, second_reads = [], []
+    first = scorer(model, queries, gallery, tmp_path, monkeypatch, first_reads).score(CANDIDATES)
+    second = scorer(model, queries, gallery, tmp_path, monkeypatch,
+                    second_reads).score(CANDIDATES)
+    assert first_reads and not second_reads
+    assert first.tobytes() == second.tobytes()
+    uncached = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    assert first.tobytes() == uncached.tobytes()
+    np.testing.assert_allclose(first, reference(model, queries, gallery, CANDIDATES, None),
+                               atol=1e-4, equal_nan=True)
+
+
+def test_only_new_images_are_embedded_and_other_weights_miss(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=71)
+    scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES[:2])
+    reads = []
+    scorer(model, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
+    old = {int(row) for row in CANDIDATES[:2].ravel() if row >= 0}
+    new = {int(row) for row in CANDIDATES.ravel() if row >= 0} - old
+    assert {row for is_gallery, row in reads if is_gallery} == new
+    assert {row for is_gallery, row in reads if not is_gallery} == {2, 3}  # queries 0, 1 kept
+    other = random_model(dim=D, seed=72)
+    reads = []
+    scorer(other, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
+    assert {row for is_gallery, row in reads if is_gallery} == old | new
+
+
+def test_a_damaged_part_is_reported_and_its_images_embedded_again(stores, tmp_path,
+                                                                    monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=73)
+    expected = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
+    parts = sorted(tmp_path.glob("*/part-*.h5"))
+    assert parts
+    parts[0].write_bytes(parts[0].read_bytes()[:100])  # truncated
+    (parts[0].parent / ".part-killed.h5.tmp").write_bytes(b"half a write")
+    reads = []
+    with pytest.warns(ElvisWarning, match="unreadable embedding cache part"):
+        again = scorer(model, queries, gallery, tmp_path, monkeypatch, reads)
+    assert again.score(CANDIDATES).tobytes() == expected.tobytes()
+    assert reads  # the damaged part's images
+
+
+def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=74)
+
+    def full(*_args, **_kwargs):
+        raise DiskFullError("no space left on the device")
+
+    monkeypatch.setattr("elvis_cli.embedding_cache.new_hdf5", full)
+    with pytest.warns(ElvisWarning, match="not written"):
+        scores = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
+    np.testing.assert_allclose(scores, reference(model, queries, gallery, CANDIDATES, None),
+                               atol=1e-4, equal_nan=True)
