@@ -177,12 +177,19 @@ def test_the_first_600_of_700_descriptors_are_used_by_default(tmp_path):
 def test_evaluate_command_on_a_release_prints_the_hand_computed_map(tmp_path, layout, nn_rows):
     queries, gallery, similarities = make_release(tmp_path / "data", layout, nn_rows)
     model = official_checkpoint(tmp_path / "ckpt.pt")
-    result = elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
-                   "--descriptors", "dinov2", "--checkpoint", "ckpt.pt",
-                   "--shortlist", "0", "100", "400", "--json", "res.json", "--quiet",
-                   cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "res.json").read_text())
+    def evaluate(json_name: str):
+        result = elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
+                       "--descriptors", "dinov2", "--checkpoint", "ckpt.pt",
+                       "--shortlist", "0", "100", "400", "--json", json_name, "--quiet",
+                       "--embedding-cache", "kept", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads((tmp_path / json_name).read_text())
+        return result, [{k: v for k, v in row.items() if k != "seconds_per_query"}
+                        for row in rows]
+
+    _, filling = evaluate("filling.json")
+    result, rows = evaluate("res.json")  # every image's embedding from the cache
+    assert rows == filling
     assert [row["shortlist"] for row in rows] == [0, 100, 400]
     for key, value in GLOBAL_MAP.items():
         assert rows[0][key] == pytest.approx(value)
