@@ -22,8 +22,12 @@ from torch import nn
 
 from elvis_cli.errors import DiskFullError, ElvisWarning
 from elvis_cli.feature_store import HDF5_ERRORS, FeatureStore, new_hdf5
+from elvis_cli.model import Embedded
 
 FORMAT = "elvis-cli-embeddings/1"
+DATASETS = ("descriptors", "gains", "padding")
+# per image: descriptors (n, K, d), gains (n, K) and padding (n, K)
+Embeddings = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 
 
 class EmbeddingCache:
@@ -48,38 +52,60 @@ class EmbeddingCache:
         """Which of `rows` are cached (boolean mask)."""
         return np.array([int(row) in self._where for row in rows], dtype=bool)
 
-    def load(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Descriptors (n, K, d), gains (n, K) and padding (n, K) of cached `rows`, in order."""
-        places = [self._where[int(row)] for row in rows]
+    def load(self, rows: np.ndarray) -> tuple[np.ndarray, Embeddings | None, np.ndarray]:
+        """The cached `rows` (sorted) that could be read, their (descriptors (n, K, d), gains
+        (n, K), padding (n, K)) in that order, and the rows of parts found damaged on reading
+        (HDF5 checks every image's checksum), which the cache forgets."""
+        places = [self._where.get(int(row)) for row in rows]
+        damaged = [slot for slot, place in enumerate(places) if place is None]  # forgotten
         parts: dict[Path, list[int]] = {}
-        for slot, (part, _) in enumerate(places):
-            parts.setdefault(part, []).append(slot)
-        arrays: list[np.ndarray | None] = [None, None, None]
+        for slot, place in enumerate(places):
+            if place is not None:
+                parts.setdefault(place[0], []).append(slot)
+        read: list[tuple[list[int], list[np.ndarray]]] = []
         for part, slots in parts.items():
             positions = np.array([places[slot][1] for slot in slots])
             order = np.argsort(positions)  # h5py reads increasing positions only
-            with h5py.File(part, "r") as file:
-                for index, name in enumerate(("descriptors", "gains", "padding")):
-                    values = file[name][positions[order]]
-                    if arrays[index] is None:
-                        arrays[index] = np.empty((len(rows), *values.shape[1:]), values.dtype)
-                    arrays[index][np.array(slots)[order]] = values
-        descriptors, gains, padding = arrays
-        return torch.from_numpy(descriptors), torch.from_numpy(gains), padding
+            try:
+                with h5py.File(part, "r") as file:
+                    values = [file[name][positions[order]] for name in DATASETS]
+            except HDF5_ERRORS as error:
+                warnings.warn(f"{part}: damaged embedding cache part, its images are embedded "
+                              f"again ({error})", ElvisWarning, stacklevel=2)
+                self._where = {row: place for row, place in self._where.items()
+                               if place[0] != part}
+                damaged += slots
+                continue
+            read.append(([slots[i] for i in order], values))
+        good = sorted(slot for slots, _ in read for slot in slots)
+        if not good:
+            return rows[:0], None, rows[damaged]
+        at = {slot: index for index, slot in enumerate(good)}
+        arrays = [np.empty((len(good), *values.shape[1:]), values.dtype)
+                  for values in read[0][1]]
+        for slots, values in read:
+            targets = [at[slot] for slot in slots]
+            for array, value in zip(arrays, values, strict=True):
+                array[targets] = value
+        return rows[good], (torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]),
+                            arrays[2]), np.sort(rows[damaged])
 
-    def add(self, rows: np.ndarray, descriptors: torch.Tensor, gains: torch.Tensor,
-            padding: np.ndarray) -> None:
+    def add(self, rows: np.ndarray, embedded: Embedded) -> None:
         """Keep the embeddings of `rows` (new to the cache) in a new part."""
         if not len(rows) or not self._writable:
             return
+        descriptors, gains, padding = embedded.descriptors, embedded.gains, embedded.mask.cpu()
         part = self.folder / f"part-{uuid.uuid4().hex}.h5"
         try:
             with new_hdf5(part) as file:
                 file.attrs["format"] = FORMAT
                 file.create_dataset("rows", data=np.asarray(rows, dtype=np.int64))
-                file.create_dataset("descriptors", data=descriptors.cpu().numpy())
-                file.create_dataset("gains", data=gains.cpu().numpy())
-                file.create_dataset("padding", data=np.asarray(padding, dtype=bool))
+                for name, values in zip(DATASETS, (descriptors.cpu().numpy(),
+                                                   gains.cpu().numpy(),
+                                                   padding.numpy().astype(bool)), strict=True):
+                    # one chunk per image, with its checksum: reads verify what they load
+                    file.create_dataset(name, data=values, chunks=(1, *values.shape[1:]),
+                                        fletcher32=True)
         except (OSError, DiskFullError) as error:  # a cache must not stop the job
             self._writable = False
             warnings.warn(f"embedding cache {self.folder} not written, embeddings are not kept "
@@ -91,7 +117,7 @@ class EmbeddingCache:
         """The rows a part holds, after checking that its arrays fit together and this cache."""
         with h5py.File(part, "r") as file:
             rows = file["rows"][()]
-            shapes = [file[name].shape for name in ("descriptors", "gains", "padding")]
+            shapes = [file[name].shape for name in DATASETS]
             assert file.attrs.get("format") == FORMAT and rows.ndim == 1
             assert shapes[0][:2] == shapes[1] == shapes[2] == (len(rows), self._num_local)
             assert file["descriptors"].dtype == np.dtype(str(self._dtype).split(".")[-1])

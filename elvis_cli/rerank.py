@@ -244,16 +244,21 @@ class PairScorer:
         cache = self._caches.get(id(store))
         if cache is None:
             return new
-        cache.add(unread, new.embedded.descriptors, new.embedded.gains,
-                  new.embedded.mask.cpu().numpy())
+        cache.add(unread, new.embedded)
         cached = np.setdiff1d(rows, unread)
         if not len(cached):
             return new
-        descriptors, gains, padding = cache.load(cached)
-        loaded = _Images(Embedded(descriptors.to(self.device, self.embedded_dtype),
-                                  gains.to(self.device), torch.from_numpy(padding).to(self.device)),
-                         padding.any(axis=1))
-        return _merged([cached, unread], [loaded, new])
+        good, loaded, damaged = cache.load(cached)
+        redone = self._embed(pool, iter([self._read(store, part)  # parts found damaged
+                                         for part in self._parts(damaged)]), len(damaged))
+        cache.add(damaged, redone.embedded)
+        if loaded is not None:
+            descriptors, gains, padding = loaded
+            loaded = _Images(Embedded(descriptors.to(self.device, self.embedded_dtype),
+                                      gains.to(self.device),
+                                      torch.from_numpy(padding).to(self.device)),
+                             padding.any(axis=1))
+        return _merged([good, damaged, unread], [loaded, redone, new])
 
     def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
         step = self.config.read_images

@@ -1,5 +1,6 @@
 """The on-disk embedding cache: same scores, no re-embedding, and never a reason to fail."""
 
+import h5py
 import numpy as np
 import pytest
 
@@ -70,6 +71,23 @@ def test_a_damaged_part_is_reported_and_its_images_embedded_again(stores, tmp_pa
         again = scorer(model, queries, gallery, tmp_path, monkeypatch, reads)
     assert again.score(CANDIDATES).tobytes() == expected.tobytes()
     assert reads  # the damaged part's images
+
+
+def test_a_flipped_bit_in_an_embedding_is_caught_on_reading(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=75)
+    expected = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
+    part = sorted(tmp_path.glob("*/part-*.h5"))[0]
+    with h5py.File(part, "r") as file:
+        chunk = file["descriptors"].id.get_chunk_info(0)  # the first image's descriptors
+    data = bytearray(part.read_bytes())
+    data[chunk.byte_offset + 100] ^= 0x10
+    part.write_bytes(bytes(data))
+    reads = []
+    again = scorer(model, queries, gallery, tmp_path, monkeypatch, reads)  # opens fine
+    with pytest.warns(ElvisWarning, match="damaged embedding cache part"):
+        assert again.score(CANDIDATES).tobytes() == expected.tobytes()
+    assert reads  # the damaged part's images, embedded again
 
 
 def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
