@@ -93,12 +93,17 @@ def extract(
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 256,
+    embedding_cache: EmbeddingCacheOption = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="With --embedding-cache: the checkpoint whose embeddings are stored; default: "
+             "the one matching the backbone.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Extract global and local descriptors into sharded HDF5.
 
     Re-running the same command resumes: finished shards are kept. Unreadable images are
-    skipped and named on stderr, and the exit status is then 3.
+    skipped and named on stderr, and the exit status is then 3. With --embedding-cache, the
+    images' ELViS embeddings are stored too, so that re-ranking does not compute them.
 
     Example: `elvis extract imgs/ -o feats.h5`
     """
@@ -115,8 +120,25 @@ def extract(
         print(f"elvis: re-extracted {shard}", file=sys.stderr)
     for path, reason in report.failures:
         print(f"elvis: skipped {path}: {reason}", file=sys.stderr)
+    if embedding_cache is not None:
+        _fill_embedding_cache(report.output, embedding_cache, checkpoint, device)
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
+                          device: str) -> None:
+    from elvis_cli.checkpoints import check_compatible, default_checkpoint_for, load_checkpoint
+    from elvis_cli.feature_store import FeatureStore
+    from elvis_cli.rerank import PairScorer, RerankConfig
+
+    with FeatureStore.open(features) as store:
+        ckpt = load_checkpoint(checkpoint or default_checkpoint_for(store.backbone_settings))
+        check_compatible(ckpt, store.backbone_settings, store.local_dim)
+        scorer = PairScorer(ckpt.model, store, store,
+                            RerankConfig(device=device, embedding_cache=folder))
+        count = scorer.cache_embeddings(store)
+    console.print(f"{count} images embedded by {ckpt.name} -> {folder}")
 
 
 @app.command()

@@ -215,13 +215,14 @@ class FeatureStore:
             raise
 
     def identity(self) -> dict[str, Any]:
-        """What the rows of this file depend on, for caches keyed by it: the file's path, size
-        and modification time, and for our files the shards' checksums."""
+        """What the rows of this file depend on, for caches keyed by it: its path and, for our
+        files, the shards' checksums (the joined file is rewritten when extraction resumes),
+        for others its size and modification time."""
+        if self._file.attrs.get("format") == FORMAT:
+            return {"file": str(self.path.resolve()), "shards": self._file.attrs["shards"]}
         stat = self.path.stat()
-        shards = self._file.attrs.get("shards") if self._file.attrs.get("format") == FORMAT \
-            else None
         return {"file": str(self.path.resolve()), "bytes": stat.st_size,
-                "modified": stat.st_mtime_ns, "shards": shards}
+                "modified": stat.st_mtime_ns}
 
     def global_descriptors(self) -> np.ndarray:
         """(N, Dg) float32 L2-normalised global descriptors."""

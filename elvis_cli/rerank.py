@@ -201,6 +201,23 @@ class PairScorer:
                 self.seconds["score"] += time.perf_counter() - embedded
         return raw
 
+    @torch.inference_mode()
+    def cache_embeddings(self, store: FeatureStore) -> int:
+        """Embed every image of `store` (this scorer's queries or gallery) that the embedding
+        cache lacks, and keep them there, `cache_images` at a time; returns how many. This is
+        how `elvis extract --embedding-cache` spares the first re-ranking run its embedding."""
+        if id(store) not in self._caches:
+            raise InputError("cache_embeddings needs RerankConfig(embedding_cache=...)")
+        unread = self._unread(store, np.arange(store.num_images))
+        blocks = [unread[start : start + self.config.cache_images]
+                  for start in range(0, len(unread), self.config.cache_images)]
+        reads = _read_ahead([partial(self._read, store, part)
+                             for block in blocks for part in self._parts(block)])
+        with closing(reads), _workers(self.workers) as pool:
+            for block in blocks:
+                self._images(pool, reads, store, block, block)
+        return len(unread)
+
     @torch.inference_mode()  # grad mode is per thread: workers need their own
     def _score_chunk(self, queries: _Images, gallery: _Images, chunk: np.ndarray
                      ) -> torch.Tensor:

@@ -100,11 +100,13 @@ def test_extract_then_rerank_in_the_same_folder(tmp_path):
     np.testing.assert_allclose(table["score"], fused, rtol=1e-5)
     for _, rows in table.groupby("query_index"):
         assert (np.diff(rows["score"].to_numpy()) <= 1e-7).all()  # sorted by fused score
+    filled = elvis("extract", "imgs", "-o", "feats.h5", "--quiet", *SMALL, "--embedding-cache",
+                   "kept", "--checkpoint", "c.pt", cwd=tmp_path)  # resumes: embeds only
+    assert filled.returncode == 0 and "8 images embedded by c" in filled.stdout, filled.stderr
     parquet = elvis("rerank", "--shortlist", "2", "--checkpoint", "c.pt", "-o", "r.parquet",
                     "--workers", "1", "--embedding-cache", "kept", cwd=tmp_path)
     assert parquet.returncode == 0, parquet.stderr
-    kept = list((tmp_path / "kept").glob("*/part-*.h5"))  # queries' part and gallery's
-    assert len(kept) == 2 and len({part.parent for part in kept}) == 1  # one features file
+    assert len(list((tmp_path / "kept").glob("*/part-*.h5"))) == 1  # nothing embedded again
     one_thread = pd.read_parquet(tmp_path / "r.parquet")
     assert len(one_thread) == 16
     both = table.merge(one_thread, on=["query_index", "gallery_index"], suffixes=("", "_one"))
