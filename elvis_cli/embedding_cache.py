@@ -11,6 +11,7 @@ is reported and skipped, and its images are embedded again.
 
 import hashlib
 import json
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -95,7 +96,8 @@ class EmbeddingCache:
         if not len(rows) or not self._writable:
             return
         descriptors, gains, padding = embedded.descriptors, embedded.gains, embedded.mask.cpu()
-        part = self.folder / f"part-{uuid.uuid4().hex}.h5"
+        # named in time order, so that a later part wins for an image two runs both embedded
+        part = self.folder / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         try:
             with new_hdf5(part) as file:
                 file.attrs["format"] = FORMAT
