@@ -43,9 +43,9 @@ class EmbeddingCache:
         for part in sorted(self.folder.glob("part-*.h5")):
             try:
                 rows = self._check(part)
-            except (*HDF5_ERRORS, AssertionError) as error:
-                warnings.warn(f"{part}: unreadable embedding cache part, ignored "
-                              f"({error or 'unexpected layout'})", ElvisWarning, stacklevel=2)
+            except HDF5_ERRORS as error:
+                warnings.warn(f"{part}: unreadable embedding cache part, ignored ({error})",
+                              ElvisWarning, stacklevel=2)
                 continue
             self._where.update((int(row), (part, position)) for position, row in enumerate(rows))
 
@@ -120,9 +120,11 @@ class EmbeddingCache:
         with h5py.File(part, "r") as file:
             rows = file["rows"][()]
             shapes = [file[name].shape for name in DATASETS]
-            assert file.attrs.get("format") == FORMAT and rows.ndim == 1
-            assert shapes[0][:2] == shapes[1] == shapes[2] == (len(rows), self._num_local)
-            assert file["descriptors"].dtype == np.dtype(str(self._dtype).split(".")[-1])
+            fits = (file.attrs.get("format") == FORMAT and rows.ndim == 1
+                    and shapes[0][:2] == shapes[1] == shapes[2] == (len(rows), self._num_local)
+                    and file["descriptors"].dtype == np.dtype(str(self._dtype).split(".")[-1]))
+        if not fits:
+            raise ValueError("unexpected layout")
         return rows
 
 
