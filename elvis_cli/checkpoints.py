@@ -91,6 +91,14 @@ def default_checkpoint_for(backbone: dict[str, Any] | None) -> str:
     )
 
 
+def checkpoint_for_features(name: str | None, backbone: dict[str, Any] | None,
+                            dim: int) -> Checkpoint:
+    """Checkpoint `name`, or the one matching the features' backbone, checked against them."""
+    checkpoint = load_checkpoint(name or default_checkpoint_for(backbone))
+    check_compatible(checkpoint, backbone, dim)
+    return checkpoint
+
+
 def check_compatible(checkpoint: Checkpoint, backbone: dict[str, Any] | None, dim: int) -> None:
     """Refuse features from another backbone or of another dimension, naming both sides."""
     if dim != checkpoint.descriptor_dim:

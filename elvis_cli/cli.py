@@ -128,13 +128,12 @@ def extract(
 
 def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
                           device: str) -> None:
-    from elvis_cli.checkpoints import check_compatible, default_checkpoint_for, load_checkpoint
+    from elvis_cli.checkpoints import checkpoint_for_features
     from elvis_cli.feature_store import FeatureStore
     from elvis_cli.rerank import PairScorer, RerankConfig
 
     with FeatureStore.open(features) as store:
-        ckpt = load_checkpoint(checkpoint or default_checkpoint_for(store.backbone_settings))
-        check_compatible(ckpt, store.backbone_settings, store.local_dim)
+        ckpt = checkpoint_for_features(checkpoint, store.backbone_settings, store.local_dim)
         scorer = PairScorer(ckpt.model, store, store,
                             RerankConfig(device=device, embedding_cache=folder))
         count = scorer.cache_embeddings(store)
@@ -200,8 +199,7 @@ def rerank(
 
     Example (in the folder of `elvis extract imgs/ -o feats.h5`): `elvis rerank --shortlist 100`
     """
-    from elvis_cli.checkpoints import Fusion, check_compatible, default_checkpoint_for
-    from elvis_cli.checkpoints import load_checkpoint as load
+    from elvis_cli.checkpoints import Fusion, checkpoint_for_features
     from elvis_cli.released import released_gallery
     from elvis_cli.rerank import RerankConfig, rerank_table
     from elvis_cli.rerank import rerank as run_rerank
@@ -211,8 +209,8 @@ def rerank(
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
     with _open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
-        ckpt = load(checkpoint or default_checkpoint_for(gallery_store.backbone_settings))
-        check_compatible(ckpt, gallery_store.backbone_settings, gallery_store.local_dim)
+        ckpt = checkpoint_for_features(checkpoint, gallery_store.backbone_settings,
+                                       gallery_store.local_dim)
         fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
                         ckpt.fusion.temperature if temperature is None else temperature)
         if candidates is not None:

@@ -84,6 +84,13 @@ class _Images:
     embedded: Embedded  # descriptors (N, K, d), gains (N, K), mask (N, K)
     padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
 
+    @staticmethod
+    def of(descriptors: torch.Tensor, gains: torch.Tensor, padding: np.ndarray,
+           device: torch.device) -> "_Images":
+        """From embeddings and the host's (N, K) padding flags, sent along as the mask."""
+        return _Images(Embedded(descriptors, gains, torch.from_numpy(padding).to(device)),
+                       padding.any(axis=1))
+
     def take(self, slots: np.ndarray, device: torch.device) -> Embedded:
         if len(slots) == 1:  # the CPU case: views, no copies
             index: slice | torch.Tensor = slice(slots[0], slots[0] + 1)
@@ -171,12 +178,9 @@ class PairScorer:
             blocks.append((queries, needed, missing, self._unread(self.queries, queries),
                            self._unread(self.gallery, missing)))
             kept = needed
-        reads = _read_ahead([partial(self._read, store, part)
-                             for *_, query_reads, gallery_reads in blocks
-                             for store, rows in ((self.queries, query_reads),
-                                                 (self.gallery, gallery_reads))
-                             for part in self._parts(rows)])
-        with closing(reads), _workers(self.workers) as pool:
+        plan = [(store, rows) for *_, query_reads, gallery_reads in blocks
+                for store, rows in ((self.queries, query_reads), (self.gallery, gallery_reads))]
+        with self._pipeline(plan) as (reads, pool):
             for queries, needed, missing, query_reads, gallery_reads in blocks:
                 started = time.perf_counter()
                 query_images = self._images(pool, reads, self.queries, queries, query_reads)
@@ -211,12 +215,20 @@ class PairScorer:
         unread = self._unread(store, np.arange(store.num_images))
         blocks = [unread[start : start + self.config.cache_images]
                   for start in range(0, len(unread), self.config.cache_images)]
-        reads = _read_ahead([partial(self._read, store, part)
-                             for block in blocks for part in self._parts(block)])
-        with closing(reads), _workers(self.workers) as pool:
+        with self._pipeline([(store, block) for block in blocks]) as (reads, pool):
             for block in blocks:
                 self._images(pool, reads, store, block, block)
         return len(unread)
+
+    @contextmanager
+    def _pipeline(self, plan: list[tuple[FeatureStore, np.ndarray]]
+                  ) -> Iterator[tuple[Iterator[_Read], ThreadPoolExecutor]]:
+        """The reads of `plan`'s rows in order, `read_images` at a time and one step ahead of
+        compute, and the worker threads that embed and score them."""
+        reads = _read_ahead([partial(self._read, store, part)
+                             for store, rows in plan for part in self._parts(rows)])
+        with closing(reads), _workers(self.workers) as pool:
+            yield reads, pool
 
     @torch.inference_mode()  # grad mode is per thread: workers need their own
     def _score_chunk(self, queries: _Images, gallery: _Images, chunk: np.ndarray
@@ -271,10 +283,8 @@ class PairScorer:
         cache.add(damaged, redone.embedded)
         if loaded is not None:
             descriptors, gains, padding = loaded
-            loaded = _Images(Embedded(descriptors.to(self.device, self.embedded_dtype),
-                                      gains.to(self.device),
-                                      torch.from_numpy(padding).to(self.device)),
-                             padding.any(axis=1))
+            loaded = _Images.of(descriptors.to(self.device, self.embedded_dtype),
+                                gains.to(self.device), padding, self.device)
         return _merged([good, damaged, unread], [loaded, redone, new])
 
     def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
@@ -315,11 +325,9 @@ class PairScorer:
         if not parts:
             empty = torch.empty(0)
             return _Images(Embedded(empty, empty, empty), np.zeros(0, dtype=bool))
-        mask = np.concatenate(masks)
-        embedded = Embedded(torch.cat([part.descriptors for part in parts]),
-                            torch.cat([part.gains for part in parts]),
-                            torch.from_numpy(mask).to(self.device))
-        return _Images(embedded, mask.any(axis=1))
+        return _Images.of(torch.cat([part.descriptors for part in parts]),
+                          torch.cat([part.gains for part in parts]), np.concatenate(masks),
+                          self.device)
 
     @torch.inference_mode()
     def _embed_part(self, read: _Read, span: tuple[int, int]) -> Embedded:
