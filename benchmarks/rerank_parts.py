@@ -1,0 +1,96 @@
+"""Where re-ranking time goes, side by side in one run: the design choices of the CPU engine.
+
+1. One pair, one thread: the linear-domain transport and votes as torch ops (the path CUDA
+   and training take) against the compiled loop (fused_sinkhorn), each with its own
+   similarity GEMM and exponential.
+2. The engine's scoring phase (PairScorer, no reading or embedding counted) with 1 and with
+   CPU_PAIRS_PER_CALL pairs per worker call, with 1 and 2 workers.
+
+    PYTHONPATH=$PWD python benchmarks/rerank_parts.py        # about 1 min on 2 cores
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import elvis_cli.rerank as engine
+from benchmarks.rerank_speed import benchmark_model, make_workload
+from elvis_cli.feature_store import FeatureStore
+from elvis_cli.model import Transport, transport_votes
+
+
+def median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def one_pair(model, src, tgt, repeats: int) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        query, gallery = model.embed(src), model.embed(tgt)
+        problem = Transport(model.rows(query, query=True), model.rows(gallery, query=False),
+                            None, None, model.config.regularisation,
+                            model.config.sinkhorn_iterations)
+        torch_ops = median_ms(lambda: transport_votes(problem, log_domain=False), repeats)
+        model._compiled_votes(query, gallery)  # compiles or loads the loop
+        compiled = median_ms(lambda: model._compiled_votes(query, gallery), repeats)
+        difference = (torch.cat(transport_votes(problem, False), 1)
+                      - torch.cat(model._compiled_votes(query, gallery), 1)).abs().max()
+    torch.set_num_threads(threads)
+    print(f"one pair, one thread, GEMM + exponential + Sinkhorn + votes: torch ops "
+          f"{torch_ops:.2f} ms, compiled loop {compiled:.2f} ms ({torch_ops / compiled:.2f}x); "
+          f"max |vote diff| {difference:.1e}")
+
+
+def scoring_phase(model, folder: Path, shortlist, repeats: int) -> None:
+    pairs = shortlist.indices.size
+    chunked = engine.CPU_PAIRS_PER_CALL
+    with FeatureStore.open(folder / "queries.h5") as queries, \
+            FeatureStore.open(folder / "gallery.h5") as gallery:
+        for workers in (1, 2):
+            rates = {}
+            for per_call in (1, chunked):
+                engine.CPU_PAIRS_PER_CALL = per_call
+                seconds = []
+                for _ in range(repeats):
+                    scorer = engine.PairScorer(model, queries, gallery, engine.RerankConfig(
+                        num_local=600, device="cpu", workers=workers))
+                    scorer.score(shortlist.indices)
+                    seconds.append(scorer.seconds["score"])
+                rates[per_call] = pairs / statistics.median(seconds)
+            engine.CPU_PAIRS_PER_CALL = chunked
+            print(f"scoring phase, {workers} worker(s): {rates[1]:.1f} pairs/s at 1 pair per "
+                  f"call, {rates[chunked]:.1f} at {chunked} ({rates[chunked] / rates[1]:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--queries", type=int, default=6)
+    parser.add_argument("--shortlist", type=int, default=100)
+    parser.add_argument("--gallery", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    args.local, args.dim = 600, 768
+    model = benchmark_model(args.dim)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        shortlist = make_workload(folder, args)
+        with FeatureStore.open(folder / "queries.h5") as queries, \
+                FeatureStore.open(folder / "gallery.h5") as gallery:
+            src = torch.from_numpy(queries.local_descriptors([0], 600)[0])
+            tgt = torch.from_numpy(gallery.local_descriptors([0], 600)[0])
+        one_pair(model, src, tgt, repeats=30)
+        scoring_phase(model, folder, shortlist, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
