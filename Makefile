@@ -27,4 +27,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-.PHONY: install demo test
+# The suite on the code path of an AVX2-only CPU (torch, MKL, oneDNN, numba), on any x86-64 CPU
+test-avx2: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+		NUMBA_CPU_NAME=haswell $(BIN)/python -m pytest
+
+.PHONY: install demo test test-avx2

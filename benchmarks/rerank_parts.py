@@ -1,6 +1,6 @@
 """Where re-ranking time goes, side by side in one run: the design choices of the CPU engine.
 
-1. One pair, one thread: the linear-domain transport and votes as torch ops (the path CUDA
+1. One pair, one thread: the linear-domain transport, votes and f as torch ops (the path CUDA
    and training take) against the compiled loop (fused_sinkhorn), each with its own
    similarity GEMM and exponential.
 2. The engine's scoring phase (PairScorer, no reading or embedding counted) with 1 and with
@@ -20,7 +20,7 @@ import torch
 import elvis_cli.rerank as engine
 from benchmarks.rerank_speed import benchmark_model, make_workload
 from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Transport, transport_votes
+from elvis_cli.model import Transport
 
 
 def median_ms(run, repeats: int) -> float:
@@ -40,15 +40,15 @@ def one_pair(model, src, tgt, repeats: int) -> None:
         problem = Transport(model.rows(query, query=True), model.rows(gallery, query=False),
                             None, None, model.config.regularisation,
                             model.config.sinkhorn_iterations)
-        torch_ops = median_ms(lambda: transport_votes(problem, log_domain=False), repeats)
-        model._compiled_votes(query, gallery)  # compiles or loads the loop
-        compiled = median_ms(lambda: model._compiled_votes(query, gallery), repeats)
-        difference = (torch.cat(transport_votes(problem, False), 1)
-                      - torch.cat(model._compiled_votes(query, gallery), 1)).abs().max()
+        torch_ops = median_ms(lambda: model.score_transport(problem, log_domain=False), repeats)
+        model._compiled_scores(query, gallery)  # compiles or loads the loop
+        compiled = median_ms(lambda: model._compiled_scores(query, gallery), repeats)
+        difference = (model.score_transport(problem, False)
+                      - model._compiled_scores(query, gallery)).abs().max()
     torch.set_num_threads(threads)
-    print(f"one pair, one thread, GEMM + exponential + Sinkhorn + votes: torch ops "
+    print(f"one pair, one thread, GEMM + exponential + Sinkhorn + votes + f: torch ops "
           f"{torch_ops:.2f} ms, compiled loop {compiled:.2f} ms ({torch_ops / compiled:.2f}x); "
-          f"max |vote diff| {difference:.1e}")
+          f"max |raw score diff| {difference:.1e}")
 
 
 def scoring_phase(model, folder: Path, shortlist, repeats: int) -> None:

@@ -12,6 +12,7 @@ in the returned ExtractReport; they never stop the run.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -37,7 +38,7 @@ from rich.progress import (
 from rich.text import Text
 
 from elvis_cli.atomic import write_text_atomic
-from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
 from elvis_cli.backbones.base import NUM_META
 from elvis_cli.devices import resolve_device
 from elvis_cli.errors import DiskFullError, InputError
@@ -320,6 +321,18 @@ def _decoded_in_order(
         yield pending.popleft().result()
 
 
+@torch.inference_mode()
+def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
+    """The backbone's output for a batch; on CPU image by image, so that an image's descriptors
+    are the same bits whatever batch it shares (convolutions and GEMMs of another batch size
+    can take other kernels, which round differently on some CPUs). Batching pays on GPUs."""
+    if batch.device.type != "cpu" or len(batch) == 1:
+        return backbone(batch)
+    parts = [backbone(image[None]) for image in batch]
+    return ImageFeatures(*(torch.cat([getattr(part, field.name) for part in parts])
+                           for field in dataclasses.fields(ImageFeatures)))
+
+
 def _extract_shard(
     backbone: Backbone,
     items: list[_Item],
@@ -345,8 +358,7 @@ def _extract_shard(
     def run(shape: tuple[int, ...]) -> None:
         positions = groups.pop(shape)
         batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
-        with torch.inference_mode():
-            features = backbone(batch)
+        features = _encode(backbone, batch)
         rows = torch.cat([features.metadata, features.local_desc], dim=-1).cpu().numpy()
         global_desc = features.global_desc.cpu().numpy()
         for offset, position in enumerate(positions):

@@ -105,10 +105,21 @@ class Elvis(nn.Module):
         self.g = nn.Sequential(nn.Linear(1, 64), nn.GELU(), nn.Linear(64, 1))
 
     def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
-        """Project (B, m, D) descriptors and compute their dustbin gains (steps 1-2)."""
+        """Project (B, m, D) descriptors and compute their dustbin gains (steps 1-2).
+
+        CPU inference embeds image by image, so that an image's embedding is the same bits
+        whatever batch it arrives in: a GEMM of another height, or a vectorised kernel whose
+        tail (computed by scalar code) falls elsewhere, rounds differently.
+        """
+        if _infers_on_cpu(descriptors, self.dust_bin) and descriptors.shape[0] > 1:
+            parts = [self._embed_batch(image[None]) for image in descriptors]
+            return Embedded(torch.cat([part[0] for part in parts]),
+                            torch.cat([part[1] for part in parts]), mask)
+        return Embedded(*self._embed_batch(descriptors), mask)
+
+    def _embed_batch(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         projected = F.normalize(self.remap_local(descriptors), dim=-1)
-        gains = torch.tanh(self.dust_bin_mlp(projected)).squeeze(-1)
-        return Embedded(projected, gains, mask)
+        return projected, torch.tanh(self.dust_bin_mlp(projected)).squeeze(-1)
 
     def forward(
         self,
@@ -129,8 +140,7 @@ class Elvis(nn.Module):
         regularisation = self.config.regularisation
         log_domain = uses_log_domain(self.dust_bin, regularisation)
         if not log_domain and _runs_compiled(src, tgt):
-            row_votes, col_votes = self._compiled_votes(src, tgt)
-            return self._aggregate_pairs(row_votes, col_votes, src.mask, tgt.mask)
+            return self._compiled_scores(src, tgt)
         problem = Transport(self.rows(src, query=True), self.rows(tgt, query=False),
                             src.mask, tgt.mask, regularisation, self.config.sinkhorn_iterations)
         return self.score_transport(problem, log_domain)
@@ -138,39 +148,39 @@ class Elvis(nn.Module):
     def score_transport(self, problem: Transport, log_domain: bool) -> torch.Tensor:
         """Steps 6-9 on prepared rows; `log_domain` is decided once by the caller (no sync)."""
         row_votes, col_votes = transport_votes(problem, log_domain)
-        return self._aggregate_pairs(row_votes, col_votes, problem.src_mask, problem.tgt_mask)
+        if problem.src_mask is not None:  # a single query's mask broadcasts like its rows
+            src_mask = problem.src_mask.expand(row_votes.shape[0], -1)
+        else:
+            src_mask = None
+        return self.aggregate(row_votes, col_votes, src_mask, problem.tgt_mask)
 
-    def _compiled_votes(self, src: Embedded, tgt: Embedded) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 3-8 pair by pair, so that each pair's kernel stays in the core's cache.
+    def _compiled_scores(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
+        """Steps 3-9 pair by pair, so that each pair's kernel stays in the core's cache.
 
+        Every pair goes through the same operations on tensors of the same shapes, whichever
+        pairs share the call, so its score is the same bits for any chunking of the work.
         The similarity body is one GEMM with the 1/reg scale folded in; the dustbin border
         comes from the per-image gains, so no augmented rows are built per pair.
         """
         scale = 1.0 / self.config.regularisation
         (batch, n, _), m = tgt.descriptors.shape, src.descriptors.shape[1]
-        dustbin_rows = torch.exp(tgt.gains * scale)
-        dustbin_cols = torch.exp(src.gains * scale).expand(batch, -1)
         corner = np.float32(math.exp(self.dust_bin.item() * scale))
-        row_votes, col_votes = torch.empty(batch, m), torch.empty(batch, n)
+        scores = torch.empty(batch)
         body = torch.empty(m, n)
+        row_votes, col_votes = torch.empty(1, m), torch.empty(1, n)
         for pair in range(batch):
             query = min(pair, src.descriptors.shape[0] - 1)
+            src_mask, tgt_mask = _at(src.mask, query), _at(tgt.mask, pair)
             torch.addmm(body, src.descriptors[query], tgt.descriptors[pair].T, beta=0,
                         alpha=scale, out=body).exp_()
-            if src.mask is not None or tgt.mask is not None:
-                body.masked_fill_(_pair_mask(_at(src.mask, query), _at(tgt.mask, pair),
-                                             body[None])[0], 0.0)
-            sinkhorn_votes(body.numpy(), dustbin_rows[pair].numpy(),
-                           dustbin_cols[pair].numpy(), corner, self.config.sinkhorn_iterations,
-                           row_votes[pair].numpy(), col_votes[pair].numpy())
-        return row_votes, col_votes
-
-    def _aggregate_pairs(self, row_votes: torch.Tensor, col_votes: torch.Tensor,
-                         src_mask: torch.Tensor | None, tgt_mask: torch.Tensor | None
-                         ) -> torch.Tensor:
-        if src_mask is not None:  # a single query's mask broadcasts like its descriptors
-            src_mask = src_mask.expand(row_votes.shape[0], -1)
-        return self.aggregate(row_votes, col_votes, src_mask, tgt_mask)
+            if src_mask is not None or tgt_mask is not None:
+                body.masked_fill_(_pair_mask(src_mask, tgt_mask, body[None])[0], 0.0)
+            sinkhorn_votes(body.numpy(), torch.exp(tgt.gains[pair] * scale).numpy(),
+                           torch.exp(src.gains[query] * scale).numpy(), corner,
+                           self.config.sinkhorn_iterations, row_votes[0].numpy(),
+                           col_votes[0].numpy())
+            scores[pair] = self.aggregate(row_votes, col_votes, src_mask, tgt_mask)[0]
+        return scores
 
     def rows(self, embedded: Embedded, query: bool) -> torch.Tensor:
         """Per-image rows (B, m + 1, d + 2) whose products are the augmented matrix of step 4.
@@ -210,11 +220,15 @@ class Elvis(nn.Module):
         return self.g(raw_score.unsqueeze(-1)).squeeze(-1)
 
 
-def _runs_compiled(src: Embedded, tgt: Embedded) -> bool:
-    """CPU float32 inference: what fused_sinkhorn serves (it has no autograd and no CUDA)."""
-    tensors = (src.descriptors, src.gains, tgt.descriptors, tgt.gains)
+def _infers_on_cpu(*tensors: torch.Tensor) -> bool:
+    """CPU float32 inference: no autograd graph is being built."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _runs_compiled(src: Embedded, tgt: Embedded) -> bool:
+    """What fused_sinkhorn serves: CPU float32 inference (it has no autograd and no CUDA)."""
+    return _infers_on_cpu(src.descriptors, src.gains, tgt.descriptors, tgt.gains)
 
 
 def _at(mask: torch.Tensor | None, index: int) -> torch.Tensor | None:

@@ -31,8 +31,8 @@ from elvis_cli.shortlist import Shortlist
 
 T = TypeVar("T")
 
-# Pairs a CPU worker scores per call: the model computes them one kernel at a time, so this
-# only amortises per-call work (the votes' f network runs once per call) over the pairs.
+# Pairs a CPU worker scores per call: the model computes them one at a time, so this only
+# amortises per-call work (Python, gathering the chunk's embeddings) and never changes a bit.
 CPU_PAIRS_PER_CALL = 32
 
 

@@ -1,5 +1,11 @@
 """Same inputs, same bits: extraction and re-ranking on CPU repeat exactly across runs and
-across batch sizes (README "Determinism" lists where this stops: other thread counts, GPUs)."""
+across batch sizes (README "Determinism" lists where this stops: other thread counts, GPUs),
+on every x86-64 code path: AVX-512, AVX2 and the SSE baseline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +69,33 @@ def test_rerank_is_bitwise_repeatable_across_runs_and_batch_sizes(features):
     for result in results[1:]:
         for name in ("indices", "raw_scores", "scores"):
             assert getattr(result, name).tobytes() == getattr(results[0], name).tobytes(), name
+
+
+# Environment settings that make torch, MKL, oneDNN and numba take the code path of an older
+# CPU on this one: vector widths, GEMM blockings and the scalar tails of vectorised loops differ.
+CODE_PATHS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "haswell"},
+    "sse": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+            "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "x86-64"},
+}
+BITWISE_CLAIMS = [
+    "tests/test_determinism.py::test_extraction_is_bitwise_repeatable_across_runs_and_batch_sizes",
+    "tests/test_determinism.py::test_rerank_is_bitwise_repeatable_across_runs_and_batch_sizes",
+    "tests/test_model.py::test_cpu_inference_bits_do_not_depend_on_the_batch",
+    "tests/test_rerank.py::test_cpu_chunks_cross_queries_and_ignore_batch_size",
+    "tests/test_rerank.py::test_one_pair_per_call_scores_the_same_bits",
+    "tests/test_embedding_cache.py",
+]
+
+
+@pytest.mark.parametrize("code_path", sorted(CODE_PATHS))
+def test_bitwise_claims_hold_on_older_cpus_code_paths(code_path):
+    """CI runs on whichever CPU the machine has (AVX-512 or AVX2-only, Intel or AMD): the claims
+    must not lean on this one's vector width."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **CODE_PATHS[code_path]}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             *BITWISE_CLAIMS], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
