@@ -258,6 +258,15 @@ def evaluate(
     temperature: Annotated[float | None, typer.Option("--temp", help="ELViS fusion temperature.")
                            ] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
+    grid: Annotated[bool, typer.Option(
+        "--grid", help="Also score every (shortlist, lam, temp) of a grid for ELViS; the best "
+                       "is marked (`best`), the defaults stay the headline.")] = False,
+    grid_shortlist: Annotated[list[int] | None, typer.Option(
+        help="Grid shortlist sizes (implies --grid); default 100 400.")] = None,
+    grid_lam: Annotated[list[float] | None, typer.Option(
+        help="Grid lam values (implies --grid); default 0 0.25 0.5 0.75 1.")] = None,
+    grid_temp: Annotated[list[float] | None, typer.Option(
+        help="Grid temperatures (implies --grid); default 0.1 0.25 0.5 1 2.")] = None,
     device: DeviceOption = "auto",
     embedding_cache: EmbeddingCacheOption = None,
     out_dir: Annotated[Path, typer.Option(
@@ -270,13 +279,15 @@ def evaluate(
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
     Prints one table with a row per dataset (and average rows), the runtime-vs-shortlist curve,
-    and writes results.json, results.csv and runtime.png.
+    and writes results.json, results.csv and runtime.png. With --grid, every grid combination
+    is written too (column `grid`), and the best per dataset and model is printed.
 
     Example: `elvis evaluate --data-root examples/data --all-datasets --model global,elvis,chamfer`
     """
     from elvis_cli.datasets import default_data_root, find_datasets, load_dataset
     from elvis_cli.evaluate import (
         EvaluateConfig,
+        FusionGrid,
         evaluate_dataset,
         plot_runtime,
         results_table,
@@ -303,11 +314,15 @@ def evaluate(
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
                             temperature=temperature, num_local=num_local, device=device,
                             descriptors=descriptors, embedding_cache=embedding_cache)
+    given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
+    sweep = FusionGrid(**{key: value for key, value in given.items() if value}) \
+        if grid or any(given.values()) else None
+    stages = config.num_stages() + (sweep.num_stages(config) if sweep else 0)
     results = []
-    with _stages(len(names) * config.num_stages(), enabled=not quiet) as on_stage:
+    with _stages(len(names) * stages, enabled=not quiet) as on_stage:
         for name in names:
             results.append(evaluate_dataset(load_dataset(root, name), config, progress=False,
-                                            on_stage=on_stage))
+                                            on_stage=on_stage, grid=sweep))
     table = results_table(results)
     json_path = json_path or out_dir / "results.json"
     csv_path = csv_path or out_dir / "results.csv"
@@ -503,7 +518,7 @@ class _stages:
 
 
 def _print_results(table) -> None:
-    from elvis_cli.evaluate import runtime_curve, summary_table
+    from elvis_cli.evaluate import grid_best, runtime_curve, summary_table
 
     summary = summary_table(table)
     view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",
@@ -525,6 +540,10 @@ def _print_results(table) -> None:
         view.add_row(row.model, str(row.shortlist), f"{row.seconds_per_query:.4f}", bar,
                      _number(row.map))
     wide_console.print(view)
+    for row in grid_best(table).itertuples(index=False):
+        wide_console.print(f"best of the grid (not the headline): {row.dataset} {row.model} "
+                           f"shortlist {row.shortlist}, lam {row.lam:g}, temp "
+                           f"{row.temperature:g}: mAP {_number(row.map)}")
 
 
 def _number(value) -> str:
@@ -541,8 +560,12 @@ def _human_size(size: float) -> str:
     return f"{size:.1f} GB"
 
 
+_MULTI_VALUE_OPTIONS = ("--shortlist", "--grid-shortlist", "--grid-lam", "--grid-temp")
+
+
 def _expand_multi_values(argv: list[str]) -> list[str]:
-    """Let `--shortlist 25 50 100` mean three values for `evaluate` (click takes one each)."""
+    """Let `--shortlist 25 50 100` (and the --grid-* lists) mean three values for `evaluate`
+    (click takes one each)."""
     if not argv or argv[0] != "evaluate":
         return argv
     out: list[str] = []
@@ -551,7 +574,8 @@ def _expand_multi_values(argv: list[str]) -> list[str]:
         arg = argv[position]
         position += 1
         values = []
-        while arg == "--shortlist" and position < len(argv) and not argv[position].startswith("-"):
+        while arg in _MULTI_VALUE_OPTIONS and position < len(argv) \
+                and not argv[position].startswith("-"):
             values.append(argv[position])
             position += 1
         out += [item for value in values for item in (arg, value)] if values else [arg]

@@ -3,7 +3,9 @@ each requested model at several shortlist sizes, metrics by the dataset's own ru
 per query, and the tables and curves that summarise them across datasets.
 
 Each shortlist size is re-ranked from scratch and timed on its own, so the runtime curve
-measures what a user would pay for that size (feature reads included).
+measures what a user would pay for that size (feature reads included). A fusion grid
+(`FusionGrid`) adds a row per (shortlist size, lam, temp) from the raw pair scores of each size,
+computed once; those rows are marked and never replace the headline rows of the defaults.
 """
 
 import hashlib
@@ -32,7 +34,15 @@ from elvis_cli.datasets import RetrievalDataset
 from elvis_cli.errors import InputError
 from elvis_cli.extract import ExtractConfig, extract_features
 from elvis_cli.feature_store import FeatureStore
-from elvis_cli.metrics import EVAL_PROTOCOLS, map_at_k, protocol_junk, recall_at_k, revisitop_map
+from elvis_cli.metrics import (
+    EVAL_PROTOCOLS,
+    class_scores,
+    gldv2_scores,
+    gldv2_splits,
+    ok_junk_scores,
+    protocol_junk,
+    revisitop_scores,
+)
 from elvis_cli.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
 from elvis_cli.released import open_released
 from elvis_cli.rerank import PairScorer, RerankConfig, fuse_and_sort
@@ -41,6 +51,8 @@ from elvis_cli.shortlist import Shortlist, build_shortlist
 MODELS = ("global", "elvis", "chamfer")  # global: the global ranking alone, no re-ranking
 # Chamfer has no trained fusion: its shortlist is re-sorted by the chamfer score alone.
 CHAMFER_FUSION = Fusion(lam=0.0, temperature=1.0)
+# Models whose fusion with the global score is a setting to sweep (chamfer's is its definition).
+GRID_MODELS = ("elvis",)
 
 
 @dataclass
@@ -76,6 +88,30 @@ class EvaluateConfig:
     def num_stages(self) -> int:
         """Stages per dataset, for a progress display: features, then each re-ranking run."""
         return 1 + len(self.rerankers) * sum(size > 0 for size in self.shortlists)
+
+
+@dataclass(frozen=True)
+class FusionGrid:
+    """The (shortlist size, lam, temp) combinations swept on top of the default setting, as the
+    authors' test config does (num_rerank 100 and 400, lists of lamb and temp; ELVIS_SPEC §5)."""
+
+    shortlists: Sequence[int] = (100, 400)
+    lams: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    temperatures: Sequence[float] = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+    def __post_init__(self) -> None:
+        if not self.shortlists or min(self.shortlists) <= 0:
+            raise InputError("grid shortlist sizes must be positive")
+        if not self.lams or not all(0.0 <= lam <= 1.0 for lam in self.lams):
+            raise InputError("grid lam values must lie in [0, 1]")
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise InputError("grid temperatures must be positive")
+        for name in ("shortlists", "lams", "temperatures"):
+            object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
+
+    def num_stages(self, config: "EvaluateConfig") -> int:
+        """Stages it adds per dataset, for a progress display: one per swept model."""
+        return sum(name in GRID_MODELS for name in config.rerankers)
 
 
 @dataclass
@@ -137,8 +173,14 @@ def evaluate_dataset(
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
     source: FeatureSource | None = None,
+    grid: FusionGrid | None = None,
 ) -> DatasetResult:
-    """Evaluate one dataset; `on_stage` hears a short label as each stage starts."""
+    """Evaluate one dataset; `on_stage` hears a short label as each stage starts.
+
+    The global row scores the global ranking as it is (the authors' prepare_topk_global); the
+    re-ranked rows score lists whose junk was moved behind every other image first (§5). With
+    `grid`, rows with `grid` True follow, and the best of them per model has `best` True.
+    """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
     protocols = EVAL_PROTOCOLS.get(dataset.protocol, ("ok",))
@@ -148,9 +190,10 @@ def evaluate_dataset(
         lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
                  for name in protocols}
         common = {"dataset": dataset.name, "protocol": "/".join(protocols),
-                  "metric": _metric_name(dataset), "features": features.label}
+                  "metric": _metric_name(dataset), "features": features.label, "grid": False,
+                  "best": False}
         rows = [{**common, "model": "global", "shortlist": 0,
-                 **score_rankings(dataset, {name: idx for name, (idx, _) in lists.items()}),
+                 **score_rankings(dataset, dict.fromkeys(protocols, ranking.indices)),
                  "seconds_per_query": features.seconds_per_query}]
         for model_name in config.rerankers:
             module, fusion, label = _reranker(model_name, config, features, checkpoint)
@@ -158,18 +201,39 @@ def evaluate_dataset(
                 num_local=config.num_local, batch_size=config.batch_size, device=config.device,
                 embedding_cache=config.embedding_cache if model_name == "elvis" else None))
             scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
+            model = {**common, "model": model_name, "checkpoint": label}
+            raw_scores = _RawScores(scorer, lists)
             for size in (size for size in config.shortlists if size > 0):
                 stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")
                 started = time.perf_counter()
-                rankings = _rerank_protocols(scorer, lists, size, fusion)
+                rankings = _fused_rankings(lists, raw_scores(size), fusion)
                 seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
-                rows.append({**common, "model": model_name, "shortlist": size,
-                             **score_rankings(dataset, rankings), "seconds_per_query": seconds,
-                             "checkpoint": label, "lam": fusion.lam,
+                rows.append({**model, "shortlist": size, **score_rankings(dataset, rankings),
+                             "seconds_per_query": seconds, "lam": fusion.lam,
                              "temperature": fusion.temperature,
                              "paper_map": _paper_map(dataset.name, features.label, model_name,
                                                      label)})
+            if grid is not None and model_name in GRID_MODELS:
+                stage(f"{dataset.name}: {model_name} fusion grid")
+                rows += _best_marked([
+                    {**model, "grid": True, "shortlist": size,
+                     **score_rankings(dataset, _fused_rankings(lists, raw_scores(size),
+                                                               Fusion(lam, temperature))),
+                     "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,
+                     "temperature": temperature}
+                    for size in grid.shortlists for lam in grid.lams
+                    for temperature in grid.temperatures])
     return DatasetResult(dataset.name, "/".join(protocols), rows)
+
+
+def _best_marked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, the first one with the highest headline `map` marked `best` (the authors'
+    evaluate.py reports that combination)."""
+    maps = np.array([row["map"] for row in rows], dtype=np.float64)
+    if np.isnan(maps).all():
+        return rows
+    best = int(np.nanargmax(maps))
+    return [{**row, "best": position == best} for position, row in enumerate(rows)]
 
 
 def _reranker(name: str, config: EvaluateConfig, features: DatasetFeatures,
@@ -205,7 +269,7 @@ def _metric_name(dataset: RetrievalDataset) -> str:
     entry = REGISTRY.get(dataset.name)
     if entry is not None:
         return entry.metric
-    return {"revisitop": "mean of Medium and Hard mAP", "class": "mAP",
+    return {"revisitop": "mean of Medium and Hard mAP", "class": "mAP@100",
             "gldv2": "private mAP@100"}.get(dataset.protocol, f"mAP@{dataset.map_k}")
 
 
@@ -243,35 +307,53 @@ def _settings_key(settings: dict[str, Any]) -> str:
 
 def _junk_last(indices: np.ndarray, similarities: np.ndarray, dataset: RetrievalDataset,
                protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """Move each query's junk for `protocol` to the end, keeping order (ELVIS_SPEC §5).
+    """Move each query's junk for `protocol` behind every other entry, keeping order, so that
+    it takes no re-ranking slot (ELVIS_SPEC §5, the authors' `rerank`).
 
-    The spec does this for the revisitop protocols; class-labelled sets use it for the query's
-    own gallery row, which the protocol excludes. INSTRE-style junk keeps its slot.
+    Every ground truth with junk does so: revisitop (Medium: junk; Hard: junk and easy), ok/junk
+    sets (INSTRE, Product1M, GLDv2 with junk), and class-labelled sets, whose junk is the query's
+    own gallery row (scoring then takes it out before the top-100 cut, see `class_scores`).
     """
-    if dataset.protocol not in ("revisitop", "class"):
-        return indices, similarities
-    order = np.empty_like(indices)
+    order = np.tile(np.arange(indices.shape[1]), (indices.shape[0], 1))
     for query, entry in enumerate(dataset.ground_truth):
         positives, junk = protocol_junk(entry, protocol)
         is_junk = np.isin(indices[query], np.setdiff1d(junk, positives))
-        order[query] = np.concatenate([np.flatnonzero(~is_junk), np.flatnonzero(is_junk)])
+        if is_junk.any():
+            order[query] = np.concatenate([np.flatnonzero(~is_junk), np.flatnonzero(is_junk)])
     return (np.take_along_axis(indices, order, axis=1),
             np.take_along_axis(similarities, order, axis=1))
 
 
-def _rerank_protocols(scorer: PairScorer, lists: dict[str, tuple[np.ndarray, np.ndarray]],
-                      size: int, fusion: Fusion) -> dict[str, np.ndarray]:
-    """Final ranking per protocol; pairs shared by the protocols are scored once."""
-    if size == 0:
-        return {name: indices for name, (indices, _) in lists.items()}
-    heads = np.concatenate([indices[:, :size] for indices, _ in lists.values()], axis=1)
-    pairs = _unique_rows(heads)
-    raw_pairs = scorer.score(pairs)
+class _RawScores:
+    """Raw pair scores of each protocol's top k, computed once per size k (and timed), so every
+    fusion setting of that size reuses them; pairs shared by the protocols are scored once."""
+
+    def __init__(self, scorer: PairScorer, lists: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.scorer, self.lists = scorer, lists
+        self.by_size: dict[int, dict[str, np.ndarray]] = {}
+        self.seconds_per_query: dict[int, float] = {}
+
+    def __call__(self, size: int) -> dict[str, np.ndarray]:
+        if size not in self.by_size:
+            started = time.perf_counter()
+            heads = {name: indices[:, :size] for name, (indices, _) in self.lists.items()}
+            pairs = _unique_rows(np.concatenate(list(heads.values()), axis=1))
+            raw_pairs = self.scorer.score(pairs)
+            self.by_size[size] = {name: _lookup(pairs, raw_pairs, head)
+                                  for name, head in heads.items()}
+            self.seconds_per_query[size] = ((time.perf_counter() - started)
+                                            / max(pairs.shape[0], 1))
+        return self.by_size[size]
+
+
+def _fused_rankings(lists: dict[str, tuple[np.ndarray, np.ndarray]],
+                    raw_heads: dict[str, np.ndarray], fusion: Fusion) -> dict[str, np.ndarray]:
+    """Final ranking per protocol: the scored head fused and re-sorted, the rest as listed."""
     rankings = {}
     for name, (indices, similarities) in lists.items():
-        raw = _lookup(pairs, raw_pairs, indices[:, :size])
+        size = raw_heads[name].shape[1]
         full_raw = np.full(indices.shape, np.nan, dtype=np.float32)
-        full_raw[:, :size] = raw
+        full_raw[:, :size] = raw_heads[name]
         rankings[name] = fuse_and_sort(indices, similarities, full_raw, size, fusion).indices
     return rankings
 
@@ -299,34 +381,24 @@ def _lookup(pairs: np.ndarray, raw_pairs: np.ndarray, wanted: np.ndarray) -> np.
 
 
 def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -> dict[str, float]:
-    """Every metric of the dataset's protocol, by name (ELVIS_SPEC §6); `map` is the headline."""
+    """Every metric of the dataset's protocol, by name (ELVIS_SPEC §6); `map` is the headline.
+
+    Lists are cut to map_k before junk is removed: unlimited for revisitop sets (ROxford,
+    RParis, +1M), the dataset's `map_k` (100 unless the registry says otherwise) for ok/junk
+    sets and GLDv2, the top 100 for class-labelled sets.
+    """
     gnd = dataset.ground_truth
     if dataset.protocol == "revisitop":
-        medium = revisitop_map(rankings["medium"], gnd, "medium")["map"]
-        hard = revisitop_map(rankings["hard"], gnd, "hard")["map"]
-        positives, junk = zip(*(protocol_junk(entry, "medium") for entry in gnd), strict=True)
-        return {"map_medium": medium, "map_hard": hard, "map": (medium + hard) / 2,
-                "recall@1": recall_at_k(rankings["medium"], positives, 1, junk),
-                "recall@5": recall_at_k(rankings["medium"], positives, 5, junk)}
-    positives, junk = zip(*(protocol_junk(entry, "ok") for entry in gnd), strict=True)
+        return revisitop_scores(rankings["medium"], rankings["hard"], gnd)
+    split = [protocol_junk(entry, "ok") for entry in gnd]
+    positives, junk = [pos for pos, _ in split], [junk for _, junk in split]
     ranking = rankings["ok"]
-    recalls = {"recall@1": recall_at_k(ranking, positives, 1, junk),
-               "recall@5": recall_at_k(ranking, positives, 5, junk)}
+    if dataset.protocol == "class":
+        return class_scores(ranking, positives, junk)
     if dataset.protocol == "gldv2":
-        splits = {"map": dataset.splits.get("private"), "map_public": dataset.splits.get("public"),
-                  "map_all": np.arange(len(gnd))}
-        return {name: _split_map(ranking, positives, junk, rows)
-                for name, rows in splits.items()} | recalls
-    return {"map": map_at_k(ranking, positives, junk, dataset.map_k)["map"], **recalls}
-
-
-def _split_map(ranking: np.ndarray, positives: Sequence[Any], junk: Sequence[Any],
-               rows: np.ndarray | None) -> float:
-    """mAP@100 over the queries of one split; NaN for a split with no query."""
-    if rows is None or len(rows) == 0:
-        return float("nan")
-    return map_at_k(ranking[rows], [positives[i] for i in rows], [junk[i] for i in rows],
-                    100)["map"]
+        return gldv2_scores(ranking, positives, junk, dataset.splits or gldv2_splits(len(gnd)),
+                            dataset.map_k)
+    return ok_junk_scores(ranking, positives, junk, dataset.map_k)
 
 
 def results_table(results: Sequence[DatasetResult]) -> pd.DataFrame:
@@ -341,6 +413,23 @@ def write_results(table: pd.DataFrame, json_path: Path | None, csv_path: Path | 
         write_text_atomic(csv_path, table.to_csv(index=False))
 
 
+def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the default settings (the global ranking and each model at each shortlist
+    size), without the fusion grid's; the tables and curves are made of these."""
+    if "grid" not in table:
+        return table
+    return table[~table["grid"].astype(bool)]
+
+
+def grid_best(table: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and model, the grid's best combination and its mAP (empty without a grid)."""
+    if "best" not in table:
+        return table.iloc[0:0]
+    best = table[table["best"].astype(bool)]
+    return best[["dataset", "model", "shortlist", "lam", "temperature", "map"]].reset_index(
+        drop=True)
+
+
 def _column(model: str, shortlist: int) -> str:
     return "global" if model == "global" else f"{model}@{shortlist}"
 
@@ -352,7 +441,9 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     "average (out-of-domain)" averages the registry's datasets outside the landmark domain of
     the paper's GLDv2 training set; custom datasets have no known domain and count only in
     "average (all)". The paper's averages appear only when every §7 dataset is in the table.
+    Fusion-grid rows are left out (see `grid_best`).
     """
+    table = headline_rows(table)
     table = table.assign(column=[_column(m, s) for m, s in zip(table["model"], table["shortlist"],
                                                               strict=True)])
     order = list(dict.fromkeys(table.sort_values(["model", "shortlist"], key=_model_order)
@@ -403,7 +494,8 @@ def _model_order(column: pd.Series) -> pd.Series:
 
 def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
     """Per model and shortlist size, seconds per query and mAP averaged over the datasets; each
-    model's curve starts at the global ranking (size 0)."""
+    model's curve starts at the global ranking (size 0); fusion-grid rows are left out."""
+    table = headline_rows(table)
     parts = [table[table["model"] == "global"].assign(model=name)
              for name in table["model"].unique() if name != "global"]
     curves = pd.concat([table, *parts]) if parts else table
@@ -422,6 +514,7 @@ def plot_runtime(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = headline_rows(table)
     figure, (runtime_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = runtime_curve(table)
     reranked = [name for name in curve["model"].unique() if name != "global"] or ["global"]

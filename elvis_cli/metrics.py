@@ -1,21 +1,33 @@
-"""Scoring rules of the instance-retrieval benchmarks (revisitop mAP, mAP@k, recall@k).
+"""Scoring rules of the retrieval benchmarks, as the authors' `compute_metrics` applies them
+(ELVIS_SPEC §6, pavelsuma/ELViS `elvis/utils/revisited.py`).
 
-Every function takes rankings as (Q, N) arrays of gallery indices, best first. A ranking may be
-shorter than the gallery (only a shortlist was ranked): positives that do not appear in it
-count as never retrieved, which is what the official tools do with a truncated ranking.
+Every function takes rankings as (Q, N) arrays of gallery indices, best first, -1 padding a
+short list. Each query's list is first cut to its first `map_k` entries (None: the whole list)
+and only then is junk taken out of the cut list, so junk inside the cut costs the slots it
+holds and a positive beyond the cut never counts. AP is normalised by min(#positives, length of
+the cut list), recall@k is read on the positions left after junk removal, and queries without
+a positive are NaN and left out of every mean. A positive missing from a shortlist counts as
+never retrieved.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from elvis_cli.errors import InputError
 
-# Which protocol names score a dataset of each ground-truth flavour (see datasets.py).
+# Which protocol names score a dataset of each ground-truth flavour (see datasets.py); any
+# other flavour (ok/junk, class labels, GLDv2) is scored as "ok".
 EVAL_PROTOCOLS: dict[str, tuple[str, ...]] = {"revisitop": ("medium", "hard"), "ok-junk": ("ok",)}
+OK_JUNK_RECALLS = (1, 10, 100)  # what the authors report for INSTRE and Product1M
+CLASS_TOP_K = 100  # class-labelled sets: AP over the top 100 (the authors' map_k)
+CLASS_RECALLS = (1, 5)
+CLASS_AP_AT = 5
+GLDV2_PRIVATE_QUERIES = 750  # GLDv2-test: the last 750 queries are the private split
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -63,6 +75,23 @@ def compute_ap(ranks_of_positives: np.ndarray, num_positives: int) -> float:
     return float(np.sum(before + after) / (2 * num_positives))
 
 
+def rectangular_ap(ranks_of_positives: np.ndarray, normaliser: int) -> float:
+    """Non-interpolated AP, a fraction: the precision at each positive, summed, / normaliser."""
+    if normaliser <= 0:
+        raise ValueError("average precision needs at least one positive")
+    ranks = np.asarray(ranks_of_positives, dtype=np.float64).reshape(-1)
+    return float(np.sum(np.arange(1, len(ranks) + 1) / (ranks + 1)) / normaliser)
+
+
+@dataclass(frozen=True)
+class RankedHits:
+    """Where each query's positives land once its list is cut to map_k and junk is removed."""
+
+    positions: tuple[np.ndarray, ...]  # sorted 0-based positions in the junk-free cut list
+    cut_lengths: np.ndarray  # (Q,) entries in the cut list, junk included
+    num_positives: np.ndarray  # (Q,) 0 for a query that is left out of every mean
+
+
 def _as_ranking(ranking: Any, num_queries: int) -> np.ndarray:
     ranking = np.asarray(ranking)
     if ranking.ndim != 2 or ranking.shape[0] != num_queries:
@@ -73,135 +102,172 @@ def _as_ranking(ranking: Any, num_queries: int) -> np.ndarray:
     return ranking.astype(np.int64, copy=False)
 
 
-def _positive_positions(row: np.ndarray, positives: np.ndarray, junk: np.ndarray) -> np.ndarray:
-    """Sorted 0-based positions of positives in `row` once junk is taken out of it.
+def ranked_hits(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None = None,
+                map_k: int | None = None) -> RankedHits:
+    """Cut each list to its first `map_k` entries, then drop its junk (compute_metrics, then
+    compute_map); an index listed as both positive and junk stays a positive."""
+    ranking = _as_ranking(ranking, len(positives))
+    positions, lengths, counts = [], [], []
+    for q, query_positives in enumerate(positives):
+        pos = _ints(query_positives)
+        listed = ranking[q][ranking[q] >= 0]
+        cut = listed if map_k is None else listed[:map_k]
+        query_junk = _EMPTY if junk is None else _ints(junk[q])
+        kept = cut[~np.isin(cut, np.setdiff1d(query_junk, pos))]
+        positions.append(np.flatnonzero(np.isin(kept, pos)))
+        lengths.append(len(cut))
+        counts.append(pos.size)
+    return RankedHits(tuple(positions), np.asarray(lengths), np.asarray(counts))
 
-    An index listed as both positive and junk stays a positive.
-    """
-    kept = row[~np.isin(row, np.setdiff1d(junk, positives))]
-    return np.flatnonzero(np.isin(kept, positives))
+
+def _scored(hits: RankedHits) -> np.ndarray:
+    return np.flatnonzero(hits.num_positives > 0)
 
 
-def _summary(aps: np.ndarray, what: str) -> dict[str, Any]:
-    scored = aps[~np.isnan(aps)]
+def _percent_mean(values: np.ndarray, what: str) -> float:
+    scored = values[~np.isnan(values)]
     if scored.size == 0:
         raise InputError(f"cannot compute {what}: no query has a positive")
-    return {"map": float(scored.mean()), "aps": aps}
+    return float(scored.mean())
 
 
-def revisitop_map(
-    ranking: Any, ground_truth: Sequence[Mapping[str, Any]], protocol: str = "medium"
-) -> dict[str, Any]:
+def average_precisions(hits: RankedHits, trapezoidal: bool = False) -> np.ndarray:
+    """(Q,) AP in percent, normalised by min(#positives, cut length); NaN without positives."""
+    ap = compute_ap if trapezoidal else rectangular_ap
+    aps = np.full(len(hits.positions), np.nan)
+    for q in _scored(hits):
+        normaliser = min(hits.num_positives[q], hits.cut_lengths[q])
+        aps[q] = 100.0 * ap(hits.positions[q], normaliser) if hits.positions[q].size else 0.0
+    return aps
+
+
+def ap_at(hits: RankedHits, k: int) -> float:
+    """Mean AP@k in percent (class-labelled sets): precision at each positive in the top k,
+    summed, / min(k, #positives)."""
+    aps = np.full(len(hits.positions), np.nan)
+    for q in _scored(hits):
+        top = hits.positions[q][hits.positions[q] < k]
+        aps[q] = 100.0 * rectangular_ap(top, min(k, hits.num_positives[q]))
+    return _percent_mean(aps, f"AP@{k}")
+
+
+def recall(hits: RankedHits, k: int) -> float:
+    """Percent of queries with a positive among the first k junk-free entries of the cut list."""
+    found = [hits.positions[q].size > 0 and hits.positions[q][0] < k for q in _scored(hits)]
+    return _percent_mean(100.0 * np.asarray(found, dtype=np.float64), f"recall@{k}")
+
+
+def revisitop_map(ranking: Any, ground_truth: Sequence[Mapping[str, Any]],
+                  protocol: str = "medium", map_k: int | None = None) -> dict[str, Any]:
     """mAP (percent) under the revisitop Medium or Hard protocol, plus per-query APs.
 
-    Returns {"map": float, "aps": (Q,) array in percent, NaN for queries without positives,
-    which are left out of the mean}.
+    Trapezoidal AP; map_k None is the authors' unlimited cut for ROxford/RParis. Returns
+    {"map": float, "aps": (Q,) array in percent, NaN for queries without positives}.
     """
-    ranking = _as_ranking(ranking, len(ground_truth))
-    aps = np.full(len(ground_truth), np.nan)
-    for q, entry in enumerate(ground_truth):
-        positives, junk = protocol_junk(entry, protocol)
-        if positives.size:
-            positions = _positive_positions(ranking[q], positives, junk)
-            aps[q] = 100.0 * compute_ap(positions, positives.size)
-    return _summary(aps, f"{protocol} mAP")
+    split = [protocol_junk(entry, protocol) for entry in ground_truth]
+    positives, junk = [pos for pos, _ in split], [junk for _, junk in split]
+    aps = average_precisions(ranked_hits(ranking, positives, junk, map_k), trapezoidal=True)
+    return {"map": _percent_mean(aps, f"{protocol} mAP"), "aps": aps}
 
 
-def revisitop_scores(
-    ranking_medium: Any, ranking_hard: Any, ground_truth: Sequence[Mapping[str, Any]]
-) -> dict[str, float]:
+def revisitop_scores(ranking_medium: Any, ranking_hard: Any,
+                     ground_truth: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Medium, Hard and their mean (the headline number); the two rankings differ when
     re-ranking was done per protocol, and may be the same array otherwise."""
     medium = revisitop_map(ranking_medium, ground_truth, "medium")["map"]
     hard = revisitop_map(ranking_hard, ground_truth, "hard")["map"]
-    return {"map_medium": medium, "map_hard": hard, "map": (medium + hard) / 2}
+    return {"map": (medium + hard) / 2, "map_medium": medium, "map_hard": hard}
 
 
-def map_at_k(
-    ranking: Any,
-    positives: Sequence[Any],
-    junk: Sequence[Any] | None = None,
-    k: int | None = 100,
-) -> dict[str, Any]:
-    """Non-interpolated AP over the top k after junk removal, normalised by min(#positives, k).
+def map_at_k(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None = None,
+             k: int | None = 100) -> dict[str, Any]:
+    """Rectangular AP over the list cut to k, junk removed after the cut, normalised by
+    min(#positives, cut length); k=None ranks the whole list.
 
-    The INSTRE / GLDv2 / Product1M rule; k=None ranks the whole list (class-labelled sets).
     Returns {"map": percent, "aps": (Q,) percent, NaN for queries without positives}.
     """
-    ranking = _as_ranking(ranking, len(positives))
-    aps = np.full(len(positives), np.nan)
-    for q, query_positives in enumerate(positives):
-        pos = _ints(query_positives)
-        if pos.size == 0:
-            continue
-        query_junk = _EMPTY if junk is None else _ints(junk[q])
-        positions = _positive_positions(ranking[q], pos, query_junk)
-        if k is not None:
-            positions = positions[positions < k]
-        precision_at_hits = np.arange(1, positions.size + 1) / (positions + 1)
-        normaliser = pos.size if k is None else min(pos.size, k)
-        aps[q] = 100.0 * precision_at_hits.sum() / normaliser
-    return _summary(aps, "mAP@k")
+    aps = average_precisions(ranked_hits(ranking, positives, junk, k))
+    return {"map": _percent_mean(aps, "mAP@k"), "aps": aps}
 
 
-def recall_at_k(
-    ranking: Any, positives: Sequence[Any], k: int, junk: Sequence[Any] | None = None
-) -> float:
+def recall_at_k(ranking: Any, positives: Sequence[Any], k: int,
+                junk: Sequence[Any] | None = None, map_k: int | None = None) -> float:
     """Percent of queries (with at least one positive) that find a positive in their top k."""
-    ranking = _as_ranking(ranking, len(positives))
-    hits = []
-    for q, query_positives in enumerate(positives):
-        pos = _ints(query_positives)
-        if pos.size:
-            query_junk = _EMPTY if junk is None else _ints(junk[q])
-            positions = _positive_positions(ranking[q], pos, query_junk)
-            hits.append(bool(positions.size) and positions[0] < k)
-    if not hits:
-        raise InputError("cannot compute recall@k: no query has a positive")
-    return 100.0 * float(np.mean(hits))
+    return recall(ranked_hits(ranking, positives, junk, map_k), k)
 
 
-GLDV2_PRIVATE_QUERIES = 750  # GLDv2-test: the last 750 queries are the private split
+def ok_junk_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any],
+                   map_k: int | None = 100) -> dict[str, float]:
+    """INSTRE / Product1M (and other ok/junk sets): mAP@map_k and recall@1, @10, @100."""
+    hits = ranked_hits(ranking, positives, junk, map_k)
+    return {"map": _percent_mean(average_precisions(hits), f"mAP@{map_k}"),
+            **{f"recall@{k}": recall(hits, k) for k in OK_JUNK_RECALLS}}
 
 
-def gldv2_scores(ranking: Any, positives: Sequence[Any], k: int = 100) -> dict[str, float]:
-    """mAP@k of GLDv2-test's private split (the headline), public split and all queries.
+def gldv2_splits(num_queries: int) -> dict[str, np.ndarray]:
+    """GLDv2-test's query rows: the last 750 are private, the others public."""
+    split = max(num_queries - GLDV2_PRIVATE_QUERIES, 0)
+    return {"public": np.arange(split), "private": np.arange(split, num_queries)}
 
-    A split without any query that has a positive is NaN rather than an error, so a small
-    test set still reports the splits it has.
+
+def gldv2_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None,
+                 splits: Mapping[str, np.ndarray], map_k: int | None = 100) -> dict[str, float]:
+    """mAP@map_k of the private split (`map`, the headline), the public one and all queries.
+
+    A split with no query that has a positive is NaN rather than an error, so a small test set
+    still reports the splits it has.
     """
-    aps = map_at_k(ranking, positives, None, k)["aps"]
-    split = max(len(aps) - GLDV2_PRIVATE_QUERIES, 0)
+    aps = average_precisions(ranked_hits(ranking, positives, junk, map_k))
 
-    def mean(values: np.ndarray) -> float:
+    def mean(rows: np.ndarray | None) -> float:
+        values = aps[np.asarray(rows if rows is not None else [], dtype=np.int64)]
         scored = values[~np.isnan(values)]
         return float(scored.mean()) if scored.size else float("nan")
 
-    return {f"map@{k}_private": mean(aps[split:]), f"map@{k}_public": mean(aps[:split]),
-            f"map@{k}": mean(aps)}
+    return {"map": mean(splits.get("private")), "map_public": mean(splits.get("public")),
+            "map_all": mean(np.arange(len(aps)))}
 
 
 def class_ground_truth(
     query_labels: Sequence[Any], gallery_labels: Sequence[Any], queries_in_gallery: bool
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(positives, junk) per query for class-labelled sets (SOP, RP2K, MET).
+    """(positives, own rows) per query for class-labelled sets (SOP, RP2K, MET).
 
-    With `queries_in_gallery` (SOP, RP2K) query q is gallery row q: it is junk to itself, and
-    its positives are the other images of its class. Otherwise (MET) the positives are the
-    gallery images of its class, so AP is normalised by the class size.
+    With `queries_in_gallery` (SOP, RP2K) query q is gallery row q: its positives are the other
+    images of its class (class size - 1) and its own row is excluded from its list. Otherwise
+    (MET) the positives are the gallery images of its class (the class size).
     """
     gallery = np.asarray(gallery_labels)
-    positives, junk = [], []
+    positives, own_rows = [], []
     for q, label in enumerate(query_labels):
         same = np.flatnonzero(gallery == label)
         own = np.array([q] if queries_in_gallery else [], dtype=np.int64)
         positives.append(np.setdiff1d(same, own))
-        junk.append(own)
-    return positives, junk
+        own_rows.append(own)
+    return positives, own_rows
 
 
-def class_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any]) -> dict[str, float]:
-    """AP over the whole ranked gallery, recall@1 and recall@5 (ELVIS_SPEC §6, class labels)."""
-    return {"map": map_at_k(ranking, positives, junk, None)["map"],
-            "recall@1": recall_at_k(ranking, positives, 1, junk),
-            "recall@5": recall_at_k(ranking, positives, 5, junk)}
+def _without(ranking: np.ndarray, excluded: Sequence[Any]) -> np.ndarray:
+    """Each row with its excluded entries taken out and the rest moved up, -1 padded."""
+    out = np.full(ranking.shape, -1, dtype=np.int64)
+    for q, row in enumerate(ranking):
+        kept = row[~np.isin(row, _ints(excluded[q]))]
+        out[q, : len(kept)] = kept
+    return out
+
+
+def class_scores(ranking: Any, positives: Sequence[Any],
+                 own_rows: Sequence[Any]) -> dict[str, float]:
+    """SOP, RP2K, MET (the authors' `mean_average_precision`): AP over the top 100 normalised by
+    min(100, #positives), AP@5, recall@1 and recall@5.
+
+    The query's own gallery row is taken out of its list before the cut, so it neither counts
+    nor takes one of the 100 slots. The authors' nn lists for these sets hold no query (their
+    #positives = class size - 1 assumes so); if one of theirs did, their mask would count the
+    query as a hit, which is not reproduced here.
+    """
+    ranking = _as_ranking(ranking, len(positives))
+    hits = ranked_hits(_without(ranking, own_rows), positives, None, CLASS_TOP_K)
+    return {"map": _percent_mean(average_precisions(hits), f"mAP@{CLASS_TOP_K}"),
+            f"ap@{CLASS_AP_AT}": ap_at(hits, CLASS_AP_AT),
+            **{f"recall@{k}": recall(hits, k) for k in CLASS_RECALLS}}

@@ -96,8 +96,8 @@ _RPARIS = _revisitop("rparis6k", "Revisited Paris 6k",
                      6322, "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/")
 
 _OK_JUNK = "positives `ok`, junk ignored; non-interpolated AP over the top k"
-_CLASS = ("class labels: AP over the whole ranked gallery normalised by the number of other "
-          "images of the query's class; recall@1, recall@5")
+_CLASS = ("class labels: AP over the top 100 normalised by min(100, the other images "
+          "of the query's class); AP@5, recall@1, recall@5")
 
 ENTRIES: tuple[DatasetEntry, ...] = (
     _ROXFORD,

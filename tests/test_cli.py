@@ -175,3 +175,22 @@ def test_evaluate_a_revisitop_dataset(tmp_path):
     expected = revisitop_map(ranking, load_dataset(tmp_path / "data", "mini").ground_truth,
                              "hard")["map"]
     assert rows[0]["map_hard"] == pytest.approx(expected)
+    result = elvis("evaluate", "--data-root", tmp_path / "data", "--all-datasets", *SMALL,
+                   "--checkpoint", "ckpt.pt", "--shortlist", "0", "2", "--out-dir", "grid",
+                   "--grid-shortlist", "2", "3", "--grid-lam", "0", "1", "--grid-temp", "0.5",
+                   "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "grid" / "results.csv")
+    assert json.loads((tmp_path / "grid" / "results.json").read_text()) == json.loads(
+        table.to_json(orient="records"))
+    columns = ["model", "shortlist", "lam", "temperature", "map", "map_medium", "map_hard"]
+    pd.testing.assert_frame_equal(table[~table["grid"]][columns].reset_index(drop=True),
+                                  pd.DataFrame(rows)[columns])  # the headline is unchanged
+    swept = table[table["grid"]]
+    combos = swept[["shortlist", "lam", "temperature"]].itertuples(index=False, name=None)
+    assert sorted(combos) == [
+        (2, 0.0, 0.5), (2, 1.0, 0.5), (3, 0.0, 0.5), (3, 1.0, 0.5)]
+    best = swept[swept["best"]].iloc[0]
+    assert table["best"].sum() == 1 and best["map"] == swept["map"].max()
+    assert (f"best of the grid (not the headline): mini elvis shortlist {best['shortlist']}, "
+            f"lam {best['lam']:g}, temp 0.5: mAP {best['map']:.2f}") in result.stdout

@@ -94,12 +94,14 @@ def trapezoid_ap(ranked: list[int], positives: set[int], junk: set[int]) -> floa
     return 100 * area / len(positives)
 
 
-def plain_ap(ranked: list[int], positives: set[int], junk: set[int], k: int | None) -> float:
-    kept = [g for g in ranked if g not in junk]
-    kept = kept if k is None else kept[:k]
+def plain_ap(ranked: list[int], positives: set[int], junk: set[int], k: int) -> float:
+    """The list cut to its first k, then junk out; precision at each positive summed and
+    divided by min(#positives, length of the cut list)."""
+    cut = ranked[:k]
+    kept = [g for g in cut if g not in junk]
     hits = [r for r, g in enumerate(kept) if g in positives]
     total = sum((n + 1) / (r + 1) for n, r in enumerate(hits))
-    return 100 * total / (len(positives) if k is None else min(len(positives), k))
+    return 100 * total / min(len(positives), len(cut))
 
 
 def chamfer_rerank(ranked: list[int], query: np.ndarray, gallery: FeatureStore, top: int,
@@ -149,18 +151,23 @@ def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
     with queries, gallery:
         expected = np.mean([plain_ap(list(ranking[p]), {2 * p, 2 * p + 1}, {2 * ((p + 1) % 4)},
                                      100) for p in range(4)])
+        first = [next(g for g in ranking[p] if g != 2 * ((p + 1) % 4)) for p in range(4)]
     assert got["instre", "global"].map == pytest.approx(expected)
+    instre = rows[(rows["dataset"] == "instre") & (rows["model"] == "global")].iloc[0]
+    assert instre["recall@1"] == pytest.approx(
+        100 * np.mean([first[p] // 2 == p for p in range(4)]))
 
     ranking, _, queries, gallery = features(data, "sop")
     with queries, gallery:
         global_aps, chamfer_aps = [], []
         for q in range(12):
             positives = {g for g in range(12) if g // 3 == q // 3 and g != q}
-            ranked = [g for g in ranking[q] if g != q] + [q]  # own row out of the shortlist
-            global_aps.append(plain_ap(ranked, positives, {q}, None))
+            # its own row takes no re-ranking slot, and no slot of the top 100
+            ranked = [g for g in ranking[q] if g != q]
+            global_aps.append(plain_ap(ranked, positives, set(), 100))
             desc, pad = queries.local_descriptors([q])
-            reranked = chamfer_rerank(ranked, desc[0], gallery, 2, pad[0])
-            chamfer_aps.append(plain_ap(reranked, positives, {q}, None))
+            reranked = chamfer_rerank([*ranked, q], desc[0], gallery, 2, pad[0])
+            chamfer_aps.append(plain_ap([g for g in reranked if g != q], positives, set(), 100))
     assert got["sop", "global"].map == pytest.approx(np.mean(global_aps))
     assert got["sop", "chamfer"].map == pytest.approx(np.mean(chamfer_aps))
 

@@ -10,7 +10,9 @@ from elvis_cli.metrics import (
     class_scores,
     compute_ap,
     gldv2_scores,
+    gldv2_splits,
     map_at_k,
+    ok_junk_scores,
     protocol_junk,
     recall_at_k,
     revisitop_map,
@@ -176,8 +178,9 @@ def test_revisitop_all_junk_ranking_scores_zero():
 def test_map_at_k_with_k_beyond_the_gallery_and_a_short_shortlist():
     # 3-image gallery, k = 100: positives at ranks 0 and 2 -> (1 + 2/3) / min(2, 100)
     assert map_at_k(np.array([[4, 1, 7]]), [[4, 7]], k=100)["map"] == pytest.approx(100 * 5 / 6)
-    # a shortlist of 2 for 3 positives, one found at rank 1 -> (1/2) / min(3, 100)
-    assert map_at_k(np.array([[0, 5]]), [[5, 8, 9]], k=100)["map"] == pytest.approx(100 / 6)
+    # a shortlist of 2 for 3 positives, one found at rank 1: the authors' compute_map divides by
+    # min(#positives, length of the cut list) = min(3, 2) -> (1/2) / 2
+    assert map_at_k(np.array([[0, 5]]), [[5, 8, 9]], k=100)["map"] == pytest.approx(25.0)
     # recall@5 on a 2-long list: the positive at rank 1 counts
     assert recall_at_k(np.array([[0, 5]]), [[5]], 5) == pytest.approx(100.0)
 
@@ -186,13 +189,21 @@ def test_gldv2_private_split_is_the_last_750_queries():
     queries = 752
     ranking = np.tile(np.arange(4), (queries, 1))
     positives = [[0]] * (queries - 750) + [[1]] * 749 + [[]]  # the very last query has none
-    scores = gldv2_scores(ranking, positives)
-    assert scores["map@100_public"] == pytest.approx(100.0)  # hits at rank 0
-    assert scores["map@100_private"] == pytest.approx(50.0)  # hits at rank 1: 1/2
-    assert scores["map@100"] == pytest.approx((2 * 100 + 749 * 50) / 751)
-    small = gldv2_scores(ranking[:3], positives[:3])  # fewer than 750 queries: all private
-    assert np.isnan(small["map@100_public"])
-    assert small["map@100_private"] == pytest.approx((100 + 100 + 50) / 3)
+    splits = gldv2_splits(queries)
+    assert splits["public"].tolist() == [0, 1] and splits["private"][0] == 2
+    scores = gldv2_scores(ranking, positives, None, splits)
+    assert scores["map_public"] == pytest.approx(100.0)  # hits at rank 0
+    assert scores["map"] == pytest.approx(50.0)  # private, the headline: hits at rank 1: 1/2
+    assert scores["map_all"] == pytest.approx((2 * 100 + 749 * 50) / 751)
+    small = gldv2_scores(ranking[:3], positives[:3], None, gldv2_splits(3))  # all private
+    assert np.isnan(small["map_public"])
+    assert small["map"] == pytest.approx((100 + 100 + 50) / 3)
+    # the cut to 100 comes first: a private query whose positive is 101st scores 0, whatever
+    # junk precedes it
+    long = np.tile(np.arange(200), (2, 1))
+    cut = gldv2_scores(long, [[0], [100]], [[], list(range(1, 100))],
+                       {"public": np.array([0]), "private": np.array([1])})
+    assert cut == {"map": 0.0, "map_public": 100.0, "map_all": 50.0}
 
 
 def test_class_labelled_sets_by_hand():
@@ -207,6 +218,8 @@ def test_class_labelled_sets_by_hand():
     # q2 [4 0 1 3] -> 1; q3 [2 4 0 1] hits at 2, 3 -> (1/3 + 2/4)/2 = 5/12; q4 [0 2 1 3] -> 1/2
     assert scores["map"] == pytest.approx(100 * (1 / 2 + 1 + 1 + 5 / 12 + 1 / 2) / 5)
     assert scores["recall@1"] == pytest.approx(40.0) and scores["recall@5"] == 100.0
+    # AP@5 is the same sum over the top 5 / min(5, #positives): the lists are shorter than 5
+    assert scores["ap@5"] == pytest.approx(scores["map"])
     # MET: queries apart from the gallery; AP normalised by the class size, a distractor
     # query (no class in the gallery) is skipped
     positives, junk = class_ground_truth(["b", "z"], labels, queries_in_gallery=False)
@@ -222,3 +235,62 @@ def test_ties_in_the_fused_score_keep_the_global_order():
     raw = np.array([[2.0, 2.0, 2.0, 50.0]], dtype=np.float32)
     result = fuse_and_sort(indices, global_scores, raw, 3, Fusion(0.5, 0.5))
     np.testing.assert_array_equal(result.indices, [[7, 3, 5, 1]])  # tied head, untouched tail
+
+
+# --- the order of the cut and of junk removal (compute_metrics, then compute_map) ------------
+
+
+def test_the_list_is_cut_to_map_k_before_junk_is_removed():
+    ranking = np.array([[10, 11, 0, 1, 12]])
+    positives, junk = [[0, 1]], [[10, 11]]
+    # cut to 3: [10 11 0] -> junk out: [0] -> one hit at 0, / min(2 positives, 3 listed) = 1/2
+    # (junk out first would give [0 1 12] and AP 1)
+    assert map_at_k(ranking, positives, junk, k=3)["map"] == pytest.approx(50.0)
+    # cut to 2: only junk is left, no positive is found at all
+    assert recall_at_k(ranking, positives, 2, junk, map_k=2) == 0.0
+    # recall@k is read on the positions left once junk is out of the cut list
+    assert recall_at_k(ranking, positives, 1, junk, map_k=100) == pytest.approx(100.0)
+
+
+def test_ok_junk_scores_report_the_authors_recalls():
+    # 60 junk images, then negatives; the positive is 121st: beyond the cut to 100, so it counts
+    # nowhere, although it would be 61st once junk is out
+    row = np.concatenate([np.arange(100, 160), np.arange(1000, 1060), [7]])
+    ranking = np.stack([row, np.roll(row, 1)])  # query 1 has its positive first
+    scores = ok_junk_scores(ranking, [[7], [7]], [np.arange(100, 160)] * 2)
+    assert scores == {"map": pytest.approx(50.0), "recall@1": pytest.approx(50.0),
+                      "recall@10": pytest.approx(50.0), "recall@100": pytest.approx(50.0)}
+
+
+def test_class_ap_over_the_top_100_with_more_than_100_positives():
+    # query 0 is gallery row 0; its class has 121 images, so 120 positives (SOP: class size - 1).
+    # Its list: itself first, then positives and negatives alternating.
+    positives = np.arange(1, 121)
+    negatives = np.arange(1000, 1120)
+    row = np.concatenate([[0], np.stack([positives, negatives], axis=1).reshape(-1)])
+    scores = class_scores(row[None], [positives], [[0]])
+    # without itself: hits at 0, 2, 4, ...; the top 100 holds 50, the i-th at position 2i has
+    # precision (i + 1) / (2i + 1); / min(100, 120)
+    expected = sum((i + 1) / (2 * i + 1) for i in range(50)) / 100
+    assert scores["map"] == pytest.approx(100 * expected)
+    # AP@5: hits at 0, 2, 4 -> (1 + 2/3 + 3/5) / min(5, 120)
+    assert scores["ap@5"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 5) / 5)
+    assert scores["recall@1"] == 100.0 and scores["recall@5"] == 100.0
+
+
+def test_class_ap_with_fewer_positives_and_the_query_taking_no_slot():
+    # MET-like query (not in the gallery), 3 positives: hits at 1 and 3 of the top 100, a third
+    # at 150 lies beyond the cut -> (1/2 + 2/4) / min(100, 3)
+    row = np.arange(1000, 1200)
+    row[[1, 3, 150]] = [7, 8, 9]
+    scores = class_scores(row[None], [[7, 8, 9]], [[]])
+    assert scores["map"] == pytest.approx(100 * (1 / 2 + 2 / 4) / 3)
+    assert scores["ap@5"] == pytest.approx(100 * (1 / 2 + 2 / 4) / 3)
+    assert scores["recall@1"] == 0.0 and scores["recall@5"] == 100.0
+    # SOP-like: the query (row 5) sits 51st and a positive 101st; with the query taken out the
+    # positive is 100th, inside the cut, and the query itself is no hit
+    row = np.arange(1000, 1200)
+    row[50], row[100] = 5, 7
+    scores = class_scores(row[None], [[7]], [[5]])
+    assert scores["map"] == pytest.approx(100 * (1 / 100))
+    assert scores["ap@5"] == 0.0 and scores["recall@5"] == 0.0

@@ -6,27 +6,14 @@ import pytest
 import torch
 
 from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.feature_store import FeatureStore
 from elvis_cli.model import uses_log_domain
 from elvis_cli.rerank import PairScorer, RerankConfig
+from tests.helpers import write_store
 from tests.reference_elvis import reference_score
 from tests.test_model import random_model
 
 D = 48
-
-
-def write_store(path, rng, count: int, stored: int, real: list[int]) -> FeatureStore:
-    """A joined features file whose image i has real[i] descriptors, the rest padding."""
-    rows = np.zeros((count, stored, 5 + D), dtype=np.float32)
-    descriptors = rng.standard_normal((count, stored, D))
-    rows[..., 5:] = descriptors / np.linalg.norm(descriptors, axis=-1, keepdims=True)
-    rows[..., 5:] += 50.0 * (np.arange(stored)[None, :, None] >= np.array(real)[:, None, None])
-    rows[..., 3] = np.arange(stored)[None, :] >= np.array(real)[:, None]  # padding flag
-    names = [f"img{i}.jpg" for i in range(count)]
-    write_shard(shard_path(path, 0), rows, np.zeros((count, 3), np.float32), names, names,
-                np.ones((count, 2), np.int32))
-    finalize(path, [shard_path(path, 0)], {"name": "test"}, path.parent)
-    return FeatureStore.open(path)
 
 
 def reference(model, queries: FeatureStore, gallery: FeatureStore, candidates, num_local):
