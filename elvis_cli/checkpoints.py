@@ -92,16 +92,32 @@ def default_checkpoint_for(backbone: dict[str, Any] | None) -> str:
 
 
 def checkpoint_for_features(name: str | None, backbone: dict[str, Any] | None,
-                            dim: int) -> Checkpoint:
+                            dim: int, binarised: bool = False) -> Checkpoint:
     """Checkpoint `name`, or the one matching the features' backbone, checked against them."""
     checkpoint = load_checkpoint(name or default_checkpoint_for(backbone))
-    check_compatible(checkpoint, backbone, dim)
+    check_compatible(checkpoint, backbone, dim, binarised)
     return checkpoint
 
 
-def check_compatible(checkpoint: Checkpoint, backbone: dict[str, Any] | None, dim: int) -> None:
-    """Refuse features from another backbone or of another dimension, naming both sides."""
-    if dim != checkpoint.descriptor_dim:
+def check_compatible(checkpoint: Checkpoint, backbone: dict[str, Any] | None, dim: int,
+                     binarised: bool = False) -> None:
+    """Refuse features from another backbone or of another dimension, naming both sides.
+
+    `binarised` features (sign bits of a released binarised file) need a binarised checkpoint
+    with as many bits; float features suit either kind, a binarised one binarises them itself.
+    """
+    config = checkpoint.model.config
+    if binarised:
+        if not config.binarised:
+            raise ModelMismatchError(
+                f"the features are binarised ({dim} bits) but checkpoint {checkpoint.name!r} "
+                "is not: use a binarised checkpoint (one with remap_local.0.W, the ITQ "
+                "projection) or the float descriptor files")
+        if dim != config.model_dim:
+            raise ModelMismatchError(
+                f"checkpoint {checkpoint.name!r} expects {config.model_dim}-bit binarised "
+                f"descriptors but the features have {dim} bits")
+    elif dim != checkpoint.descriptor_dim:
         raise ModelMismatchError(
             f"checkpoint {checkpoint.name!r} expects {checkpoint.descriptor_dim}-d descriptors "
             f"but the features are {dim}-d ({describe_backbone(backbone)})"
@@ -180,11 +196,22 @@ def _from_file(path: Path, name: str, backbone: dict[str, Any] | None) -> Checkp
                       extra.get("info", {}))
 
 
-def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
-    weight = state.get("remap_local.0.weight")
+def _config_for_state(state: dict[str, Any], path: Path) -> ElvisConfig:
+    """Plain (remap_local.0 is the Linear) or binarised (remap_local.0.W is the ITQ
+    projection (D, 128), the authors' Matcher(binarized=True)), read from the state dict."""
+    itq = state.get("remap_local.0.W")
+    key = "remap_local.0.W" if itq is not None else "remap_local.0.weight"
+    weight = state.get(key)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise InputError(f"checkpoint {path} has no 2-d 'remap_local.0.weight'")
-    model = Elvis(ElvisConfig(descriptor_dim=weight.shape[1], model_dim=weight.shape[0]))
+        raise InputError(f"checkpoint {path} has no 2-d '{key}'")
+    if itq is not None:
+        return ElvisConfig(descriptor_dim=weight.shape[0], model_dim=weight.shape[1],
+                           binarised=True)
+    return ElvisConfig(descriptor_dim=weight.shape[1], model_dim=weight.shape[0])
+
+
+def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
+    model = Elvis(_config_for_state(state, path))
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -210,7 +210,7 @@ def rerank(
     with _open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         ckpt = checkpoint_for_features(checkpoint, gallery_store.backbone_settings,
-                                       gallery_store.local_dim)
+                                       gallery_store.local_dim, gallery_store.binarised)
         fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
                         ckpt.fusion.temperature if temperature is None else temperature)
         if candidates is not None:

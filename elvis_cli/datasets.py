@@ -22,7 +22,7 @@ import numpy as np
 
 from elvis_cli.download import cache_dir
 from elvis_cli.errors import InputError
-from elvis_cli.registry import LAYOUT_CLASS, LAYOUT_GLDV2, LAYOUT_PICKLE, REGISTRY
+from elvis_cli.registry import LAYOUT_CLASS, LAYOUT_GLDV2, LAYOUT_PICKLE, REGISTRY, RENAMED
 from elvis_cli.safe_pickle import load_pickle
 
 GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
@@ -50,6 +50,7 @@ class RetrievalDataset:
     num_distractors: int = 0
     splits: dict[str, np.ndarray] = field(default_factory=dict)  # named query subsets (GLDv2)
     map_k: int | None = 100  # cut-off of mAP@k for ok/junk ground truth
+    unlocated: str = ""  # why some gallery images cannot be located (then gallery_paths fails)
 
     @property
     def image_root(self) -> Path:
@@ -62,6 +63,8 @@ class RetrievalDataset:
         return folder / f"{entry}.jpg"
 
     def gallery_paths(self) -> list[Path]:
+        if self.unlocated:
+            raise InputError(self.unlocated)
         own = len(self.gallery) - self.num_distractors
         return [self._image_path(self.image_root if index < own else self.distractor_dir, entry)
                 for index, entry in enumerate(self.gallery)]
@@ -89,7 +92,7 @@ def detect_layout(folder: Path) -> str | None:
     """Which ground-truth layout `folder` holds, or None."""
     if (folder / f"gnd_{folder.name}.pkl").is_file():
         return LAYOUT_PICKLE
-    if (folder / "gallery.txt").is_file():
+    if _class_files(folder) is not None:
         return LAYOUT_CLASS
     if (folder / GLDV2_SOLUTION).is_file() and (folder / "index.csv").is_file():
         return LAYOUT_GLDV2
@@ -166,12 +169,19 @@ def _parse_ground_truth(
 
 
 def load_dataset(data_root: Path, name: str) -> RetrievalDataset:
-    """Read the ground truth of `<data_root>/<name>` and check every index against the gallery."""
+    """Read the ground truth of `<data_root>/<name>` and check every index against the gallery.
+
+    A +1M set (roxford5k+1m, rparis6k+1m) is always rooted in its own folder, where its
+    released files are; its ground truth is its own `gnd_<name>.pkl` there, or, for the image
+    route, its base set's; the R1M distractor images are appended when their list is there.
+    """
+    if name in RENAMED:
+        raise InputError(f"dataset {name!r} is now called {RENAMED[name]!r} (the authors' "
+                         f"name): rename its folder under {data_root} to match")
     entry = REGISTRY.get(name)
-    if entry is not None and entry.base is not None:
-        return _with_distractors(load_dataset(data_root, entry.base), name,
-                                 Path(data_root) / str(entry.distractors))
     root = Path(data_root) / name
+    if entry is not None and entry.base is not None:
+        return _with_distractors(data_root, entry.name, entry.base, str(entry.distractors))
     if not root.is_dir():
         raise InputError(f"no dataset '{name}' in {data_root}: {_how_to_get(name)}")
     layout = detect_layout(root)
@@ -183,9 +193,21 @@ def load_dataset(data_root: Path, name: str) -> RetrievalDataset:
         dataset = _load_pickle(root)
     else:
         raise InputError(f"{root} has no gnd_{name}.pkl: {_how_to_get(name)}")
+    if entry is not None and entry.private_queries and dataset.protocol == "ok-junk":
+        _split_private(dataset, entry.private_queries)
     if entry is not None and dataset.protocol == "ok-junk":
         dataset.map_k = entry.map_k
     return dataset
+
+
+def _split_private(dataset: RetrievalDataset, private: int) -> None:
+    """GLDv2-test as the authors ship it (gnd_gldv2-test.pkl, ok/junk): the last `private`
+    queries are the private split, the others the public one (their compute_metrics)."""
+    count = len(dataset.queries)
+    first_private = max(count - private, 0)
+    dataset.protocol = "gldv2"
+    dataset.splits = {"public": np.arange(first_private),
+                      "private": np.arange(first_private, count)}
 
 
 def _load_pickle(root: Path) -> RetrievalDataset:
@@ -205,35 +227,59 @@ def _load_pickle(root: Path) -> RetrievalDataset:
     return RetrievalDataset(root.name, root, gallery, queries, ground_truth, protocol)
 
 
-def _read_class_lines(path: Path) -> list[tuple[str, str]]:
-    """(path, class) of each `path,class,...` line; blank lines, `#` comments and a
-    `path,class` header are skipped; an empty class marks an image of no class."""
+def read_image_lines(path: Path) -> list[list[str]]:
+    """The fields of each `path,...` line, one image a line in row order (the authors'
+    test_query.txt / test_gallery.txt: `path,class,...` for class-labelled sets, the last two
+    fields may be width,height); blank lines and `#` comments are skipped."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        fields = [part.strip() for part in line.split(",")]
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        if len(fields) < 2 or not fields[0]:
-            raise InputError(f"{path}:{number}: expected `path,class,...`, got {line.strip()!r}")
-        if number == 1 and fields[:2] == ["path", "class"]:
-            continue
-        rows.append((fields[0], fields[1]))
+        fields = [part.strip() for part in line.split(",")]
+        if not fields[0]:
+            raise InputError(f"{path}:{number}: expected `path,...`, got {line.strip()!r}")
+        rows.append(fields)
     if not rows:
         raise InputError(f"{path} lists no images")
     return rows
 
 
+def _read_class_lines(path: Path) -> list[tuple[str, str]]:
+    """(path, class) of each `path,class,...` line; a `path,class` header is skipped; an empty
+    class marks an image of no class."""
+    rows = read_image_lines(path)
+    if rows[0][:2] == ["path", "class"]:
+        rows = rows[1:]
+    short = next((fields for fields in rows if len(fields) < 2), None)
+    if short is not None or not rows:
+        raise InputError(f"{path}: expected `path,class,...` lines, got "
+                         f"{','.join(short) if short else 'only a header'!r}")
+    return [(fields[0], fields[1]) for fields in rows]
+
+
+# (gallery, queries) of class-labelled sets: ours, then the authors' folder layout
+_CLASS_FILES = (("gallery.txt", "queries.txt"), ("test_gallery.txt", "test_query.txt"))
+
+
+def _class_files(root: Path) -> tuple[Path, Path | None] | None:
+    """The gallery list and the query list (None: the gallery's images are the queries)."""
+    for gallery, queries in _CLASS_FILES:
+        if (root / gallery).is_file():
+            return root / gallery, root / queries if (root / queries).is_file() else None
+    return None
+
+
 def _load_class_lines(root: Path) -> RetrievalDataset:
     """Positives are the other gallery images of the query's class; a query that is itself in
     the gallery has its own row as junk, so it is taken out of its ranking (SOP, RP2K)."""
-    gallery = _read_class_lines(root / "gallery.txt")
-    query_file = root / "queries.txt"
-    queries = _read_class_lines(query_file) if query_file.is_file() else gallery
+    gallery_file, query_file = _class_files(root)  # type: ignore[misc]  # detect_layout found it
+    gallery = _read_class_lines(gallery_file)
+    queries = _read_class_lines(query_file) if query_file is not None else gallery
     members: dict[str, list[int]] = {}
     row_of: dict[str, int] = {}
     for index, (path, label) in enumerate(gallery):
         if path in row_of:
-            raise InputError(f"{root / 'gallery.txt'} lists {path} twice")
+            raise InputError(f"{gallery_file} lists {path} twice")
         row_of[path] = index
         if label:
             members.setdefault(label, []).append(index)
@@ -282,13 +328,29 @@ def _load_gldv2(root: Path) -> RetrievalDataset:
         splits={"public": np.arange(public), "private": np.arange(public, len(ordered))})
 
 
-def _with_distractors(base: RetrievalDataset, name: str, folder: Path) -> RetrievalDataset:
-    listing = folder / "revisitop1m.txt"
+def _with_distractors(data_root: Path, name: str, base: str, distractors: str
+                      ) -> RetrievalDataset:
+    """A +1M set, rooted in `<data_root>/<name>` whatever its ground truth comes from, so that
+    released files are never read from the base set's folder."""
+    root, listing = Path(data_root) / name, Path(data_root) / distractors / "revisitop1m.txt"
+    base_root = Path(data_root) / base
+    if (root / f"gnd_{name}.pkl").is_file():
+        dataset = _load_pickle(root)
+    elif listing.is_file():
+        dataset = load_dataset(data_root, base)
+    else:
+        raise InputError(f"{name} needs its own folder {root} with gnd_{name}.pkl (the "
+                         f"authors' release), or {base} and the R1M distractors ({listing} is "
+                         f"missing; run `elvis datasets prepare {distractors}`)")
+    dataset.name, dataset.root = name, root
+    dataset.images_dir = dataset.images_dir or base_root / "jpg"
     if not listing.is_file():
-        raise InputError(f"{name} needs the R1M distractors: {listing} is missing; run "
-                         f"`elvis datasets prepare {folder.name}`")
+        dataset.unlocated = (f"{name}: the images of its 1M distractors are not listed "
+                             f"({listing} is missing; run `elvis datasets prepare "
+                             f"{distractors}`)")
+        return dataset
     names = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()
              if line.strip()]
-    return RetrievalDataset(name, base.root, base.gallery + names, base.queries,
-                            base.ground_truth, base.protocol, images_dir=base.images_dir,
-                            distractor_dir=folder / "jpg", num_distractors=len(names))
+    dataset.gallery = dataset.gallery + names
+    dataset.distractor_dir, dataset.num_distractors = listing.parent / "jpg", len(names)
+    return dataset

@@ -158,9 +158,16 @@ def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
 
 def released_source(dataset: RetrievalDataset, config: EvaluateConfig,
                     progress: bool = True) -> DatasetFeatures:
-    """The authors' released descriptor files (ELVIS_SPEC §4), ranked by their nn file."""
+    """The authors' released descriptor files (ELVIS_SPEC §4), ranked by their nn file.
+
+    Only the dataset's own folder is read, so no number is ever reported under another
+    dataset's name (a +1M set has its own folder, nn and gnd files).
+    """
     if not config.descriptors:
         raise InputError("released descriptors: name them, e.g. --descriptors dinov2")
+    if dataset.root.name != dataset.name:
+        raise InputError(f"{dataset.name}: its released files must be in a folder named "
+                         f"{dataset.name}, not {dataset.root}")
     queries, gallery, ranking = open_released(dataset.root, config.descriptors,
                                               len(dataset.gallery))
     return DatasetFeatures(queries, gallery, ranking, 0.0, config.descriptors)
@@ -245,7 +252,8 @@ def _reranker(name: str, config: EvaluateConfig, features: DatasetFeatures,
     if checkpoint is None:
         checkpoint = load_checkpoint(
             config.checkpoint or default_checkpoint_for(gallery.backbone_settings))
-    check_compatible(checkpoint, gallery.backbone_settings, gallery.local_dim)
+    check_compatible(checkpoint, gallery.backbone_settings, gallery.local_dim,
+                     gallery.binarised)
     fusion = Fusion(
         checkpoint.fusion.lam if config.lam is None else config.lam,
         checkpoint.fusion.temperature if config.temperature is None else config.temperature,
@@ -423,9 +431,9 @@ def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def grid_best(table: pd.DataFrame) -> pd.DataFrame:
     """Per dataset and model, the grid's best combination and its mAP (empty without a grid)."""
-    if "best" not in table:
-        return table.iloc[0:0]
-    best = table[table["best"].astype(bool)]
+    best = table[table["best"].astype(bool)] if "best" in table else table.iloc[0:0]
+    if best.empty:  # no grid, or only the global ranking (which has no fusion columns)
+        return best
     return best[["dataset", "model", "shortlist", "lam", "temperature", "map"]].reset_index(
         drop=True)
 

@@ -34,6 +34,9 @@ class ElvisConfig:
     model_dim: int = 128
     sinkhorn_iterations: int = 10
     temperature: float = math.log(10.0)  # fixed, not learned: reg = exp(-temperature) = 0.1
+    # the authors' Matcher(binarized=True): descriptors are ITQ sign bits (model_dim of them)
+    # before the projection, and the projection is Linear(model_dim, model_dim)
+    binarised: bool = False
 
     @property
     def regularisation(self) -> float:
@@ -89,14 +92,33 @@ class Transport:
         return log_a, log_b
 
 
+class ItqBinarisation(nn.Module):
+    """ITQ sign bits of L2-normalised descriptors (the authors' BinarizationLayer in eval mode).
+
+    Released binarised files already hold these bits (as -1/+1), so input as wide as the bits
+    (and narrower than the descriptors) passes through: it is this layer's output.
+    """
+
+    def __init__(self, descriptor_dim: int, bits: int) -> None:
+        super().__init__()
+        # fixed projection (itq_<desc>_D128.pt); the sign has no useful gradient
+        self.W = nn.Parameter(torch.zeros(descriptor_dim, bits), requires_grad=False)
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        dims, bits = self.W.shape
+        if descriptors.shape[-1] == bits != dims:
+            return descriptors
+        return torch.sign(F.normalize(descriptors, dim=-1) @ self.W.to(descriptors.dtype))
+
+
 class Elvis(nn.Module):
     def __init__(self, config: ElvisConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or ElvisConfig()
         dim = config.model_dim
-        self.remap_local = nn.Sequential(
-            nn.Linear(config.descriptor_dim, dim), nn.LayerNorm(dim, eps=1e-5)
-        )
+        projection = ([ItqBinarisation(config.descriptor_dim, dim), nn.Linear(dim, dim)]
+                      if config.binarised else [nn.Linear(config.descriptor_dim, dim)])
+        self.remap_local = nn.Sequential(*projection, nn.LayerNorm(dim, eps=1e-5))
         self.dust_bin_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
         self.f = nn.Sequential(

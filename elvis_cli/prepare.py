@@ -26,7 +26,7 @@ from elvis_cli.datasets import (
 )
 from elvis_cli.download import fetch
 from elvis_cli.errors import InputError, OfflineError
-from elvis_cli.registry import REGISTRY, DatasetEntry, Remote, custom_entry
+from elvis_cli.registry import REGISTRY, RENAMED, DatasetEntry, Remote, custom_entry
 
 MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
 _GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,
@@ -55,6 +55,8 @@ class DatasetStatus:
 
 def _entry(name: str) -> DatasetEntry:
     entry = REGISTRY.get(name)
+    if name in RENAMED:
+        raise InputError(f"dataset {name!r} is now called {RENAMED[name]!r} (the authors' name)")
     if entry is None:
         raise InputError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
     return entry
@@ -68,11 +70,14 @@ def prepare(name: str, data_root: Path, source: Path | None = None,
     folder = Path(data_root) / name
     report = PrepareReport(name, folder)
     if entry.base is not None:
+        if (folder / f"gnd_{name}.pkl").is_file():
+            return report  # the authors' own folder of the +1M set
         for needed in (entry.base, str(entry.distractors)):
             if needed not in find_datasets(data_root) and not (
                     Path(data_root) / needed / "revisitop1m.txt").is_file():
                 raise InputError(f"{name} is {entry.base} plus R1M distractors: run `elvis "
-                                 f"datasets prepare {needed}` first")
+                                 f"datasets prepare {needed}` first, or put the authors' "
+                                 f"{name}/ folder under {data_root}")
         return report
     if entry.bundled is not None:
         shutil.copytree(entry.bundled, folder, dirs_exist_ok=True,
@@ -250,7 +255,7 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 def dataset_status(data_root: Path, name: str) -> DatasetStatus:
     """Ready (ground truth and every image), images only, ground truth only, or missing."""
     entry = REGISTRY.get(name)
-    if entry is not None and entry.base is not None:  # +R1M: ready when both parts are
+    if entry is not None and entry.base is not None:  # +1M: its own folder, or both parts
         ready = name in find_datasets(data_root)
         return DatasetStatus(name, "ready" if ready else "missing",
                              feature_sets(Path(data_root) / name), 0,

@@ -18,7 +18,8 @@ _GLDV2 = "https://s3.amazonaws.com/google-landmark"
 
 # Ground-truth layouts that datasets.py reads.
 LAYOUT_PICKLE = "gnd-pickle"  # gnd_<name>.pkl: revisitop easy/hard/junk or ok/junk
-LAYOUT_CLASS = "class-lines"  # gallery.txt (+ queries.txt) of `path,class,...` lines
+LAYOUT_CLASS = "class-lines"  # gallery.txt (+ queries.txt), or the authors' test_gallery.txt
+# (+ test_query.txt), of `path,class,...` lines
 LAYOUT_GLDV2 = "gldv2-csv"  # index.csv + retrieval_solution_v2.1.csv (public/private)
 
 
@@ -48,8 +49,9 @@ class DatasetEntry:
     paper_group: str | None = None  # §7 column this entry shares with others (ROP+1M)
     in_domain: bool | None = None  # landmarks, like the GLDv2 training set; None: unknown
     map_k: int | None = 100  # cut-off of mAP@k (ok/junk and GLDv2 sets)
-    distractors: str | None = None  # entry whose images join the gallery (+R1M)
-    base: str | None = None  # entry whose ground truth is reused (+R1M)
+    private_queries: int | None = None  # an ok/junk pickle's last queries are a private split
+    distractors: str | None = None  # entry whose images join the gallery (+1M)
+    base: str | None = None  # entry whose ground truth and images the image route reuses (+1M)
     homepage: str = ""
     unverified: str = ""  # facts above that are not in the spec and not confirmed here
     notes: str = ""
@@ -71,19 +73,22 @@ def _revisitop(name: str, title: str, images: tuple[str, ...], num_gallery: int,
                  *(Remote(url, url.rsplit("/", 1)[1], unpack_to="jpg") for url in images)),
         query_crops=True, num_queries=70, num_gallery=num_gallery, in_domain=True,
         paper_group="ROP+1M", homepage=homepage,
-        notes="the paper reports this set only with +R1M distractors (column ROP+1M)",
+        notes="the paper reports this set only with +1M distractors (column ROP+1M)",
     )
 
 
-def _with_r1m(entry: DatasetEntry) -> DatasetEntry:
+def _with_1m(entry: DatasetEntry) -> DatasetEntry:
     return DatasetEntry(
-        name=f"{entry.name}+r1m", title=f"{entry.title} + R1M distractors", layout=entry.layout,
+        name=f"{entry.name}+1m", title=f"{entry.title} + R1M distractors", layout=entry.layout,
         protocol=entry.protocol, metric=entry.metric, query_crops=True,
         num_queries=entry.num_queries, num_gallery=entry.num_gallery, in_domain=True,
         paper_group="ROP+1M", distractors="revisitop1m", base=entry.name,
         homepage="http://cmp.felk.cvut.cz/revisitop/",
-        notes=f"ground truth and images of {entry.name} plus the 1,001,001 R1M distractors "
-              "(prepare both); §7 reports ROP+1M = 68.8 for ROxford+R1M and RParis+R1M together",
+        notes=f"the authors' {entry.name}+1m/ folder: its own gnd_{entry.name}+1m.pkl, "
+              f"nn_<desc>.pkl ranking the whole joined gallery and a gallery file joining "
+              f"{entry.name}'s and the distractors'; or, for extraction, {entry.name} plus the "
+              "1,001,001 R1M distractors (prepare both); §7 reports ROP+1M = 68.8 for "
+              "ROxford+1M and RParis+1M together",
     )
 
 
@@ -102,10 +107,10 @@ _CLASS = ("class labels: AP over the top 100 normalised by min(100, the other im
 ENTRIES: tuple[DatasetEntry, ...] = (
     _ROXFORD,
     _RPARIS,
-    _with_r1m(_ROXFORD),
-    _with_r1m(_RPARIS),
+    _with_1m(_ROXFORD),
+    _with_1m(_RPARIS),
     DatasetEntry(
-        name="revisitop1m", title="R1M distractor images (for the +R1M sets)",
+        name="revisitop1m", title="R1M distractor images (for the +1M sets)",
         layout="distractors", protocol="-", metric="-",
         remotes=(Remote(f"{_R1M}/revisitop1m.txt", "revisitop1m.txt"),
                  *(Remote(f"{_R1M}/jpg/revisitop1m.{i}.tar.gz", f"revisitop1m.{i}.tar.gz",
@@ -113,7 +118,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         num_gallery=1001001, homepage="http://cmp.felk.cvut.cz/revisitop/",
         unverified="the names of the image list and of the 100 tarballs under the R1M URL "
                    "are from memory, not re-checked",
-        notes="not a benchmark by itself: holds jpg/ and revisitop1m.txt for the +R1M sets",
+        notes="not a benchmark by itself: holds jpg/ and revisitop1m.txt for the +1M sets",
     ),
     DatasetEntry(
         name="instre", title="INSTRE", layout=LAYOUT_PICKLE, protocol=_OK_JUNK,
@@ -124,15 +129,16 @@ ENTRIES: tuple[DatasetEntry, ...] = (
                    "common protocol, not stated in the spec",
     ),
     DatasetEntry(
-        name="sop", title="Stanford Online Products, the paper's 1k-query subset",
+        name="sop-1k", title="Stanford Online Products, the paper's 1k-query subset",
         layout=LAYOUT_CLASS, protocol=_CLASS + " (the query itself is excluded)",
         metric="mAP", num_queries=1000, num_gallery=60502, paper_map=54.9, in_domain=False,
         remotes=(Remote("ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
                         "Stanford_Online_Products.zip", unpack_to="jpg", flatten=False),),
         homepage="https://cvgl.stanford.edu/projects/lifted_struct/",
         unverified="which 1000 test images the paper uses as queries is not in the spec: "
-                   "queries.txt must come from the authors; the archive URL (ftp) is from "
-                   "memory; gallery.txt is made from Ebay_test.txt by the user",
+                   "the authors' test_query.txt (or our queries.txt) must come from them; the "
+                   "archive URL (ftp) is from memory; without the authors' test_gallery.txt, "
+                   "gallery.txt is made from Ebay_test.txt by the user",
     ),
     DatasetEntry(
         name="met", title="The Met", layout=LAYOUT_CLASS,
@@ -142,7 +148,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         unverified="download URLs and counts are not known to this project",
     ),
     DatasetEntry(
-        name="rp2k", title="RP2K retail products", layout=LAYOUT_CLASS,
+        name="rp2k-test", title="RP2K retail products, test split", layout=LAYOUT_CLASS,
         protocol=_CLASS + " (the query itself is excluded)", metric="mAP", paper_map=59.2,
         in_domain=False, homepage="https://www.pinlandata.com/rp2k_dataset/",
         unverified="download URLs, counts and the query selection are not known to this "
@@ -154,11 +160,13 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         unverified="download URLs and counts are not known to this project",
     ),
     DatasetEntry(
-        name="gldv2", title="Google Landmarks v2, test/index retrieval", layout=LAYOUT_GLDV2,
-        protocol="mAP@100 over `images` of retrieval_solution_v2.1.csv; private split "
-                 "(last 750 queries) is the headline, public and all reported too",
+        name="gldv2-test", title="Google Landmarks v2, test/index retrieval",
+        layout=LAYOUT_GLDV2,
+        protocol="mAP@100 over the positives (`ok` of the authors' gnd_gldv2-test.pkl, or "
+                 "`images` of retrieval_solution_v2.1.csv); private split (last 750 "
+                 "queries) is the headline, public and all reported too",
         metric="private mAP@100", num_queries=1129, num_gallery=761757, paper_map=56.9,
-        in_domain=True,
+        in_domain=True, private_queries=750,
         remotes=(Remote(f"{_GLDV2}/metadata/index.csv", "index.csv"),
                  Remote(f"{_GLDV2}/ground_truth/retrieval_solution_v2.1.csv",
                         "retrieval_solution_v2.1.csv"),
@@ -169,7 +177,10 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         homepage="https://github.com/cvdfoundation/google-landmark",
         unverified="URLs follow the GLDv2 README as remembered, not re-checked; the "
                    "published md5 files are not used; 1129 queries = 379 public + 750 "
-                   "private (the spec says only that the private split is the last 750)",
+                   "private (the spec says only that the private split is the last 750); "
+                   "where the authors' gnd_gldv2-test.pkl is published is not known here",
+        notes="the folder holds either the authors' gnd_gldv2-test.pkl (with their released "
+              "files) or GLDv2's index.csv and retrieval_solution_v2.1.csv (with the images)",
     ),
     DatasetEntry(
         name="ilias", title="ILIAS", layout=LAYOUT_PICKLE, protocol=_OK_JUNK,
@@ -188,6 +199,10 @@ ENTRIES: tuple[DatasetEntry, ...] = (
 )
 
 REGISTRY: dict[str, DatasetEntry] = {entry.name: entry for entry in ENTRIES}
+# names this project used before it took the authors' (their conf/dataset/*.yaml): refused
+# with the new name, so that no folder is silently read as another dataset
+RENAMED: dict[str, str] = {"roxford5k+r1m": "roxford5k+1m", "rparis6k+r1m": "rparis6k+1m",
+                           "sop": "sop-1k", "rp2k": "rp2k-test", "gldv2": "gldv2-test"}
 # §7 reports these as printed; they are not the plain mean of the §7 columns (that is 57.7 over
 # the eight, 56.0 over the six out-of-domain ones), so they are shown, never recomputed.
 PAPER_AVERAGES: dict[str, float] = {"avg": 60.6, "ood avg": 68.7, "ROP+1M": 68.8}

@@ -10,6 +10,7 @@ ground truth next to them when it is there. Local files may be float16/float32 o
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from elvis_cli.backbones.base import NUM_META
+from elvis_cli.datasets import read_image_lines
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore
 from elvis_cli.safe_pickle import load_pickle
@@ -36,6 +38,11 @@ class ReleasedFiles:
 
     @classmethod
     def find(cls, dataset_dir: Path, descriptors: str) -> ReleasedFiles:
+        """The files in `dataset_dir` itself: never another dataset's (a +1M set has its own
+        folder, nn and gnd files, ELVIS_SPEC §4)."""
+        if not dataset_dir.is_dir():
+            raise InputError(f"no folder {dataset_dir}: the released files of "
+                             f"{dataset_dir.name} live in a folder of that name")
         files = cls(dataset_dir / f"{descriptors}_query_local.hdf5",
                     dataset_dir / f"{descriptors}_gallery_local.hdf5",
                     dataset_dir / f"nn_{descriptors}.pkl")
@@ -90,17 +97,20 @@ class BinarisedStore(FeatureStore):
 
 
 class ShortlistedGallery(FeatureStore):
-    """The full gallery seen through a file that holds only shortlisted images (the third row
-    of an nn file maps a gallery index to its row there)."""
+    """The full gallery seen through a file that holds only the images in some query's
+    extracted head (3-row nn files): `file_rows` maps a gallery index to its row there, -1
+    for an image outside every head, which has no descriptors and is never read."""
 
-    def __init__(self, store: FeatureStore, file_rows: np.ndarray, num_images: int) -> None:
+    def __init__(self, store: FeatureStore, file_rows: np.ndarray, head: int) -> None:
         self._store = store
         self._file_rows = file_rows
+        self.head = head
+        self.binarised = store.binarised
         self.path, self._file = store.path, store._file
-        self.num_images, self.num_local, self.local_dim = num_images, store.num_local, \
+        self.num_images, self.num_local, self.local_dim = len(file_rows), store.num_local, \
             store.local_dim
         self.global_dim, self._global = None, None
-        self.paths = [str(index) for index in range(num_images)]
+        self.paths = [str(index) for index in range(self.num_images)]
         self.ids = list(self.paths)
         self.sizes, self.backbone_settings, self.root = None, None, None
 
@@ -117,9 +127,49 @@ class ShortlistedGallery(FeatureStore):
         rows = self._file_rows[wanted]
         if (rows < 0).any():
             absent = int(wanted[np.flatnonzero(rows < 0)[0]])
-            raise InputError(f"gallery image {absent} is in no shortlist, so {self.path.name} "
-                             "(shortlisted images only) does not hold it")
+            raise InputError(
+                f"gallery image {absent} has no descriptors in {self.path.name}, which holds "
+                f"only the images in some query's top {self.head} (the extraction's shortlist):"
+                f" re-rank at most {self.head} (junk moved to the end of a list can bring "
+                "later images into its head)")
         return self._store.read_local(rows, num_local, dtype, check_finite)
+
+
+def extracted_head(indices: np.ndarray, third_row: np.ndarray, file_size: int
+                   ) -> tuple[int, np.ndarray]:
+    """The extraction's shortlist h and the gallery images a shortlisted-only file holds, in
+    its row order, rebuilt from a 3-row nn file (the authors' find_unique_shortlist).
+
+    The file holds the union of every query's top h in order of first appearance, rank-major
+    (rank 0 of every query, then rank 1, ...); the third row is that row for those images and
+    the image's own index for every other entry. h is not stored: it is the smallest h whose
+    union has as many images as the file, and the rebuilt third row must equal the stored one.
+    """
+    num_queries, length = indices.shape
+    rank_major = indices.T.reshape(-1)
+    images, first = np.unique(rank_major, return_index=True)
+    keep = images >= 0  # -1 pads short lists
+    images, first = images[keep], first[keep]
+    order = np.argsort(first, kind="stable")
+    held, first_seen = images[order], first[order]
+    # union of the top h: the images first seen before position h * Q of the rank-major list
+    sizes = np.searchsorted(first_seen, np.arange(1, length + 1) * num_queries)
+    fits = np.flatnonzero(sizes == file_size)
+    if not fits.size:
+        raise InputError(f"the nn file's third row does not fit the gallery file: no top h of "
+                         f"the lists holds exactly its {file_size} images")
+    held = held[:file_size]
+    row_of = dict(zip(held.tolist(), range(file_size), strict=True))
+    expected = np.array([row_of.get(image, image) for image in indices.reshape(-1).tolist()],
+                        dtype=np.int64).reshape(indices.shape)
+    valid = indices >= 0
+    if not np.array_equal(expected[valid], third_row[valid]):
+        query, rank = np.argwhere(valid & (expected != third_row))[0]
+        raise InputError(
+            f"the nn file's third row is not the first-appearance mapping of the top "
+            f"{int(fits[0]) + 1} of each list (query {query}, rank {rank}: "
+            f"{int(third_row[query, rank])}, expected {int(expected[query, rank])})")
+    return int(fits[0]) + 1, held
 
 
 def open_local(path: str | Path, allow_external_sources: bool = False) -> FeatureStore:
@@ -136,26 +186,43 @@ def open_local(path: str | Path, allow_external_sources: bool = False) -> Featur
     return store_class.open(path, allow_external_sources)
 
 
+def _sources_within(path: Path, data_root: Path) -> bool:
+    """Whether the released file at `path` is joined (HDF5 virtual datasets) only from files
+    under `data_root`: a +1M gallery joins its base gallery and the distractors, which lie in
+    sibling folders (the authors' merge_hdf5.py)."""
+    try:
+        with h5py.File(path, "r") as file:
+            features = file.get("features")
+            if not isinstance(features, h5py.Dataset) or not features.is_virtual \
+                    or features.external:
+                return False
+            sources = {source.file_name for source in features.virtual_sources()} - {"."}
+    except OSError:
+        return False  # FeatureStore.open names the problem
+    return all((path.parent / os.fsdecode(source)).resolve().is_relative_to(data_root.resolve())
+               for source in sources)
+
+
 def gallery_for(store: FeatureStore, shortlist: Shortlist,
                 gallery_size: int | None = None) -> FeatureStore:
     """`store` itself, or the full gallery behind a shortlisted-only file (3-row nn files)."""
     if shortlist.file_rows is None:
         return store
-    valid = shortlist.indices >= 0
+    head, held = extracted_head(shortlist.indices, shortlist.file_rows, store.num_images)
     size = max(gallery_size or 0, int(shortlist.indices.max(initial=-1)) + 1)
-    indices, rows = shortlist.indices[valid], shortlist.file_rows[valid]
-    if rows.size and (rows.min() < 0 or rows.max() >= store.num_images):
-        raise InputError(f"the shortlist's third row points at rows up to {int(rows.max())}, "
-                         f"but {store.path.name} holds {store.num_images} images")
     file_rows = np.full(size, -1, dtype=np.int64)
-    file_rows[indices] = rows
-    if (file_rows[indices] != rows).any():
-        raise InputError("the shortlist's third row maps one gallery image to two rows")
-    return ShortlistedGallery(store, file_rows, size)
+    file_rows[held] = np.arange(len(held))
+    return ShortlistedGallery(store, file_rows, head)
 
 
 def image_names(folder: Path) -> tuple[list[str], list[str]] | None:
-    """(query names, gallery names) from `gnd_<folder>.pkl` beside released files, if present."""
+    """(query names, gallery names) of released files: the authors' `test_query.txt` and
+    `test_gallery.txt` (one `path,...` line per row, in the files' order), else the lists of
+    `gnd_<folder>.pkl`; None when neither is there."""
+    listed = [folder / "test_query.txt", folder / "test_gallery.txt"]
+    if all(path.is_file() for path in listed):
+        query_lines, gallery_lines = (read_image_lines(path) for path in listed)
+        return [fields[0] for fields in query_lines], [fields[0] for fields in gallery_lines]
     gnd = folder / f"gnd_{folder.name}.pkl"
     if not gnd.is_file():
         return None
@@ -186,16 +253,27 @@ def released_gallery(queries: FeatureStore, gallery: FeatureStore, shortlist: Sh
 
 def open_released(dataset_dir: Path, descriptors: str, gallery_size: int | None = None
                   ) -> tuple[FeatureStore, FeatureStore, Shortlist]:
-    """Query store, gallery store (full-gallery indices) and the global ranking of a release."""
+    """Query store, gallery store (full-gallery indices) and the global ranking of a release.
+
+    Its local files may be joined from files anywhere under the data root (the folder that
+    holds `dataset_dir`), as a +1M gallery is; nothing outside it is read.
+    """
     files = ReleasedFiles.find(dataset_dir, descriptors)
     ranking = load_shortlist(files.shortlist)
-    queries = open_local(files.queries)
+    data_root = dataset_dir.parent
+    queries = open_local(files.queries, _sources_within(files.queries, data_root))
     try:
         if ranking.indices.shape[0] != queries.num_images:
             raise InputError(f"{files.shortlist.name} ranks {ranking.indices.shape[0]} queries "
                              f"but {files.queries.name} holds {queries.num_images}")
-        gallery = gallery_for(open_local(files.gallery), ranking, gallery_size)
+        gallery = open_local(files.gallery, _sources_within(files.gallery, data_root))
     except BaseException:
         queries.close()
+        raise
+    try:
+        gallery = gallery_for(gallery, ranking, gallery_size)
+    except BaseException:
+        queries.close()
+        gallery.close()
         raise
     return queries, gallery, ranking

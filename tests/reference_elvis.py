@@ -1,7 +1,8 @@
 """A slow, plain ELViS forward pass written line by line from ELVIS_SPEC §1.
 
-Log-domain Sinkhorn on the augmented matrix, per-image work redone for every pair, no
-batching tricks: the yardstick that the production model and re-ranking engine are checked
+The projection is the plain one or the binarised one (ITQ sign bits, then Linear(128, 128)
+and LayerNorm). Log-domain Sinkhorn on the augmented matrix, per-image work redone for every
+pair, no batching tricks: the yardstick that the production model and re-ranking engine are checked
 against. It scores one pair (reference_score) or a batch of equally sized pairs
 (reference_scores), the way the authors' forward pass runs.
 """
@@ -46,8 +47,17 @@ def reference_scores(
     tgt_pad = torch.zeros(batch, n, dtype=torch.bool) if tgt_pad is None else tgt_pad
 
     def project(x):  # step 1
-        x = F.linear(x, sd["remap_local.0.weight"], sd["remap_local.0.bias"])
-        x = F.layer_norm(x, (128,), sd["remap_local.1.weight"], sd["remap_local.1.bias"], 1e-5)
+        if "remap_local.0.W" in sd:  # binarised (the authors' Matcher(binarized=True))
+            itq = sd["remap_local.0.W"]  # (D, 128): ITQ bits of the L2-normalised descriptor,
+            if x.shape[-1] != itq.shape[1]:  # unless x already holds them (a binarised file)
+                x = torch.sign((x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ itq)
+            x = F.linear(x, sd["remap_local.1.weight"], sd["remap_local.1.bias"])
+            x = F.layer_norm(x, (128,), sd["remap_local.2.weight"], sd["remap_local.2.bias"],
+                             1e-5)
+        else:
+            x = F.linear(x, sd["remap_local.0.weight"], sd["remap_local.0.bias"])
+            x = F.layer_norm(x, (128,), sd["remap_local.1.weight"], sd["remap_local.1.bias"],
+                             1e-5)
         return x / x.norm(dim=-1, keepdim=True)
 
     def gain(x):  # step 2

@@ -134,3 +134,22 @@ def test_wrongly_shaped_and_non_finite_weights_are_one_line_errors(tmp_path):
     with pytest.raises(InputError, match="non-finite dust_bin") as error:
         load_checkpoint(tmp_path / "nan.pt")
     assert "\n" not in str(error.value)
+
+
+def test_binarised_checkpoint_is_detected_from_its_state_dict(tmp_path):
+    """remap_local.0.W (the ITQ projection) marks the authors' Matcher(binarized=True) form;
+    binarised features need it, float features suit both kinds."""
+    torch.manual_seed(0)
+    state = Elvis(ElvisConfig(descriptor_dim=24, binarised=True)).state_dict()
+    state["remap_local.0.W"] = torch.randn(24, 128)
+    torch.save({"state": state, "epoch": 1}, tmp_path / "dist.pt")
+    checkpoint = load_checkpoint(tmp_path / "dist.pt")
+    assert checkpoint.model.config.binarised and checkpoint.descriptor_dim == 24
+    torch.testing.assert_close(checkpoint.model.remap_local[0].W, state["remap_local.0.W"])
+    check_compatible(checkpoint, None, 128, binarised=True)
+    check_compatible(checkpoint, None, 24)
+    with pytest.raises(ModelMismatchError, match="expects 128-bit binarised descriptors"):
+        check_compatible(checkpoint, None, 64, binarised=True)
+    official_file(tmp_path / "plain.pt", dim=128)
+    with pytest.raises(ModelMismatchError, match=r"binarised \(128 bits\) but checkpoint 'plain'"):
+        check_compatible(load_checkpoint(tmp_path / "plain.pt"), None, 128, binarised=True)

@@ -140,20 +140,20 @@ def test_class_labelled_lines_exclude_the_query_and_score_by_hand(tmp_path):
     assert ds.ground_truth[0]["ok"].tolist() == [0, 1] and ds.ground_truth[1]["ok"].tolist() == [2]
     assert ds.ground_truth[1]["junk"].size == 0
     (root / "gallery.txt").write_text("a.jpg\n")
-    with pytest.raises(InputError, match=r"gallery.txt:1: expected `path,class"):
+    with pytest.raises(InputError, match=r"gallery.txt: expected `path,class"):
         load_dataset(tmp_path, "shop")
 
 
 def test_gldv2_public_private_splits_score_by_hand(tmp_path):
     from elvis_cli.evaluate import score_rankings
 
-    root = tmp_path / "gldv2"
+    root = tmp_path / "gldv2-test"
     root.mkdir()
     (root / "index.csv").write_text("id\naaa1\nbbb2\nccc3\nddd4\n")
     (root / "retrieval_solution_v2.1.csv").write_text(
         "id,images,Usage\nq001,aaa1 ccc3,Private\nq002,bbb2,Public\nq003,None,Ignored\n"
         "q004,ddd4,Private\n")
-    ds = load_dataset(tmp_path, "gldv2")
+    ds = load_dataset(tmp_path, "gldv2-test")
     assert ds.protocol == "gldv2"
     assert ds.gallery_paths()[0] == root / "index" / "a" / "a" / "a" / "aaa1.jpg"
     assert ds.query_paths()[0] == root / "test" / "q" / "0" / "0" / "q002.jpg"  # public first
@@ -167,18 +167,92 @@ def test_gldv2_public_private_splits_score_by_hand(tmp_path):
     assert scores["map_all"] == pytest.approx((100 + 50 + 25) / 3)
     (root / "retrieval_solution_v2.1.csv").write_text("id,images,Usage\nq1,zzz9,Public\n")
     with pytest.raises(InputError, match=r"lists zzz9, which index\.csv does not"):
-        load_dataset(tmp_path, "gldv2")
+        load_dataset(tmp_path, "gldv2-test")
 
 
-def test_r1m_version_appends_the_distractors(tmp_path):
+def test_1m_version_appends_the_distractors(tmp_path):
+    """The image route: roxford5k's ground truth and images plus the R1M list, rooted in the
+    +1M set's own folder (where its features and released files go)."""
     _write(tmp_path, "roxford5k", _valid())
-    assert "roxford5k+r1m" not in find_datasets(tmp_path)
-    with pytest.raises(InputError, match=r"revisitop1m\.txt is missing"):
-        load_dataset(tmp_path, "roxford5k+r1m")
+    assert "roxford5k+1m" not in find_datasets(tmp_path)
+    with pytest.raises(InputError, match=r"needs its own folder .*revisitop1m\.txt is missing"):
+        load_dataset(tmp_path, "roxford5k+1m")
     (tmp_path / "revisitop1m").mkdir()
     (tmp_path / "revisitop1m" / "revisitop1m.txt").write_text("d1\nd2\n")
-    ds = load_dataset(tmp_path, "roxford5k+r1m")
-    assert "roxford5k+r1m" in find_datasets(tmp_path)
+    ds = load_dataset(tmp_path, "roxford5k+1m")
+    assert "roxford5k+1m" in find_datasets(tmp_path)
+    assert ds.name == "roxford5k+1m" and ds.root == tmp_path / "roxford5k+1m"
     assert ds.gallery[3:] == ["d1", "d2"] and ds.ground_truth[0]["hard"].tolist() == [2]
     assert ds.gallery_paths()[2] == tmp_path / "roxford5k" / "jpg" / "c.png"
     assert ds.gallery_paths()[4] == tmp_path / "revisitop1m" / "jpg" / "d2.jpg"
+    assert load_dataset(tmp_path, "roxford5k").gallery == ds.gallery[:3]  # base untouched
+
+
+def test_1m_own_folder_ground_truth_wins(tmp_path):
+    """The authors' roxford5k+1m/ has its own gnd_roxford5k+1m.pkl; without the distractor
+    list its images cannot be located, so extraction is refused rather than run on 5k."""
+    _write(tmp_path, "roxford5k", _valid())
+    own = _valid()
+    own["gnd"][0]["hard"] = [1]
+    _write(tmp_path, "roxford5k+1m", own)
+    ds = load_dataset(tmp_path, "roxford5k+1m")
+    assert ds.root == tmp_path / "roxford5k+1m" and ds.ground_truth[0]["hard"].tolist() == [1]
+    with pytest.raises(InputError, match=r"roxford5k\+1m: the images of its 1M distractors"):
+        ds.gallery_paths()
+    (tmp_path / "revisitop1m").mkdir()
+    (tmp_path / "revisitop1m" / "revisitop1m.txt").write_text("d1\n")
+    ds = load_dataset(tmp_path, "roxford5k+1m")
+    assert ds.gallery_paths()[3] == tmp_path / "revisitop1m" / "jpg" / "d1.jpg"
+    assert ds.gallery_paths()[0] == tmp_path / "roxford5k" / "jpg" / "a.jpg"
+
+
+@pytest.mark.parametrize("old,new", [("roxford5k+r1m", "roxford5k+1m"), ("sop", "sop-1k"),
+                                     ("rp2k", "rp2k-test"), ("gldv2", "gldv2-test")])
+def test_old_names_are_refused_with_the_authors_name(tmp_path, old, new):
+    from elvis_cli.prepare import prepare
+
+    for call in (lambda: load_dataset(tmp_path, old), lambda: prepare(old, tmp_path)):
+        with pytest.raises(InputError, match=f"{old!r} is now called {new!r}".replace("+", r"\+")):
+            call()
+
+
+def test_the_authors_class_lists_with_sizes(tmp_path):
+    """sop-1k as the authors ship it: test_gallery.txt / test_query.txt lines
+    `path,class,width,height`; the class is field 1, the size fields are ignored."""
+    root = tmp_path / "sop-1k"
+    root.mkdir()
+    (root / "test_gallery.txt").write_text(
+        "bike/a.jpg,7,640,480\nbike/b.jpg,7,500,375\nlamp/c.jpg,9,300,300\n")
+    (root / "test_query.txt").write_text("bike/a.jpg,7,640,480\nlamp/c.jpg,9,300,300\n")
+    ds = load_dataset(tmp_path, "sop-1k")
+    assert ds.protocol == "class" and find_datasets(tmp_path) == ["sop-1k"]
+    assert ds.gallery == ["bike/a.jpg", "bike/b.jpg", "lamp/c.jpg"]
+    assert ds.queries == ["bike/a.jpg", "lamp/c.jpg"]
+    assert ds.ground_truth[0]["ok"].tolist() == [1] and ds.ground_truth[0]["junk"].tolist() == [0]
+    assert ds.ground_truth[1]["ok"].size == 0
+    assert ds.gallery_paths()[1] == root / "jpg" / "bike" / "b.jpg"
+
+
+def test_released_names_come_from_the_authors_lists(tmp_path):
+    from elvis_cli.released import image_names
+
+    root = tmp_path / "met"
+    root.mkdir()
+    assert image_names(root) is None
+    (root / "test_query.txt").write_text("q/1.jpg,3,10,10\n")
+    (root / "test_gallery.txt").write_text("g/1.jpg,3,10,10\ng/2.jpg,4,10,10\n")
+    assert image_names(root) == (["q/1.jpg"], ["g/1.jpg", "g/2.jpg"])
+
+
+def test_gldv2_test_pickle_carries_its_private_split(tmp_path):
+    """gnd_gldv2-test.pkl (ok/junk): protocol gldv2, private = the last 750 queries."""
+    gnd = [{"ok": [q % 3], "junk": []} for q in range(760)]
+    _write(tmp_path, "gldv2-test", {"imlist": ["a", "b", "c"],
+                                    "qimlist": [f"q{q}" for q in range(760)], "gnd": gnd})
+    ds = load_dataset(tmp_path, "gldv2-test")
+    assert ds.protocol == "gldv2" and ds.map_k == 100
+    assert ds.splits["public"].tolist() == list(range(10))
+    assert ds.splits["private"].tolist() == list(range(10, 760))
+    _write(tmp_path, "instre", {"imlist": ["a"], "qimlist": ["q"],
+                                "gnd": [{"ok": [0], "junk": []}]})
+    assert load_dataset(tmp_path, "instre").protocol == "ok-junk"

@@ -54,21 +54,21 @@ def make_fixtures(root: Path) -> None:
                                      for p in range(4)]})
     save_views(lambda p, v: root / "instre" / "jpg" / f"{PHOTOS[p]}_{v}.png")
     # class-labelled lines: every image is a query and in the gallery
-    (root / "sop" / "jpg").mkdir(parents=True)
-    (root / "sop" / "gallery.txt").write_text(
+    (root / "sop-1k" / "jpg").mkdir(parents=True)
+    (root / "sop-1k" / "gallery.txt").write_text(
         "".join(f"{name}/{v}.jpg,{p},super\n" for p, name in enumerate(PHOTOS) for v in range(3)))
-    save_views(lambda p, v: root / "sop" / "jpg" / PHOTOS[p] / f"{v}.jpg")
+    save_views(lambda p, v: root / "sop-1k" / "jpg" / PHOTOS[p] / f"{v}.jpg")
     # GLDv2: index = views 1, 2; test = view 0; two public and two private queries
     index_id = {(p, v): f"{'abcd'[p]}{v}{p}x" for p in range(4) for v in (1, 2)}
-    (root / "gldv2").mkdir()
-    (root / "gldv2" / "index.csv").write_text("id\n" + "".join(f"{i}\n" for i in
+    (root / "gldv2-test").mkdir()
+    (root / "gldv2-test" / "index.csv").write_text("id\n" + "".join(f"{i}\n" for i in
                                                                index_id.values()))
     usage = ["Private", "Public", "Private", "Public"]
-    (root / "gldv2" / "retrieval_solution_v2.1.csv").write_text(
+    (root / "gldv2-test" / "retrieval_solution_v2.1.csv").write_text(
         "id,images,Usage\n" + "".join(f"q{p}zz,{index_id[p, 1]} {index_id[p, 2]},{usage[p]}\n"
                                       for p in range(4)) + "q9zz,None,Ignored\n")
-    save_views(lambda p, v: root / "gldv2" / "test" / "q" / str(p) / "z" / f"q{p}zz.jpg"
-               if v == 0 else root / "gldv2" / "index" / Path(*index_id[p, v][:3])
+    save_views(lambda p, v: root / "gldv2-test" / "test" / "q" / str(p) / "z" / f"q{p}zz.jpg"
+               if v == 0 else root / "gldv2-test" / "index" / Path(*index_id[p, v][:3])
                / f"{index_id[p, v]}.jpg")
 
 
@@ -132,7 +132,7 @@ def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(
         rows.to_json(orient="records"))
     assert (tmp_path / "out" / "runtime.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(set(rows["dataset"])) == ["gldv2", "instre", "roxford5k", "sop"]
+    assert sorted(set(rows["dataset"])) == ["gldv2-test", "instre", "roxford5k", "sop-1k"]
     assert len(rows) == 4 * 3  # global, chamfer@2, elvis@2 per dataset
     got = {(r.dataset, r.model): r for r in rows.itertuples()}
 
@@ -157,7 +157,7 @@ def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
     assert instre["recall@1"] == pytest.approx(
         100 * np.mean([first[p] // 2 == p for p in range(4)]))
 
-    ranking, _, queries, gallery = features(data, "sop")
+    ranking, _, queries, gallery = features(data, "sop-1k")
     with queries, gallery:
         global_aps, chamfer_aps = [], []
         for q in range(12):
@@ -168,28 +168,28 @@ def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
             desc, pad = queries.local_descriptors([q])
             reranked = chamfer_rerank([*ranked, q], desc[0], gallery, 2, pad[0])
             chamfer_aps.append(plain_ap([g for g in reranked if g != q], positives, set(), 100))
-    assert got["sop", "global"].map == pytest.approx(np.mean(global_aps))
-    assert got["sop", "chamfer"].map == pytest.approx(np.mean(chamfer_aps))
+    assert got["sop-1k", "global"].map == pytest.approx(np.mean(global_aps))
+    assert got["sop-1k", "chamfer"].map == pytest.approx(np.mean(chamfer_aps))
 
-    ranking, _, queries, gallery = features(data, "gldv2")
+    ranking, _, queries, gallery = features(data, "gldv2-test")
     with queries, gallery:
         # queries are ordered public first (photos 1, 3), then private (photos 0, 2); the index
         # lists photo p's views at rows 2p, 2p+1
         order = [1, 3, 0, 2]
         aps = [plain_ap(list(ranking[q]), {2 * p, 2 * p + 1}, set(), 100)
                for q, p in enumerate(order)]
-    assert got["gldv2", "global"].map == pytest.approx(np.mean(aps[2:]))
-    assert got["gldv2", "global"].map_public == pytest.approx(np.mean(aps[:2]))
-    assert got["gldv2", "global"].map_all == pytest.approx(np.mean(aps))
+    assert got["gldv2-test", "global"].map == pytest.approx(np.mean(aps[2:]))
+    assert got["gldv2-test", "global"].map_public == pytest.approx(np.mean(aps[:2]))
+    assert got["gldv2-test", "global"].map_all == pytest.approx(np.mean(aps))
 
     assert rows["paper_map"].isna().all()  # not the paper's configuration
     for model in ("chamfer", "elvis"):
         assert (rows[rows["model"] == model]["shortlist"] == 2).all()
     out = result.stdout
-    for text in ("roxford5k", "instre", "sop", "gldv2", "chamfer@2", "elvis@2",
+    for text in ("roxford5k", "instre", "sop-1k", "gldv2-test", "chamfer@2", "elvis@2",
                  "average (all)", "average (out-of-domain)", "runtime vs shortlist size",
                  "not evaluated: rparis6k (missing): elvis datasets prepare rparis6k"):
         assert text in out, text
-    ood = (got["instre", "global"].map + got["sop", "global"].map) / 2  # the registry's OOD sets
+    ood = (got["instre", "global"].map + got["sop-1k", "global"].map) / 2  # the registry's OOD sets
     average_line = next(line for line in out.splitlines() if "average (out-of-domain)" in line)
     assert f"{ood:.2f}" in average_line

@@ -175,3 +175,46 @@ def test_cpu_inference_bits_do_not_depend_on_the_batch():
         scores = model.score(query, together)
         one_by_one = torch.cat([model.score(query, image) for image in alone])
     assert scores.numpy().tobytes() == one_by_one.numpy().tobytes()
+
+
+def binarised_model(dim: int = 48, seed: int = 0) -> Elvis:
+    """The authors' Matcher(binarized=True) form: ITQ (dim -> 128 bits), Linear(128, 128), LN."""
+    torch.manual_seed(seed)
+    model = Elvis(ElvisConfig(descriptor_dim=dim, binarised=True)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+        model.dust_bin.fill_(0.5)
+    return model
+
+
+def test_binarised_model_has_the_official_keys():
+    state = binarised_model().state_dict()
+    assert state["remap_local.0.W"].shape == (48, 128)
+    assert state["remap_local.1.weight"].shape == (128, 128)
+    assert state["remap_local.2.weight"].shape == state["remap_local.2.bias"].shape == (128,)
+    assert "remap_local.0.weight" not in state
+
+
+@pytest.mark.parametrize("signs", [False, True], ids=["float-through-itq", "stored-bits"])
+def test_binarised_model_matches_reference_with_padding(signs):
+    """Float descriptors go through the ITQ step; -1/+1 bits of a binarised file enter after
+    it. Padding and m != n on both the compiled CPU loop and the torch ops."""
+    model = binarised_model(seed=7)
+    width = 128 if signs else 48
+    src, tgt = descriptors(3, 17, width, 8), descriptors(3, 29, width, 9)
+    if signs:
+        src, tgt = torch.sign(src), torch.sign(tgt)
+    src_mask, tgt_mask = torch.zeros(3, 17, dtype=torch.bool), torch.zeros(3, 29, dtype=torch.bool)
+    src_mask[0, 12:], tgt_mask[1, 20:], tgt_mask[2, 3:] = True, True, True
+    assert_matches_reference(model, src, tgt, src_mask, tgt_mask)
+
+
+def test_stored_bits_are_the_itq_output_of_their_descriptors():
+    """Scoring the bits a binarised extraction stores equals scoring the float descriptors."""
+    model = binarised_model(seed=11)
+    src, tgt = descriptors(2, 9, 48, 12), descriptors(2, 14, 48, 13)
+    itq = model.remap_local[0].W
+    bits = [torch.sign(torch.nn.functional.normalize(x, dim=-1) @ itq) for x in (src, tgt)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, tgt), model(*bits), rtol=0, atol=1e-5)

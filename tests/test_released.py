@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from elvis_cli.checkpoints import Fusion
+from elvis_cli.errors import InputError
 from elvis_cli.metrics import revisitop_map
 from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.released import open_released
+from elvis_cli.released import open_local, open_released
 from elvis_cli.rerank import RerankConfig, rerank
 from tests.reference_elvis import reference_score
 from tests.test_cli import elvis
@@ -32,10 +33,14 @@ GND = [{"easy": [1], "hard": [0], "junk": [4], "bbx": [0, 0, 5, 5]},
 GLOBAL_MAP = {"map_medium": 125 / 3, "map_hard": 100 / 3, "map": 37.5}
 
 
+BITS = 128  # binarised files: the ITQ bits, the input of the binarised model's Linear(128, 128)
+
+
 def descriptors(rng, count, binarised):
-    """(count, 700, 5 + D) rows: metadata, then descriptors; some padding, some beyond 600."""
+    """(count, 700, 5 + D) rows: metadata, then descriptors (-1/+1 bits when binarised); some
+    padding, some beyond 600."""
     if binarised:
-        desc = np.where(rng.random((count, STORED, DIM)) < 0.5, -1.0, 1.0)
+        desc = np.where(rng.random((count, STORED, BITS)) < 0.5, -1.0, 1.0)
     else:
         desc = rng.standard_normal((count, STORED, DIM))
         desc /= np.linalg.norm(desc, axis=-1, keepdims=True)
@@ -47,10 +52,10 @@ def descriptors(rng, count, binarised):
 
 
 def write_local(path, rows, layout):
-    if layout == "binarised":
+    if layout == "binarised":  # as the authors' extraction stores them
         bits = np.packbits(rows[..., 5:] > 0, axis=-1)
         dtype = np.dtype([("metadata", np.float16, (STORED, 5)),
-                          ("descriptor", np.uint8, (STORED, DIM // 8))])
+                          ("descriptor", np.uint8, (STORED, BITS // 8))])
         table = np.zeros(len(rows), dtype=dtype)
         table["metadata"], table["descriptor"] = rows[..., :5], bits
         with h5py.File(path, "w") as file:
@@ -77,34 +82,52 @@ def stored(rows, layout):
     return rows.astype(np.float32 if layout != "float16" else np.float16).astype(np.float32)
 
 
-def make_release(root, layout="float16", nn_rows=2, seed=0):
-    """<root>/roxford5k in the official layout; returns what a reader should get back (gallery
-    rows by full-gallery index) and the global similarities of the nn file."""
+def authors_head(nn, head):
+    """The authors' find_unique_shortlist, written out: the images in some query's top `head`
+    in order of first appearance, rank-major, and the third row (their row in a file holding
+    only them; every other entry keeps its own index)."""
+    held = []
+    for rank in range(head):
+        for query in range(len(nn)):
+            if nn[query, rank] not in held:
+                held.append(int(nn[query, rank]))
+    row_of = {image: row for row, image in enumerate(held)}
+    return np.array(held), np.array([[row_of.get(g, g) for g in row] for row in nn])
+
+
+def write_nn(path, similarities, nn, third=None):
+    table = [similarities, nn] + ([] if third is None else [third])
+    with open(path, "wb") as handle:
+        pickle.dump(torch.tensor(np.stack(table), dtype=torch.float32), handle)
+
+
+def make_release(root, layout="float16", nn_rows=2, seed=0, head=NN.shape[1]):
+    """<root>/roxford5k in the official layout; with nn_rows=3 the gallery file holds only the
+    images in some query's top `head`. Returns what a reader should get back (gallery rows by
+    full-gallery index) and the global similarities of the nn file."""
     folder = root / "roxford5k"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     queries, gallery = descriptors(rng, 2, layout == "binarised"), descriptors(
         rng, len(GALLERY), layout == "binarised")
     similarities = np.sort(rng.random(NN.shape))[:, ::-1]
-    table = [similarities, NN]
-    gallery_file = gallery
-    if nn_rows == 3:  # the gallery file holds only shortlisted images, in its own order
-        held = np.array([5, 2, 0, 4, 1, 3])
+    gallery_file, third = gallery, None
+    if nn_rows == 3:
+        held, third = authors_head(NN, head)
         gallery_file = gallery[held]
-        row_of = {int(image): row for row, image in enumerate(held)}
-        table.append(np.vectorize(row_of.get)(NN))
     write_local(folder / "dinov2_query_local.hdf5", queries, layout)
     write_local(folder / "dinov2_gallery_local.hdf5", gallery_file, layout)
-    with open(folder / "nn_dinov2.pkl", "wb") as handle:
-        pickle.dump(torch.tensor(np.stack(table), dtype=torch.float32), handle)
+    write_nn(folder / "nn_dinov2.pkl", similarities, NN, third)
     with open(folder / "gnd_roxford5k.pkl", "wb") as handle:
         pickle.dump({"imlist": GALLERY, "qimlist": QUERIES, "gnd": GND}, handle)
     return stored(queries, layout), stored(gallery, layout), similarities
 
 
-def official_checkpoint(path, seed=0, dim=DIM):
+def official_checkpoint(path, seed=0, dim=DIM, binarised=False):
+    """Random weights in the official format; binarised: the authors' Matcher(binarized=True)
+    state (remap_local.0.W the ITQ projection (dim, 128), then Linear(128, 128), LayerNorm)."""
     torch.manual_seed(seed)
-    model = Elvis(ElvisConfig(descriptor_dim=dim)).eval()
+    model = Elvis(ElvisConfig(descriptor_dim=dim, binarised=binarised)).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.5)
@@ -134,7 +157,8 @@ def expected_rerank(model, queries, gallery, ranking, top):
                                             ("binarised", 3)])
 def test_rerank_command_on_a_release(tmp_path, layout, nn_rows):
     queries, gallery, similarities = make_release(tmp_path, layout, nn_rows)
-    model = official_checkpoint(tmp_path / "cache" / "checkpoints" / "dinov2_elvis_gld.pt")
+    model = official_checkpoint(tmp_path / "cache" / "checkpoints" / "dinov2_elvis_gld.pt",
+                                binarised=layout == "binarised")
     result = elvis("rerank", "--queries", "roxford5k/dinov2_query_local.hdf5",
                    "--gallery", "roxford5k/dinov2_gallery_local.hdf5",
                    "--candidates", "roxford5k/nn_dinov2.pkl", "--checkpoint", "dinov2_elvis_gld",
@@ -176,7 +200,7 @@ def test_the_first_600_of_700_descriptors_are_used_by_default(tmp_path):
 @pytest.mark.parametrize("layout,nn_rows", [("float16", 2), ("binarised", 3)])
 def test_evaluate_command_on_a_release_prints_the_hand_computed_map(tmp_path, layout, nn_rows):
     queries, gallery, similarities = make_release(tmp_path / "data", layout, nn_rows)
-    model = official_checkpoint(tmp_path / "ckpt.pt")
+    model = official_checkpoint(tmp_path / "ckpt.pt", binarised=layout == "binarised")
     def evaluate(json_name: str):
         result = elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
                        "--descriptors", "dinov2", "--checkpoint", "ckpt.pt",
@@ -313,6 +337,155 @@ def test_inconsistent_release_files_are_one_line_errors(tmp_path):
     evaluate = ("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
                 "--checkpoint", "ckpt.pt", "--shortlist", "0", "--quiet")
     one_line_error(elvis(*evaluate, "--descriptors", "dinov2", cwd=tmp_path),
-                   "third row points at rows up to 99", "holds 6 images")
+                   "third row is not the first-appearance mapping of the top 3",
+                   "query 0, rank 0: 99, expected 0")
     one_line_error(elvis(*evaluate, "--descriptors", "siglip2", cwd=tmp_path),
                    "lacks the released 'siglip2' files", "nn_siglip2.pkl")
+
+
+# --- 3-row nn files whose lists are longer than the extracted head (ELVIS_SPEC §4) -------------
+
+
+def test_a_head_shorter_than_the_lists_is_rebuilt_and_never_read_past(tmp_path):
+    """K = 6 > h = 2: the gallery file holds the 4 images of the queries' top 2 (3, 0, 1, 2 in
+    rank-major first appearance); later entries keep their own index, which may collide with
+    a file row (image 1 -> row 1 holds image 0) and must never be read from it."""
+    queries, gallery, _ = make_release(tmp_path, "float32-chunks", 3, head=2)
+    model = official_checkpoint(tmp_path / "ckpt.pt", seed=2)
+    query_store, gallery_store, ranking = open_released(tmp_path / "roxford5k", "dinov2", 7)
+    with query_store, gallery_store:
+        assert gallery_store.head == 2
+        result = rerank(model, query_store, gallery_store, ranking, Fusion(),
+                        RerankConfig(shortlist=2, num_local=30, batch_size=1))
+        for q in range(2):
+            for k in range(2):
+                g = result.indices[q, k]
+                assert result.raw_scores[q, k] == pytest.approx(
+                    raw_score(model, queries[q, :30], gallery[g, :30]), rel=1e-4)
+        with pytest.raises(InputError, match=r"gallery image 4 has no descriptors in "
+                                             r"dinov2_gallery_local\.hdf5, .* top 2 .*"
+                                             r"re-rank at most 2"):
+            rerank(model, query_store, gallery_store, ranking, Fusion(),
+                   RerankConfig(shortlist=3, num_local=30))
+
+
+def test_evaluate_with_a_head_shorter_than_the_lists(tmp_path):
+    """Re-ranking within the head works end to end; past it, one line and no number."""
+    make_release(tmp_path / "data", "float16", 3, head=2)
+    official_checkpoint(tmp_path / "ckpt.pt")
+    common = ("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
+              "--descriptors", "dinov2", "--checkpoint", "ckpt.pt", "--quiet")
+    result = elvis(*common, "--shortlist", "0", "2", "--json", "res.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "res.json").read_text())
+    assert rows[0]["map"] == pytest.approx(GLOBAL_MAP["map"]) and rows[1]["shortlist"] == 2
+    one_line_error(elvis(*common, "--shortlist", "4", cwd=tmp_path),
+                   "has no descriptors in dinov2_gallery_local.hdf5", "re-rank at most 2")
+
+
+# --- binarised files need the binarised model ---------------------------------------------------
+
+
+def test_binarised_bits_unpack_big_endian_to_signs(tmp_path):
+    """numpy's default bit order, as the authors' np.unpackbits: the first bit is the MSB."""
+    dtype = np.dtype([("metadata", np.float16, (1, 5)), ("descriptor", np.uint8, (1, 16))])
+    table = np.zeros(1, dtype=dtype)
+    table["descriptor"][0, 0, 0] = 0b10000001
+    with h5py.File(tmp_path / "bits.hdf5", "w") as file:
+        file.create_dataset("features", data=table)
+    with open_local(tmp_path / "bits.hdf5") as store:
+        assert store.binarised and store.local_dim == 128
+        signs = store.read_local([0])[0, 0, 5:]
+    assert signs[:8].tolist() == [1, -1, -1, -1, -1, -1, -1, 1]
+    assert (signs[8:] == -1).all()
+
+
+def test_binarised_files_with_a_float_checkpoint_are_a_one_line_error(tmp_path):
+    make_release(tmp_path, "binarised", 3)
+    official_checkpoint(tmp_path / "ckpt.pt", dim=128)
+    one_line_error(rerank_release(tmp_path), "the features are binarised (128 bits)",
+                   "use a binarised checkpoint")
+
+
+def test_float_files_run_through_the_binarised_models_itq_step(tmp_path):
+    """Float descriptors with a binarised checkpoint: ITQ bits first (the reference's form)."""
+    queries, gallery, _ = make_release(tmp_path)
+    model = official_checkpoint(tmp_path / "ckpt.pt", seed=5, binarised=True)
+    assert rerank_release(tmp_path).returncode == 0
+    table = pd.read_csv(tmp_path / "out.csv")
+    state = model.state_dict()
+    for row in table[table["rank"] < 3].itertuples():
+        src, tgt = queries[row.query_index, :USED], gallery[row.gallery_index, :USED]
+        expected = reference_score(state, *(torch.from_numpy(x[:, 5:]) for x in (src, tgt)),
+                                   *(torch.from_numpy(x[:, 3] > 0.5) for x in (src, tgt)))
+        assert row.raw_score == pytest.approx(expected, rel=1e-4)
+
+
+# --- +1M sets: their own folder, nn and gnd files (ELVIS_SPEC §4) --------------------------------
+
+# the +1M nn file ranks the whole joined gallery: 7 base images, then 3 distractors (7, 8, 9)
+NN_1M = np.array([[8, 3, 7, 1, 4, 0, 9, 5, 2, 6], [9, 7, 0, 2, 5, 1, 3, 4, 8, 6]])
+
+
+def make_1m_release(data_root, seed=1):
+    """roxford5k+1m/ as the authors' merge_hdf5.py and prepare_topk_global.py leave it: its
+    gallery file joins ../roxford5k's gallery and ../revisitop1m's file by virtual datasets.
+    Returns the joined gallery's rows."""
+    rng = np.random.default_rng(seed)
+    distractors = descriptors(rng, 3, False)
+    (data_root / "revisitop1m").mkdir()
+    write_local(data_root / "revisitop1m" / "dinov2_local.hdf5", distractors, "float16")
+    folder = data_root / "roxford5k+1m"
+    folder.mkdir()
+    width = 5 + DIM
+    layout = h5py.VirtualLayout(shape=(10, STORED, width), dtype=np.float16)
+    layout[:7] = h5py.VirtualSource("../roxford5k/dinov2_gallery_local.hdf5", "features",
+                                    shape=(7, STORED, width))
+    layout[7:] = h5py.VirtualSource("../revisitop1m/dinov2_local.hdf5", "features",
+                                    shape=(3, STORED, width))
+    with h5py.File(folder / "dinov2_gallery_local.hdf5", "w") as file:
+        file.create_virtual_dataset("features", layout)
+    with h5py.File(data_root / "roxford5k" / "dinov2_query_local.hdf5") as base, \
+            h5py.File(folder / "dinov2_query_local.hdf5", "w") as own:
+        own.create_dataset("features", data=base["features"][()])
+    write_nn(folder / "nn_dinov2.pkl", np.sort(rng.random(NN_1M.shape))[:, ::-1], NN_1M)
+    with open(folder / "gnd_roxford5k+1m.pkl", "wb") as handle:
+        pickle.dump({"imlist": GALLERY, "qimlist": QUERIES, "gnd": GND}, handle)
+    return stored(distractors, "float16")
+
+
+def test_a_1m_row_reports_the_1m_folders_number(tmp_path):
+    """Both folders there, different rankings: each row's number is its own folder's."""
+    _, gallery, _ = make_release(tmp_path / "data")
+    distractors = make_1m_release(tmp_path / "data")
+    result = elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
+                   "--dataset", "roxford5k+1m", "--descriptors", "dinov2", "--model", "global",
+                   "--shortlist", "0", "--json", "res.json", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {row["dataset"]: row for row in json.loads((tmp_path / "res.json").read_text())}
+    expected = {protocol: revisitop_map(NN_1M, GND, protocol)["map"]
+                for protocol in ("medium", "hard")}
+    assert rows["roxford5k"]["map"] == pytest.approx(GLOBAL_MAP["map"])
+    assert rows["roxford5k+1m"]["map_medium"] == pytest.approx(expected["medium"])
+    assert rows["roxford5k+1m"]["map_hard"] == pytest.approx(expected["hard"])
+    assert abs(rows["roxford5k+1m"]["map"] - GLOBAL_MAP["map"]) > 1.0
+    queries, joined, ranking = open_released(tmp_path / "data" / "roxford5k+1m", "dinov2")
+    with queries, joined:  # the joined gallery reads base rows, then the distractors'
+        np.testing.assert_array_equal(ranking.indices, NN_1M)
+        rows = joined.read_local([2, 8], 40)
+        np.testing.assert_array_equal(rows[0], stored(gallery, "float16")[2, :40])
+        np.testing.assert_array_equal(rows[1], distractors[1, :40])
+
+
+def test_a_1m_set_never_reads_the_base_folders_files(tmp_path):
+    make_release(tmp_path / "data")
+    common = ("evaluate", "--data-root", tmp_path / "data", "--descriptors", "dinov2",
+              "--model", "global", "--shortlist", "0", "--quiet")
+    one_line_error(elvis(*common, "--dataset", "roxford5k+1m", cwd=tmp_path),
+                   "roxford5k+1m needs its own folder", "gnd_roxford5k+1m.pkl")
+    (tmp_path / "data" / "revisitop1m").mkdir()  # the image route's distractor list
+    (tmp_path / "data" / "revisitop1m" / "revisitop1m.txt").write_text("d1\nd2\n")
+    one_line_error(elvis(*common, "--dataset", "roxford5k+1m", cwd=tmp_path),
+                   "no folder", "roxford5k+1m: the released files of roxford5k+1m")
+    one_line_error(elvis(*common, "--dataset", "roxford5k+r1m", cwd=tmp_path),
+                   "'roxford5k+r1m' is now called 'roxford5k+1m'")
