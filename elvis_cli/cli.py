@@ -93,6 +93,9 @@ def extract(
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 256,
+    global_type: Annotated[list[str] | None, typer.Option(
+        help="Also store this global descriptor: w-avg or og-avg, the authors' weighted "
+             "averages (ViT backbones; repeatable). cls is always stored.")] = None,
     embedding_cache: EmbeddingCacheOption = None,
     checkpoint: Annotated[str | None, typer.Option(
         help="With --embedding-cache: the checkpoint whose embeddings are stored; default: "
@@ -110,7 +113,7 @@ def extract(
     from elvis_cli.extract import ExtractConfig, extract_features
 
     config = ExtractConfig(backbone=backbone, device=device, batch_size=batch_size,
-                           shard_size=shard_size,
+                           shard_size=shard_size, global_types=global_type or (),
                            backbone_options=_backbone_options(image_size, num_local,
                                                               backbone_option))
     report = extract_features(images, output, config, progress=not quiet)
@@ -124,6 +127,27 @@ def extract(
         _fill_embedding_cache(report.output, embedding_cache, checkpoint, device)
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def export(
+    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `elvis extract`.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the official files.")],
+    name: Annotated[str, typer.Option(help="Descriptor name in the file names, e.g. dinov2.")],
+    split: Annotated[str, typer.Option(help="Split in the file names, e.g. query or gallery.")],
+    global_type: Annotated[list[str] | None, typer.Option(
+        help="Global descriptor type to write (repeatable); default every one the file "
+             "holds.")] = None,
+) -> None:
+    """Write a features file in the authors' layout: NAME_SPLIT_local.hdf5 and one
+    NAME_SPLIT_TYPE.hdf5 per global type, dataset `features`, float16.
+
+    Example: `elvis export q.h5 --out-dir roxford5k --name dinov2 --split query`
+    """
+    from elvis_cli.official_export import export_official
+
+    for path in export_official(features, out_dir, name, split, global_type):
+        console.print(f"-> {path}")
 
 
 def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
@@ -258,6 +282,9 @@ def evaluate(
     temperature: Annotated[float | None, typer.Option("--temp", help="ELViS fusion temperature.")
                            ] = None,
     num_local: Annotated[int, typer.Option(min=1, help="Descriptors per image used.")] = 600,
+    query_crops: Annotated[bool, typer.Option(
+        help="Crop queries to their ground-truth bbx, scaled like the full image (the "
+             "authors' bbox switch; off by default, as in their extraction config).")] = False,
     device: DeviceOption = "auto",
     embedding_cache: EmbeddingCacheOption = None,
     out_dir: Annotated[Path, typer.Option(
@@ -302,7 +329,8 @@ def evaluate(
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
                             temperature=temperature, num_local=num_local, device=device,
-                            descriptors=descriptors, embedding_cache=embedding_cache)
+                            descriptors=descriptors, embedding_cache=embedding_cache,
+                            query_crops=query_crops)
     results = []
     with _stages(len(names) * config.num_stages(), enabled=not quiet) as on_stage:
         for name in names:
