@@ -93,6 +93,9 @@ def extract(
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per HDF5 shard.")] = 256,
+    global_type: Annotated[list[str] | None, typer.Option(
+        help="Also store this global descriptor: w-avg or og-avg, the authors' weighted "
+             "averages (ViT backbones; repeatable). cls is always stored.")] = None,
     embedding_cache: EmbeddingCacheOption = None,
     checkpoint: Annotated[str | None, typer.Option(
         help="With --embedding-cache: the checkpoint whose embeddings are stored; default: "
@@ -110,7 +113,7 @@ def extract(
     from elvis_cli.extract import ExtractConfig, extract_features
 
     config = ExtractConfig(backbone=backbone, device=device, batch_size=batch_size,
-                           shard_size=shard_size,
+                           shard_size=shard_size, global_types=global_type or (),
                            backbone_options=_backbone_options(image_size, num_local,
                                                               backbone_option))
     report = extract_features(images, output, config, progress=not quiet)
@@ -124,6 +127,27 @@ def extract(
         _fill_embedding_cache(report.output, embedding_cache, checkpoint, device)
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def export(
+    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `elvis extract`.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the official files.")],
+    name: Annotated[str, typer.Option(help="Descriptor name in the file names, e.g. dinov2.")],
+    split: Annotated[str, typer.Option(help="Split in the file names, e.g. query or gallery.")],
+    global_type: Annotated[list[str] | None, typer.Option(
+        help="Global descriptor type to write (repeatable); default every one the file "
+             "holds.")] = None,
+) -> None:
+    """Write a features file in the authors' layout: NAME_SPLIT_local.hdf5 and one
+    NAME_SPLIT_TYPE.hdf5 per global type, dataset `features`, float16.
+
+    Example: `elvis export q.h5 --out-dir roxford5k --name dinov2 --split query`
+    """
+    from elvis_cli.official_export import export_official
+
+    for path in export_official(features, out_dir, name, split, global_type):
+        console.print(f"-> {path}")
 
 
 def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
@@ -267,6 +291,9 @@ def evaluate(
         help="Grid lam values (implies --grid); default 0 0.25 0.5 0.75 1.")] = None,
     grid_temp: Annotated[list[float] | None, typer.Option(
         help="Grid temperatures (implies --grid); default 0.1 0.25 0.5 1 2.")] = None,
+    query_crops: Annotated[bool, typer.Option(
+        help="Crop queries to their ground-truth bbx, scaled like the full image (the "
+             "authors' bbox switch; off by default, as in their extraction config).")] = False,
     device: DeviceOption = "auto",
     embedding_cache: EmbeddingCacheOption = None,
     out_dir: Annotated[Path, typer.Option(
@@ -313,7 +340,8 @@ def evaluate(
                             backbone_options=_backbone_options(None, None, backbone_option),
                             shortlists=shortlist_sizes or (0, 25, 50, 100), lam=lam,
                             temperature=temperature, num_local=num_local, device=device,
-                            descriptors=descriptors, embedding_cache=embedding_cache)
+                            descriptors=descriptors, embedding_cache=embedding_cache,
+                            query_crops=query_crops)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = FusionGrid(**{key: value for key, value in given.items() if value}) \
         if grid or any(given.values()) else None

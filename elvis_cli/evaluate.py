@@ -11,6 +11,7 @@ computed once; those rows are marked and never replace the headline rows of the 
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ from elvis_cli.checkpoints import (
     load_checkpoint,
 )
 from elvis_cli.datasets import RetrievalDataset
-from elvis_cli.errors import InputError
+from elvis_cli.errors import ElvisWarning, InputError
 from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FeatureStore
+from elvis_cli.feature_store import FORMAT, FeatureStore
 from elvis_cli.metrics import (
     EVAL_PROTOCOLS,
     class_scores,
@@ -70,6 +71,9 @@ class EvaluateConfig:
     features_dir: Path | None = None  # None: <dataset>/features/
     descriptors: str | None = None  # released files of this name instead of extraction
     embedding_cache: Path | None = None  # keeps ELViS embeddings between runs (EmbeddingCache)
+    # queries cut to their ground-truth `bbx`, scaled like the full image: the authors' `bbox`
+    # switch, off by default as in their conf/extract.yaml
+    query_crops: bool = False
 
     def __post_init__(self) -> None:
         if not self.shortlists or any(size < 0 for size in self.shortlists):
@@ -284,20 +288,27 @@ def _metric_name(dataset: RetrievalDataset) -> str:
 def extract_dataset(
     dataset: RetrievalDataset, config: EvaluateConfig, progress: bool = True
 ) -> tuple[FeatureStore, FeatureStore]:
-    """Query (cropped) and gallery features, extracted once per backbone and reused."""
+    """Query (cropped with `config.query_crops`) and gallery features, extracted once per
+    backbone and reused. Truncated images are decoded as far as they go, as the authors'
+    extraction does, with a warning: the ground truth needs every image."""
     backbone = create_backbone(config.backbone, **config.backbone_options)
-    folder = (config.features_dir or dataset.root / "features") / _settings_key(backbone.settings())
+    # the file format is in the key: features of another format are extracted anew
+    key = _settings_key({**backbone.settings(), "format": FORMAT})
+    folder = (config.features_dir or dataset.root / "features") / key
     extract_config = ExtractConfig(backbone=config.backbone,
                                    backbone_options=dict(config.backbone_options),
-                                   device=config.device)
+                                   device=config.device, decode_truncated=True)
     stores = []
     for split, paths, boxes in (
-        ("query", dataset.query_paths(), dataset.query_boxes()),
+        ("query-crops" if config.query_crops else "query", dataset.query_paths(),
+         dataset.query_boxes() if config.query_crops else None),
         ("gallery", dataset.gallery_paths(), None),
     ):
         output = folder / f"{split}.h5"
         report = extract_features(paths, output, extract_config, boxes=boxes, progress=progress,
                                   backbone=backbone, root=dataset.root / "jpg")
+        for path, warning in report.warnings:
+            warnings.warn(f"{dataset.name}: {path}: {warning}", ElvisWarning, stacklevel=2)
         if report.failures:
             path, reason = report.failures[0]
             raise InputError(

@@ -7,12 +7,13 @@ re-run skips finished shards that still match their checksum and redoes the rest
 killed at any moment (even SIGKILL) or stopped by a full disk resumes where it stopped; a run
 with other settings or images is refused rather than mixed in. One process at a time writes an
 output (lock.py). Failed images are left out of their shard and reported in the manifest and
-in the returned ExtractReport; they never stop the run.
+in the returned ExtractReport; they never stop the run. With `decode_truncated` (benchmark
+images, whose ground truth needs every one) a truncated image is decoded as far as it goes, as
+the authors' extraction does, and reported as a warning instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -39,7 +40,7 @@ from rich.text import Text
 
 from elvis_cli.atomic import write_text_atomic
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
-from elvis_cli.backbones.base import NUM_META
+from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
 from elvis_cli.devices import resolve_device
 from elvis_cli.errors import DiskFullError, InputError
 from elvis_cli.feature_store import (
@@ -50,13 +51,12 @@ from elvis_cli.feature_store import (
     shards_dir,
     write_shard,
 )
-from elvis_cli.images import ImageError, collect_images, load_image
+from elvis_cli.images import Box, ImageError, collect_images, decode_image
 from elvis_cli.lock import exclusive_lock
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
-Box = tuple[float, float, float, float]
 
 
 @dataclass
@@ -66,6 +66,15 @@ class ExtractConfig:
     device: str = "auto"
     batch_size: int = 16
     shard_size: int = 256  # images per shard: the unit of resumption
+    # global descriptors stored: "cls" (always; the one shortlists use) and, for the ViTs, the
+    # authors' "w-avg" and "og-avg"
+    global_types: Sequence[str] = (CLASS_GLOBAL,)
+    # decode truncated images as far as they go, with a warning, instead of skipping them
+    decode_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        self.global_types = [CLASS_GLOBAL,
+                             *dict.fromkeys(t for t in self.global_types if t != CLASS_GLOBAL)]
 
 
 @dataclass
@@ -76,6 +85,7 @@ class ExtractReport:
     num_resumed: int  # images found in shards finished by an earlier run
     failures: list[tuple[str, str]]  # (path relative to root, reason)
     repaired: list[str] = field(default_factory=list)  # finished shards found damaged, redone
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, what): images used
 
 
 @dataclass
@@ -92,6 +102,7 @@ class _Decoded:
     size: tuple[int, int] = (0, 0)
     image_id: str = ""
     error: str = ""
+    warning: str = ""
 
 
 def extract_features(
@@ -124,6 +135,10 @@ def extract_features(
         raise InputError(f"{output} already exists: use a new output or delete it")
     if backbone is None:
         backbone = create_backbone(config.backbone, **config.backbone_options)
+    missing = [kind for kind in config.global_types if kind not in backbone.global_types]
+    if missing:
+        raise InputError(f"backbone {backbone.name!r} has no {missing[0]} global descriptor; "
+                         f"it has {', '.join(backbone.global_types)}")
     with exclusive_lock(shards_dir(output) / LOCK_NAME, str(output)):
         _remove_partial_files(output)
         try:
@@ -142,7 +157,7 @@ def _run(
     progress: bool,
 ) -> ExtractReport:
     """The extraction proper, under the output's lock."""
-    manifest = _plan(output, items, backbone, root_dir, config.shard_size)
+    manifest = _plan(output, items, backbone, root_dir, config)
     device = resolve_device(config.device)
     backbone = backbone.to(device).eval()
     damage = {i: _damage(output, i, shard) for i, shard in enumerate(manifest["shards"])}
@@ -162,29 +177,30 @@ def _run(
         for index in todo:
             shard = manifest["shards"][index]
             shard_items = items[shard["start"] : shard["start"] + len(shard["images"])]
-            failures, record = _extract_shard(
+            failures, warnings, record = _extract_shard(
                 backbone,
                 shard_items,
                 output,
                 index,
                 device,
-                config.batch_size,
+                config,
                 pool,
                 lambda: bar.advance(task),
             )
-            shard.update(done=True, failures=failures, **record)
+            shard.update(done=True, failures=failures, warnings=warnings, **record)
             extracted += len(shard_items) - len(failures)
             _save_manifest(output, manifest)
     if todo or not output.exists():
         shards = [shard_path(output, i) for i in range(len(manifest["shards"]))]
         finalize(output, shards, manifest["backbone"], root_dir)
     failures = [tuple(f) for shard in manifest["shards"] for f in shard["failures"]]
+    warnings = [tuple(w) for shard in manifest["shards"] for w in shard.get("warnings", [])]
     resumed = sum(
         len(shard["images"]) - len(shard["failures"])
         for i, shard in enumerate(manifest["shards"])
         if i not in todo
     )
-    return ExtractReport(output, len(items), extracted, resumed, failures, repaired)
+    return ExtractReport(output, len(items), extracted, resumed, failures, repaired, warnings)
 
 
 def _resolve_source(
@@ -232,10 +248,11 @@ def _remove_partial_files(output: Path) -> None:
 
 
 def _plan(
-    output: Path, items: list[_Item], backbone: Backbone, root: Path, shard_size: int
+    output: Path, items: list[_Item], backbone: Backbone, root: Path, config: ExtractConfig
 ) -> dict[str, Any]:
     """The shard plan, fresh or from an earlier compatible run (which it must match exactly)."""
     settings = json.loads(json.dumps(backbone.settings()))
+    shard_size = config.shard_size
     shards = [
         {
             "start": start,
@@ -247,7 +264,8 @@ def _plan(
         for start in range(0, len(items), shard_size)
     ]
     root_name = str(root.resolve())
-    planned = {"format": FORMAT, "backbone": settings, "root": root_name, "shards": shards}
+    planned = {"format": FORMAT, "backbone": settings, "globals": list(config.global_types),
+               "root": root_name, "shards": shards}
     manifest_file = _manifest_path(output)
     if not manifest_file.exists():
         _save_manifest(output, planned)
@@ -256,8 +274,12 @@ def _plan(
         existing = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise InputError(f"{manifest_file}: unreadable manifest; delete {output}.shards") from None
-    if existing.get("backbone") != settings:
+    if existing.get("format") != FORMAT:
+        difference = f"file format ({existing.get('format')}, now {FORMAT})"
+    elif existing.get("backbone") != settings:
         difference = "backbone settings"
+    elif existing.get("globals") != planned["globals"]:
+        difference = "global descriptor types"
     elif [_layout(s) for s in existing.get("shards", [])] != [_layout(s) for s in shards]:
         difference = "image list or crop boxes"
     else:
@@ -295,26 +317,29 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
-def _decode(item: _Item, backbone: Backbone) -> _Decoded:
-    """Runs in a worker thread: read, hash, decode and preprocess one image."""
+def _decode(item: _Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:
+    """Runs in a worker thread: read, hash, decode and preprocess one image (a crop scaled
+    like its full image, as the authors do)."""
     try:
         image_id = hashlib.sha1(item.path.read_bytes()).hexdigest()[:16]
-        image = load_image(item.path, item.box)
+        image = decode_image(item.path, item.box, accept_truncated=decode_truncated)
     except ImageError as error:
         return _Decoded(item, error=error.reason)
     except OSError as error:
         return _Decoded(item, error=f"cannot read ({error.strerror or error})")
-    size = (image.shape[1], image.shape[0])
-    return _Decoded(item, backbone.preprocess(image), size, image_id)
+    size = (image.pixels.shape[1], image.pixels.shape[0])
+    return _Decoded(item, backbone.preprocess(image.pixels, image.full_side), size, image_id,
+                    warning=image.warning)
 
 
 def _decoded_in_order(
-    items: list[_Item], backbone: Backbone, pool: ThreadPoolExecutor, window: int
+    items: list[_Item], backbone: Backbone, pool: ThreadPoolExecutor, window: int,
+    decode_truncated: bool,
 ) -> Iterator[_Decoded]:
     """Decode ahead in the pool, at most `window` images in flight to bound memory."""
     pending: deque[Future[_Decoded]] = deque()
     for item in items:
-        pending.append(pool.submit(_decode, item, backbone))
+        pending.append(pool.submit(_decode, item, backbone, decode_truncated))
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
@@ -328,9 +353,7 @@ def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
     can take other kernels, which round differently on some CPUs). Batching pays on GPUs."""
     if batch.device.type != "cpu" or len(batch) == 1:
         return backbone(batch)
-    parts = [backbone(image[None]) for image in batch]
-    return ImageFeatures(*(torch.cat([getattr(part, field.name) for part in parts])
-                           for field in dataclasses.fields(ImageFeatures)))
+    return ImageFeatures.concatenate([backbone(image[None]) for image in batch])
 
 
 def _extract_shard(
@@ -339,39 +362,46 @@ def _extract_shard(
     output: Path,
     index: int,
     device: torch.device,
-    batch_size: int,
+    config: ExtractConfig,
     pool: ThreadPoolExecutor,
     advance: Callable[[], None],
-) -> tuple[list[list[str]], dict[str, Any]]:
-    """Encode one shard's images and write it; returns its failures as [name, reason] pairs
-    and the written shard's record.
+) -> tuple[list[list[str]], list[list[str]], dict[str, Any]]:
+    """Encode one shard's images and write it; returns its failures and warnings as
+    [name, reason] pairs and the written shard's record.
 
     Images whose preprocessed tensors have the same shape share batches. Odd shapes wait for
     company only while few images are pending, which bounds memory; results are put back in
     planned order before writing.
     """
-    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    batch_size = config.batch_size
+    results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     decoded: dict[int, _Decoded] = {}
     groups: dict[tuple[int, ...], list[int]] = {}
     failures: list[list[str]] = []
+    warnings: list[list[str]] = []
 
     def run(shape: tuple[int, ...]) -> None:
         positions = groups.pop(shape)
         batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
         features = _encode(backbone, batch)
         rows = torch.cat([features.metadata, features.local_desc], dim=-1).cpu().numpy()
-        global_desc = features.global_desc.cpu().numpy()
+        globals_ = {kind: (features.global_desc if kind == CLASS_GLOBAL
+                           else features.pooled[kind]).cpu().numpy()
+                    for kind in config.global_types}
         for offset, position in enumerate(positions):
-            results[position] = (rows[offset], global_desc[offset])
+            results[position] = (rows[offset], {k: v[offset] for k, v in globals_.items()})
             decoded[position].tensor = None  # free the pixels early
             advance()
 
-    for position, item in enumerate(_decoded_in_order(items, backbone, pool, 2 * batch_size)):
+    for position, item in enumerate(_decoded_in_order(items, backbone, pool, 2 * batch_size,
+                                                      config.decode_truncated)):
         decoded[position] = item
         if item.tensor is None:
             failures.append([item.item.name, item.error])
             advance()
             continue
+        if item.warning:
+            warnings.append([item.item.name, item.warning])
         shape = tuple(item.tensor.shape)
         groups.setdefault(shape, []).append(position)
         if len(groups[shape]) == batch_size:
@@ -383,12 +413,18 @@ def _extract_shard(
 
     kept = sorted(results)
     local_shape = (0, backbone.num_local, NUM_META + backbone.local_dim)
+    globals_ = {
+        kind: np.stack([results[p][1][kind] for p in kept]) if kept
+        else np.zeros((0, backbone.global_dim))
+        for kind in config.global_types
+    }
     record = write_shard(
         shard_path(output, index),
         np.stack([results[p][0] for p in kept]) if kept else np.zeros(local_shape, np.float32),
-        np.stack([results[p][1] for p in kept]) if kept else np.zeros((0, backbone.global_dim)),
+        globals_.pop(CLASS_GLOBAL),
         [decoded[p].item.name for p in kept],
         [decoded[p].image_id for p in kept],
         np.array([decoded[p].size for p in kept], dtype=np.int32).reshape(-1, 2),
+        pooled=globals_,
     )
-    return failures, record
+    return failures, warnings, record

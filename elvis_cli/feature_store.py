@@ -2,9 +2,10 @@
 
 `FILE.h5` is a small file of HDF5 virtual datasets over `FILE.h5.shards/shard-NNNNN.h5`. Shards
 are written one at a time (so extraction can stop and resume) and the joined file is built last.
-The `features` dataset uses exactly the official layout (ELVIS_SPEC §4): per image K rows of
-x, y, scale index, padding flag, weight, then the D descriptor values. So one reader serves our
-files and the released `*_local.hdf5` files, which hold `features` only.
+The `features` dataset uses exactly the official layout (ELVIS_SPEC §3, §4): per image K rows of
+row centre, column centre, scale index, padding flag, weight, then the D descriptor values. So
+one reader serves our files and the released `*_local.hdf5` files, which hold `features` only.
+`global` holds the "cls" global descriptor; `global_<type>` the others that were asked for.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ import h5py
 import numpy as np
 
 from elvis_cli.atomic import atomic_path
-from elvis_cli.backbones.base import META_PADDING, NUM_META
+from elvis_cli.backbones.base import CLASS_GLOBAL, META_PADDING, NUM_META
 from elvis_cli.errors import InputError
 
-FORMAT = "elvis-cli-features/1"
+# 2: metadata columns 0 and 1 are the row, then column centre (version 1 had x, y), and
+# optional `global_<type>` datasets. Files of another version are refused, not misread.
+FORMAT = "elvis-cli-features/2"
+FORMAT_PREFIX = "elvis-cli-features/"
 SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
+POOLED_PREFIX = "global_"
 STRING_DTYPE = h5py.string_dtype("utf-8")
 # what h5py raises on files it cannot make sense of (damaged, hand-made, hostile)
 HDF5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
@@ -47,18 +52,25 @@ def write_shard(
     paths: Sequence[str],
     ids: Sequence[str],
     sizes: np.ndarray,
+    pooled: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard atomically. features (n, K, 5 + D), global_desc (n, Dg), sizes (n, 2).
+    """Write one shard atomically. features (n, K, 5 + D), global_desc (n, Dg) the "cls" global
+    descriptor, sizes (n, 2), pooled: further global descriptors by type, (n, Dg) each.
 
     An empty shard (n = 0, every image failed) is valid: it keeps K, D and Dg in its shapes.
     Returns its shard_record, to be kept and compared with later (shard_damage).
     """
     count = len(paths)
-    if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count):
+    pooled = pooled or {}
+    if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count) or any(
+        len(values) != count for values in pooled.values()
+    ):
         raise ValueError("shard arrays disagree on the number of images")
     with new_hdf5(target) as file:
         file.create_dataset("features", data=np.asarray(features, dtype=np.float16))
         file.create_dataset("global", data=np.asarray(global_desc, dtype=np.float32))
+        for kind, values in pooled.items():
+            file.create_dataset(POOLED_PREFIX + kind, data=np.asarray(values, dtype=np.float32))
         file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("ids", data=list(ids), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int32).reshape(count, 2))
@@ -119,17 +131,19 @@ def finalize(
     as zeros (HDF5 fills unreadable virtual sources silently).
     """
     path = Path(path)
+    if not shards:
+        raise ValueError("finalize needs at least one shard")
+    with h5py.File(shards[0], "r") as file:
+        names = _dataset_names(file)
     infos = []
     for shard in shards:
         with h5py.File(shard, "r") as file:
-            infos.append({name: (file[name].shape, file[name].dtype) for name in SHARD_DATASETS})
-    if not infos:
-        raise ValueError("finalize needs at least one shard")
+            infos.append({name: (file[name].shape, file[name].dtype) for name in names})
     total = sum(info["paths"][0][0] for info in infos)
     first = infos[0]
     records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
     with new_hdf5(path) as file:
-        for name in SHARD_DATASETS:
+        for name in names:
             shape, dtype = first[name]
             full_shape = (total, *shape[1:])
             if total == 0:
@@ -155,6 +169,9 @@ def finalize(
                 "num_local": num_local,
                 "local_dim": width - NUM_META,
                 "global_dim": first["global"][0][1],
+                "global_types": json.dumps(
+                    [CLASS_GLOBAL] + [n.removeprefix(POOLED_PREFIX) for n in names
+                                      if n.startswith(POOLED_PREFIX)]),
                 "shards": json.dumps(records, sort_keys=True),
             }
         )
@@ -175,6 +192,10 @@ class FeatureStore:
         ours = file.attrs.get("format") == FORMAT
         self._global = file["global"] if ours else None
         self.global_dim: int | None = self._global.shape[1] if ours else None
+        # the global descriptor types this file holds ("cls" first); none in official files
+        self.global_types: list[str] = (
+            [CLASS_GLOBAL] + [n.removeprefix(POOLED_PREFIX) for n in _dataset_names(file)
+                              if n.startswith(POOLED_PREFIX)] if ours else [])
         if ours:
             self.paths: list[str] = list(file["paths"].asstr()[()])
             self.ids: list[str] = list(file["ids"].asstr()[()])
@@ -224,14 +245,19 @@ class FeatureStore:
         return {"file": str(self.path.resolve()), "bytes": stat.st_size,
                 "modified": stat.st_mtime_ns}
 
-    def global_descriptors(self) -> np.ndarray:
-        """(N, Dg) float32 L2-normalised global descriptors."""
+    def global_descriptors(self, kind: str = CLASS_GLOBAL) -> np.ndarray:
+        """(N, Dg) float32 L2-normalised global descriptors of one type: "cls" (what shortlists
+        use), or "w-avg"/"og-avg" when they were extracted (ExtractConfig.global_types)."""
         if self._global is None:
             raise InputError(f"{self.path}: has no global descriptors (official local-only file)")
+        if kind not in self.global_types:
+            raise InputError(f"{self.path}: has no {kind!r} global descriptors; it has "
+                             f"{', '.join(self.global_types)} (extract with --global-type {kind})")
+        dataset = self._global if kind == CLASS_GLOBAL else self._file[POOLED_PREFIX + kind]
         with _readable(self.path):
-            values = np.asarray(self._global[()], dtype=np.float32)
+            values = np.asarray(dataset[()], dtype=np.float32)
         self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)),
-                                 "global")
+                                 "global" if kind == CLASS_GLOBAL else f"{kind} global")
         return values
 
     def read_local(
@@ -312,6 +338,10 @@ class FeatureStore:
 
 def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) -> None:
     """Refuse files that would be misread, naming what is wrong."""
+    version = file.attrs.get("format")
+    if isinstance(version, str) and version.startswith(FORMAT_PREFIX) and version != FORMAT:
+        raise InputError(f"{path}: written by another elvis-cli version ({version}, this one "
+                         f"reads {FORMAT}; the metadata columns differ): extract it again")
     if "features" not in file:
         raise InputError(f"{path}: no 'features' dataset (not a descriptor file)")
     features = file["features"]
@@ -329,9 +359,11 @@ def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) ->
             raise InputError(f"{path}: incomplete features file, missing {', '.join(missing)}")
     if file.attrs.get("format") == FORMAT:
         count = features.shape[0]
-        shapes = {name: file[name].shape for name in SHARD_DATASETS}
+        shapes = {name: file[name].shape for name in _dataset_names(file)}
+        pooled = [shape for name, shape in shapes.items() if name.startswith(POOLED_PREFIX)]
         if any(shape[:1] != (count,) for shape in shapes.values()) or (
             len(shapes["global"]) != 2 or shapes["sizes"] != (count, 2)
+            or any(shape != shapes["global"] for shape in pooled)
         ):
             raise InputError(f"{path}: datasets disagree on their shapes: {shapes}")
 
@@ -342,7 +374,7 @@ def _check_sources(path: Path, file: h5py.File, allow_external: bool) -> None:
     records = json.loads(file.attrs.get("shards", "{}"))
     if not isinstance(records, dict):
         raise InputError(f"{path}: its 'shards' attribute is not a JSON object")
-    for name in SHARD_DATASETS:
+    for name in (*SHARD_DATASETS, *(n for n in file if n.startswith(POOLED_PREFIX))):
         link = file.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
             sources = [link.filename]
@@ -373,6 +405,11 @@ def _check_source(
     if damage:
         raise InputError(f"{path}: shard {path.parent / source} is {damage}; "
                          "re-run the extraction to re-create it")
+
+
+def _dataset_names(file: h5py.File) -> list[str]:
+    """The datasets of our shard or joined file: the fixed ones, then each extra global type."""
+    return [*SHARD_DATASETS, *sorted(n for n in file if n.startswith(POOLED_PREFIX))]
 
 
 @contextmanager

@@ -2,17 +2,23 @@
 
 Real collections contain empty files, mislabelled text, truncated downloads, 16-bit scans and
 decompression bombs; each must become a short, per-image `ImageError` that extraction can report
-and skip, never a crash or a silently wrong array.
+and skip, never a crash or a silently wrong array. Benchmark images are the exception: the
+authors' extraction decodes a truncated JPEG as far as it goes, and so does `decode_image` when
+asked (`accept_truncated`), saying so in `DecodedImage.warning`.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from elvis_cli.errors import InputError
 
@@ -24,6 +30,35 @@ MIN_SIDE = 2
 # PIL's own guard warns (to stderr) below its hard limit; our check in load_image reads the size
 # from the header, before any decoding, and turns it into a per-image reason instead.
 Image.MAX_IMAGE_PIXELS = None
+Box = tuple[float, float, float, float]
+
+
+class _TruncatedImagesFlag(threading.local):
+    """Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES`, one value per thread.
+
+    Pillow reads that module attribute's truth value at every decode, so installing this object
+    there once (at import) lets one decoding thread accept truncated data while the others, in
+    the same pool, still refuse it. Flipping the plain boolean at run time would race.
+    """
+
+    value = bool(ImageFile.LOAD_TRUNCATED_IMAGES)  # every thread starts from Pillow's setting
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+_TRUNCATED = _TruncatedImagesFlag()
+ImageFile.LOAD_TRUNCATED_IMAGES = _TRUNCATED  # type: ignore[assignment]
+
+
+@contextmanager
+def _truncated_images_accepted() -> Iterator[None]:
+    """In this thread only, let Pillow decode truncated files as far as they go."""
+    previous, _TRUNCATED.value = _TRUNCATED.value, True
+    try:
+        yield
+    finally:
+        _TRUNCATED.value = previous
 
 
 class ImageError(InputError):
@@ -33,6 +68,17 @@ class ImageError(InputError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class _UndecodableError(ImageError):
+    """The decoder failed on the image data (truncated or corrupt), not on its header."""
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB, upright; the crop when a box was given
+    full_side: int  # longer side of the whole upright image: the scale of a crop is taken from it
+    warning: str = ""  # set when a truncated image was decoded as far as it goes
 
 
 def is_image_path(path: Path) -> bool:
@@ -118,14 +164,22 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def load_image(
-    path: str | Path,
-    box: tuple[float, float, float, float] | None = None,
-) -> np.ndarray:
-    """Decode an image to an (H, W, 3) uint8 RGB array, EXIF orientation applied.
+def load_image(path: str | Path, box: Box | None = None) -> np.ndarray:
+    """Decode an image to an (H, W, 3) uint8 RGB array, EXIF orientation applied (see
+    decode_image); truncated data is an ImageError."""
+    return decode_image(path, box).pixels
 
-    `box` = (x1, y1, x2, y2) crops in pixels of the upright image (clipped to it); it is how query
-    crops of ROxford/RParis are described. Raises ImageError with a short reason otherwise.
+
+def decode_image(
+    path: str | Path, box: Box | None = None, accept_truncated: bool = False
+) -> DecodedImage:
+    """Decode an image to upright RGB; raises ImageError with a short reason otherwise.
+
+    `box` = (x1, y1, x2, y2) in pixels of the upright image crops it as the authors do: rows
+    int(y1):int(y2), columns int(x1):int(x2) (clipped to the image); it is how query crops of
+    ROxford/RParis are described. `accept_truncated`: data the decoder cannot finish (a
+    truncated JPEG) is decoded as far as it goes, as the authors' extraction does
+    (LOAD_TRUNCATED_IMAGES), with a warning, instead of being an error.
     A huge JPEG comes back reduced by its decoder's DCT scaling (the full image never exists in
     memory; `box` is scaled along); other images above MAX_PIXELS are refused.
     """
@@ -135,6 +189,25 @@ def load_image(
             raise ImageError(path, "empty file")
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
+    try:
+        rgb, box = _decode(path, box)
+        warning = ""
+    except _UndecodableError as error:
+        if not accept_truncated:
+            raise
+        with _truncated_images_accepted():
+            rgb, box = _decode(path, box)
+        warning = f"decoded as far as it goes ({error.reason})"
+    full_side = max(rgb.shape[:2])
+    if box is not None:
+        rgb = _crop(rgb, box, path)
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        raise ImageError(path, f"too small ({rgb.shape[1]}x{rgb.shape[0]} px)")
+    return DecodedImage(rgb, full_side, warning)
+
+
+def _decode(path: Path, box: Box | None) -> tuple[np.ndarray, Box | None]:
+    """The upright RGB pixels, and `box` in their coordinates (a reduced huge JPEG scales it)."""
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -146,18 +219,13 @@ def load_image(
                 raise ImageError(path, f"too large ({width}x{height} px, limit {MAX_PIXELS} px)")
             img.load()  # full decode now, so truncated data fails here and not later
             upright = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(upright)
+            return _to_rgb(upright), box
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageError(path, f"cannot decode ({error})") from None
-    if box is not None:
-        rgb = _crop(rgb, box, path)
-    if min(rgb.shape[:2]) < MIN_SIDE:
-        raise ImageError(path, f"too small ({rgb.shape[1]}x{rgb.shape[0]} px)")
-    return rgb
+        raise _UndecodableError(path, f"cannot decode ({error})") from None
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -175,11 +243,11 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
-def _crop(rgb: np.ndarray, box: tuple[float, float, float, float], path: Path) -> np.ndarray:
+def _crop(rgb: np.ndarray, box: Box, path: Path) -> np.ndarray:
+    """The authors' crop: int() truncates each coordinate (a negative one counts as 0)."""
     height, width = rgb.shape[:2]
-    x1, y1, x2, y2 = box
-    left, top = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
-    right, bottom = min(width, int(np.ceil(x2))), min(height, int(np.ceil(y2)))
-    if right - left < MIN_SIDE or bottom - top < MIN_SIDE:
+    left, top, right, bottom = (max(0, int(value)) for value in box)
+    crop = rgb[top:bottom, left:right]
+    if min(crop.shape[:2]) < MIN_SIDE:
         raise ImageError(path, f"crop box {tuple(box)} leaves no image inside {width}x{height}")
-    return np.ascontiguousarray(rgb[top:bottom, left:right])
+    return np.ascontiguousarray(crop)

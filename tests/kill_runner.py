@@ -36,7 +36,7 @@ def _is_output(name: str) -> bool:
 
 # point: (owner, attribute, which calls count, stop before (False) or after (True) the call)
 POINTS: dict[str, tuple[Any, str, Callable[..., bool], bool]] = {
-    "decode": (extract, "load_image", lambda *a, **k: True, False),
+    "decode": (extract, "decode_image", lambda *a, **k: True, False),
     "model": (EfficientNetLiteBackbone, "forward", lambda *a, **k: True, False),
     "shard-write": (h5py.Group, "create_dataset", lambda *a, **k: True, False),
     "shard-rename": (os, "replace", _destination_is(_is_shard), False),

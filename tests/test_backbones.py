@@ -60,12 +60,12 @@ def check_features(features, batch: int, k: int, dim: int, global_dim: int) -> N
 # --- shared pieces -------------------------------------------------------------------------------
 
 
-def test_select_top_k_orders_normalises_and_pads():
-    local = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])
+def test_select_top_k_orders_and_pads():
+    s = 2**-0.5
+    local = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [s, s]]])
     weights = torch.tensor([[0.5, 2.0, 1.0]])
     xy = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
     desc, meta = select_top_k(local, weights, xy, k=5, scale_index=2)
-    s = 2**-0.5
     torch.testing.assert_close(desc[0, :3], torch.tensor([[0.0, 1.0], [s, s], [1.0, 0.0]]))
     assert desc[0, 3:].abs().sum() == 0
     expected = [
@@ -82,21 +82,32 @@ def test_select_top_k_orders_normalises_and_pads():
 
 def test_resize_keeps_aspect_and_rounds_to_the_multiple():
     image = skimage.data.chelsea()  # 451 x 300
-    tensor = resize_to_multiple(image, 128, 32)
-    assert tensor.shape == (3, 96, 128)
-    assert tensor.min() >= 0 and tensor.max() <= 1
+    assert resize_to_multiple(image, 128, 32).shape == (3, 96, 128)
     assert resize_to_multiple(image, 768, 14).shape == (3, 504, 770)
+    # s = 70 / 350 = 0.2: 175 * 0.2 / 14 = 2.5 rounds half to even (2), 350 * 0.2 / 14 = 5
+    assert resize_to_multiple(np.zeros((175, 350, 3), np.uint8), 70, 14).shape == (3, 28, 70)
+    # a crop is scaled like its full image (longer side 700): 60 * 0.1 / 14 -> at least 1 patch
+    assert resize_to_multiple(np.zeros((60, 300, 3), np.uint8), 70, 14, 700).shape == (3, 14, 28)
 
 
-def test_grid_centres_are_row_major_xy():
+def test_resize_does_not_clamp_the_bicubic_overshoot():
+    edge = np.zeros((64, 64, 3), np.uint8)
+    edge[:, 32:] = 255  # a sharp black-to-white edge
+    tensor = resize_to_multiple(edge, 48, 16)
+    assert tensor.min() < 0 and tensor.max() > 1
+    lite = create_backbone(DEFAULT_BACKBONE, image_size=48)
+    assert lite.preprocess(edge).abs().max() <= 1  # EfficientNet clamps, as it was trained
+
+
+def test_grid_centres_are_row_major_row_then_column():
     centres = grid_centres(2, 3)
     expected = [
-        [1 / 6, 0.25],
-        [0.5, 0.25],
-        [5 / 6, 0.25],
-        [1 / 6, 0.75],
-        [0.5, 0.75],
-        [5 / 6, 0.75],
+        [0.25, 1 / 6],
+        [0.25, 0.5],
+        [0.25, 5 / 6],
+        [0.75, 1 / 6],
+        [0.75, 0.5],
+        [0.75, 5 / 6],
     ]
     torch.testing.assert_close(centres, torch.tensor(expected))
 
@@ -233,7 +244,8 @@ def test_missing_weight_package_is_an_offline_error(monkeypatch):
 
 
 def test_dinov2_class_token_weighting(tiny_dino_model):
-    backbone = create_backbone("dinov2", model=tiny_dino_model, image_size=70, num_local=20)
+    backbone = create_backbone("dinov2", model=tiny_dino_model, image_size=70, num_local=20,
+                               detector="none")
     image = skimage.data.chelsea()
     tensor = backbone.preprocess(image)
     assert tensor.shape == (3, 42, 70)  # longer side 70, both sides multiples of 14
@@ -248,15 +260,41 @@ def test_dinov2_class_token_weighting(tiny_dino_model):
     assert patches.shape[1] == 15
     expected_class_token_selection(features, tokens[:, 0], patches, (3, 5), 15)
     assert (features.metadata[:, 15:, 3] == 1).all()
+    # the authors' globals without a detector: cosine weights times the RAW tokens (w-avg) and
+    # times the normalised tokens (og-avg), each averaged over positions and normalised
+    weights = F.normalize(patches, dim=-1) @ F.normalize(tokens[:, 0], dim=-1)[..., None]
+    torch.testing.assert_close(features.pooled["w-avg"],
+                               F.normalize((weights * patches).mean(1), dim=-1))
+    unit = F.normalize(patches, dim=-1)
+    torch.testing.assert_close(features.pooled["og-avg"],
+                               F.normalize((weights * unit).mean(1), dim=-1))
+
+
+def test_metadata_column_0_is_the_row_centre(tiny_dino_model):
+    """A 3 x 5 grid: the weight of each stored patch says which patch it is; its row is
+    index // 5 and its column index % 5, so rows and columns cannot be confused."""
+    backbone = create_backbone("dinov2", model=tiny_dino_model, image_size=70, num_local=15,
+                               detector="none")
+    batch = backbone.preprocess(skimage.data.chelsea())[None]
+    with torch.inference_mode():
+        features = backbone(batch)
+        tokens = tiny_dino_model(pixel_values=batch).last_hidden_state
+    cosine = F.normalize(tokens[0, 5:], dim=-1) @ F.normalize(tokens[0, 0], dim=-1)
+    index = torch.cdist(features.metadata[0, :, 4:5], cosine[:, None]).argmin(dim=1)
+    assert sorted(index.tolist()) == list(range(15))
+    torch.testing.assert_close(features.metadata[0, :, 0], (index // 5 + 0.5) / 3)
+    torch.testing.assert_close(features.metadata[0, :, 1], (index % 5 + 0.5) / 5)
 
 
 def test_dinov2_from_config_and_settings(tiny_dino_model):
     from transformers import Dinov2WithRegistersConfig
 
-    backbone = create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINOV2))
+    backbone = create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINOV2),
+                               detector="none")
     settings = backbone.settings()
     assert settings["name"] == "dinov2" and settings["model_id"] == "custom"
-    assert (settings["image_size"], settings["num_local"], settings["detector"]) == (768, 700, None)
+    assert (settings["image_size"], settings["num_local"], settings["detector"]) == (
+        768, 700, "none")
     assert backbone.num_local == 700 and backbone.local_dim == 32
 
 
@@ -276,15 +314,23 @@ def test_dinov2_learned_detector(tmp_path, tiny_dino_model):
     batch = backbone.preprocess(skimage.data.coffee())[None]  # 600 x 400 -> 42 x 70 -> 3 x 5
     with torch.inference_mode():
         features = backbone(batch)
-        patches = tiny_dino_model(pixel_values=batch).last_hidden_state[:, 5:]
-        feature_map = patches.transpose(1, 2).reshape(1, 32, 3, 5)
-        projected, weights = detector.eval()(feature_map)
+        patches = tiny_dino_model(pixel_values=batch).last_hidden_state[0, 5:]  # (15, 32)
+        detector.eval()
+        projected = detector.bn(detector.conv1(patches.T.reshape(1, 32, 3, 5)))
+        weights = F.softplus(detector.conv2(F.relu(projected))).flatten()
     check_features(features, 1, 8, 32, 32)
-    best = weights.flatten(1).sort(dim=1, descending=True)
-    torch.testing.assert_close(features.metadata[0, :, 4], best.values[0, :8])
+    best = weights.sort(descending=True)
+    torch.testing.assert_close(features.metadata[0, :, 4], best.values[:8])
     assert (best.values > 0).all()  # softplus
-    expected = F.normalize(projected.flatten(2)[0].T[best.indices[0, :8]], dim=-1)
-    torch.testing.assert_close(features.local_desc[0], expected)
+    # the stored descriptors are the backbone's patch tokens; the detector only weights them
+    torch.testing.assert_close(features.local_desc[0],
+                               F.normalize(patches[best.indices[:8]], dim=-1))
+    # w-avg averages the normalised BatchNorm output, og-avg the raw patch tokens
+    bn_features = F.normalize(projected.flatten(2)[0].T, dim=-1)
+    torch.testing.assert_close(features.pooled["w-avg"][0],
+                               F.normalize((weights[:, None] * bn_features).mean(0), dim=0))
+    torch.testing.assert_close(features.pooled["og-avg"][0],
+                               F.normalize((weights[:, None] * patches).mean(0), dim=0))
 
 
 def test_dinov2_detector_errors(tmp_path, tiny_dino_model, monkeypatch):
@@ -299,8 +345,9 @@ def test_dinov2_detector_errors(tmp_path, tiny_dino_model, monkeypatch):
 
     monkeypatch.setenv("ELVIS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(OfflineError, match="dinov2 detector"):
-        create_backbone("dinov2", model=tiny_dino_model, detector="official")
+    with pytest.raises(OfflineError, match=r"dinov2 detector.*detector=none") as error:
+        create_backbone("dinov2", model=tiny_dino_model)  # the official detector by default
+    assert "\n" not in str(error.value)
     cached = tmp_path / "cache" / "detectors" / "dinov2_detector.pt"
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(vit_module.Detector(32).state_dict(), cached)
@@ -351,7 +398,8 @@ def expected_class_token_selection(features, cls, patches, grid, k):
 
 def test_dinov3_class_token_weighting_skips_registers():
     model = tiny_vit("dinov3")
-    backbone = create_backbone("dinov3", model=model, image_size=80, num_local=20)
+    backbone = create_backbone("dinov3", model=model, image_size=80, num_local=20,
+                               detector="none")
     image = skimage.data.chelsea()  # 451 x 300 -> longer side 80, sides multiples of 16
     tensor = backbone.preprocess(image)
     assert tensor.shape == (3, 48, 80)
@@ -376,7 +424,8 @@ def patches_one_by_one(image: torch.Tensor, p: int) -> torch.Tensor:
 
 def test_siglip2_patches_match_the_official_processor_and_pooled_token_weights():
     model = tiny_vit("siglip2")
-    backbone = create_backbone("siglip2", model=model, image_size=80, num_local=6)
+    backbone = create_backbone("siglip2", model=model, image_size=80, num_local=6,
+                               detector="none")
     image = skimage.data.coffee()  # 600 x 400 -> 48 x 80 -> 3 x 5 patches of 16
     tensor = backbone.preprocess(image)
     torch.testing.assert_close(tensor, (resize_to_multiple(image, 80, 16) - 0.5) / 0.5)
@@ -421,7 +470,7 @@ def test_vit_features_are_stored_in_float16(name, tmp_path):
     (tmp_path / "imgs").mkdir()
     for photo in ("coffee", "rocket"):
         Image.fromarray(getattr(skimage.data, photo)()).save(tmp_path / "imgs" / f"{photo}.jpg")
-    backbone = create_backbone(name, model=model, image_size=64, num_local=8)
+    backbone = create_backbone(name, model=model, image_size=64, num_local=8, detector="none")
     extract_features(tmp_path / "imgs", tmp_path / "f.h5", ExtractConfig(device="cpu"),
                      progress=False, backbone=backbone)
     with h5py.File(tmp_path / "f.h5") as file:

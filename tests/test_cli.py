@@ -149,6 +149,8 @@ def test_evaluate_a_revisitop_dataset(tmp_path):
     gnd = [{"easy": [], "hard": [i], "junk": [], "bbx": [0, 0, 10_000, 10_000]}
            for i in range(len(queries))]
     gnd[0] = {"easy": [0], "hard": [], "junk": [1]}
+    cut = root / "jpg" / "rocket_1.jpg"  # a truncated gallery image: decoded, with a warning
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     with open(root / "gnd_mini.pkl", "wb") as handle:
         pickle.dump({"imlist": gallery, "qimlist": queries, "gnd": gnd}, handle)
     result = elvis("evaluate", "--data-root", tmp_path / "data", "--all-datasets", *SMALL,
@@ -163,6 +165,7 @@ def test_evaluate_a_revisitop_dataset(tmp_path):
                    "--checkpoint", "ckpt.pt", "--shortlist", "0", "2", "--out-dir", "out",
                    "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "elvis: warning: mini: rocket_1.jpg: decoded as far as it goes" in result.stderr
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["shortlist"] for row in rows] == [0, 2]
     assert (tmp_path / "out" / "results.csv").is_file()
@@ -194,3 +197,23 @@ def test_evaluate_a_revisitop_dataset(tmp_path):
     assert table["best"].sum() == 1 and best["map"] == swept["map"].max()
     assert (f"best of the grid (not the headline): mini elvis shortlist {best['shortlist']}, "
             f"lam {best['lam']:g}, temp 0.5: mAP {best['map']:.2f}") in result.stdout
+    assert not list((root / "features").glob("*/query-crops.h5"))  # full queries by default
+    result = elvis("evaluate", "--data-root", tmp_path / "data", "--all-datasets", *SMALL,
+                   "--checkpoint", "ckpt.pt", "--shortlist", "0", "--out-dir", "out",
+                   "--query-crops", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert list((root / "features").glob("*/query-crops.h5"))
+
+
+def test_export_writes_the_official_files(tmp_path):
+    write_views(tmp_path / "imgs")
+    assert elvis("extract", "imgs", "-o", "f.h5", *SMALL, "--quiet", cwd=tmp_path).returncode == 0
+    result = elvis("export", "f.h5", "--out-dir", "official", "--name", "lite", "--split",
+                   "gallery", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "official").iterdir()) == [
+        "lite_gallery_cls.hdf5", "lite_gallery_local.hdf5"]
+    result = elvis("extract", "imgs", "-o", "g.h5", *SMALL, "--global-type", "w-avg",
+                   cwd=tmp_path)
+    assert result.returncode == 1 and "has no w-avg global descriptor" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

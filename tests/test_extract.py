@@ -151,12 +151,88 @@ def test_tiny_dinov2_through_the_pipeline(folder, tmp_path):
     from transformers import Dinov2WithRegistersConfig
 
     config = Dinov2WithRegistersConfig(**TINY_DINOV2)
-    dino = create_backbone("dinov2", model=config, image_size=56, num_local=10)
+    dino = create_backbone("dinov2", model=config, image_size=56, num_local=10, detector="none")
     report = extract_features(folder, tmp_path / "d.h5", CONFIG, progress=False, backbone=dino)
     assert report.num_extracted == 5
     with FeatureStore.open(tmp_path / "d.h5") as store:
         assert (store.local_dim, store.num_local, store.global_dim) == (32, 10, 32)
         np.testing.assert_allclose(np.linalg.norm(store.global_descriptors(), axis=1), 1, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_dino():
+    from transformers import Dinov2WithRegistersConfig
+
+    torch.manual_seed(0)
+    return create_backbone("dinov2", model=Dinov2WithRegistersConfig(**TINY_DINOV2),
+                           image_size=140, num_local=10, detector="none")
+
+
+def test_query_crop_is_scaled_like_its_full_image(tmp_path, tiny_dino):
+    """The authors' crop: s = 140 / 700 from the full image; the box (cut with int()) is
+    140 x 70 px, so 28 x 14 px (2 x 1 patches of 14): 2 real rows and 8 padding rows. Resizing
+    the crop to the full size would give 140 x 70 px and 50 patches."""
+    Image.fromarray(np.tile(skimage.data.coffee(), (1, 2, 1))[:350, :700]).save(tmp_path / "q.png")
+    report = extract_features([tmp_path / "q.png"], tmp_path / "q.h5", CONFIG, progress=False,
+                              boxes=[(100.9, 50.7, 240.2, 120.9)], backbone=tiny_dino)
+    assert report.num_extracted == 1
+    crop = load_image(tmp_path / "q.png")[50:120, 100:240]
+    assert tiny_dino.preprocess(crop, 700).shape == (3, 14, 28)
+    with FeatureStore.open(tmp_path / "q.h5") as store:
+        np.testing.assert_array_equal(store.sizes, [[140, 70]])
+        rows = store.read_local([0])[0]
+    np.testing.assert_array_equal(rows[:, 3], [0, 0] + [1] * 8)
+    np.testing.assert_array_equal(rows[2:], np.pad(np.ones((8, 1)), ((0, 0), (3, 33))))
+    np.testing.assert_allclose(sorted(rows[:2, 1]), [0.25, 0.75])  # columns of a 1 x 2 grid
+    np.testing.assert_allclose(rows[:2, 0], [0.5, 0.5])
+
+
+def test_truncated_images_decoded_on_request_with_a_warning(folder, tmp_path, backbone):
+    cut = [folder / "sub" / "cut.jpg"]
+    skipped = extract_features(cut, tmp_path / "a.h5", CONFIG, progress=False, backbone=backbone)
+    assert skipped.num_extracted == 0 and skipped.failures[0][1].startswith("cannot decode")
+    tolerant = ExtractConfig(**{**CONFIG.__dict__, "decode_truncated": True})
+    report = extract_features(cut, tmp_path / "b.h5", tolerant, progress=False, backbone=backbone)
+    assert report.num_extracted == 1 and not report.failures
+    assert report.warnings == [("cut.jpg", report.warnings[0][1])]
+    assert report.warnings[0][1].startswith("decoded as far as it goes")
+    again = extract_features(cut, tmp_path / "b.h5", tolerant, progress=False, backbone=backbone)
+    assert again.num_resumed == 1 and again.warnings == report.warnings  # kept in the manifest
+
+
+def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_dino):
+    from elvis_cli.official_export import export_official
+
+    paths = [folder / "coffee.jpg", folder / "sub" / "rocket.png"]
+    config = ExtractConfig(device="cpu", global_types=("og-avg", "w-avg"))
+    extract_features(paths, tmp_path / "f.h5", config, progress=False, backbone=tiny_dino)
+    with torch.inference_mode():
+        direct = tiny_dino(tiny_dino.preprocess(load_image(paths[1]))[None])
+    with FeatureStore.open(tmp_path / "f.h5") as store:
+        assert store.global_types == ["cls", "og-avg", "w-avg"]
+        for kind in ("w-avg", "og-avg"):
+            np.testing.assert_allclose(store.global_descriptors(kind)[1], direct.pooled[kind][0],
+                                       atol=1e-6)
+        local = store.read_local([0, 1])
+    written = export_official(tmp_path / "f.h5", tmp_path / "out", "dinov2", "query")
+    assert [p.name for p in written] == [
+        "dinov2_query_local.hdf5", "dinov2_query_cls.hdf5", "dinov2_query_og-avg.hdf5",
+        "dinov2_query_w-avg.hdf5"]
+    with h5py.File(written[0]) as file:
+        assert list(file) == ["features"] and file["features"].dtype == np.float16
+        np.testing.assert_array_equal(file["features"][()], local.astype(np.float16))
+    with h5py.File(written[3]) as file:
+        assert list(file) == ["features"] and file["features"].shape == (2, 32)
+        assert file["features"].dtype == np.float16
+        np.testing.assert_allclose(file["features"][1], direct.pooled["w-avg"][0], atol=1e-3)
+    cls_only = tmp_path / "cls.h5"
+    extract_features(paths, cls_only, ExtractConfig(device="cpu"), progress=False,
+                     backbone=tiny_dino)
+    with pytest.raises(InputError, match="no 'og-avg' global"):
+        export_official(cls_only, tmp_path / "out", "dinov2", "gallery", ["og-avg"])
+    with pytest.raises(InputError, match=r"no w-avg global descriptor; it has cls$"):
+        extract_features(paths, tmp_path / "e.h5", ExtractConfig(global_types=["w-avg"]),
+                         progress=False)
 
 
 def test_memory_cap_on_pending_images_keeps_results(folder, tmp_path, monkeypatch):

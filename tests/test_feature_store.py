@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.feature_store import FORMAT, FeatureStore, finalize, shard_path, write_shard
 
 K, D, DG = 6, 4, 3
 SETTINGS = {"name": "efficientnet-lite0", "num_local": K}
@@ -143,8 +143,12 @@ def test_wrong_layouts_are_input_errors(tmp_path):
         FeatureStore.open(tmp_path / "flat.h5")
     with h5py.File(tmp_path / "ours.h5", "w") as file:
         file.create_dataset("features", data=np.zeros((1, K, 5 + D)))
-        file.attrs["format"] = "elvis-cli-features/1"
+        file.attrs["format"] = FORMAT
     with pytest.raises(InputError, match="missing global, paths, ids, sizes, backbone, root"):
+        FeatureStore.open(tmp_path / "ours.h5")
+    with h5py.File(tmp_path / "ours.h5", "a") as file:  # x, y metadata: must not be misread
+        file.attrs["format"] = "elvis-cli-features/1"
+    with pytest.raises(InputError, match=r"another elvis-cli version.*extract it again"):
         FeatureStore.open(tmp_path / "ours.h5")
 
 
@@ -227,14 +231,22 @@ def test_disagreeing_shapes_and_bad_attributes_are_input_errors(tmp_path):
             names = np.array([b"a", b"b"])
             defaults = {"global": np.zeros((2, 3)), "paths": names, "ids": names,
                         "sizes": np.zeros((2, 2))}
-            for key, default in defaults.items():
-                file.create_dataset(key, data=datasets.get(key, default))
-            file.attrs.update(format="elvis-cli-features/1", backbone=datasets.get("bb", "{}"),
+            for key, value in {**defaults, **datasets}.items():
+                if key != "bb":
+                    file.create_dataset(key, data=value)
+            file.attrs.update(format=FORMAT, backbone=datasets.get("bb", "{}"),
                               root="/")
         return tmp_path / name
 
     with pytest.raises(InputError, match="datasets disagree on their shapes"):
         FeatureStore.open(ours("short.h5", ids=np.zeros(3)))
+    with pytest.raises(InputError, match="datasets disagree on their shapes"):
+        FeatureStore.open(ours("pooled.h5", **{"global_w-avg": np.zeros((2, 4))}))
+    with FeatureStore.open(ours("fine.h5", **{"global_w-avg": np.ones((2, 3))})) as store:
+        assert store.global_types == ["cls", "w-avg"]
+        np.testing.assert_array_equal(store.global_descriptors("w-avg"), np.ones((2, 3)))
+        with pytest.raises(InputError, match="no 'og-avg' global descriptors; it has cls, w-avg"):
+            store.global_descriptors("og-avg")
     with pytest.raises(InputError, match="backbone settings are not a JSON object"):
         FeatureStore.open(ours("list.h5", bb="[1]"))
     with pytest.raises(InputError, match="unreadable features file"):

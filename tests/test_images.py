@@ -14,7 +14,7 @@ import skimage.data
 from PIL import Image
 
 from elvis_cli.errors import InputError
-from elvis_cli.images import ImageError, collect_images, load_image
+from elvis_cli.images import ImageError, collect_images, decode_image, load_image
 
 
 def write(path: Path, array: np.ndarray, **save_args) -> Path:
@@ -171,10 +171,11 @@ def test_animated_gif_gives_first_frame(tmp_path):
     assert image[0, 0].tolist() == [255, 0, 0]
 
 
-def test_crop_box_is_clipped_to_the_image(tmp_path, cat):
-    path = write(tmp_path / "c.png", cat)
-    crop = load_image(path, box=(100.4, 50, 600, 120.2))
-    np.testing.assert_array_equal(crop, cat[50:121, 100:451])
+def test_crop_box_truncates_like_the_authors_and_is_clipped(tmp_path, cat):
+    path = write(tmp_path / "c.png", cat)  # 451 x 300
+    decoded = decode_image(path, box=(100.9, 50.7, 600, 120.2))
+    np.testing.assert_array_equal(decoded.pixels, cat[50:120, 100:451])  # int(): 50.7 -> 50
+    assert decoded.full_side == 451  # the crop's scale comes from the full image
     with pytest.raises(ImageError, match="crop box"):
         load_image(path, box=(500, 0, 600, 10))
 
@@ -201,6 +202,58 @@ def test_truncated_jpeg(tmp_path, cat):
     (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ImageError, match="cannot decode"):
         load_image(tmp_path / "cut.jpg")
+
+
+def test_truncated_jpeg_decoded_as_far_as_it_goes_on_request(tmp_path, cat):
+    buffer = io.BytesIO()
+    Image.fromarray(cat).save(buffer, format="JPEG", quality=90)
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    decoded = decode_image(tmp_path / "cut.jpg", accept_truncated=True)
+    assert decoded.pixels.shape == cat.shape and "truncated" in decoded.warning
+    assert np.abs(decoded.pixels[:20].astype(int) - cat[:20]).mean() < 6  # the top is there
+    # what Pillow gives with its global switch on, as the authors run it
+    from PIL import ImageFile
+
+    from elvis_cli import images
+
+    images._TRUNCATED.value = True
+    try:
+        with Image.open(tmp_path / "cut.jpg") as img:
+            expected = np.asarray(img.convert("RGB"))
+    finally:
+        images._TRUNCATED.value = False
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is images._TRUNCATED
+    np.testing.assert_array_equal(decoded.pixels, expected)
+    with pytest.raises(ImageError, match="cannot decode"):  # the switch was this call's only
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_truncated_images_accepted_in_one_thread_only(tmp_path, cat):
+    """Decoding runs in a thread pool: one thread accepting truncated data must not make
+    another accept it."""
+    import threading
+
+    from elvis_cli import images
+
+    buffer = io.BytesIO()
+    Image.fromarray(cat).save(buffer, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[:3000])
+    inside, release = threading.Event(), threading.Event()
+
+    def accept_and_wait() -> None:
+        with images._truncated_images_accepted():
+            inside.set()
+            release.wait(10)
+
+    other = threading.Thread(target=accept_and_wait)
+    other.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(ImageError, match="cannot decode"):
+            load_image(tmp_path / "cut.jpg")
+    finally:
+        release.set()
+        other.join()
 
 
 def test_too_small(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from elvis_cli.errors import InputError
 
-# Column layout of the per-descriptor metadata, identical to the official files (ELVIS_SPEC §4).
-META_X, META_Y, META_SCALE, META_PADDING, META_WEIGHT = range(5)
+# Column layout of the per-descriptor metadata, identical to the official files (ELVIS_SPEC §3):
+# the patch centre's row (vertical) then column (horizontal) position, as fractions of the grid.
+META_ROW, META_COL, META_SCALE, META_PADDING, META_WEIGHT = range(5)
 NUM_META = 5
+CLASS_GLOBAL = "cls"  # the global descriptor every backbone yields, the one shortlists use
 
 
 @dataclass
@@ -24,7 +26,18 @@ class ImageFeatures:
 
     global_desc: torch.Tensor  # (B, Dg) float32, L2-normalised
     local_desc: torch.Tensor  # (B, K, D) float32, rows L2-normalised, zero rows where padding
-    metadata: torch.Tensor  # (B, K, 5): x, y, scale index, padding flag (1 = padding), weight
+    # (B, K, 5): row, column (centres), scale index, padding flag (1 = padding), weight
+    metadata: torch.Tensor
+    # further global descriptors by type (the authors' "w-avg", "og-avg"), (B, Dg) each
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def concatenate(parts: list[ImageFeatures]) -> ImageFeatures:
+        """The features of several batches as one, in order."""
+        return ImageFeatures(
+            *(torch.cat([getattr(part, name) for part in parts])
+              for name in ("global_desc", "local_desc", "metadata")),
+            {kind: torch.cat([part.pooled[kind] for part in parts]) for kind in parts[0].pooled})
 
 
 class Backbone(torch.nn.Module, ABC):
@@ -34,14 +47,19 @@ class Backbone(torch.nn.Module, ABC):
     local_dim: int
     global_dim: int
     num_local: int
+    global_types: tuple[str, ...] = (CLASS_GLOBAL,)  # what `forward` yields: cls, then `pooled`
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable options that recreate this backbone ("name" included)."""
 
     @abstractmethod
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float (3, h, w); images with equal output shapes can share a batch."""
+    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float (3, h, w); images with equal output shapes can share a batch.
+
+        `reference_side`: the longer side of the image the scale is taken from, when `image` is
+        a crop of it (the authors' query crops); by default the image's own.
+        """
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> ImageFeatures: ...
@@ -59,56 +77,64 @@ def parse_options(options_type: type, options: dict[str, Any], backbone: str) ->
     return options_type(**options)
 
 
-def resize_to_multiple(image: np.ndarray, longer_side: int, multiple: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float (3, h, w) in [0, 1], longer side ~`longer_side`, sides % multiple.
+def resize_to_multiple(
+    image: np.ndarray, longer_side: int, multiple: int, reference_side: int | None = None
+) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, h, w), scaled by longer_side / reference_side, sides % multiple.
 
-    Bicubic with antialias on the float tensor, as the official DINOv2 extraction does, so both
-    down- and up-scaling are smooth; values are clamped because bicubic overshoots.
+    The authors' recipe (ELVIS_SPEC §3): s = longer_side / the longer side of the full image
+    (`reference_side`, by default this image's), each side becomes
+    multiple * max(round(side * s / multiple), 1) (Python's round, half to even), bicubic with
+    antialias on the [0, 1] float tensor. Bicubic overshoots and the values are NOT clamped: the
+    authors do not clamp, a backbone trained on clamped input clamps itself.
     """
     height, width = image.shape[:2]
-    scale = longer_side / max(height, width)
-    new_h = max(multiple, round(height * scale / multiple) * multiple)
-    new_w = max(multiple, round(width * scale / multiple) * multiple)
+    scale = longer_side / (reference_side or max(height, width))
+    new_h = multiple * max(round(height * scale / multiple), 1)
+    new_w = multiple * max(round(width * scale / multiple), 1)
     pixels = np.require(image, dtype=np.uint8, requirements=["C", "W"])  # copies only if needed
     tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
-    if (new_h, new_w) != (height, width):
-        tensor = F.interpolate(
-            tensor[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-        )[0]
-    return tensor.clamp_(0.0, 1.0)
+    if (new_h, new_w) == (height, width):
+        return tensor
+    return F.interpolate(
+        tensor[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+    )[0]
 
 
 def grid_centres(height: int, width: int) -> torch.Tensor:
-    """(height * width, 2) x, y centres of a feature grid in [0, 1], in row-major order."""
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+    """(height * width, 2) row, column centres of a feature grid, (i + 0.5) / height and
+    (j + 0.5) / width, in row-major order: the official metadata columns 0 and 1."""
+    rows = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    cols = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
+    return torch.stack([grid_rows.reshape(-1), grid_cols.reshape(-1)], dim=1)
 
 
 def select_top_k(
-    local: torch.Tensor,
+    descriptors: torch.Tensor,
     weights: torch.Tensor,
-    xy: torch.Tensor,
+    centres: torch.Tensor,
     k: int,
     scale_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the k highest-weight positions: (B, k, D) L2-normalised descriptors, (B, k, 5) metadata.
+    """Keep the k highest-weight positions: (B, k, D) descriptors, (B, k, 5) metadata.
 
-    local (B, N, D), weights (B, N), xy (B, N, 2) or (N, 2). With N < k the tail is padding: zero
-    descriptors, padding flag 1, weight 0, so every image has exactly k rows.
+    descriptors (B, N, D), already L2-normalised by the backbone (each backbone has its own
+    normalisation), weights (B, N), centres (B, N, 2) or (N, 2) row, column. With N < k the
+    tail is padding: zero descriptors, padding flag 1, weight 0, so every image has k rows.
     """
-    batch, positions, dim = local.shape
-    if xy.dim() == 2:
-        xy = xy.expand(batch, -1, -1)
+    batch, positions, dim = descriptors.shape
+    if centres.dim() == 2:
+        centres = centres.expand(batch, -1, -1)
     kept = min(k, positions)
     top_weights, order = weights.float().topk(kept, dim=1, largest=True, sorted=True)
-    desc = F.normalize(local.gather(1, order[..., None].expand(-1, -1, dim)).float(), dim=-1)
-    meta = torch.zeros(batch, k, NUM_META, dtype=torch.float32, device=local.device)
-    meta[:, :kept, META_X : META_Y + 1] = xy.gather(1, order[..., None].expand(-1, -1, 2)).float()
+    desc = descriptors.gather(1, order[..., None].expand(-1, -1, dim)).float()
+    meta = torch.zeros(batch, k, NUM_META, dtype=torch.float32, device=descriptors.device)
+    meta[:, :kept, META_ROW : META_COL + 1] = centres.gather(
+        1, order[..., None].expand(-1, -1, 2)).float()
     meta[:, :kept, META_SCALE] = float(scale_index)
     meta[:, :kept, META_WEIGHT] = top_weights
     meta[:, kept:, META_PADDING] = 1.0
-    padded = torch.zeros(batch, k, dim, dtype=torch.float32, device=local.device)
+    padded = torch.zeros(batch, k, dim, dtype=torch.float32, device=descriptors.device)
     padded[:, :kept] = desc
     return padded, meta

@@ -251,9 +251,10 @@ class EfficientNetLiteBackbone(Backbone):
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.options)}
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        tensor = resize_to_multiple(image, self.options.image_size, NETWORK_STRIDE)
-        return tensor.mul_(2.0).sub_(1.0)  # [0, 1] -> [-1, 1], the TF-Lite input convention
+    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> torch.Tensor:
+        tensor = resize_to_multiple(image, self.options.image_size, NETWORK_STRIDE, reference_side)
+        # clamped, as this backbone's checkpoints were trained; [0, 1] -> [-1, 1] for TF-Lite
+        return tensor.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -264,7 +265,6 @@ class EfficientNetLiteBackbone(Backbone):
             pooled = head.mean(dim=(2, 3))
         height, width = local.shape[-2:]
         flat = local.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major positions
-        desc, meta = select_top_k(
-            flat, flat.norm(dim=-1), grid_centres(height, width).to(flat.device), self.num_local
-        )
+        desc, meta = select_top_k(F.normalize(flat, dim=-1), flat.norm(dim=-1),
+                                  grid_centres(height, width).to(flat.device), self.num_local)
         return ImageFeatures(F.normalize(pooled.float(), dim=-1), desc, meta)

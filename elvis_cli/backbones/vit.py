@@ -1,6 +1,6 @@
 """What the paper's ViT backbones share (ELVIS_SPEC §3): hub weights through transformers,
 resizing to multiples of the patch size, last-layer normalised patch tokens, the learned
-detector or class-token weighting, and top-K selection.
+detector (the default) or class-token weighting, the three global descriptors, top-K selection.
 
 DINOv2, DINOv3 and SigLIP2 differ only in their transformers class, normalisation and how
 their tokens are laid out; each subclass says just that. transformers is imported only when
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elvis_cli.backbones.base import (
+    CLASS_GLOBAL,
     Backbone,
     ImageFeatures,
     grid_centres,
@@ -34,6 +35,9 @@ from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
 
 DETECTOR_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{name}_detector.pt"
 OFFICIAL_DETECTOR = "official"
+NO_DETECTOR = "none"
+NORM_EPS = 1e-15  # the authors' epsilon for the class token, patch tokens and detector features
+WEIGHTED_GLOBALS = ("w-avg", "og-avg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,11 +47,14 @@ class ViTOptions:
     model_id: str = ""  # each backbone sets its hub default
     image_size: int = 768  # longer side before rounding each side to a multiple of the patch size
     num_local: int = 700  # the official files keep 700; ELViS reads the first 600
-    detector: str | None = None  # None (class-token similarity), a .pt path, or "official"
+    # "official" (the authors' detector of this backbone, downloaded once), a .pt path, or
+    # "none" (weights by similarity to the class token)
+    detector: str = OFFICIAL_DETECTOR
 
 
 class Detector(nn.Module):
-    """The learned local-feature detector: 1x1 conv, BatchNorm, ReLU, 1x1 conv, softplus."""
+    """The authors' learned detector (SpatialAttention2d): 1x1 conv, BatchNorm, ReLU, 1x1 conv,
+    softplus. It weights the patches; the patch tokens themselves are what gets stored."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -56,10 +63,11 @@ class Detector(nn.Module):
         self.conv2 = nn.Conv2d(dim, 1, 1)
 
     def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, h, w) -> projected features (B, D, h, w) and weights (B, h, w)."""
+        """(B, D, h, w) -> L2-normalised BatchNorm output (B, D, h, w), the features the
+        authors' "w-avg" global averages, and the weights (B, 1, h, w)."""
         projected = self.bn(self.conv1(feature_map))
         weights = F.softplus(self.conv2(F.relu(projected)))
-        return projected, weights[:, 0]
+        return F.normalize(projected, dim=1, eps=NORM_EPS), weights
 
 
 def detector_file(detector: str, backbone: str) -> Path:
@@ -73,7 +81,7 @@ def detector_file(detector: str, backbone: str) -> Path:
         DETECTOR_URL.format(name=backbone),
         cache_dir() / "detectors" / f"{backbone}_detector.pt",
         f"the {backbone} detector",
-        "run without the detector option or put the file there by hand",
+        f"use --backbone-option detector={NO_DETECTOR} (weights by class-token similarity)",
     )
 
 
@@ -111,7 +119,13 @@ def load_hub_model(class_name: str, model_id: str) -> nn.Module:
 
 
 class ViTBackbone(Backbone):
-    """A global token as global descriptor, the top-weighted patch tokens as local descriptors."""
+    """A global token as global descriptor, the top-weighted patch tokens as local descriptors.
+
+    Follows the authors' extract/extract.py step by step (one scale), so the stored numbers are
+    theirs up to floating-point summation order.
+    """
+
+    global_types = (CLASS_GLOBAL, *WEIGHTED_GLOBALS)
 
     model_class: ClassVar[str]  # transformers class of the vision model
     options_type: ClassVar[type[ViTOptions]]
@@ -137,40 +151,59 @@ class ViTBackbone(Backbone):
         self.local_dim = self.global_dim = int(self.model.config.hidden_size)
         self.num_local = self.options.num_local
         self.detector = (
-            load_detector(self.options.detector, self.local_dim, self.name)
-            if self.options.detector
-            else None
+            None
+            if self.options.detector in (None, NO_DETECTOR)
+            else load_detector(self.options.detector, self.local_dim, self.name)
         )
 
     def settings(self) -> dict[str, Any]:
         settings = {"name": self.name, **dataclasses.asdict(self.options)}
-        if self.options.detector not in (None, OFFICIAL_DETECTOR):
+        if self.options.detector not in (None, NO_DETECTOR, OFFICIAL_DETECTOR):
             settings["detector"] = str(Path(self.options.detector).expanduser().resolve())
         return settings
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        tensor = resize_to_multiple(image, self.options.image_size, self.patch_size)
+    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> torch.Tensor:
+        tensor = resize_to_multiple(image, self.options.image_size, self.patch_size,
+                                    reference_side)
         mean = torch.tensor(self.mean)[:, None, None]
         std = torch.tensor(self.std)[:, None, None]
         return (tensor - mean) / std
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        cls, patches = self.tokens(images)
+        cls = F.normalize(cls.float(), dim=-1, eps=NORM_EPS)
+        # (B, D, h, w) raw patch tokens, the layout the authors' code works in
+        feats = patches.float().transpose(1, 2).reshape(len(images), -1, grid_h, grid_w)
+        feats = feats.contiguous()
+        if self.detector is None:
+            w_feats = feats  # "w-avg" averages the raw tokens, "og-avg" the normalised ones
+            feats = F.normalize(feats, dim=1, eps=NORM_EPS)
+            weights = torch.einsum("bd,bdij->bij", cls, feats)[:, None]
+        else:
+            w_feats, weights = self.detector(feats)  # "og-avg" averages the raw tokens
+        pooled = {"w-avg": _weighted_average(weights, w_feats),
+                  "og-avg": _weighted_average(weights, feats)}
+        local = F.normalize(feats, dim=1, eps=NORM_EPS).flatten(2).transpose(1, 2)
+        centres = grid_centres(grid_h, grid_w).to(images.device)
+        desc, meta = select_top_k(local, weights.flatten(1), centres, self.num_local)
+        return ImageFeatures(_as_stored(cls), desc, meta,
+                             {kind: _as_stored(value) for kind, value in pooled.items()})
 
     @abstractmethod
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-layer, normalised (B, D) global token and (B, h * w, D) row-major patch tokens."""
 
-    def forward(self, images: torch.Tensor) -> ImageFeatures:
-        grid_h, grid_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        cls, patches = self.tokens(images)
-        if self.detector is None:
-            weights = F.normalize(patches, dim=-1) @ F.normalize(cls, dim=-1)[..., None]
-            local, weights = patches, weights[..., 0]
-        else:
-            feature_map = patches.transpose(1, 2).reshape(len(images), -1, grid_h, grid_w)
-            projected, weights = self.detector(feature_map)
-            local, weights = projected.flatten(2).transpose(1, 2), weights.flatten(1)
-        xy = grid_centres(grid_h, grid_w).to(images.device)
-        desc, meta = select_top_k(local, weights, xy, self.num_local)
-        return ImageFeatures(F.normalize(cls.float(), dim=-1), desc, meta)
+
+def _weighted_average(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """L2-normalised mean over positions of weight * feature, (B, D): the authors' pooling."""
+    return F.normalize((weights * feats).mean((2, 3)), dim=-1)
+
+
+def _as_stored(global_desc: torch.Tensor) -> torch.Tensor:
+    """The authors average each global over the scales and L2-normalise again before storing;
+    with one scale that is a second normalisation, kept so that the numbers are theirs."""
+    return F.normalize(global_desc, dim=-1)
 
 
 class RegisterViTBackbone(ViTBackbone):
