@@ -173,6 +173,9 @@ def shortlist(
     k: Annotated[int, typer.Option("-k", min=1, help="Neighbours per query.")] = 100,
     output: Annotated[Path, typer.Option("-o", "--output", help="Shortlist file (.npz).")] = Path(
         "shortlist.npz"),
+    global_type: Annotated[str, typer.Option(
+        help="Global descriptor type to search with: cls, or w-avg/og-avg where extracted (or "
+             "beside released files).")] = "cls",
     allow_external_sources: ExternalOption = False,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
@@ -183,7 +186,7 @@ def shortlist(
 
     with _open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
-        result = _global_shortlist(query_store, gallery_store, same, k)
+        result = _global_shortlist(query_store, gallery_store, same, k, global_type)
     save_shortlist(output, result)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
@@ -480,11 +483,11 @@ class _open_pair:
             self.gallery.close()
 
 
-def _global_shortlist(queries, gallery, same: bool, k: int):
+def _global_shortlist(queries, gallery, same: bool, k: int, global_type: str = "cls"):
     from elvis_cli.shortlist import build_shortlist
 
-    return build_shortlist(queries.global_descriptors(), gallery.global_descriptors(), k,
-                           exclude_self=same)
+    return build_shortlist(queries.global_descriptors(global_type),
+                           gallery.global_descriptors(global_type), k, exclude_self=same)
 
 
 class _progress:

@@ -190,12 +190,12 @@ class FeatureStore:
         self.num_images, self.num_local, width = features.shape
         self.local_dim = width - NUM_META
         ours = file.attrs.get("format") == FORMAT
-        self._global = file["global"] if ours else None
-        self.global_dim: int | None = self._global.shape[1] if ours else None
-        # the global descriptor types this file holds ("cls" first); none in official files
-        self.global_types: list[str] = (
-            [CLASS_GLOBAL] + [n.removeprefix(POOLED_PREFIX) for n in _dataset_names(file)
-                              if n.startswith(POOLED_PREFIX)] if ours else [])
+        # global descriptors by type ("cls" first): ours hold them, official local files do
+        # not, but the authors' files beside them may (add_global)
+        self._globals: dict[str, h5py.Dataset] = {CLASS_GLOBAL: file["global"], **{
+            n.removeprefix(POOLED_PREFIX): file[n] for n in _dataset_names(file)
+            if n.startswith(POOLED_PREFIX)}} if ours else {}
+        self._global_files: list[h5py.File] = []
         if ours:
             self.paths: list[str] = list(file["paths"].asstr()[()])
             self.ids: list[str] = list(file["ids"].asstr()[()])
@@ -245,15 +245,49 @@ class FeatureStore:
         return {"file": str(self.path.resolve()), "bytes": stat.st_size,
                 "modified": stat.st_mtime_ns}
 
+    @property
+    def global_types(self) -> list[str]:
+        """The global descriptor types this store holds ("cls" first where it has one)."""
+        return list(self._globals)
+
+    @property
+    def global_dim(self) -> int | None:
+        first = next(iter(self._globals.values()), None)
+        return None if first is None else int(first.shape[1])
+
+    def add_global(self, kind: str, path: Path, allow_external_sources: bool = False) -> None:
+        """Take the global descriptors of `kind` from a file of their own: the authors keep
+        each type beside the local file (`<desc>_<split>_<type>.hdf5`, dataset `features`,
+        (N, D), one row per image)."""
+        try:
+            file = h5py.File(path, "r")
+        except OSError:
+            raise InputError(f"{path}: not an HDF5 file") from None
+        try:
+            with _readable(path):
+                _check_sources(path, file, allow_external_sources)
+                features = file.get("features")
+                if not isinstance(features, h5py.Dataset) or features.ndim != 2:
+                    raise InputError(f"{path}: expected a dataset 'features' of shape (N, D)")
+        except BaseException:
+            file.close()
+            raise
+        self._global_files.append(file)
+        self._globals[kind] = features
+
     def global_descriptors(self, kind: str = CLASS_GLOBAL) -> np.ndarray:
         """(N, Dg) float32 L2-normalised global descriptors of one type: "cls" (what shortlists
         use), or "w-avg"/"og-avg" when they were extracted (ExtractConfig.global_types)."""
-        if self._global is None:
-            raise InputError(f"{self.path}: has no global descriptors (official local-only file)")
-        if kind not in self.global_types:
+        if not self._globals:
+            raise InputError(f"{self.path}: has no global descriptors (official local-only file "
+                             "with no <desc>_<split>_<type>.hdf5 beside it)")
+        if kind not in self._globals:
             raise InputError(f"{self.path}: has no {kind!r} global descriptors; it has "
                              f"{', '.join(self.global_types)} (extract with --global-type {kind})")
-        dataset = self._global if kind == CLASS_GLOBAL else self._file[POOLED_PREFIX + kind]
+        dataset = self._globals[kind]
+        if dataset.shape[0] != self.num_images:
+            raise InputError(f"{dataset.file.filename}: {dataset.shape[0]} {kind} global "
+                             f"descriptors for the {self.num_images} images of {self.path.name}")
         with _readable(self.path):
             values = np.asarray(dataset[()], dtype=np.float32)
         self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)),
@@ -327,6 +361,8 @@ class FeatureStore:
         return np.ascontiguousarray(rows[..., NUM_META:]), rows[..., META_PADDING] > 0.5
 
     def close(self) -> None:
+        for file in self._global_files:
+            file.close()
         self._file.close()
 
     def __enter__(self) -> FeatureStore:

@@ -2,15 +2,18 @@
 
 A dataset folder of the release holds `<desc>_query_local.hdf5`, `<desc>_gallery_local.hdf5`,
 `nn_<desc>.pkl` and `gnd_<dataset>.pkl`. The local files hold no global descriptors and no
-image names: the global ranking is the one stored in the nn file, and names come from the
-ground truth next to them when it is there. Local files may be float16/float32 or binarised
-(packed sign bits), and may be joined from chunk files by HDF5 virtual datasets.
+image names: the global ranking is the one stored in the nn file, names come from the
+authors' image lists or the ground truth next to them, and global descriptors from the
+authors' `<desc>_<split>_<type>.hdf5` files when they are there. Local files may be
+float16/float32 or binarised (packed sign bits), and may be joined from chunk files by HDF5
+virtual datasets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import NUM_META
+from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
 from elvis_cli.datasets import read_image_lines
 from elvis_cli.errors import InputError
 from elvis_cli.feature_store import FeatureStore
@@ -26,6 +29,10 @@ from elvis_cli.safe_pickle import load_pickle
 from elvis_cli.shortlist import Shortlist, load_shortlist
 
 BINARY_FIELDS = ("metadata", "descriptor")
+# global types the authors' extraction writes, and the one their ranking script reads for
+# backbones other than DINOv2 (extract/prepare_topk_global.py)
+AUTHORS_RANKING_GLOBAL = "global"
+OFFICIAL_GLOBAL_TYPES = (CLASS_GLOBAL, "w-avg", "og-avg", AUTHORS_RANKING_GLOBAL)
 
 
 @dataclass
@@ -80,8 +87,7 @@ class BinarisedStore(FeatureStore):
         self._features = features
         self.num_images, self.num_local = features.shape[0], num_local
         self.local_dim = 8 * bits_shape[-1]
-        self.global_dim = None
-        self._global = None
+        self._globals, self._global_files = {}, []
         self.paths = [str(index) for index in range(self.num_images)]
         self.ids = list(self.paths)
         self.sizes = None
@@ -109,7 +115,8 @@ class ShortlistedGallery(FeatureStore):
         self.path, self._file = store.path, store._file
         self.num_images, self.num_local, self.local_dim = len(file_rows), store.num_local, \
             store.local_dim
-        self.global_dim, self._global = None, None
+        # the released global files of a shortlisted-only gallery cover the whole gallery
+        self._globals, self._global_files = store._globals, []
         self.paths = [str(index) for index in range(self.num_images)]
         self.ids = list(self.paths)
         self.sizes, self.backbone_settings, self.root = None, None, None
@@ -183,7 +190,27 @@ def open_local(path: str | Path, allow_external_sources: bool = False) -> Featur
         except OSError:
             pass  # FeatureStore.open names the problem
     store_class = BinarisedStore if binarised else FeatureStore
-    return store_class.open(path, allow_external_sources)
+    store = store_class.open(path, allow_external_sources)
+    try:
+        _add_official_globals(store, allow_external_sources)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _add_official_globals(store: FeatureStore, allow_external_sources: bool) -> None:
+    """The authors keep each global type of a split beside its local file, as
+    `<desc>_<split>_<type>.hdf5`; their ranking script takes `global` where `cls` is absent
+    (backbones other than DINOv2), which therefore stands in for it."""
+    match = re.fullmatch(r"(.+)_local\.hdf5", store.path.name)
+    if store.global_types or match is None:
+        return
+    for kind in OFFICIAL_GLOBAL_TYPES:
+        sibling = store.path.with_name(f"{match[1]}_{kind}.hdf5")
+        target = CLASS_GLOBAL if kind == AUTHORS_RANKING_GLOBAL else kind
+        if sibling.is_file() and target not in store.global_types:
+            store.add_global(target, sibling, allow_external_sources)
 
 
 def _sources_within(path: Path, data_root: Path) -> bool:

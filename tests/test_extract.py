@@ -202,6 +202,7 @@ def test_truncated_images_decoded_on_request_with_a_warning(folder, tmp_path, ba
 
 def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_dino):
     from elvis_cli.official_export import export_official
+    from elvis_cli.released import open_local
 
     paths = [folder / "coffee.jpg", folder / "sub" / "rocket.png"]
     config = ExtractConfig(device="cpu", global_types=("og-avg", "w-avg"))
@@ -225,6 +226,12 @@ def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_
         assert list(file) == ["features"] and file["features"].shape == (2, 32)
         assert file["features"].dtype == np.float16
         np.testing.assert_allclose(file["features"][1], direct.pooled["w-avg"][0], atol=1e-3)
+    with open_local(written[0]) as exported:  # read back as a release is, globals beside it
+        assert exported.global_types == ["cls", "w-avg", "og-avg"]
+        with FeatureStore.open(tmp_path / "f.h5") as store:
+            for kind in exported.global_types:
+                np.testing.assert_array_equal(exported.global_descriptors(kind), store.
+                                              global_descriptors(kind).astype(np.float16))
     cls_only = tmp_path / "cls.h5"
     extract_features(paths, cls_only, ExtractConfig(device="cpu"), progress=False,
                      backbone=tiny_dino)

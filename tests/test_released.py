@@ -489,3 +489,42 @@ def test_a_1m_set_never_reads_the_base_folders_files(tmp_path):
                    "no folder", "roxford5k+1m: the released files of roxford5k+1m")
     one_line_error(elvis(*common, "--dataset", "roxford5k+r1m", cwd=tmp_path),
                    "'roxford5k+r1m' is now called 'roxford5k+1m'")
+
+
+def write_globals(folder, split, kind, count, seed):
+    """The authors' `dinov2_<split>_<kind>.hdf5`: (N, D) float16, rows L2-normalised."""
+    values = np.random.default_rng(seed).standard_normal((count, 8))
+    values /= np.linalg.norm(values, axis=1, keepdims=True)
+    with h5py.File(folder / f"dinov2_{split}_{kind}.hdf5", "w") as file:
+        file.create_dataset("features", data=values.astype(np.float16))
+    return values.astype(np.float16).astype(np.float32)
+
+
+def test_official_global_files_beside_a_release_are_read(tmp_path):
+    """Global descriptors of each type sit in files of their own beside the local files; a
+    shortlist of the release is then built from them, by the type asked for."""
+    make_release(tmp_path)
+    folder = tmp_path / "roxford5k"
+    cls = [write_globals(folder, split, "cls", n, seed)
+           for split, n, seed in (("query", 2, 1), ("gallery", len(GALLERY), 2))]
+    pooled = [write_globals(folder, split, "w-avg", n, seed)
+              for split, n, seed in (("query", 2, 3), ("gallery", len(GALLERY), 4))]
+    with open_local(folder / "dinov2_query_local.hdf5") as store:
+        assert store.global_types == ["cls", "w-avg"] and store.global_dim == 8
+        np.testing.assert_array_equal(store.global_descriptors(), cls[0])
+        np.testing.assert_array_equal(store.global_descriptors("w-avg"), pooled[0])
+    pair = ["--queries", folder / "dinov2_query_local.hdf5",
+            "--gallery", folder / "dinov2_gallery_local.hdf5", "-k", "3"]
+    for kind, (queries, gallery) in (("cls", cls), ("w-avg", pooled)):
+        result = elvis("shortlist", *pair, "--global-type", kind, "-o", f"{kind}.npz",
+                       cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        with np.load(tmp_path / f"{kind}.npz") as saved:
+            expected = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :3]
+            np.testing.assert_array_equal(saved["indices"], expected)
+    one_line_error(elvis("shortlist", *pair, "--global-type", "og-avg", cwd=tmp_path),
+                   "has no 'og-avg' global descriptors")
+    write_globals(folder, "query", "og-avg", 2, 5)
+    write_globals(folder, "gallery", "og-avg", 3, 6)  # fewer rows than the gallery has images
+    one_line_error(elvis("shortlist", *pair, "--global-type", "og-avg", cwd=tmp_path),
+                   "3 og-avg global descriptors for the 7 images")
