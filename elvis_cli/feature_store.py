@@ -14,10 +14,10 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -25,6 +25,8 @@ import numpy as np
 from elvis_cli.atomic import atomic_path
 from elvis_cli.backbones.base import CLASS_GLOBAL, META_PADDING, NUM_META
 from elvis_cli.errors import InputError
+
+T = TypeVar("T")
 
 # 2: metadata columns 0 and 1 are the row, then column centre (version 1 had x, y), and
 # optional `global_<type>` datasets. Files of another version are refused, not misread.
@@ -222,18 +224,12 @@ class FeatureStore:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: features file not found")
-        try:
-            file = h5py.File(path, "r")
-        except OSError:
-            raise InputError(f"{path}: not an HDF5 file") from None
-        try:
-            with _readable(path):
-                _check_sources(path, file, allow_external_sources)
-                _check_layout(path, file, allow_binarised=cls.binarised)
-                return cls(path, file)
-        except BaseException:
-            file.close()
-            raise
+
+        def build(file: h5py.File) -> FeatureStore:
+            _check_layout(path, file, allow_binarised=cls.binarised)
+            return cls(path, file)
+
+        return _open_checked(path, allow_external_sources, build)
 
     def identity(self) -> dict[str, Any]:
         """What the rows of this file depend on, for caches keyed by it: its path and, for our
@@ -259,20 +255,14 @@ class FeatureStore:
         """Take the global descriptors of `kind` from a file of their own: the authors keep
         each type beside the local file (`<desc>_<split>_<type>.hdf5`, dataset `features`,
         (N, D), one row per image)."""
-        try:
-            file = h5py.File(path, "r")
-        except OSError:
-            raise InputError(f"{path}: not an HDF5 file") from None
-        try:
-            with _readable(path):
-                _check_sources(path, file, allow_external_sources)
-                features = file.get("features")
-                if not isinstance(features, h5py.Dataset) or features.ndim != 2:
-                    raise InputError(f"{path}: expected a dataset 'features' of shape (N, D)")
-        except BaseException:
-            file.close()
-            raise
-        self._global_files.append(file)
+        def features_of(file: h5py.File) -> h5py.Dataset:
+            features = file.get("features")
+            if not isinstance(features, h5py.Dataset) or features.ndim != 2:
+                raise InputError(f"{path}: expected a dataset 'features' of shape (N, D)")
+            return features
+
+        features = _open_checked(Path(path), allow_external_sources, features_of)
+        self._global_files.append(features.file)
         self._globals[kind] = features
 
     def global_descriptors(self, kind: str = CLASS_GLOBAL) -> np.ndarray:
@@ -370,6 +360,22 @@ class FeatureStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _open_checked(path: Path, allow_external_sources: bool, build: Callable[[h5py.File], T]) -> T:
+    """`build` applied to the HDF5 file at `path`, once its data sources passed the check; the
+    file is closed again if anything fails, so that no handle outlives an error."""
+    try:
+        file = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path}: not an HDF5 file") from None
+    try:
+        with _readable(path):
+            _check_sources(path, file, allow_external_sources)
+            return build(file)
+    except BaseException:
+        file.close()
+        raise
 
 
 def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) -> None:
