@@ -166,10 +166,10 @@ def extracted_head(indices: np.ndarray, third_row: np.ndarray, file_size: int
         raise InputError(f"the nn file's third row does not fit the gallery file: no top h of "
                          f"the lists holds exactly its {file_size} images")
     held = held[:file_size]
-    row_of = dict(zip(held.tolist(), range(file_size), strict=True))
-    expected = np.array([row_of.get(image, image) for image in indices.reshape(-1).tolist()],
-                        dtype=np.int64).reshape(indices.shape)
     valid = indices >= 0
+    row_of = np.arange(max(int(indices.max(initial=-1)) + 1, 1), dtype=np.int64)  # own index,
+    row_of[held] = np.arange(file_size)  # but the held images' rows (+1M lists are long)
+    expected = np.where(valid, row_of[np.where(valid, indices, 0)], indices)
     if not np.array_equal(expected[valid], third_row[valid]):
         query, rank = np.argwhere(valid & (expected != third_row))[0]
         raise InputError(
