@@ -2,9 +2,9 @@
 
     python benchmarks/choose_backbone.py PHOTOS/val.txt [--views 8] [--around KEY=VALUE ...]
 
-Every held-out photo gives `--views` strong random views (elvis_cli.augment with small crops,
-perspective, rotation and occlusion, like the demo's hard positives: mild views put every
-setting at 100 mAP and decide nothing); each view is a query against all other views, its
+Every held-out photo gives `--views` strong random views (elvis_cli.training.augment with
+small crops, perspective, rotation and occlusion, like the demo's hard positives: mild views
+put every setting at 100 mAP and decide nothing); each view is a query against all other views, its
 positives the other views of the same photo. For each setting, varied one factor at a time
 around the default, it prints:
 - global mAP: ranking by the global descriptor;
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from elvis_cli.augment import ViewConfig, inset_view, random_view
 from elvis_cli.backbones import create_backbone
-from elvis_cli.images import collect_images, load_image
-from elvis_cli.metrics import map_at_k
+from elvis_cli.evaluation.metrics import map_at_k
+from elvis_cli.features.images import collect_images, load_image
+from elvis_cli.training.augment import ViewConfig, inset_view, random_view
 
 HARD_VIEWS = ViewConfig(crop_area=(0.1, 0.4), perspective_prob=0.8, perspective_strength=0.2,
                         rotation_prob=0.6, max_rotation=30.0, occlusion_prob=0.5)

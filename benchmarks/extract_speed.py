@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from elvis_cli.backbones import create_backbone
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import shard_path, write_shard
-from elvis_cli.images import collect_images, load_image
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.images import collect_images, load_image
+from elvis_cli.features.store import shard_path, write_shard
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "data" / "demo" / "jpg"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-import elvis_cli.rerank as engine
+import elvis_cli.retrieval.rerank as engine
 from benchmarks.rerank_speed import benchmark_model, make_workload
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Transport
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.elvis import Transport
 
 
 def median_ms(run, repeats: int) -> float:

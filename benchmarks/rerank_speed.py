@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elvis_cli.checkpoints import Fusion, load_checkpoint, save_checkpoint
-from elvis_cli.cli import app
-from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
-from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.rerank import PairScorer, RerankConfig
-from elvis_cli.shortlist import Shortlist, save_shortlist
+from elvis_cli.cli.app import app
+from elvis_cli.features.store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.model.checkpoints import Fusion, load_checkpoint, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.retrieval.shortlist import Shortlist, save_shortlist
 from tests.reference_elvis import reference_score, reference_scores
 
 SETTINGS = {"name": "synthetic-benchmark"}

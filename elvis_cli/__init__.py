@@ -1,3 +1,67 @@
-"""elvis-cli: batch ELViS re-ranking for instance-level image retrieval."""
+"""elvis-cli: batch ELViS re-ranking for instance-level image retrieval.
+
+The public API, one name per stage, importable from here: `from elvis_cli import rerank`.
+Names load their module on first use, so importing the package (and starting the `elvis`
+command) does not pull in torch, faiss or h5py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    # features
+    "ExtractConfig": "elvis_cli.features.extraction",
+    "ExtractReport": "elvis_cli.features.extraction",
+    "extract_features": "elvis_cli.features.extraction",
+    "FeatureStore": "elvis_cli.features.store",
+    "open_local": "elvis_cli.features.released",
+    "open_released": "elvis_cli.features.released",
+    "export_official": "elvis_cli.features.official_export",
+    "collect_images": "elvis_cli.features.images",
+    "load_image": "elvis_cli.features.images",
+    # backbones
+    "create_backbone": "elvis_cli.backbones",
+    # model
+    "Elvis": "elvis_cli.model.elvis",
+    "ElvisConfig": "elvis_cli.model.elvis",
+    "Chamfer": "elvis_cli.model.chamfer",
+    "Checkpoint": "elvis_cli.model.checkpoints",
+    "Fusion": "elvis_cli.model.checkpoints",
+    "load_checkpoint": "elvis_cli.model.checkpoints",
+    "save_checkpoint": "elvis_cli.model.checkpoints",
+    # retrieval
+    "Shortlist": "elvis_cli.retrieval.shortlist",
+    "build_shortlist": "elvis_cli.retrieval.shortlist",
+    "load_shortlist": "elvis_cli.retrieval.shortlist",
+    "save_shortlist": "elvis_cli.retrieval.shortlist",
+    "RerankConfig": "elvis_cli.retrieval.rerank",
+    "RerankResult": "elvis_cli.retrieval.rerank",
+    "rerank": "elvis_cli.retrieval.rerank",
+    "rerank_table": "elvis_cli.retrieval.rerank",
+    # evaluation
+    "load_dataset": "elvis_cli.evaluation.datasets",
+    "EvaluateConfig": "elvis_cli.evaluation.run",
+    "FusionGrid": "elvis_cli.evaluation.run",
+    "evaluate_dataset": "elvis_cli.evaluation.run",
+    "results_table": "elvis_cli.evaluation.run",
+    "summary_table": "elvis_cli.evaluation.run",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'elvis_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

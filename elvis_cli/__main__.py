@@ -1,5 +1,5 @@
 """`python -m elvis_cli` is the `elvis` command."""
 
-from elvis_cli.cli import main
+from elvis_cli.cli.app import main
 
 main()

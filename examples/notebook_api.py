@@ -6,13 +6,18 @@
 import sys
 from pathlib import Path
 
-from elvis_cli.checkpoints import load_checkpoint
-from elvis_cli.datasets import load_dataset
-from elvis_cli.evaluate import EvaluateConfig, evaluate_dataset
-from elvis_cli.extract import extract_features
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.rerank import RerankConfig, rerank, rerank_table
-from elvis_cli.shortlist import build_shortlist
+from elvis_cli import (
+    EvaluateConfig,
+    FeatureStore,
+    RerankConfig,
+    build_shortlist,
+    evaluate_dataset,
+    extract_features,
+    load_checkpoint,
+    load_dataset,
+    rerank,
+    rerank_table,
+)
 
 DATA = Path(__file__).parent / "data"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elvis_cli.feature_store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.store import FeatureStore, finalize, shard_path, write_shard
 
 
 def write_store(path: Path, rng: np.random.Generator, count: int, stored: int, real: list[int],

@@ -18,8 +18,9 @@ from typing import Any
 
 import h5py
 
-from elvis_cli import cli, extract
 from elvis_cli.backbones.efficientnet_lite import EfficientNetLiteBackbone
+from elvis_cli.cli import app as cli
+from elvis_cli.features import extraction as extract
 
 
 def _destination_is(test: Callable[[str], bool]) -> Callable[..., bool]:

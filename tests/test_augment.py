@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from elvis_cli.augment import ViewConfig, inset_view, random_view
+from elvis_cli.training.augment import ViewConfig, inset_view, random_view
 
 IDENTITY = ViewConfig(
     crop_area=(1.0, 1.0), aspect_jitter=0.0, perspective_prob=0.0, rotation_prob=0.0,

@@ -24,7 +24,7 @@ from elvis_cli.backbones.efficientnet_lite import (
     build_network,
     load_weights,
 )
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.util.errors import InputError, ModelMismatchError, OfflineError
 from tests.conftest import TINY_DINOV2, TINY_DINOV3, TINY_SIGLIP2
 
 
@@ -463,8 +463,8 @@ def test_official_detector_by_name_for_each_vit(name, tmp_path, monkeypatch):
 def test_vit_features_are_stored_in_float16(name, tmp_path):
     from PIL import Image
 
-    from elvis_cli.extract import ExtractConfig, extract_features
-    from elvis_cli.feature_store import FeatureStore
+    from elvis_cli.features.extraction import ExtractConfig, extract_features
+    from elvis_cli.features.store import FeatureStore
 
     model = tiny_vit(name)
     (tmp_path / "imgs").mkdir()

@@ -13,11 +13,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli import cli
-from elvis_cli.checkpoints import Fusion, save_checkpoint
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.cli import app as cli
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig
 from tests.test_images import png_header_only
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
@@ -149,7 +149,7 @@ def test_out_of_range_options_are_usage_errors(args, capsys):
 
 def features_file(path: Path, rows: np.ndarray, global_desc: np.ndarray) -> Path:
     """A features file in our layout, written by the library from chosen descriptor values."""
-    from elvis_cli.feature_store import finalize, shard_path, write_shard
+    from elvis_cli.features.store import finalize, shard_path, write_shard
 
     count = len(rows)
     write_shard(shard_path(path, 0), rows, global_desc, [f"img{i}.jpg" for i in range(count)],

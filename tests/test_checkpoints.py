@@ -9,15 +9,15 @@ import urllib.request
 import pytest
 import torch
 
-from elvis_cli.checkpoints import (
+from elvis_cli.model.checkpoints import (
     Fusion,
     check_compatible,
     default_checkpoint_for,
     load_checkpoint,
     save_checkpoint,
 )
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
-from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.util.errors import InputError, ModelMismatchError, OfflineError
 
 
 def official_file(path, dim=32, **extra):

@@ -13,11 +13,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli.checkpoints import Fusion, save_checkpoint
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.metrics import revisitop_map
-from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.shortlist import build_shortlist
+from elvis_cli.evaluation.metrics import revisitop_map
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.retrieval.shortlist import build_shortlist
 
 SMALL = ["--backbone-option", "image_size=64", "--backbone-option", "num_local=16"]
 
@@ -173,7 +173,7 @@ def test_evaluate_a_revisitop_dataset(tmp_path):
     with FeatureStore.open(next((root / "features").glob("*/query.h5"))) as store:
         query_global = store.global_descriptors()
     ranking = build_shortlist(query_global, gallery_global, len(gallery)).indices
-    from elvis_cli.datasets import load_dataset
+    from elvis_cli.evaluation.datasets import load_dataset
 
     expected = revisitop_map(ranking, load_dataset(tmp_path / "data", "mini").ground_truth,
                              "hard")["map"]

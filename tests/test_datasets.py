@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from elvis_cli.datasets import default_data_root, find_datasets, load_dataset
-from elvis_cli.errors import InputError
+from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
+from elvis_cli.util.errors import InputError
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -115,7 +115,7 @@ def test_default_data_root(monkeypatch, tmp_path):
 
 
 def test_class_labelled_lines_exclude_the_query_and_score_by_hand(tmp_path):
-    from elvis_cli.evaluate import score_rankings
+    from elvis_cli.evaluation.run import score_rankings
 
     root = tmp_path / "shop"
     root.mkdir()
@@ -145,7 +145,7 @@ def test_class_labelled_lines_exclude_the_query_and_score_by_hand(tmp_path):
 
 
 def test_gldv2_public_private_splits_score_by_hand(tmp_path):
-    from elvis_cli.evaluate import score_rankings
+    from elvis_cli.evaluation.run import score_rankings
 
     root = tmp_path / "gldv2-test"
     root.mkdir()
@@ -209,7 +209,7 @@ def test_1m_own_folder_ground_truth_wins(tmp_path):
 @pytest.mark.parametrize("old,new", [("roxford5k+r1m", "roxford5k+1m"), ("sop", "sop-1k"),
                                      ("rp2k", "rp2k-test"), ("gldv2", "gldv2-test")])
 def test_old_names_are_refused_with_the_authors_name(tmp_path, old, new):
-    from elvis_cli.prepare import prepare
+    from elvis_cli.evaluation.prepare import prepare
 
     for call in (lambda: load_dataset(tmp_path, old), lambda: prepare(old, tmp_path)):
         with pytest.raises(InputError, match=f"{old!r} is now called {new!r}".replace("+", r"\+")):
@@ -234,7 +234,7 @@ def test_the_authors_class_lists_with_sizes(tmp_path):
 
 
 def test_released_names_come_from_the_authors_lists(tmp_path):
-    from elvis_cli.released import image_names
+    from elvis_cli.features.released import image_names
 
     root = tmp_path / "met"
     root.mkdir()

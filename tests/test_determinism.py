@@ -13,12 +13,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from elvis_cli.checkpoints import Fusion
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.rerank import RerankConfig, rerank
-from elvis_cli.shortlist import build_shortlist
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Fusion
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.retrieval.rerank import RerankConfig, rerank
+from elvis_cli.retrieval.shortlist import build_shortlist
 
 OPTIONS = {"image_size": 96, "num_local": 24, "local_layer": 5}
 

@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from elvis_cli.errors import DiskFullError, ElvisWarning
-from elvis_cli.rerank import PairScorer, RerankConfig
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.util.errors import DiskFullError, ElvisWarning
 from tests import test_rerank
 from tests.test_model import random_model
 from tests.test_rerank import CANDIDATES, D, reference
@@ -98,7 +98,7 @@ def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
     def full(*_args, **_kwargs):
         raise DiskFullError("no space left on the device")
 
-    monkeypatch.setattr("elvis_cli.embedding_cache.new_hdf5", full)
+    monkeypatch.setattr("elvis_cli.retrieval.embedding_cache.new_hdf5", full)
     with pytest.warns(ElvisWarning, match="not written"):
         scores = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
     np.testing.assert_allclose(scores, reference(model, queries, gallery, CANDIDATES, None),

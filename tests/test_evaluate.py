@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from elvis_cli.checkpoints import Checkpoint, Fusion
-from elvis_cli.datasets import RetrievalDataset
-from elvis_cli.evaluate import (
+from elvis_cli.evaluation.datasets import RetrievalDataset
+from elvis_cli.evaluation.run import (
     DatasetFeatures,
     DatasetResult,
     EvaluateConfig,
@@ -17,10 +16,11 @@ from elvis_cli.evaluate import (
     results_table,
     summary_table,
 )
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.rerank import PairScorer
-from elvis_cli.shortlist import Shortlist
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Checkpoint, Fusion
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.retrieval.rerank import PairScorer
+from elvis_cli.retrieval.shortlist import Shortlist
 from tests.helpers import write_store
 
 D = 16
@@ -116,7 +116,7 @@ def test_grid_marks_the_best_keeps_the_headline_and_scores_each_size_once(toy):
 
 
 def test_fusion_grid_refuses_bad_values():
-    from elvis_cli.errors import InputError
+    from elvis_cli.util.errors import InputError
 
     for bad in ({"shortlists": (0,)}, {"lams": (1.5,)}, {"temperatures": (0.0,)}):
         with pytest.raises(InputError):

@@ -1,7 +1,7 @@
 """`elvis evaluate --all-datasets` over fixture benchmarks in every ground-truth layout.
 
 Expected numbers are recomputed here from the cached feature files with plain numpy and the
-spec's AP definitions written out again, independently of elvis_cli.metrics.
+spec's AP definitions written out again, independently of elvis_cli.evaluation.metrics.
 """
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from elvis_cli.backbones import create_backbone
-from elvis_cli.feature_store import FeatureStore
+from elvis_cli.features.store import FeatureStore
 from tests.test_cli import SMALL, elvis, photos, random_checkpoint
 
 PHOTOS = list(photos())  # astronaut, cat, coffee, rocket

@@ -11,12 +11,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from elvis_cli import extract as extract_module
 from elvis_cli.backbones import create_backbone
-from elvis_cli.errors import InputError
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FeatureStore, shard_path
-from elvis_cli.images import load_image
+from elvis_cli.features import extraction as extract_module
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.images import load_image
+from elvis_cli.features.store import FeatureStore, shard_path
+from elvis_cli.util.errors import InputError
 from tests.conftest import TINY_DINOV2
 
 OPTIONS = {"image_size": 64, "num_local": 20, "local_layer": 5}
@@ -201,8 +201,8 @@ def test_truncated_images_decoded_on_request_with_a_warning(folder, tmp_path, ba
 
 
 def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_dino):
-    from elvis_cli.official_export import export_official
-    from elvis_cli.released import open_local
+    from elvis_cli.features.official_export import export_official
+    from elvis_cli.features.released import open_local
 
     paths = [folder / "coffee.jpg", folder / "sub" / "rocket.png"]
     config = ExtractConfig(device="cpu", global_types=("og-avg", "w-avg"))

@@ -17,10 +17,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli.errors import DiskFullError, InputError
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FeatureStore, shard_path, shards_dir
-from elvis_cli.lock import exclusive_lock
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.store import FeatureStore, shard_path, shards_dir
+from elvis_cli.util.errors import DiskFullError, InputError
+from elvis_cli.util.lock import exclusive_lock
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = {"image_size": 64, "num_local": 16, "local_layer": 5}

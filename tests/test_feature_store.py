@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FORMAT, FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.store import FORMAT, FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.util.errors import InputError
 
 K, D, DG = 6, 4, 3
 SETTINGS = {"name": "efficientnet-lite0", "num_local": K}

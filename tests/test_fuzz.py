@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FORMAT, FeatureStore, finalize, shard_path, write_shard
-from elvis_cli.images import ImageError, load_image
+from elvis_cli.features.images import ImageError, load_image
+from elvis_cli.features.store import FORMAT, FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.util.errors import InputError
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,  # repeatable
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,8 +13,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli.errors import InputError
-from elvis_cli.images import ImageError, collect_images, decode_image, load_image
+from elvis_cli.features.images import ImageError, collect_images, decode_image, load_image
+from elvis_cli.util.errors import InputError
 
 
 def write(path: Path, array: np.ndarray, **save_args) -> Path:
@@ -214,7 +214,7 @@ def test_truncated_jpeg_decoded_as_far_as_it_goes_on_request(tmp_path, cat):
     # what Pillow gives with its global switch on, as the authors run it
     from PIL import ImageFile
 
-    from elvis_cli import images
+    from elvis_cli.features import images
 
     images._TRUNCATED.value = True
     try:
@@ -233,7 +233,7 @@ def test_truncated_images_accepted_in_one_thread_only(tmp_path, cat):
     another accept it."""
     import threading
 
-    from elvis_cli import images
+    from elvis_cli.features import images
 
     buffer = io.BytesIO()
     Image.fromarray(cat).save(buffer, format="JPEG")
@@ -282,7 +282,7 @@ def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
     make = "import sys; from PIL import Image; Image.new('L', (20000, 20000), 90).save(sys.argv[1])"
     subprocess.run([sys.executable, "-c", make, str(path)], check=True)
     # peak memory of this process alone: VmHWM (ru_maxrss would include the forking parent's)
-    probe = ("import re, sys; from elvis_cli.images import load_image; "
+    probe = ("import re, sys; from elvis_cli.features.images import load_image; "
              "image = load_image(sys.argv[1], box=(0, 0, 10000, 20000)); "
              "status = open('/proc/self/status').read(); "
              "print(*image.shape, image.min(), image.max(), "

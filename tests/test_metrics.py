@@ -3,9 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elvis_cli.checkpoints import Fusion
-from elvis_cli.errors import InputError
-from elvis_cli.metrics import (
+from elvis_cli.evaluation.metrics import (
     class_ground_truth,
     class_scores,
     compute_ap,
@@ -18,6 +16,8 @@ from elvis_cli.metrics import (
     revisitop_map,
     revisitop_scores,
 )
+from elvis_cli.model.checkpoints import Fusion
+from elvis_cli.util.errors import InputError
 
 
 def test_compute_ap_trapezoids_by_hand():
@@ -228,7 +228,7 @@ def test_class_labelled_sets_by_hand():
 
 
 def test_ties_in_the_fused_score_keep_the_global_order():
-    from elvis_cli.rerank import fuse_and_sort
+    from elvis_cli.retrieval.rerank import fuse_and_sort
 
     indices = np.array([[7, 3, 5, 1]])
     global_scores = np.array([[0.9, 0.9, 0.9, 0.1]], dtype=np.float32)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from elvis_cli.chamfer import Chamfer
-from elvis_cli.download import fetch
-from elvis_cli.errors import InputError, OfflineError
-from elvis_cli.prepare import dataset_status, prepare
+from elvis_cli.evaluation.prepare import dataset_status, prepare
+from elvis_cli.model.chamfer import Chamfer
+from elvis_cli.util.download import fetch
+from elvis_cli.util.errors import InputError, OfflineError
 from tests.test_cli import elvis
 
 

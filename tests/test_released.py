@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from elvis_cli.checkpoints import Fusion
-from elvis_cli.errors import InputError
-from elvis_cli.metrics import revisitop_map
-from elvis_cli.model import Elvis, ElvisConfig
-from elvis_cli.released import open_local, open_released
-from elvis_cli.rerank import RerankConfig, rerank
+from elvis_cli.evaluation.metrics import revisitop_map
+from elvis_cli.features.released import open_local, open_released
+from elvis_cli.model.checkpoints import Fusion
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.retrieval.rerank import RerankConfig, rerank
+from elvis_cli.util.errors import InputError
 from tests.reference_elvis import reference_score
 from tests.test_cli import elvis
 

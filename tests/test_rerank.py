@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import uses_log_domain
-from elvis_cli.rerank import PairScorer, RerankConfig
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.elvis import uses_log_domain
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.util.errors import InputError
 from tests.helpers import write_store
 from tests.reference_elvis import reference_score
 from tests.test_model import random_model
@@ -84,7 +84,7 @@ def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
     model = random_model(dim=D, seed=36)
     config = RerankConfig(device="cpu", workers=2)
     chunked = PairScorer(model, queries, gallery, config).score(CANDIDATES)
-    monkeypatch.setattr("elvis_cli.rerank.CPU_PAIRS_PER_CALL", 1)
+    monkeypatch.setattr("elvis_cli.retrieval.rerank.CPU_PAIRS_PER_CALL", 1)
     scorer = PairScorer(model, queries, gallery, config)
     assert scorer.pairs_per_call == 1
     assert scorer.score(CANDIDATES).tobytes() == chunked.tobytes()

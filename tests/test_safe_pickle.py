@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from elvis_cli.errors import InputError
-from elvis_cli.safe_pickle import load_pickle
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.safe_pickle import load_pickle
 
 
 class _RunsCommand:

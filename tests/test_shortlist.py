@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from elvis_cli.errors import InputError
-from elvis_cli.shortlist import build_shortlist, load_shortlist, save_shortlist
+from elvis_cli.retrieval.shortlist import build_shortlist, load_shortlist, save_shortlist
+from elvis_cli.util.errors import InputError
 
 
 def unit_rows(count, dim, seed):

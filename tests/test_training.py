@@ -7,13 +7,12 @@ import torch
 from PIL import Image
 from skimage import data
 
-from elvis_cli.augment import ViewConfig
 from elvis_cli.backbones import create_backbone
-from elvis_cli.checkpoints import load_checkpoint
-from elvis_cli.errors import InputError
-from elvis_cli.images import collect_images
-from elvis_cli.model import Elvis, ElvisConfig, uses_log_domain
-from elvis_cli.training import (
+from elvis_cli.features.images import collect_images
+from elvis_cli.model.checkpoints import load_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
+from elvis_cli.training.augment import ViewConfig
+from elvis_cli.training.loop import (
     FUSION_GRID,
     PairSampler,
     TrainConfig,
@@ -29,6 +28,7 @@ from elvis_cli.training import (
     split_by_instance,
     train,
 )
+from elvis_cli.util.errors import InputError
 
 BACKBONE_OPTIONS = {"image_size": 192, "num_local": 32}
 SMALL_VIEWS = ViewConfig(max_side=192, inset_prob=0.5)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from elvis_cli.backbones.base import Backbone, ImageFeatures, select_top_k
-from elvis_cli.errors import InputError, unknown_name
+from elvis_cli.util.errors import InputError, unknown_name
 
 __all__ = [
     "BACKBONES",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elvis_cli.errors import InputError
+from elvis_cli.util.errors import InputError
 
 # Column layout of the per-descriptor metadata, identical to the official files (ELVIS_SPEC §3):
 # the patch centre's row (vertical) then column (horizontal) position, as fractions of the grid.

@@ -33,7 +33,7 @@ from elvis_cli.backbones.base import (
     resize_to_multiple,
     select_top_k,
 )
-from elvis_cli.errors import InputError, OfflineError
+from elvis_cli.util.errors import InputError, OfflineError
 
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)  # EfficientNet's seven MBConv stages
 NETWORK_STRIDE = 32

@@ -30,8 +30,8 @@ from elvis_cli.backbones.base import (
     resize_to_multiple,
     select_top_k,
 )
-from elvis_cli.download import cache_dir, download_to_cache
-from elvis_cli.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.util.download import cache_dir, download_to_cache
+from elvis_cli.util.errors import InputError, ModelMismatchError, OfflineError
 
 DETECTOR_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{name}_detector.pt"
 OFFICIAL_DETECTOR = "official"

@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 
 from elvis_cli.backbones.base import META_PADDING, NUM_META
-from elvis_cli.checkpoints import Fusion
-from elvis_cli.devices import resolve_device
-from elvis_cli.embedding_cache import EmbeddingCache
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.model import Elvis, Embedded
-from elvis_cli.shortlist import Shortlist
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Fusion
+from elvis_cli.model.elvis import Elvis, Embedded
+from elvis_cli.retrieval.embedding_cache import EmbeddingCache
+from elvis_cli.retrieval.shortlist import Shortlist
+from elvis_cli.util.devices import resolve_device
+from elvis_cli.util.errors import InputError
 
 T = TypeVar("T")
 

@@ -38,12 +38,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from elvis_cli.atomic import write_text_atomic
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
 from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
-from elvis_cli.devices import resolve_device
-from elvis_cli.errors import DiskFullError, InputError
-from elvis_cli.feature_store import (
+from elvis_cli.features.images import Box, ImageError, collect_images, decode_image
+from elvis_cli.features.store import (
     FORMAT,
     finalize,
     shard_damage,
@@ -51,8 +49,10 @@ from elvis_cli.feature_store import (
     shards_dir,
     write_shard,
 )
-from elvis_cli.images import Box, ImageError, collect_images, decode_image
-from elvis_cli.lock import exclusive_lock
+from elvis_cli.util.atomic import write_text_atomic
+from elvis_cli.util.devices import resolve_device
+from elvis_cli.util.errors import DiskFullError, InputError
+from elvis_cli.util.lock import exclusive_lock
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"

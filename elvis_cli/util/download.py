@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from elvis_cli.errors import InputError, OfflineError
+from elvis_cli.util.errors import InputError, OfflineError
 
 _CHUNK = 1 << 20
 

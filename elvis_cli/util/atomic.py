@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from elvis_cli.errors import DiskFullError
+from elvis_cli.util.errors import DiskFullError
 
 # hdf5 and numpy report a full disk as an OSError carrying one of these
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

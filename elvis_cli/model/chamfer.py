@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elvis_cli.model import Embedded
+from elvis_cli.model.elvis import Embedded
 
 
 class Chamfer(nn.Module):

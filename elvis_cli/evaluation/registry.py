@@ -193,7 +193,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         name="demo", title="bundled demo (real photos, synthetic views)", layout=LAYOUT_PICKLE,
         protocol="revisitop Medium and Hard", metric="mAP (Medium+Hard)/2",
         query_crops=True, num_queries=15, num_gallery=156,
-        bundled=Path(__file__).resolve().parents[1] / "examples" / "data" / "demo",
+        bundled=Path(__file__).resolve().parents[2] / "examples" / "data" / "demo",
         notes="ships with the repository (examples/data/demo)",
     ),
 )

@@ -20,10 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from elvis_cli.download import cache_dir
-from elvis_cli.errors import InputError
-from elvis_cli.registry import LAYOUT_CLASS, LAYOUT_GLDV2, LAYOUT_PICKLE, REGISTRY, RENAMED
-from elvis_cli.safe_pickle import load_pickle
+from elvis_cli.evaluation.registry import (
+    LAYOUT_CLASS,
+    LAYOUT_GLDV2,
+    LAYOUT_PICKLE,
+    REGISTRY,
+    RENAMED,
+)
+from elvis_cli.util.download import cache_dir
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.safe_pickle import load_pickle
 
 GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from elvis_cli.errors import InputError
+from elvis_cli.util.errors import InputError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

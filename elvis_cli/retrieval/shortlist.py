@@ -11,9 +11,9 @@ import faiss
 import numpy as np
 import torch
 
-from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import InputError
-from elvis_cli.safe_pickle import load_pickle
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.safe_pickle import load_pickle
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from elvis_cli.errors import InputError
+from elvis_cli.util.errors import InputError
 
 # Pickles written by Python 2 or by numpy < 2 name modules that have moved since.
 _MODULE_ALIASES = {

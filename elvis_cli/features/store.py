@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from elvis_cli.atomic import atomic_path
 from elvis_cli.backbones.base import CLASS_GLOBAL, META_PADDING, NUM_META
-from elvis_cli.errors import InputError
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.errors import InputError
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from elvis_cli import __version__
-from elvis_cli.atomic import atomic_path
-from elvis_cli.errors import EXIT_PARTIAL, ElvisError, ElvisWarning, InputError
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.errors import EXIT_PARTIAL, ElvisError, ElvisWarning, InputError
 
 app = typer.Typer(
     name="elvis",
@@ -110,7 +110,7 @@ def extract(
 
     Example: `elvis extract imgs/ -o feats.h5`
     """
-    from elvis_cli.extract import ExtractConfig, extract_features
+    from elvis_cli.features.extraction import ExtractConfig, extract_features
 
     config = ExtractConfig(backbone=backbone, device=device, batch_size=batch_size,
                            shard_size=shard_size, global_types=global_type or (),
@@ -144,7 +144,7 @@ def export(
 
     Example: `elvis export q.h5 --out-dir roxford5k --name dinov2 --split query`
     """
-    from elvis_cli.official_export import export_official
+    from elvis_cli.features.official_export import export_official
 
     for path in export_official(features, out_dir, name, split, global_type):
         console.print(f"-> {path}")
@@ -152,9 +152,9 @@ def export(
 
 def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
                           device: str) -> None:
-    from elvis_cli.checkpoints import checkpoint_for_features
-    from elvis_cli.feature_store import FeatureStore
-    from elvis_cli.rerank import PairScorer, RerankConfig
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.checkpoints import checkpoint_for_features
+    from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 
     with FeatureStore.open(features) as store:
         ckpt = checkpoint_for_features(checkpoint, store.backbone_settings, store.local_dim)
@@ -182,7 +182,7 @@ def shortlist(
 
     Example: `elvis shortlist feats.h5 -k 100 -o shortlist.npz`
     """
-    from elvis_cli.shortlist import save_shortlist
+    from elvis_cli.retrieval.shortlist import save_shortlist
 
     with _open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
@@ -226,11 +226,11 @@ def rerank(
 
     Example (in the folder of `elvis extract imgs/ -o feats.h5`): `elvis rerank --shortlist 100`
     """
-    from elvis_cli.checkpoints import Fusion, checkpoint_for_features
-    from elvis_cli.released import released_gallery
-    from elvis_cli.rerank import RerankConfig, rerank_table
-    from elvis_cli.rerank import rerank as run_rerank
-    from elvis_cli.shortlist import load_shortlist
+    from elvis_cli.features.released import released_gallery
+    from elvis_cli.model.checkpoints import Fusion, checkpoint_for_features
+    from elvis_cli.retrieval.rerank import RerankConfig, rerank_table
+    from elvis_cli.retrieval.rerank import rerank as run_rerank
+    from elvis_cli.retrieval.shortlist import load_shortlist
 
     if output.suffix not in (".csv", ".parquet"):
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
@@ -314,8 +314,9 @@ def evaluate(
 
     Example: `elvis evaluate --data-root examples/data --all-datasets --model global,elvis,chamfer`
     """
-    from elvis_cli.datasets import default_data_root, find_datasets, load_dataset
-    from elvis_cli.evaluate import (
+    from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
+    from elvis_cli.evaluation.prepare import list_datasets
+    from elvis_cli.evaluation.run import (
         EvaluateConfig,
         FusionGrid,
         evaluate_dataset,
@@ -323,7 +324,6 @@ def evaluate(
         results_table,
         write_results,
     )
-    from elvis_cli.prepare import list_datasets
 
     root = data_root or default_data_root()
     found = find_datasets(root)
@@ -380,9 +380,9 @@ def datasets_list(data_root: DataRoot = None) -> None:
 
     Example: `elvis datasets list --data-root ~/data`
     """
-    from elvis_cli.datasets import default_data_root
-    from elvis_cli.prepare import list_datasets
-    from elvis_cli.registry import REGISTRY
+    from elvis_cli.evaluation.datasets import default_data_root
+    from elvis_cli.evaluation.prepare import list_datasets
+    from elvis_cli.evaluation.registry import REGISTRY
 
     root = data_root or default_data_root()
     view = Table(title=f"datasets under {root}", title_justify="left")
@@ -410,8 +410,8 @@ def datasets_prepare(
 
     Example: `elvis datasets prepare roxford5k --from ~/Downloads/`
     """
-    from elvis_cli.datasets import default_data_root
-    from elvis_cli.prepare import prepare
+    from elvis_cli.evaluation.datasets import default_data_root
+    from elvis_cli.evaluation.prepare import prepare
 
     root = data_root or default_data_root()
     with console.status(f"preparing {name}") as status:
@@ -445,8 +445,8 @@ def train(
 
     Example: `elvis train photos/train --val photos/val -o my_elvis.pt`
     """
-    from elvis_cli.training import TrainConfig
-    from elvis_cli.training import train as run_train
+    from elvis_cli.training.loop import TrainConfig
+    from elvis_cli.training.loop import train as run_train
 
     config = TrainConfig(backbone=backbone, rounds=rounds, steps_per_round=steps,
                          views_per_image=views, batch_pairs=batch_pairs, lr=lr, seed=seed,
@@ -469,7 +469,7 @@ class _open_pair:
         self.allow_external = allow_external_sources
 
     def __enter__(self):
-        from elvis_cli.released import open_local
+        from elvis_cli.features.released import open_local
 
         query_path, gallery_path = self.paths
         self.query = open_local(query_path, self.allow_external)
@@ -484,7 +484,7 @@ class _open_pair:
 
 
 def _global_shortlist(queries, gallery, same: bool, k: int, global_type: str = "cls"):
-    from elvis_cli.shortlist import build_shortlist
+    from elvis_cli.retrieval.shortlist import build_shortlist
 
     return build_shortlist(queries.global_descriptors(global_type),
                            gallery.global_descriptors(global_type), k, exclude_self=same)
@@ -549,7 +549,7 @@ class _stages:
 
 
 def _print_results(table) -> None:
-    from elvis_cli.evaluate import grid_best, runtime_curve, summary_table
+    from elvis_cli.evaluation.run import grid_best, runtime_curve, summary_table
 
     summary = summary_table(table)
     view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",

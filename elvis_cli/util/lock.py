@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from elvis_cli.errors import InputError
+from elvis_cli.util.errors import InputError
 
 
 @contextmanager

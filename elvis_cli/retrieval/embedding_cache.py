@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from elvis_cli.errors import DiskFullError, ElvisWarning
-from elvis_cli.feature_store import HDF5_ERRORS, FeatureStore, new_hdf5
-from elvis_cli.model import Embedded
+from elvis_cli.features.store import HDF5_ERRORS, FeatureStore, new_hdf5
+from elvis_cli.model.elvis import Embedded
+from elvis_cli.util.errors import DiskFullError, ElvisWarning
 
 FORMAT = "elvis-cli-embeddings/1"
 DATASETS = ("descriptors", "gains", "padding")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from elvis_cli.errors import InputError
+from elvis_cli.util.errors import InputError
 
 # Which protocol names score a dataset of each ground-truth flavour (see datasets.py); any
 # other flavour (ok/junk, class labels, GLDv2) is scored as "ok".

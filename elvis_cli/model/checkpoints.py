@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from elvis_cli.atomic import atomic_path
-from elvis_cli.download import cache_dir, download_to_cache
-from elvis_cli.errors import InputError, ModelMismatchError, unknown_name
-from elvis_cli.model import Elvis, ElvisConfig
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.download import cache_dir, download_to_cache
+from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name
 
 OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
 
@@ -28,7 +28,7 @@ OFFICIAL_CHECKPOINTS = {
     "dinov2_elvis_sop": "dinov2",
 }
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 # backbone name -> checkpoint bundled inside the package (trained with `elvis train`)
 BUNDLED_CHECKPOINTS = {"efficientnet-lite0": "efficientnet_lite0_elvis.pt"}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elvis_cli.fused_sinkhorn import sinkhorn_votes
+from elvis_cli.model.fused_sinkhorn import sinkhorn_votes
 
 # In the linear domain the kernel is exp(A / reg - 1 / reg). Similarities and tanh gains lie in
 # [-1, 1], so those entries sit in [exp(-2 / reg), 1]; only the learned dust_bin corner can leave

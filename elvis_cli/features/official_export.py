@@ -15,10 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from elvis_cli.atomic import atomic_path
 from elvis_cli.backbones.base import NUM_META
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.errors import InputError
 
 LOCAL = "local"
 OFFICIAL_DTYPE = np.float16

@@ -21,21 +21,9 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from elvis_cli.atomic import atomic_path, write_text_atomic
 from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
-from elvis_cli.chamfer import Chamfer
-from elvis_cli.checkpoints import (
-    Checkpoint,
-    Fusion,
-    check_compatible,
-    default_checkpoint_for,
-    load_checkpoint,
-)
-from elvis_cli.datasets import RetrievalDataset
-from elvis_cli.errors import ElvisWarning, InputError
-from elvis_cli.extract import ExtractConfig, extract_features
-from elvis_cli.feature_store import FORMAT, FeatureStore
-from elvis_cli.metrics import (
+from elvis_cli.evaluation.datasets import RetrievalDataset
+from elvis_cli.evaluation.metrics import (
     EVAL_PROTOCOLS,
     class_scores,
     gldv2_scores,
@@ -44,10 +32,22 @@ from elvis_cli.metrics import (
     protocol_junk,
     revisitop_scores,
 )
-from elvis_cli.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
-from elvis_cli.released import open_released
-from elvis_cli.rerank import PairScorer, RerankConfig, fuse_and_sort
-from elvis_cli.shortlist import Shortlist, build_shortlist
+from elvis_cli.evaluation.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
+from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.released import open_released
+from elvis_cli.features.store import FORMAT, FeatureStore
+from elvis_cli.model.chamfer import Chamfer
+from elvis_cli.model.checkpoints import (
+    Checkpoint,
+    Fusion,
+    check_compatible,
+    default_checkpoint_for,
+    load_checkpoint,
+)
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, fuse_and_sort
+from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
+from elvis_cli.util.atomic import atomic_path, write_text_atomic
+from elvis_cli.util.errors import ElvisWarning, InputError
 
 MODELS = ("global", "elvis", "chamfer")  # global: the global ranking alone, no re-ranking
 # Chamfer has no trained fusion: its shortlist is re-sorted by the chamfer score alone.

@@ -27,17 +27,17 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from elvis_cli.augment import ViewConfig, inset_view, random_view
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from elvis_cli.backbones.base import META_PADDING
-from elvis_cli.checkpoints import Fusion, save_checkpoint
-from elvis_cli.devices import resolve_device
-from elvis_cli.errors import InputError
-from elvis_cli.images import ImageError, collect_images, load_image
-from elvis_cli.metrics import map_at_k
-from elvis_cli.model import Elvis, ElvisConfig, uses_log_domain
-from elvis_cli.rerank import fuse_and_sort
-from elvis_cli.shortlist import Shortlist, build_shortlist
+from elvis_cli.evaluation.metrics import map_at_k
+from elvis_cli.features.images import ImageError, collect_images, load_image
+from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
+from elvis_cli.retrieval.rerank import fuse_and_sort
+from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
+from elvis_cli.training.augment import ViewConfig, inset_view, random_view
+from elvis_cli.util.devices import resolve_device
+from elvis_cli.util.errors import InputError
 
 # Fusion grid searched on the validation set; the paper's (0.5, 0.5) comes first so that it wins
 # ties. See `choose_fusion` for why the temperature has to be searched at all.

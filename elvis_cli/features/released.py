@@ -22,11 +22,11 @@ import h5py
 import numpy as np
 
 from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
-from elvis_cli.datasets import read_image_lines
-from elvis_cli.errors import InputError
-from elvis_cli.feature_store import FeatureStore
-from elvis_cli.safe_pickle import load_pickle
-from elvis_cli.shortlist import Shortlist, load_shortlist
+from elvis_cli.evaluation.datasets import read_image_lines
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.safe_pickle import load_pickle
 
 BINARY_FIELDS = ("metadata", "descriptor")
 # global types the authors' extraction writes, and the one their ranking script reads for

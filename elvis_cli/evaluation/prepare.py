@@ -17,16 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elvis_cli.atomic import write_text_atomic
-from elvis_cli.datasets import (
+from elvis_cli.evaluation.datasets import (
     GLDV2_SOLUTION,
     detect_layout,
     find_datasets,
     load_dataset,
 )
-from elvis_cli.download import fetch
-from elvis_cli.errors import InputError, OfflineError
-from elvis_cli.registry import REGISTRY, RENAMED, DatasetEntry, Remote, custom_entry
+from elvis_cli.evaluation.registry import REGISTRY, RENAMED, DatasetEntry, Remote, custom_entry
+from elvis_cli.util.atomic import write_text_atomic
+from elvis_cli.util.download import fetch
+from elvis_cli.util.errors import InputError, OfflineError
 
 MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
 _GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,

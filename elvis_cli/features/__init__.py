@@ -1,0 +1,1 @@
+"""Descriptors on disk: images, extraction, our sharded files, the authors' released files."""

@@ -1,0 +1,1 @@
+"""Re-ranking models (ELViS, its compiled CPU loop, the chamfer baseline) and checkpoints."""

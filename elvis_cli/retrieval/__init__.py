@@ -1,0 +1,1 @@
+"""Shortlists and re-ranking: global k-NN, the pair-scoring engine, the embedding cache."""

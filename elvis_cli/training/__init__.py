@@ -1,0 +1,1 @@
+"""Training ELViS: photo views and the training loop."""

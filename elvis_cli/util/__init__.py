@@ -1,0 +1,1 @@
+"""Small mechanisms every concern uses: errors, atomic files, locks, downloads, devices."""
