@@ -21,7 +21,8 @@ import torch
 from elvis_cli.backbones import create_backbone
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.images import collect_images, load_image
-from elvis_cli.features.store import shard_path, write_shard
+from elvis_cli.features.layout import shard_path
+from elvis_cli.features.writer import write_shard
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "data" / "demo" / "jpg"
 
@@ -92,7 +93,7 @@ def main() -> None:
             started = time.perf_counter()
             extract_features(paths, Path(folder) / "f.h5", ExtractConfig(
                 backbone=args.backbone, backbone_options=options, batch_size=args.batch_size,
-                device="cpu"), progress=False, backbone=backbone)
+                device="cpu"), backbone=backbone)
             times.append(time.perf_counter() - started)
     print(f"extract_features end to end (decode in threads, median of {args.repeats}): "
           f"{len(paths) / statistics.median(times):.1f} images/s")

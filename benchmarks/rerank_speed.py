@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from elvis_cli.cli.app import app
-from elvis_cli.features.store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.layout import shard_path
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.features.writer import finalize, write_shard
 from elvis_cli.model.checkpoints import Fusion, load_checkpoint, save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig

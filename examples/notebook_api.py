@@ -24,7 +24,7 @@ DATA = Path(__file__).parent / "data"
 
 def main(workdir: Path) -> None:
     # 1. descriptors of a folder of images (resumable; a second run does no work)
-    report = extract_features(DATA / "demo" / "jpg", workdir / "feats.h5", progress=False)
+    report = extract_features(DATA / "demo" / "jpg", workdir / "feats.h5")
     print(f"extracted {report.num_extracted}, resumed {report.num_resumed}")
 
     # 2. all-vs-all retrieval, top 20 re-ranked by the bundled checkpoint
@@ -40,8 +40,7 @@ def main(workdir: Path) -> None:
     # 3. the benchmark's own protocol: global vs re-ranked mAP
     dataset = load_dataset(DATA, "demo")
     scores = evaluate_dataset(dataset, EvaluateConfig(shortlists=(0, 50),
-                                                      features_dir=workdir / "features"),
-                              progress=False)
+                                                      features_dir=workdir / "features"))
     for row in scores.rows:
         print(f"shortlist {row['shortlist']:>3}: medium {row['map_medium']:.2f}  "
               f"hard {row['map_hard']:.2f}")

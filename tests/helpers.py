@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from elvis_cli.features.store import FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.layout import shard_path
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.features.writer import finalize, write_shard
 
 
 def write_store(path: Path, rng: np.random.Generator, count: int, stored: int, real: list[int],

@@ -149,7 +149,8 @@ def test_out_of_range_options_are_usage_errors(args, capsys):
 
 def features_file(path: Path, rows: np.ndarray, global_desc: np.ndarray) -> Path:
     """A features file in our layout, written by the library from chosen descriptor values."""
-    from elvis_cli.features.store import finalize, shard_path, write_shard
+    from elvis_cli.features.layout import shard_path
+    from elvis_cli.features.writer import finalize, write_shard
 
     count = len(rows)
     write_shard(shard_path(path, 0), rows, global_desc, [f"img{i}.jpg" for i in range(count)],

@@ -15,7 +15,8 @@ from elvis_cli.backbones import create_backbone
 from elvis_cli.features import extraction as extract_module
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.images import load_image
-from elvis_cli.features.store import FeatureStore, shard_path
+from elvis_cli.features.layout import shard_path
+from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.errors import InputError
 from tests.conftest import TINY_DINOV2
 

@@ -18,7 +18,8 @@ import skimage.data
 from PIL import Image
 
 from elvis_cli.features.extraction import ExtractConfig, extract_features
-from elvis_cli.features.store import FeatureStore, shard_path, shards_dir
+from elvis_cli.features.layout import shard_path, shards_dir
+from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
 

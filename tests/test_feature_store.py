@@ -6,7 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from elvis_cli.features.store import FORMAT, FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.layout import FORMAT, shard_path
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.features.writer import finalize, write_shard
 from elvis_cli.util.errors import InputError
 
 K, D, DG = 6, 4, 3

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from elvis_cli.features.images import ImageError, load_image
-from elvis_cli.features.store import FORMAT, FeatureStore, finalize, shard_path, write_shard
+from elvis_cli.features.layout import FORMAT, shard_path
+from elvis_cli.features.store import FeatureStore
+from elvis_cli.features.writer import finalize, write_shard
 from elvis_cli.util.errors import InputError
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,  # repeatable

@@ -11,23 +11,14 @@ from elvis_cli.backbones import create_backbone
 from elvis_cli.features.images import collect_images
 from elvis_cli.model.checkpoints import load_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
-from elvis_cli.training.augment import ViewConfig
-from elvis_cli.training.loop import (
-    FUSION_GRID,
-    PairSampler,
-    TrainConfig,
-    ValidationSet,
-    _train_step,
-    calibrate_logit,
-    extract_pool,
-    init_vote_counting,
-    photo_set,
-    raw_scores,
-    read_labels,
-    render_views,
-    split_by_instance,
-    train,
-)
+from elvis_cli.training.augment import ViewConfig, render_views
+from elvis_cli.training.config import TrainConfig
+from elvis_cli.training.initialisation import calibrate_logit, init_vote_counting
+from elvis_cli.training.loop import _train_step, train
+from elvis_cli.training.pairs import PairSampler
+from elvis_cli.training.photos import photo_set, read_labels, split_by_instance
+from elvis_cli.training.pool import extract_pool, raw_scores
+from elvis_cli.training.validation import FUSION_GRID, ValidationSet
 from elvis_cli.util.errors import InputError
 
 BACKBONE_OPTIONS = {"image_size": 192, "num_local": 32}

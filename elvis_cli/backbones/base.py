@@ -11,12 +11,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from elvis_cli.features.layout import (
+    META_COL,
+    META_PADDING,
+    META_ROW,
+    META_SCALE,
+    META_WEIGHT,
+    NUM_META,
+)
 from elvis_cli.util.errors import InputError
 
-# Column layout of the per-descriptor metadata, identical to the official files (ELVIS_SPEC §3):
-# the patch centre's row (vertical) then column (horizontal) position, as fractions of the grid.
-META_ROW, META_COL, META_SCALE, META_PADDING, META_WEIGHT = range(5)
-NUM_META = 5
 CLASS_GLOBAL = "cls"  # the global descriptor every backbone yields, the one shortlists use
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from elvis_cli import __version__
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.errors import EXIT_PARTIAL, ElvisError, ElvisWarning, InputError
+from elvis_cli.util.progress import TaskProgress
 
 app = typer.Typer(
     name="elvis",
@@ -116,7 +117,8 @@ def extract(
                            shard_size=shard_size, global_types=global_type or (),
                            backbone_options=_backbone_options(image_size, num_local,
                                                               backbone_option))
-    report = extract_features(images, output, config, progress=not quiet)
+    with _task_bars(enabled=not quiet, rate="img/s") as bars:
+        report = extract_features(images, output, config, progress=bars)
     console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
                   f"{len(report.failures)} skipped -> {report.output}")
     for shard in report.repaired:
@@ -350,10 +352,10 @@ def evaluate(
         if grid or any(given.values()) else None
     stages = config.num_stages() + (sweep.num_stages(config) if sweep else 0)
     results = []
-    with _stages(len(names) * stages, enabled=not quiet) as on_stage:
+    with _stages(len(names) * stages, enabled=not quiet) as bars:
         for name in names:
-            results.append(evaluate_dataset(load_dataset(root, name), config, progress=False,
-                                            on_stage=on_stage, grid=sweep))
+            results.append(evaluate_dataset(load_dataset(root, name), config, progress=bars,
+                                            on_stage=bars.on_stage, grid=sweep))
     table = results_table(results)
     json_path = json_path or out_dir / "results.json"
     csv_path = csv_path or out_dir / "results.csv"
@@ -445,7 +447,8 @@ def train(
 
     Example: `elvis train photos/train --val photos/val -o my_elvis.pt`
     """
-    from elvis_cli.training.loop import TrainConfig
+    from elvis_cli.training.config import TrainConfig
+    from elvis_cli.training.loop import RoundFinished, TrainEvent
     from elvis_cli.training.loop import train as run_train
 
     config = TrainConfig(backbone=backbone, rounds=rounds, steps_per_round=steps,
@@ -453,7 +456,16 @@ def train(
                          device=device,
                          backbone_options=_backbone_options(image_size, num_local,
                                                             backbone_option))
-    report = run_train(photos, output, config, val_source=val, labels=labels)
+    with _task_bars() as bars:
+        def show(event: TrainEvent) -> None:
+            if isinstance(event, RoundFinished):
+                bars.bar.console.print(_round_line(event.entry))
+            else:
+                bars(event)
+
+        report = run_train(photos, output, config, val_source=val, labels=labels, progress=show)
+        for skipped in report.skipped:
+            bars.bar.console.print(f"[yellow]skipped[/yellow] {skipped}")
     console.print(f"checkpoint -> {report.checkpoint} (lam={report.fusion.lam}, "
                   f"temp={report.fusion.temperature})")
 
@@ -521,31 +533,86 @@ def _print_top(table, show: int, per_query: int = 5) -> None:
         console.print(view)
 
 
-class _stages:
-    """A rich progress bar over every dataset and stage; `on_stage(label)` advances it."""
+class _task_bars:
+    """Rich bars drawn from the library's TaskProgress events: one bar per task label, set back
+    to zero when a task of the same label starts again (each extraction of `evaluate`)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    def __init__(self, enabled: bool = True, rate: str | None = None, elapsed: bool = False,
+                 transient: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                            transient=True, disable=not enabled)
-        self.task = self.bar.add_task("evaluating", total=total)
-        self.started = False
+        columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
+                   MofNCompleteColumn()]
+        if rate:
+            columns.append(_rate_column(rate))
+        columns.append(TimeElapsedColumn() if elapsed else TimeRemainingColumn())
+        self.bar = Progress(*columns, console=console, transient=transient,
+                            disable=not enabled)
+        self.tasks: dict[str, Any] = {}
 
     def __enter__(self):
         self.bar.start()
-
-        def on_stage(label: str) -> None:
-            if self.started:
-                self.bar.advance(self.task)
-            self.started = True
-            self.bar.update(self.task, description=label)
-
-        return on_stage
+        return self
 
     def __exit__(self, *exc_info) -> None:
         self.bar.stop()
+
+    def __call__(self, event: TaskProgress) -> None:
+        task = self.tasks.get(event.task)
+        if task is None:
+            task = self.tasks[event.task] = self.bar.add_task(event.task, total=event.total)
+        elif event.done == 0:
+            self.bar.reset(task, total=event.total)
+        self.bar.update(task, completed=event.done)
+
+
+def _rate_column(unit: str):
+    """A column of units done per second, e.g. `12.5 img/s`."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0.0:.1f} {unit}", style="progress.data.speed")
+
+    return Rate()
+
+
+class _stages(_task_bars):
+    """A bar over every dataset and stage, advanced by `on_stage(label)`, above the bars of
+    the library's own tasks (extraction)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        super().__init__(enabled, elapsed=True, transient=True)
+        self.task = self.bar.add_task("evaluating", total=total)
+        self.started = False
+
+    def on_stage(self, label: str) -> None:
+        if self.started:
+            self.bar.advance(self.task)
+        self.started = True
+        self.bar.update(self.task, description=label)
+
+
+def _round_line(entry: dict[str, float]) -> str:
+    """One printed line per training round: its loss and validation figures."""
+    text = (
+        f"round {entry['round']}: loss {entry['loss']:.4f}  val acc {entry['val_accuracy']:.3f}  "
+        f"val mAP global {entry['val_map_global']:.2f} -> re-ranked {entry['val_map']:.2f} "
+        f"(lam {entry['lam']}, temp {entry['temperature']}; paper's 0.5/0.5: "
+        f"{entry['val_map_default']:.2f})"
+    )
+    if entry["skipped_steps"] or entry["log_domain_steps"]:
+        text += (f"  [yellow]{entry['skipped_steps']} non-finite steps skipped, "
+                 f"{entry['log_domain_steps']} in log-domain Sinkhorn[/yellow]")
+    return text
 
 
 def _print_results(table) -> None:

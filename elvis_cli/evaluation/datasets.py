@@ -27,6 +27,7 @@ from elvis_cli.evaluation.registry import (
     REGISTRY,
     RENAMED,
 )
+from elvis_cli.features.images import IMAGE_SUFFIXES
 from elvis_cli.util.download import cache_dir
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.safe_pickle import load_pickle
@@ -35,7 +36,6 @@ GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
 
 # Index lists of each ground-truth flavour; the first that matches decides the protocol.
 _PROTOCOL_KEYS = {"revisitop": ("easy", "hard", "junk"), "ok-junk": ("ok", "junk")}
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 Box = tuple[float, float, float, float]
 
@@ -64,7 +64,7 @@ class RetrievalDataset:
 
     def _image_path(self, folder: Path, entry: str) -> Path:
         # revisitop lists bare names ("all_souls_000013"); INSTRE-style lists carry the suffix.
-        if Path(entry).suffix.lower() in _IMAGE_SUFFIXES:
+        if Path(entry).suffix.lower() in IMAGE_SUFFIXES:
             return folder / entry
         return folder / f"{entry}.jpg"
 

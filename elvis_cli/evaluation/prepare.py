@@ -23,7 +23,8 @@ from elvis_cli.evaluation.datasets import (
     find_datasets,
     load_dataset,
 )
-from elvis_cli.evaluation.registry import REGISTRY, RENAMED, DatasetEntry, Remote, custom_entry
+from elvis_cli.evaluation.registry import REGISTRY, RENAMED, DatasetEntry, Remote
+from elvis_cli.features.images import IMAGE_SUFFIXES
 from elvis_cli.util.atomic import write_text_atomic
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
@@ -31,7 +32,6 @@ from elvis_cli.util.errors import InputError, OfflineError
 MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
 _GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,
                        "revisitop1m.txt")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".zip")
 
 
@@ -203,7 +203,7 @@ def _unpack(archive: Path, target: Path, flatten: bool, images_only: bool = True
     target.mkdir(parents=True, exist_ok=True)
     for name, read in _members(archive):
         parts = [part for part in Path(name).parts if part not in ("", ".", "..", "/")]
-        if not parts or (images_only and not parts[-1].lower().endswith(_IMAGE_SUFFIXES)):
+        if not parts or (images_only and Path(parts[-1]).suffix.lower() not in IMAGE_SUFFIXES):
             continue
         destination = target / (parts[-1] if flatten else Path(*parts))
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -292,10 +292,6 @@ def list_datasets(data_root: Path) -> list[DatasetStatus]:
     """Every registry entry, then every custom dataset found under the data root."""
     names = list(REGISTRY) + [name for name in find_datasets(data_root) if name not in REGISTRY]
     return [dataset_status(data_root, name) for name in names]
-
-
-def entry_or_custom(data_root: Path, name: str) -> DatasetEntry:
-    return REGISTRY.get(name) or custom_entry(name, detect_layout(Path(data_root) / name) or "?")
 
 
 def feature_sets(folder: Path) -> list[str]:

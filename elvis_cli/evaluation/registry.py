@@ -213,10 +213,6 @@ PAPER_AVERAGES: dict[str, float] = {"avg": 60.6, "ood avg": 68.7, "ROP+1M": 68.8
 PAPER_SETTING = {"backbone": "dinov2", "checkpoint": "dinov2_elvis_gld", "model": "elvis"}
 
 
-def entry_for(name: str) -> DatasetEntry | None:
-    return REGISTRY.get(name)
-
-
 def custom_entry(name: str, layout: str) -> DatasetEntry:
     """A folder found under the data root that the registry does not name."""
     return DatasetEntry(name=name, title=f"custom ({layout})", layout=layout,

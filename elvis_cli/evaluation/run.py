@@ -34,8 +34,9 @@ from elvis_cli.evaluation.metrics import (
 )
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
 from elvis_cli.features.extraction import ExtractConfig, extract_features
+from elvis_cli.features.layout import FORMAT
 from elvis_cli.features.released import open_released
-from elvis_cli.features.store import FORMAT, FeatureStore
+from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.chamfer import Chamfer
 from elvis_cli.model.checkpoints import (
     Checkpoint,
@@ -48,6 +49,7 @@ from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, fuse_and_sort
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
 from elvis_cli.util.errors import ElvisWarning, InputError
+from elvis_cli.util.progress import ProgressCallback
 
 MODELS = ("global", "elvis", "chamfer")  # global: the global ranking alone, no re-ranking
 # Chamfer has no trained fusion: its shortlist is re-sorted by the chamfer score alone.
@@ -138,7 +140,8 @@ class DatasetFeatures:
 
 
 # (dataset, config, progress) -> features; extraction by default, released files as another.
-FeatureSource = Callable[[RetrievalDataset, EvaluateConfig, bool], DatasetFeatures]
+FeatureSource = Callable[[RetrievalDataset, EvaluateConfig, ProgressCallback | None],
+                         DatasetFeatures]
 
 
 @dataclass
@@ -149,7 +152,7 @@ class DatasetResult:
 
 
 def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
-                     progress: bool = True) -> DatasetFeatures:
+                     progress: ProgressCallback | None = None) -> DatasetFeatures:
     """Features extracted by `config.backbone` (cached), ranked by exact global search."""
     queries, gallery = extract_dataset(dataset, config, progress)
     started = time.perf_counter()
@@ -161,7 +164,7 @@ def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
 
 
 def released_source(dataset: RetrievalDataset, config: EvaluateConfig,
-                    progress: bool = True) -> DatasetFeatures:
+                    progress: ProgressCallback | None = None) -> DatasetFeatures:
     """The authors' released descriptor files (ELVIS_SPEC §4), ranked by their nn file.
 
     Only the dataset's own folder is read, so no number is ever reported under another
@@ -181,12 +184,13 @@ def evaluate_dataset(
     dataset: RetrievalDataset,
     config: EvaluateConfig,
     checkpoint: Checkpoint | None = None,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     on_stage: Callable[[str], None] | None = None,
     source: FeatureSource | None = None,
     grid: FusionGrid | None = None,
 ) -> DatasetResult:
-    """Evaluate one dataset; `on_stage` hears a short label as each stage starts.
+    """Evaluate one dataset; `on_stage` hears a short label as each stage starts, `progress`
+    the images of each features extraction.
 
     The global row scores the global ranking as it is (the authors' prepare_topk_global); the
     re-ranked rows score lists whose junk was moved behind every other image first (§5). With
@@ -286,7 +290,7 @@ def _metric_name(dataset: RetrievalDataset) -> str:
 
 
 def extract_dataset(
-    dataset: RetrievalDataset, config: EvaluateConfig, progress: bool = True
+    dataset: RetrievalDataset, config: EvaluateConfig, progress: ProgressCallback | None = None
 ) -> tuple[FeatureStore, FeatureStore]:
     """Query (cropped with `config.query_crops`) and gallery features, extracted once per
     backbone and reused. Truncated images are decoded as far as they go, as the authors'

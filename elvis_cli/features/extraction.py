@@ -27,32 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
-from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
+from elvis_cli.backbones.base import CLASS_GLOBAL
 from elvis_cli.features.images import Box, ImageError, collect_images, decode_image
-from elvis_cli.features.store import (
-    FORMAT,
-    finalize,
-    shard_damage,
-    shard_path,
-    shards_dir,
-    write_shard,
-)
+from elvis_cli.features.layout import FORMAT, NUM_META, shard_path, shards_dir
+from elvis_cli.features.writer import finalize, shard_damage, write_shard
 from elvis_cli.util.atomic import write_text_atomic
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
+from elvis_cli.util.progress import ProgressCallback, track
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"
@@ -110,7 +95,7 @@ def extract_features(
     output: str | Path,
     config: ExtractConfig | None = None,
     boxes: Sequence[Box | None] | None = None,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     backbone: Backbone | None = None,
     root: str | Path | None = None,
 ) -> ExtractReport:
@@ -119,6 +104,7 @@ def extract_features(
     `source` is anything collect_images accepts, or an explicit list of paths (stored relative to
     `root`, by default their common folder). `boxes` optionally crops each image (query crops).
     `backbone` overrides config.backbone/backbone_options with a ready-made instance.
+    `progress` hears the images of the shards still to do ("extracting"), one by one.
     """
     config = config or ExtractConfig()
     if config.batch_size < 1 or config.shard_size < 1:
@@ -154,7 +140,7 @@ def _run(
     root_dir: Path,
     backbone: Backbone,
     config: ExtractConfig,
-    progress: bool,
+    progress: ProgressCallback | None,
 ) -> ExtractReport:
     """The extraction proper, under the output's lock."""
     manifest = _plan(output, items, backbone, root_dir, config)
@@ -169,11 +155,8 @@ def _run(
     ]
     num_todo = sum(len(manifest["shards"][i]["images"]) for i in todo)
     extracted = 0
-    with (
-        _progress_bar(progress) as bar,
-        ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
-    ):
-        task = bar.add_task("extracting", total=num_todo)
+    advance = track(progress, "extracting", num_todo)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for index in todo:
             shard = manifest["shards"][index]
             shard_items = items[shard["start"] : shard["start"] + len(shard["images"])]
@@ -185,7 +168,7 @@ def _run(
                 device,
                 config,
                 pool,
-                lambda: bar.advance(task),
+                advance,
             )
             shard.update(done=True, failures=failures, warnings=warnings, **record)
             extracted += len(shard_items) - len(failures)
@@ -299,22 +282,6 @@ def _damage(output: Path, index: int, shard: dict[str, Any]) -> str | None:
     if not shard["done"]:
         return "not done"
     return shard_damage(shard_path(output, index), shard)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0.0:.1f} img/s", style="progress.data.speed")
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def _decode(item: _Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import NUM_META
+from elvis_cli.features.layout import NUM_META
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.errors import InputError

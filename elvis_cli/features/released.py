@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import CLASS_GLOBAL, NUM_META
+from elvis_cli.backbones.base import CLASS_GLOBAL
 from elvis_cli.evaluation.datasets import read_image_lines
-from elvis_cli.features.store import FeatureStore
+from elvis_cli.features.layout import NUM_META
+from elvis_cli.features.store import DescriptorStore, FeatureStore
 from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.safe_pickle import load_pickle
@@ -67,67 +69,55 @@ class BinarisedStore(FeatureStore):
 
     binarised = True
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
-        features = file["features"]
+    def _dimensions(self, path: Path, features: h5py.Dataset) -> tuple[int, int, int]:
+        """(N, K, D) of the packed layout, refusing what does not give K x 5 metadata and K
+        packed rows per image."""
         names = features.dtype.names or ()
         if any(name not in names for name in BINARY_FIELDS):
             raise InputError(f"{path}: binarised 'features' need fields metadata and descriptor, "
                              f"found {', '.join(names) or 'none'}")
         meta_shape = features.dtype["metadata"].shape
         bits_shape = features.dtype["descriptor"].shape
-        self._per_image = features.ndim == 1
-        num_local = meta_shape[0] if self._per_image else features.shape[1]
+        num_local = meta_shape[0] if features.ndim == 1 else features.shape[1]
         if (features.ndim not in (1, 2) or meta_shape[-1] != NUM_META
                 or features.dtype["descriptor"].base != np.uint8
                 or meta_shape[:-1] != bits_shape[:-1]):
             raise InputError(f"{path}: binarised 'features' of shape {features.shape} with "
                              f"{features.dtype} do not give K x 5 metadata and K packed uint8 rows")
-        self.path = path
-        self._file = file
-        self._features = features
-        self.num_images, self.num_local = features.shape[0], num_local
-        self.local_dim = 8 * bits_shape[-1]
-        self._globals, self._global_files = {}, []
-        self.paths = [str(index) for index in range(self.num_images)]
-        self.ids = list(self.paths)
-        self.sizes = None
-        self.backbone_settings = None
-        self.root = None
+        return features.shape[0], num_local, 8 * bits_shape[-1]
 
     def _read_rows(self, start: int, stop: int, count: int) -> np.ndarray:
-        block = self._features[start:stop] if self._per_image else self._features[start:stop,
-                                                                                 :count]
+        per_image = self._features.ndim == 1  # (N,) of K rows each, or (N, K) of one row each
+        block = self._features[start:stop] if per_image else self._features[start:stop, :count]
         meta, bits = block["metadata"][:, :count], block["descriptor"][:, :count]
         signs = np.unpackbits(bits, axis=-1).astype(np.float32) * 2.0 - 1.0
         return np.concatenate([meta.astype(np.float32), signs], axis=-1)
 
 
-class ShortlistedGallery(FeatureStore):
+class ShortlistedGallery(DescriptorStore):
     """The full gallery seen through a file that holds only the images in some query's
     extracted head (3-row nn files): `file_rows` maps a gallery index to its row there, -1
     for an image outside every head, which has no descriptors and is never read."""
 
-    def __init__(self, store: FeatureStore, file_rows: np.ndarray, head: int) -> None:
+    def __init__(self, store: DescriptorStore, file_rows: np.ndarray, head: int) -> None:
+        # the released global files of a shortlisted-only gallery cover the whole gallery
+        super().__init__(store.path, len(file_rows), store.num_local, store.local_dim,
+                         store._globals)
         self._store = store
         self._file_rows = file_rows
         self.head = head
         self.binarised = store.binarised
-        self.path, self._file = store.path, store._file
-        self.num_images, self.num_local, self.local_dim = len(file_rows), store.num_local, \
-            store.local_dim
-        # the released global files of a shortlisted-only gallery cover the whole gallery
-        self._globals, self._global_files = store._globals, []
-        self.paths = [str(index) for index in range(self.num_images)]
-        self.ids = list(self.paths)
-        self.sizes, self.backbone_settings, self.root = None, None, None
 
     def identity(self) -> dict[str, Any]:
         """The file's, and which of its rows each gallery index maps to."""
         mapping = hashlib.sha256(np.ascontiguousarray(self._file_rows, np.int64)).hexdigest()
         return {**self._store.identity(), "gallery_rows": mapping}
 
-    def read_local(self, indices, num_local: int | None = None,
-                   dtype: np.dtype | None = np.float32, check_finite: bool = True) -> np.ndarray:
+    def read_local(
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
+        dtype: np.dtype | None = np.float32, check_finite: bool = True,
+    ) -> np.ndarray:
+        """The rows of the gallery images asked for, read from their rows in the file."""
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < 0 or wanted.max() >= self.num_images):
             raise InputError(f"{self.path}: image index out of range 0..{self.num_images - 1}")
@@ -140,6 +130,10 @@ class ShortlistedGallery(FeatureStore):
                 f" re-rank at most {self.head} (junk moved to the end of a list can bring "
                 "later images into its head)")
         return self._store.read_local(rows, num_local, dtype, check_finite)
+
+    def close(self) -> None:
+        super().close()
+        self._store.close()
 
 
 def extracted_head(indices: np.ndarray, third_row: np.ndarray, file_size: int
@@ -231,7 +225,7 @@ def _sources_within(path: Path, data_root: Path) -> bool:
 
 
 def gallery_for(store: FeatureStore, shortlist: Shortlist,
-                gallery_size: int | None = None) -> FeatureStore:
+                gallery_size: int | None = None) -> DescriptorStore:
     """`store` itself, or the full gallery behind a shortlisted-only file (3-row nn files)."""
     if shortlist.file_rows is None:
         return store
@@ -259,7 +253,7 @@ def image_names(folder: Path) -> tuple[list[str], list[str]] | None:
     return [str(name) for name in raw["qimlist"]], [str(name) for name in raw["imlist"]]
 
 
-def name_images(store: FeatureStore, names: list[str]) -> None:
+def name_images(store: DescriptorStore, names: list[str]) -> None:
     """Give a released store's rows their image names when the counts agree."""
     if len(names) == store.num_images and store.backbone_settings is None:
         store.paths = list(names)
@@ -267,7 +261,7 @@ def name_images(store: FeatureStore, names: list[str]) -> None:
 
 
 def released_gallery(queries: FeatureStore, gallery: FeatureStore, shortlist: Shortlist
-                     ) -> FeatureStore:
+                     ) -> DescriptorStore:
     """For `elvis rerank` on released files: name the images from the ground truth beside the
     query file, and see the gallery through a 3-row shortlist's file rows."""
     names = image_names(queries.path.parent)
@@ -279,7 +273,7 @@ def released_gallery(queries: FeatureStore, gallery: FeatureStore, shortlist: Sh
 
 
 def open_released(dataset_dir: Path, descriptors: str, gallery_size: int | None = None
-                  ) -> tuple[FeatureStore, FeatureStore, Shortlist]:
+                  ) -> tuple[FeatureStore, DescriptorStore, Shortlist]:
     """Query store, gallery store (full-gallery indices) and the global ranking of a release.
 
     Its local files may be joined from files anywhere under the data root (the folder that

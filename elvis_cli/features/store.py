@@ -1,19 +1,19 @@
-"""Descriptor files: sharded HDF5 joined by a virtual dataset, readable like the official files.
+"""Reading descriptor files: our sharded HDF5 files and the official ones, alike.
 
-`FILE.h5` is a small file of HDF5 virtual datasets over `FILE.h5.shards/shard-NNNNN.h5`. Shards
-are written one at a time (so extraction can stop and resume) and the joined file is built last.
-The `features` dataset uses exactly the official layout (ELVIS_SPEC §3, §4): per image K rows of
-row centre, column centre, scale index, padding flag, weight, then the D descriptor values. So
-one reader serves our files and the released `*_local.hdf5` files, which hold `features` only.
-`global` holds the "cls" global descriptor; `global_<type>` the others that were asked for.
+The `features` dataset of our files uses exactly the official layout (layout.py; ELVIS_SPEC
+§3, §4), so one reader serves our files and the released `*_local.hdf5` files, which hold
+`features` only. Ours also hold `global` (the "cls" global descriptor), `global_<type>` (the
+others that were asked for), image paths, ids and sizes. Writing is writer.py's.
+
+`DescriptorStore` is what every store offers the re-ranker; `FeatureStore` reads one HDF5
+file; released.py adds binarised files and a gallery seen through a shortlisted-only file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,224 +22,54 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import CLASS_GLOBAL, META_PADDING, NUM_META
-from elvis_cli.util.atomic import atomic_path
+from elvis_cli.backbones.base import CLASS_GLOBAL
+from elvis_cli.features.layout import (
+    FORMAT,
+    FORMAT_PREFIX,
+    META_PADDING,
+    NUM_META,
+    POOLED_PREFIX,
+    SHARD_DATASETS,
+    dataset_names,
+)
+from elvis_cli.features.writer import shard_damage
 from elvis_cli.util.errors import InputError
 
 T = TypeVar("T")
 
-# 2: metadata columns 0 and 1 are the row, then column centre (version 1 had x, y), and
-# optional `global_<type>` datasets. Files of another version are refused, not misread.
-FORMAT = "elvis-cli-features/2"
-FORMAT_PREFIX = "elvis-cli-features/"
-SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
-POOLED_PREFIX = "global_"
-STRING_DTYPE = h5py.string_dtype("utf-8")
 # what h5py raises on files it cannot make sense of (damaged, hand-made, hostile)
 HDF5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
 
 
-def shards_dir(path: str | Path) -> Path:
-    return Path(f"{path}.shards")
+class DescriptorStore(ABC):
+    """The read interface of descriptors of N images: K local rows of 5 + D numbers each, and
+    global descriptors by type. Rows are named by their index until a file names them."""
 
+    binarised = False  # whether local descriptors are signs decoded from packed bits
 
-def shard_path(path: str | Path, index: int) -> Path:
-    return shards_dir(path) / f"shard-{index:05d}.h5"
-
-
-def write_shard(
-    target: Path,
-    features: np.ndarray,
-    global_desc: np.ndarray,
-    paths: Sequence[str],
-    ids: Sequence[str],
-    sizes: np.ndarray,
-    pooled: dict[str, np.ndarray] | None = None,
-) -> dict[str, Any]:
-    """Write one shard atomically. features (n, K, 5 + D), global_desc (n, Dg) the "cls" global
-    descriptor, sizes (n, 2), pooled: further global descriptors by type, (n, Dg) each.
-
-    An empty shard (n = 0, every image failed) is valid: it keeps K, D and Dg in its shapes.
-    Returns its shard_record, to be kept and compared with later (shard_damage).
-    """
-    count = len(paths)
-    pooled = pooled or {}
-    if not (len(features) == len(global_desc) == len(ids) == len(sizes) == count) or any(
-        len(values) != count for values in pooled.values()
-    ):
-        raise ValueError("shard arrays disagree on the number of images")
-    with new_hdf5(target) as file:
-        file.create_dataset("features", data=np.asarray(features, dtype=np.float16))
-        file.create_dataset("global", data=np.asarray(global_desc, dtype=np.float32))
-        for kind, values in pooled.items():
-            file.create_dataset(POOLED_PREFIX + kind, data=np.asarray(values, dtype=np.float32))
-        file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
-        file.create_dataset("ids", data=list(ids), dtype=STRING_DTYPE, shape=(count,))
-        file.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int32).reshape(count, 2))
-    return shard_record(target)
-
-
-@contextmanager
-def new_hdf5(target: Path) -> Iterator[h5py.File]:
-    """An HDF5 file built in memory, then written atomically as plain bytes.
-
-    HDF5 itself must never meet a full disk: it crashes (SIGSEGV) while cleaning up after the
-    failed write. Plain Python writes raise ENOSPC cleanly, which atomic_path reports.
-    """
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as file:
-        yield file
-    with atomic_path(target) as temporary:
-        temporary.write_bytes(buffer.getbuffer())
-
-
-def shard_record(shard: Path) -> dict[str, Any]:
-    """Size and SHA-256 of a finished shard: what a later run checks before trusting it."""
-    digest = hashlib.sha256()
-    with open(shard, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": shard.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def shard_damage(shard: Path, record: dict[str, Any], checksum: bool = True) -> str | None:
-    """Why `shard` no longer matches its record (missing, truncated, altered), or None.
-
-    Without `checksum` only the size is compared: a stat, cheap enough for every open.
-    """
-    if not shard.is_file():
-        return "missing"
-    size = shard.stat().st_size
-    if size != record.get("bytes"):
-        return f"damaged ({size} bytes, {record.get('bytes')} expected)"
-    if checksum and shard_record(shard)["sha256"] != record.get("sha256"):
-        return "damaged (checksum mismatch)"
-    return None
-
-
-def shard_length(shard: Path) -> int:
-    with h5py.File(shard, "r") as file:
-        return len(file["paths"])
-
-
-def finalize(
-    path: str | Path, shards: Sequence[Path], settings: dict[str, Any], root: Path
-) -> None:
-    """Build the joined top-level file over finished shards, atomically.
-
-    Virtual sources use paths relative to the joined file, so FILE.h5 and FILE.h5.shards can be
-    moved together. Zero-image shards contribute nothing. Each shard's size and checksum are
-    kept in the `shards` attribute, so a truncated shard is named on open instead of being read
-    as zeros (HDF5 fills unreadable virtual sources silently).
-    """
-    path = Path(path)
-    if not shards:
-        raise ValueError("finalize needs at least one shard")
-    with h5py.File(shards[0], "r") as file:
-        names = _dataset_names(file)
-    infos = []
-    for shard in shards:
-        with h5py.File(shard, "r") as file:
-            infos.append({name: (file[name].shape, file[name].dtype) for name in names})
-    total = sum(info["paths"][0][0] for info in infos)
-    first = infos[0]
-    records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
-    with new_hdf5(path) as file:
-        for name in names:
-            shape, dtype = first[name]
-            full_shape = (total, *shape[1:])
-            if total == 0:
-                file.create_dataset(name, shape=full_shape, dtype=dtype)
-                continue
-            layout = h5py.VirtualLayout(shape=full_shape, dtype=dtype)
-            start = 0
-            for shard, info in zip(shards, infos, strict=True):
-                rows = info[name][0][0]
-                if rows:
-                    source_name = os.path.relpath(shard, path.parent)
-                    layout[start : start + rows] = h5py.VirtualSource(
-                        source_name, name, shape=info[name][0]
-                    )
-                    start += rows
-            file.create_virtual_dataset(name, layout)
-        num_local, width = first["features"][0][1:]
-        file.attrs.update(
-            {
-                "format": FORMAT,
-                "backbone": json.dumps(settings, sort_keys=True),
-                "root": str(Path(root).resolve()),
-                "num_local": num_local,
-                "local_dim": width - NUM_META,
-                "global_dim": first["global"][0][1],
-                "global_types": json.dumps(
-                    [CLASS_GLOBAL] + [n.removeprefix(POOLED_PREFIX) for n in names
-                                      if n.startswith(POOLED_PREFIX)]),
-                "shards": json.dumps(records, sort_keys=True),
-            }
-        )
-
-
-class FeatureStore:
-    """Read access to a features file: ours, or an official `features`-only local file."""
-
-    binarised = False  # subclasses that decode packed bits accept the structured layout
-
-    def __init__(self, path: Path, file: h5py.File) -> None:
+    def __init__(self, path: Path, num_images: int, num_local: int, local_dim: int,
+                 globals_: dict[str, h5py.Dataset] | None = None) -> None:
         self.path = path
-        self._file = file
-        features = file["features"]
-        self._features = features
-        self.num_images, self.num_local, width = features.shape
-        self.local_dim = width - NUM_META
-        ours = file.attrs.get("format") == FORMAT
-        # global descriptors by type ("cls" first): ours hold them, official local files do
-        # not, but the authors' files beside them may (add_global)
-        self._globals: dict[str, h5py.Dataset] = {CLASS_GLOBAL: file["global"], **{
-            n.removeprefix(POOLED_PREFIX): file[n] for n in _dataset_names(file)
-            if n.startswith(POOLED_PREFIX)}} if ours else {}
-        self._global_files: list[h5py.File] = []
-        if ours:
-            self.paths: list[str] = list(file["paths"].asstr()[()])
-            self.ids: list[str] = list(file["ids"].asstr()[()])
-            self.sizes: np.ndarray | None = file["sizes"][()]
-            self.backbone_settings: dict[str, Any] | None = json.loads(file.attrs["backbone"])
-            self.root: Path | None = Path(file.attrs["root"])
-            if not isinstance(self.backbone_settings, dict):
-                raise InputError(f"{path}: backbone settings are not a JSON object")
-        else:
-            self.paths = [str(index) for index in range(self.num_images)]
-            self.ids = list(self.paths)
-            self.sizes = None
-            self.backbone_settings = None
-            self.root = None
+        self.num_images, self.num_local, self.local_dim = num_images, num_local, local_dim
+        # global descriptors by type ("cls" first where there is one)
+        self._globals: dict[str, h5py.Dataset] = {} if globals_ is None else globals_
+        self._global_files: list[h5py.File] = []  # opened by add_global, closed by close
+        self.paths: list[str] = [str(index) for index in range(num_images)]
+        self.ids: list[str] = list(self.paths)
+        self.sizes: np.ndarray | None = None
+        self.backbone_settings: dict[str, Any] | None = None  # None: not extracted by us
+        self.root: Path | None = None
 
-    @classmethod
-    def open(cls, path: str | Path, allow_external_sources: bool = False) -> FeatureStore:
-        """Open and validate a features file; anything unusable is an InputError naming it.
+    @abstractmethod
+    def read_local(
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
+        dtype: np.dtype | None = np.float32, check_finite: bool = True,
+    ) -> np.ndarray:
+        """Raw (len, K', 5 + D) rows (metadata then descriptor) for any index order."""
 
-        Data stored in other files (virtual sources, external links or storage) must lie in
-        the file's own folder unless `allow_external_sources`: a downloaded file must not make
-        us read arbitrary files on this machine.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: features file not found")
-
-        def build(file: h5py.File) -> FeatureStore:
-            _check_layout(path, file, allow_binarised=cls.binarised)
-            return cls(path, file)
-
-        return _open_checked(path, allow_external_sources, build)
-
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
-        """What the rows of this file depend on, for caches keyed by it: its path and, for our
-        files, the shards' checksums (the joined file is rewritten when extraction resumes),
-        for others its size and modification time."""
-        if self._file.attrs.get("format") == FORMAT:
-            return {"file": str(self.path.resolve()), "shards": self._file.attrs["shards"]}
-        stat = self.path.stat()
-        return {"file": str(self.path.resolve()), "bytes": stat.st_size,
-                "modified": stat.st_mtime_ns}
+        """What the rows depend on, for caches keyed by it."""
 
     @property
     def global_types(self) -> list[str]:
@@ -283,6 +113,90 @@ class FeatureStore:
         self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)),
                                  "global" if kind == CLASS_GLOBAL else f"{kind} global")
         return values
+
+    def raise_if_not_finite(self, bad: np.ndarray, rows: np.ndarray, kind: str = "local"
+                            ) -> None:
+        """One-line error naming the first of `rows` flagged `bad` (NaN/inf descriptors)."""
+        if bad.any():
+            first = int(rows[np.argmax(bad)])
+            raise InputError(
+                f"{self.path}: {int(bad.sum())} image(s) with NaN/inf {kind} descriptors, "
+                f"first {self.paths[first]!r} (row {first})"
+            )
+
+    def local_descriptors(
+        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(len, K', D) float32 descriptors and a (len, K') mask, True where a row is padding."""
+        rows = self.read_local(indices, num_local)
+        return np.ascontiguousarray(rows[..., NUM_META:]), rows[..., META_PADDING] > 0.5
+
+    def close(self) -> None:
+        for file in self._global_files:
+            file.close()
+
+    def __enter__(self) -> DescriptorStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class FeatureStore(DescriptorStore):
+    """Read access to a features file: ours, or an official `features`-only local file."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        features = file["features"]
+        ours = file.attrs.get("format") == FORMAT
+        # ours hold global descriptors; official local files do not, but the authors' files
+        # beside them may (add_global)
+        globals_ = {CLASS_GLOBAL: file["global"], **{
+            n.removeprefix(POOLED_PREFIX): file[n] for n in dataset_names(file)
+            if n.startswith(POOLED_PREFIX)}} if ours else {}
+        super().__init__(path, *self._dimensions(path, features), globals_)
+        self._file = file
+        self._features = features
+        if ours:
+            self.paths = list(file["paths"].asstr()[()])
+            self.ids = list(file["ids"].asstr()[()])
+            self.sizes = file["sizes"][()]
+            self.backbone_settings = json.loads(file.attrs["backbone"])
+            self.root = Path(file.attrs["root"])
+            if not isinstance(self.backbone_settings, dict):
+                raise InputError(f"{path}: backbone settings are not a JSON object")
+
+    def _dimensions(self, path: Path, features: h5py.Dataset) -> tuple[int, int, int]:
+        """(N, K, D) of a `features` dataset (checked by _check_layout)."""
+        num_images, num_local, width = features.shape
+        return num_images, num_local, width - NUM_META
+
+    @classmethod
+    def open(cls, path: str | Path, allow_external_sources: bool = False) -> FeatureStore:
+        """Open and validate a features file; anything unusable is an InputError naming it.
+
+        Data stored in other files (virtual sources, external links or storage) must lie in
+        the file's own folder unless `allow_external_sources`: a downloaded file must not make
+        us read arbitrary files on this machine.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: features file not found")
+
+        def build(file: h5py.File) -> FeatureStore:
+            _check_layout(path, file, allow_binarised=cls.binarised)
+            return cls(path, file)
+
+        return _open_checked(path, allow_external_sources, build)
+
+    def identity(self) -> dict[str, Any]:
+        """What the rows of this file depend on, for caches keyed by it: its path and, for our
+        files, the shards' checksums (the joined file is rewritten when extraction resumes),
+        for others its size and modification time."""
+        if self._file.attrs.get("format") == FORMAT:
+            return {"file": str(self.path.resolve()), "shards": self._file.attrs["shards"]}
+        stat = self.path.stat()
+        return {"file": str(self.path.resolve()), "bytes": stat.st_size,
+                "modified": stat.st_mtime_ns}
 
     def read_local(
         self, indices: Sequence[int] | np.ndarray, num_local: int | None = None,
@@ -333,33 +247,9 @@ class FeatureStore:
         """Images start..stop-1, first `count` rows each, as (n, count, 5 + D) numbers."""
         return self._features[start:stop, :count]
 
-    def raise_if_not_finite(self, bad: np.ndarray, rows: np.ndarray, kind: str = "local"
-                            ) -> None:
-        """One-line error naming the first of `rows` flagged `bad` (NaN/inf descriptors)."""
-        if bad.any():
-            first = int(rows[np.argmax(bad)])
-            raise InputError(
-                f"{self.path}: {int(bad.sum())} image(s) with NaN/inf {kind} descriptors, "
-                f"first {self.paths[first]!r} (row {first})"
-            )
-
-    def local_descriptors(
-        self, indices: Sequence[int] | np.ndarray, num_local: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(len, K', D) float32 descriptors and a (len, K') mask, True where a row is padding."""
-        rows = self.read_local(indices, num_local)
-        return np.ascontiguousarray(rows[..., NUM_META:]), rows[..., META_PADDING] > 0.5
-
     def close(self) -> None:
-        for file in self._global_files:
-            file.close()
+        super().close()
         self._file.close()
-
-    def __enter__(self) -> FeatureStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _open_checked(path: Path, allow_external_sources: bool, build: Callable[[h5py.File], T]) -> T:
@@ -401,7 +291,7 @@ def _check_layout(path: Path, file: h5py.File, allow_binarised: bool = False) ->
             raise InputError(f"{path}: incomplete features file, missing {', '.join(missing)}")
     if file.attrs.get("format") == FORMAT:
         count = features.shape[0]
-        shapes = {name: file[name].shape for name in _dataset_names(file)}
+        shapes = {name: file[name].shape for name in dataset_names(file)}
         pooled = [shape for name, shape in shapes.items() if name.startswith(POOLED_PREFIX)]
         if any(shape[:1] != (count,) for shape in shapes.values()) or (
             len(shapes["global"]) != 2 or shapes["sizes"] != (count, 2)
@@ -447,11 +337,6 @@ def _check_source(
     if damage:
         raise InputError(f"{path}: shard {path.parent / source} is {damage}; "
                          "re-run the extraction to re-create it")
-
-
-def _dataset_names(file: h5py.File) -> list[str]:
-    """The datasets of our shard or joined file: the fixed ones, then each extra global type."""
-    return [*SHARD_DATASETS, *sorted(n for n in file if n.startswith(POOLED_PREFIX))]
 
 
 @contextmanager

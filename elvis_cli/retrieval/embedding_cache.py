@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from elvis_cli.features.store import HDF5_ERRORS, FeatureStore, new_hdf5
+from elvis_cli.features.store import HDF5_ERRORS, FeatureStore
+from elvis_cli.features.writer import new_hdf5
 from elvis_cli.model.elvis import Embedded
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 

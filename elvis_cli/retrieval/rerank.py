@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from elvis_cli.backbones.base import META_PADDING, NUM_META
+from elvis_cli.features.layout import META_PADDING, NUM_META
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, Embedded

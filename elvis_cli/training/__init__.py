@@ -1,1 +1,1 @@
-"""Training ELViS: photo views and the training loop."""
+"""Training ELViS: photos and splits, views, feature pools, pairs, validation, the loop."""

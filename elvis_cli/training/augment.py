@@ -3,15 +3,24 @@
 Two views of one photo must look like two photos of one object taken by different people:
 another framing, viewpoint, resolution, exposure and focus, sometimes with something in the way.
 Every random draw comes from the caller's generator, so a seed fixes the view exactly.
+`render_views` streams a round's views of a whole photo set.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from elvis_cli.features.images import ImageError, load_image
+
+if TYPE_CHECKING:
+    from elvis_cli.training.photos import PhotoSet
 
 
 @dataclass
@@ -179,3 +188,46 @@ def inset_view(
     )
     frame[top : top + inner_h, left : left + inner_w] = np.asarray(small)
     return frame
+
+
+def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """The photo itself as a view: only shrunk to the views' size, so all views cost the same."""
+    height, width = image.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return image
+    factor = max_side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    resized = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.array(resized)
+
+
+def render_views(
+    photos: PhotoSet, views_per_image: int, config: ViewConfig, entropy: list[int],
+    skipped: dict[Path, str],
+) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(photo index, view, backdrop photo index or -1) for every readable photo: the photo
+    itself, then random views, which may be pasted into the previous readable photo (a
+    deterministic choice of another scene that costs no extra decoding).
+
+    Each photo has its own generator, so its views do not depend on which other photos failed.
+    """
+    previous: tuple[int, np.ndarray] | None = None
+    # with fewer than three instances an inset could share content with every other view
+    inset_prob = config.inset_prob if len(np.unique(photos.instances)) >= 3 else 0.0
+    for index, path in enumerate(photos.paths):
+        if path in skipped:
+            continue
+        try:
+            image = load_image(path)
+        except ImageError as error:
+            skipped[path] = str(error)
+            continue
+        rng = np.random.default_rng([*entropy, index])
+        yield index, _fit(image, config.max_side), -1
+        for _ in range(views_per_image - 1):
+            view = random_view(image, rng, config)
+            if previous is not None and inset_prob > 0 and rng.random() < inset_prob:
+                yield index, inset_view(view, previous[1], rng, config.inset_area), previous[0]
+            else:
+                yield index, view, -1
+        previous = (index, image)

@@ -1,0 +1,39 @@
+"""How descriptors are laid out on disk: the metadata columns every descriptor row starts with,
+and the names of our features files, their datasets and their shards.
+
+Backbones write rows in this layout and every store reads it, so it lives apart from both.
+The metadata columns are identical to the official files' (ELVIS_SPEC §3): the patch centre's
+row (vertical) then column (horizontal) position as fractions of the grid, the scale index,
+the padding flag (1 = padding) and the weight; the D descriptor values follow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import h5py
+
+META_ROW, META_COL, META_SCALE, META_PADDING, META_WEIGHT = range(5)
+NUM_META = 5
+
+# 2: metadata columns 0 and 1 are the row, then column centre (version 1 had x, y), and
+# optional `global_<type>` datasets. Files of another version are refused, not misread.
+FORMAT = "elvis-cli-features/2"
+FORMAT_PREFIX = "elvis-cli-features/"
+SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
+POOLED_PREFIX = "global_"  # + a global type: a dataset of further global descriptors
+
+
+def shards_dir(path: str | Path) -> Path:
+    return Path(f"{path}.shards")
+
+
+def shard_path(path: str | Path, index: int) -> Path:
+    return shards_dir(path) / f"shard-{index:05d}.h5"
+
+
+def dataset_names(file: h5py.File) -> list[str]:
+    """The datasets of our shard or joined file: the fixed ones, then each extra global type."""
+    return [*SHARD_DATASETS, *sorted(n for n in file if n.startswith(POOLED_PREFIX))]

@@ -1,0 +1,42 @@
+"""Progress as events: long library calls report how far they are, and only the CLI draws it.
+
+A call that takes a `progress` callback announces each task once with `done` 0, then reports
+every unit finished; no callback (None) means silence. The library never prints a bar itself,
+so notebooks, scripts and tests get no terminal output they did not ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """`done` of `total` units of one task (images extracted, views rendered, steps taken)."""
+
+    task: str  # a short label, e.g. "extracting" or "round 1 steps"
+    done: int
+    total: int
+
+
+ProgressCallback = Callable[[TaskProgress], None]
+
+
+def track(progress: ProgressCallback | None, task: str, total: int) -> Callable[[], None]:
+    """Announce `task` (0 of `total` done) and return the call that reports one more unit.
+
+    A falsy `progress` (None, or False as older callers pass it) reports nothing.
+    """
+    if not progress:
+        return lambda: None
+    report = progress
+    report(TaskProgress(task, 0, total))
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        report(TaskProgress(task, done, total))
+
+    return advance
