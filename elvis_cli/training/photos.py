@@ -25,7 +25,6 @@ class PhotoSet:
         return PhotoSet([self.paths[i] for i in rows], self.instances[rows])
 
 
-
 def read_labels(path: Path) -> dict[Path, str]:
     """`path,instance_id` rows (an optional header) -> {resolved path: id}.
 
@@ -78,11 +77,11 @@ def split_by_instance(photos: PhotoSet, fraction: float, seed: int) -> tuple[Pho
     return photos.subset(np.flatnonzero(~is_val)), photos.subset(np.flatnonzero(is_val))
 
 
-
 def training_photos(
     train_source: str | Path | None, val_source: str | Path | None, labels: Path | None,
     config: TrainConfig,
 ) -> tuple[PhotoSet, PhotoSet]:
+    """(train, val) photo sets: from photos and/or a labels CSV, validation given or split off."""
     label_map = read_labels(labels) if labels is not None else None
     if train_source is not None:
         train_paths = collect_images(train_source)[1]

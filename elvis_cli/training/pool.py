@@ -46,7 +46,6 @@ class ViewPool:
         return (self.local_desc[index].to(device, torch.float32), self.padding[index].to(device))
 
 
-
 @torch.inference_mode()
 def extract_pool(
     backbone: Backbone,
@@ -95,7 +94,6 @@ def extract_pool(
         photos.instances[photo],
         np.where(backdrop >= 0, photos.instances[np.maximum(backdrop, 0)], -1),
     )
-
 
 
 @torch.inference_mode()

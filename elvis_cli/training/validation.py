@@ -18,6 +18,7 @@ from elvis_cli.training.config import VAL_PAIRS, TrainConfig
 from elvis_cli.training.pairs import PairSampler
 from elvis_cli.training.pool import ViewPool, raw_scores
 
+
 # Fusion grid searched on the validation set; the paper's (0.5, 0.5) comes first so that it wins
 # ties. See `choose_fusion` for why the temperature has to be searched at all.
 FUSION_GRID = tuple(
@@ -85,7 +86,6 @@ def validate(
     metrics.update(val_map=best["val_map"], lam=best["lam"], temperature=best["temperature"],
                    val_map_default=grid[0]["val_map"])
     return metrics, grid
-
 
 
 def mean_ap(ranking: np.ndarray, positives: list[np.ndarray], junk: list[np.ndarray]) -> float:
