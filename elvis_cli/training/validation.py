@@ -18,7 +18,6 @@ from elvis_cli.training.config import VAL_PAIRS, TrainConfig
 from elvis_cli.training.pairs import PairSampler
 from elvis_cli.training.pool import ViewPool, raw_scores
 
-
 # Fusion grid searched on the validation set; the paper's (0.5, 0.5) comes first so that it wins
 # ties. See `choose_fusion` for why the temperature has to be searched at all.
 FUSION_GRID = tuple(
