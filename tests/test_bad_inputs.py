@@ -18,7 +18,7 @@ from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Fusion, save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from tests.test_images import png_header_only
+from tests.helpers import png_header_only
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
          "--backbone-option=local_layer=5", "--device=cpu", "--quiet"]

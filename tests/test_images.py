@@ -2,10 +2,8 @@
 
 import io
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 
 from elvis_cli.features.images import ImageError, collect_images, decode_image, load_image
 from elvis_cli.util.errors import InputError
+from tests.helpers import png_header_only
 
 
 def write(path: Path, array: np.ndarray, **save_args) -> Path:
@@ -23,20 +22,6 @@ def write(path: Path, array: np.ndarray, **save_args) -> Path:
     return path
 
 
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares a huge size; only its header is valid (a decompression bomb probe)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
-    return path
-
-
-@pytest.fixture(scope="module")
 def cat() -> np.ndarray:
     return skimage.data.chelsea()  # (300, 451, 3)
 
