@@ -123,6 +123,7 @@ def test_rerank_score_fuses_global_and_raw_scores(reranked):
 
 
 def test_rerank_rows_are_sorted_by_fused_score(reranked):
+    assert reranked["query_index"].nunique() == 8
     for _, rows in reranked.groupby("query_index"):
         assert (np.diff(rows["score"].to_numpy()) <= 1e-7).all()
 

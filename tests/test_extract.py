@@ -242,11 +242,54 @@ def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_
                          progress=False)
 
 
-def test_memory_cap_on_pending_images_keeps_results(folder, tmp_path, monkeypatch):
-    big_shards = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=4, shard_size=8)
-    extract_features(folder, tmp_path / "a.h5", big_shards, progress=False)
+def watch_pending(monkeypatch) -> list[int]:
+    """Installs a watch on extraction; the returned list gets, before each decoded image is
+    handed over and once after the last, how many handed-over images are not yet encoded:
+    those pending in memory, waiting for a batch of their shape."""
+    seen: list[int] = []
+    handed = [0]
+    encoded = [0]
+    in_order, encode = extract_module._decoded_in_order, extract_module._encode
+
+    def watched_in_order(*args, **kwargs):
+        for item in in_order(*args, **kwargs):
+            seen.append(handed[0] - encoded[0])
+            handed[0] += item.tensor is not None
+            yield item
+        seen.append(handed[0] - encoded[0])
+
+    def watched_encode(backbone, batch):
+        encoded[0] += len(batch)
+        return encode(backbone, batch)
+
+    monkeypatch.setattr(extract_module, "_decoded_in_order", watched_in_order)
+    monkeypatch.setattr(extract_module, "_encode", watched_encode)
+    return seen
+
+
+BIG_SHARDS = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=4, shard_size=8)
+
+
+@pytest.fixture
+def capped(folder, tmp_path, monkeypatch):
+    """The folder extracted with the default cap on pending images (4 batches), then with a
+    cap of 0, each run watched."""
+    uncapped = watch_pending(monkeypatch)
+    extract_features(folder, tmp_path / "a.h5", BIG_SHARDS, progress=False)
     monkeypatch.setattr(extract_module, "MAX_PENDING_BATCHES", 0)  # run odd shapes at once
-    extract_features(folder, tmp_path / "b.h5", big_shards, progress=False)
+    capped = watch_pending(monkeypatch)
+    extract_features(folder, tmp_path / "b.h5", BIG_SHARDS, progress=False)
+    return uncapped, capped
+
+
+def test_pending_images_never_exceed_the_memory_cap(capped):
+    uncapped, capped = capped
+    assert max(uncapped) > 0  # without the cap images wait for company: the cap binds here
+    assert len(capped) == len(GOOD) + len(BAD) + 1
+    assert max(capped) == 0  # a cap of 0 batches: each image is encoded before the next comes
+
+
+def test_memory_cap_on_pending_images_keeps_results(capped, tmp_path):
     first, second = contents(tmp_path / "a.h5"), contents(tmp_path / "b.h5")
     assert first["paths"] == second["paths"] == GOOD
     np.testing.assert_allclose(first["global"], second["global"], atol=1e-5)

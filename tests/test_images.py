@@ -22,6 +22,7 @@ def write(path: Path, array: np.ndarray, **save_args) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
 def cat() -> np.ndarray:
     return skimage.data.chelsea()  # (300, 451, 3)
 
@@ -260,6 +261,7 @@ def test_missing_file(tmp_path):
         load_image(tmp_path / "gone.png")
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory via /proc")
 def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
     """20000 x 20000 (1.2 GB as RGB): the JPEG decoder's 1/8 scaling is used, never full size."""

@@ -186,6 +186,7 @@ def test_rerank_on_a_release_names_each_rows_images(release_reranked):
 @pytest.mark.subprocess
 def test_rerank_on_a_release_raw_scores_are_the_models(release_reranked):
     run = release_reranked
+    assert len(run.table) == NN.size
     for row in run.table.itertuples():
         expected = raw_score(run.model, run.queries[row.query_index],
                              run.gallery[row.gallery_index])
@@ -553,7 +554,9 @@ def test_float_files_run_through_the_binarised_models_itq_step(tmp_path):
     assert rerank_release(tmp_path).returncode == 0
     table = pd.read_csv(tmp_path / "out.csv")
     state = model.state_dict()
-    for row in table[table["rank"] < 3].itertuples():
+    head = table[table["rank"] <= 3]  # ranks count from 1; --shortlist 3 re-ranks 3 a query
+    assert len(head) == len(QUERIES) * 3 and head["raw_score"].notna().all()
+    for row in head.itertuples():
         src, tgt = queries[row.query_index, :USED], gallery[row.gallery_index, :USED]
         expected = reference_score(state, *(torch.from_numpy(x[:, 5:]) for x in (src, tgt)),
                                    *(torch.from_numpy(x[:, 3] > 0.5) for x in (src, tgt)))
