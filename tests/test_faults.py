@@ -169,15 +169,21 @@ def test_lock_is_exclusive_within_a_process_too(tmp_path):
         pass
 
 
-def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tmp_path):
+def test_a_truncated_shard_is_named_on_opening(images, tmp_path):
     output = tmp_path / "feats.h5"
     extract_features(images, output, CONFIG, progress=False)
-    stamps = {i: shard_path(output, i).stat().st_mtime_ns for i in range(4)}
-
     truncated = shard_path(output, 1)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     with pytest.raises(InputError, match=r"shard-00001\.h5 is damaged \(\d+ bytes, \d+ expected"):
         FeatureStore.open(output)
+
+
+def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tmp_path):
+    output = tmp_path / "feats.h5"
+    extract_features(images, output, CONFIG, progress=False)
+    stamps = {i: shard_path(output, i).stat().st_mtime_ns for i in range(4)}
+    truncated = shard_path(output, 1)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     flipped = shard_path(output, 3)
     data = bytearray(flipped.read_bytes())
     data[-100] ^= 0xFF  # same size, different bytes: only the checksum sees it
@@ -191,6 +197,10 @@ def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tm
         assert shard_path(output, index).stat().st_mtime_ns == stamps[index]
     assert_bitwise_equal(output, reference)
 
+
+def test_a_missing_shard_is_named_and_redone(images, reference, tmp_path):
+    output = tmp_path / "feats.h5"
+    extract_features(images, output, CONFIG, progress=False)
     shard_path(output, 2).unlink()
     with pytest.raises(InputError, match=r"missing shard .*shard-00002\.h5"):
         FeatureStore.open(output)
