@@ -1,12 +1,30 @@
-"""Fixtures shared by several test files (test files do not import each other)."""
+"""Functions shared by several test files. Test files import only from here, `conftest`
+(constants and fixtures), `reference_elvis` (the plain reference of the spec) and
+`kill_runner` (a subprocess entry point); never from one another."""
 
+import os
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
+import skimage.data
+import torch
+from PIL import Image
 
 from elvis_cli.features.layout import shard_path
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.features.writer import finalize, write_shard
+from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig
+from tests.reference_elvis import reference_score
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- feature files and models ---------------------------------------------------------------
 
 
 def write_store(path: Path, rng: np.random.Generator, count: int, stored: int, real: list[int],
@@ -22,3 +40,95 @@ def write_store(path: Path, rng: np.random.Generator, count: int, stored: int, r
                 np.ones((count, 2), np.int32))
     finalize(path, [shard_path(path, 0)], {"name": "test"}, path.parent)
     return FeatureStore.open(path)
+
+
+def random_model(dim: int = 48, seed: int = 0, dust_bin: float = 0.5, scale: float = 0.3):
+    """An ELViS with random weights large enough to give varied scores."""
+    torch.manual_seed(seed)
+    model = Elvis(ElvisConfig(descriptor_dim=dim)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, scale)
+        model.dust_bin.fill_(dust_bin)
+    return model
+
+
+def random_checkpoint(path: Path, dim: int, backbone: dict) -> Path:
+    """A checkpoint of default-initialised weights for `backbone`'s settings."""
+    torch.manual_seed(0)
+    save_checkpoint(path, Elvis(ElvisConfig(descriptor_dim=dim)), backbone, Fusion(0.5, 0.1))
+    return path
+
+
+def reference_pair_scores(model, queries: FeatureStore, gallery: FeatureStore, candidates,
+                          num_local) -> np.ndarray:
+    """The plain reference's raw score of every (query, candidate) pair; NaN where row < 0."""
+    state = model.state_dict()
+    expected = np.full(candidates.shape, np.nan)
+    src_local, tgt_local = (min(num_local or store.num_local, store.num_local)
+                            for store in (queries, gallery))
+    for (q, position), row in np.ndenumerate(candidates):
+        if row >= 0:
+            src, src_pad = queries.local_descriptors([q], src_local)
+            tgt, tgt_pad = gallery.local_descriptors([row], tgt_local)
+            src, tgt = torch.from_numpy(src[0]), torch.from_numpy(tgt[0])
+            src[src_pad[0]] = 0.0
+            tgt[tgt_pad[0]] = 0.0
+            expected[q, position] = reference_score(state, src, tgt, torch.from_numpy(src_pad[0]),
+                                                    torch.from_numpy(tgt_pad[0]))
+    return expected
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def photos() -> dict[str, np.ndarray]:
+    return {"astronaut": skimage.data.astronaut(), "cat": skimage.data.chelsea(),
+            "coffee": skimage.data.coffee(), "rocket": skimage.data.rocket()}
+
+
+def write_views(folder: Path) -> list[str]:
+    """Two crops of each photo, so every image has a true match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, pixels in photos().items():
+        h, w = pixels.shape[:2]
+        for i, crop in enumerate((pixels[: 3 * h // 4, : 3 * w // 4], pixels[h // 4 :, w // 4 :])):
+            Image.fromarray(crop).save(folder / f"{name}_{i}.jpg")
+            names.append(f"{name}_{i}")
+    return names
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares a huge size; only its header is valid (a decompression bomb probe)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+# --- the command in a process of its own ------------------------------------------------------
+
+
+def elvis(*args, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m elvis_cli ARGS` in `cwd` as a user runs it, on this checkout's code, one
+    thread, its checkpoint cache in `cwd`/cache. Tests that call it are marked `subprocess`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
+           "ELVIS_CACHE": str(cwd / "cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "elvis_cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 1 and a single `elvis: error:` line on stderr holding every fragment."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("elvis: error:"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import elvis_cli
 
 
@@ -14,6 +16,7 @@ def test_every_public_name_resolves_to_its_definition():
     assert elvis_cli.rerank.__module__ == "elvis_cli.retrieval.rerank"
 
 
+@pytest.mark.subprocess
 def test_importing_the_package_loads_no_heavy_library():
     code = ("import sys, elvis_cli; "
             "print(sorted(m for m in ('torch', 'faiss', 'h5py', 'numpy') if m in sys.modules))")

@@ -123,6 +123,7 @@ def test_registry_errors_suggest_names():
         backbone_from_settings({"image_size": 3})
 
 
+@pytest.mark.subprocess
 def test_importing_backbones_does_not_import_transformers():
     code = "import sys, elvis_cli.backbones; print('transformers' in sys.modules)"
     result = subprocess.run(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import skimage.data
 from PIL import Image
@@ -18,7 +19,7 @@ from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Fusion, save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from tests.test_images import png_header_only
+from tests.helpers import png_header_only
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
          "--backbone-option=local_layer=5", "--device=cpu", "--quiet"]
@@ -181,42 +182,77 @@ def checkpoint(tmp_path) -> Path:
     return tmp_path / "c.pt"
 
 
-def test_degenerate_galleries_and_descriptors(tmp_path, checkpoint, capsys):
+@pytest.fixture
+def four_images(tmp_path) -> Path:
+    """A features file of 4 images; image 2 has no valid descriptor at all: every row is
+    padding."""
     rng = np.random.default_rng(0)
     rows = descriptor_rows(rng, 4)
-    rows[2, :, 3] = 1  # image 2 has no valid descriptor at all: every row is padding
+    rows[2, :, 3] = 1
     rows[2, :, 5:] = 0
-    feats = features_file(tmp_path / "f.h5", rows, unit(rng, 4))
-    # a shortlist longer than the gallery is cut to the gallery (minus the query itself)
-    code, _, err = run("rerank", "--features", feats, "--checkpoint", checkpoint,
+    return features_file(tmp_path / "f.h5", rows, unit(rng, 4))
+
+
+def one_image(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    return features_file(tmp_path / "one.h5", descriptor_rows(rng, 1), unit(rng, 1))
+
+
+def test_a_shortlist_longer_than_the_gallery_is_cut_to_it(tmp_path, checkpoint, four_images,
+                                                         capsys):
+    code, _, err = run("rerank", "--features", four_images, "--checkpoint", checkpoint,
                        "--shortlist", "50", "-o", tmp_path / "r.csv", capsys=capsys)
     assert code == 0, err
-    import pandas as pd
-
     table = pd.read_csv(tmp_path / "r.csv")
-    assert len(table) == 4 * 3 and table["score"].notna().all()
+    assert len(table) == 4 * 3 and table["score"].notna().all()  # the query itself left out
+
+
+def test_an_image_of_padding_only_gets_a_finite_score(tmp_path, checkpoint, four_images,
+                                                      capsys):
+    code, _, err = run("rerank", "--features", four_images, "--checkpoint", checkpoint,
+                       "--shortlist", "50", "-o", tmp_path / "r.csv", capsys=capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert (table["gallery_index"] == 2).sum() == 3
     assert np.isfinite(table["raw_score"]).all()
 
-    one = features_file(tmp_path / "one.h5", descriptor_rows(rng, 1), unit(rng, 1))
-    code, _, err = run("rerank", "--features", one, "--checkpoint", checkpoint, capsys=capsys)
+
+def test_all_vs_all_over_one_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
+    code, _, err = run("rerank", "--features", one_image(tmp_path), "--checkpoint", checkpoint,
+                       capsys=capsys)
     one_error_line(code, err, "at least one query and one other gallery image")
-    code, _, err = run("rerank", "--queries", feats, "--gallery", one, "--checkpoint", checkpoint,
-                       "--shortlist", "10", "-o", tmp_path / "q.csv", capsys=capsys)
+
+
+def test_queries_against_a_one_image_gallery(tmp_path, checkpoint, four_images, capsys):
+    code, _, err = run("rerank", "--queries", four_images, "--gallery", one_image(tmp_path),
+                       "--checkpoint", checkpoint, "--shortlist", "10", "-o",
+                       tmp_path / "q.csv", capsys=capsys)
     assert code == 0 and len(pd.read_csv(tmp_path / "q.csv")) == 4, err
 
+
+def test_nan_in_a_padding_row_is_harmless(tmp_path, checkpoint, capsys):
+    rng = np.random.default_rng(2)
     poisoned = descriptor_rows(rng, 3)
-    poisoned[0, 4, 3], poisoned[0, 4, 6] = 1, np.nan  # in a padding row: harmless
+    poisoned[0, 4, 3], poisoned[0, 4, 6] = 1, np.nan
     bad = features_file(tmp_path / "padding_nan.h5", poisoned, unit(rng, 3))
     code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, "-o",
                        tmp_path / "p.csv", capsys=capsys)
     assert code == 0 and np.isfinite(pd.read_csv(tmp_path / "p.csv")["raw_score"]).all(), err
-    for image, value in ((1, np.nan), (2, np.inf), (2, -np.inf)):
-        poisoned = descriptor_rows(rng, 3)
-        poisoned[image, 0, 7] = value
-        bad = features_file(tmp_path / f"{image}{value}.h5", poisoned, unit(rng, 3))
-        code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint,
-                           capsys=capsys)
-        one_error_line(code, err, f"NaN/inf local descriptors, first 'img{image}.jpg'")
+
+
+@pytest.mark.parametrize(("image", "value"), [(1, np.nan), (2, np.inf), (2, -np.inf)])
+def test_non_finite_local_descriptors_name_the_first_image(tmp_path, checkpoint, capsys,
+                                                           image, value):
+    rng = np.random.default_rng(3)
+    poisoned = descriptor_rows(rng, 3)
+    poisoned[image, 0, 7] = value
+    bad = features_file(tmp_path / "bad.h5", poisoned, unit(rng, 3))
+    code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, capsys=capsys)
+    one_error_line(code, err, f"NaN/inf local descriptors, first 'img{image}.jpg'")
+
+
+def test_non_finite_global_descriptors_name_the_first_image(tmp_path, capsys):
+    rng = np.random.default_rng(4)
     glob_nan = unit(rng, 3)
     glob_nan[0, 0] = np.inf
     bad = features_file(tmp_path / "inf.h5", descriptor_rows(rng, 3), glob_nan)

@@ -1,5 +1,6 @@
-"""Same inputs, same bits: extraction and re-ranking on CPU repeat exactly across runs and
-across batch sizes (README "Determinism" lists where this stops: other thread counts, GPUs),
+"""Same inputs, same bits: extraction and re-ranking on CPU repeat exactly across runs, across
+batch sizes (extraction) and across the ways re-ranking splits its CPU work (threads, reads,
+blocks) (README "Determinism" lists where this stops: other thread counts, GPUs),
 on every x86-64 code path: AVX-512, AVX2 and the SSE baseline."""
 
 import os
@@ -17,7 +18,7 @@ from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from elvis_cli.retrieval.rerank import RerankConfig, rerank
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank
 from elvis_cli.retrieval.shortlist import build_shortlist
 
 OPTIONS = {"image_size": 96, "num_local": 24, "local_layer": 5}
@@ -57,15 +58,40 @@ def test_extraction_is_bitwise_repeatable_across_runs_and_batch_sizes(images, fe
         assert extract_bits(images, tmp_path / f"b{batch_size}.h5", batch_size) == first
 
 
-def test_rerank_is_bitwise_repeatable_across_runs_and_batch_sizes(features):
+# RerankConfig settings that change how the CPU work is split: threads scoring side by side,
+# images per HDF5 read, gallery images per block of queries. (batch_size does not: CPU chunks
+# have a fixed size, so varying it would prove nothing here.)
+CPU_WORK_SPLITS = [
+    {},  # the defaults: one block, reads of 16 images, one thread (torch's count in tests)
+    {},  # the same again: run to run
+    {"workers": 2},
+    {"workers": 3, "read_images": 2},
+    {"read_images": 1, "cache_images": 2},  # one image per read, many blocks of queries
+    {"workers": 2, "read_images": 2, "cache_images": 3},
+]
+
+
+def test_rerank_is_bitwise_repeatable_across_runs_and_cpu_work_splits(features, monkeypatch):
+    splits: list[list[tuple[int, int]]] = []  # per run: (images read, workers) of each read
+    original = PairScorer._read
+
+    def recording(self, store, rows):
+        splits[-1].append((len(rows), self.workers))
+        return original(self, store, rows)
+
+    monkeypatch.setattr(PairScorer, "_read", recording)
     torch.manual_seed(0)
     with FeatureStore.open(features[0]) as store:
         model = Elvis(ElvisConfig(descriptor_dim=store.local_dim))
         glob = store.global_descriptors()
         shortlist = build_shortlist(glob, glob, 5, exclude_self=True)
-        results = [rerank(model, store, store, shortlist, Fusion(0.5, 0.5),
-                          RerankConfig(shortlist=5, batch_size=size, device="cpu"))
-                   for size in (100, 100, 1, 3)]
+        results = []
+        for options in CPU_WORK_SPLITS:
+            splits.append([])
+            results.append(rerank(model, store, store, shortlist, Fusion(0.5, 0.5),
+                                  RerankConfig(shortlist=5, device="cpu", **options)))
+    # the settings really split the work differently, else this test would prove nothing
+    assert len({tuple(split) for split in splits}) == len(CPU_WORK_SPLITS) - 1
     for result in results[1:]:
         for name in ("indices", "raw_scores", "scores"):
             assert getattr(result, name).tobytes() == getattr(results[0], name).tobytes(), name
@@ -81,7 +107,7 @@ CODE_PATHS = {
 }
 BITWISE_CLAIMS = [
     "tests/test_determinism.py::test_extraction_is_bitwise_repeatable_across_runs_and_batch_sizes",
-    "tests/test_determinism.py::test_rerank_is_bitwise_repeatable_across_runs_and_batch_sizes",
+    "tests/test_determinism.py::test_rerank_is_bitwise_repeatable_across_runs_and_cpu_work_splits",
     "tests/test_model.py::test_cpu_inference_bits_do_not_depend_on_the_batch",
     "tests/test_rerank.py::test_cpu_chunks_cross_queries_and_ignore_batch_size",
     "tests/test_rerank.py::test_one_pair_per_call_scores_the_same_bits",
@@ -89,6 +115,7 @@ BITWISE_CLAIMS = [
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("code_path", sorted(CODE_PATHS))
 def test_bitwise_claims_hold_on_older_cpus_code_paths(code_path):
     """CI runs on whichever CPU the machine has (AVX-512 or AVX2-only, Intel or AMD): the claims

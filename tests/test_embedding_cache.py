@@ -6,11 +6,8 @@ import pytest
 
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
-from tests import test_rerank
-from tests.test_model import random_model
-from tests.test_rerank import CANDIDATES, D, reference
-
-stores = test_rerank.stores  # the same two small feature files
+from tests.conftest import CANDIDATES, STORE_DIM
+from tests.helpers import random_model, reference_pair_scores
 
 
 def scorer(model, queries, gallery, cache_dir, monkeypatch, read: list):
@@ -28,7 +25,7 @@ def scorer(model, queries, gallery, cache_dir, monkeypatch, read: list):
 
 def test_a_second_run_reads_nothing_and_scores_the_same_bits(stores, tmp_path, monkeypatch):
     queries, gallery = stores
-    model = random_model(dim=D, seed=70)
+    model = random_model(dim=STORE_DIM, seed=70)
     first_reads, second_reads = [], []
     first = scorer(model, queries, gallery, tmp_path, monkeypatch, first_reads).score(CANDIDATES)
     second = scorer(model, queries, gallery, tmp_path, monkeypatch,
@@ -37,13 +34,13 @@ def test_a_second_run_reads_nothing_and_scores_the_same_bits(stores, tmp_path, m
     assert first.tobytes() == second.tobytes()
     uncached = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
     assert first.tobytes() == uncached.tobytes()
-    np.testing.assert_allclose(first, reference(model, queries, gallery, CANDIDATES, None),
-                               atol=1e-4, equal_nan=True)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
 
 
 def test_only_new_images_are_embedded_and_other_weights_miss(stores, tmp_path, monkeypatch):
     queries, gallery = stores
-    model = random_model(dim=D, seed=71)
+    model = random_model(dim=STORE_DIM, seed=71)
     scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES[:2])
     reads = []
     scorer(model, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
@@ -51,7 +48,7 @@ def test_only_new_images_are_embedded_and_other_weights_miss(stores, tmp_path, m
     new = {int(row) for row in CANDIDATES.ravel() if row >= 0} - old
     assert {row for is_gallery, row in reads if is_gallery} == new
     assert {row for is_gallery, row in reads if not is_gallery} == {2, 3}  # queries 0, 1 kept
-    other = random_model(dim=D, seed=72)
+    other = random_model(dim=STORE_DIM, seed=72)
     reads = []
     scorer(other, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
     assert {row for is_gallery, row in reads if is_gallery} == old | new
@@ -60,7 +57,7 @@ def test_only_new_images_are_embedded_and_other_weights_miss(stores, tmp_path, m
 def test_a_damaged_part_is_reported_and_its_images_embedded_again(stores, tmp_path,
                                                                     monkeypatch):
     queries, gallery = stores
-    model = random_model(dim=D, seed=73)
+    model = random_model(dim=STORE_DIM, seed=73)
     expected = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
     parts = sorted(tmp_path.glob("*/part-*.h5"))
     assert parts
@@ -76,7 +73,7 @@ def test_a_damaged_part_is_reported_and_its_images_embedded_again(stores, tmp_pa
 
 def test_a_flipped_bit_in_an_embedding_is_caught_on_reading(stores, tmp_path, monkeypatch):
     queries, gallery = stores
-    model = random_model(dim=D, seed=75)
+    model = random_model(dim=STORE_DIM, seed=75)
     expected = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
     for part in tmp_path.glob("*/part-*.h5"):  # the first image's descriptors in every part
         with h5py.File(part, "r") as file:
@@ -93,7 +90,7 @@ def test_a_flipped_bit_in_an_embedding_is_caught_on_reading(stores, tmp_path, mo
 
 def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
     queries, gallery = stores
-    model = random_model(dim=D, seed=74)
+    model = random_model(dim=STORE_DIM, seed=74)
 
     def full(*_args, **_kwargs):
         raise DiskFullError("no space left on the device")
@@ -101,5 +98,5 @@ def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
     monkeypatch.setattr("elvis_cli.retrieval.embedding_cache.new_hdf5", full)
     with pytest.warns(ElvisWarning, match="not written"):
         scores = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
-    np.testing.assert_allclose(scores, reference(model, queries, gallery, CANDIDATES, None),
-                               atol=1e-4, equal_nan=True)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
+    np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)

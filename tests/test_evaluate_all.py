@@ -7,6 +7,7 @@ spec's AP definitions written out again, independently of elvis_cli.evaluation.m
 import json
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ from PIL import Image
 
 from elvis_cli.backbones import create_backbone
 from elvis_cli.features.store import FeatureStore
-from tests.test_cli import SMALL, elvis, photos, random_checkpoint
+from tests.conftest import SMALL
+from tests.helpers import elvis, photos, random_checkpoint
 
 PHOTOS = list(photos())  # astronaut, cat, coffee, rocket
 
@@ -118,45 +120,72 @@ def chamfer_rerank(ranked: list[int], query: np.ndarray, gallery: FeatureStore, 
     return head + ranked[top:]
 
 
-@pytest.mark.slow
-def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
-    data = tmp_path / "data"
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> SimpleNamespace:
+    """`elvis evaluate --all-datasets` once over the four fixture benchmarks with the global,
+    chamfer and ELViS models; its results table and the data folder with the cached
+    features."""
+    cwd = tmp_path_factory.mktemp("evaluate_all")
+    data = cwd / "data"
     make_fixtures(data)
     backbone = create_backbone("efficientnet-lite0", image_size=64, num_local=16)
-    random_checkpoint(tmp_path / "ckpt.pt", 320, backbone.settings())
+    random_checkpoint(cwd / "ckpt.pt", 320, backbone.settings())
     result = elvis("evaluate", "--data-root", data, "--all-datasets", *SMALL,
                    "--model", "global,chamfer", "--model", "elvis", "--checkpoint", "ckpt.pt",
-                   "--shortlist", "0", "2", "--out-dir", "out", cwd=tmp_path)
+                   "--shortlist", "0", "2", "--out-dir", "out", cwd=cwd)
     assert result.returncode == 0, result.stderr
-    rows = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(
-        rows.to_json(orient="records"))
-    assert (tmp_path / "out" / "runtime.png").read_bytes()[:4] == b"\x89PNG"
+    rows = pd.read_csv(cwd / "out" / "results.csv")
+    return SimpleNamespace(cwd=cwd, data=data, stdout=result.stdout, rows=rows,
+                           got={(r.dataset, r.model): r for r in rows.itertuples()})
+
+
+def test_results_json_holds_the_csv_rows(evaluated):
+    assert json.loads((evaluated.cwd / "out" / "results.json").read_text()) == json.loads(
+        evaluated.rows.to_json(orient="records"))
+
+
+def test_a_runtime_plot_is_written(evaluated):
+    assert (evaluated.cwd / "out" / "runtime.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_dataset_present_gets_a_row_per_model(evaluated):
+    rows = evaluated.rows
     assert sorted(set(rows["dataset"])) == ["gldv2-test", "instre", "roxford5k", "sop-1k"]
     assert len(rows) == 4 * 3  # global, chamfer@2, elvis@2 per dataset
-    got = {(r.dataset, r.model): r for r in rows.itertuples()}
 
-    ranking, _, queries, gallery = features(data, "roxford5k")
+
+def test_revisitop_medium_and_hard_are_the_trapezoidal_maps(evaluated):
+    ranking, _, queries, gallery = features(evaluated.data, "roxford5k")
     with queries, gallery:
         ranked = [list(row) for row in ranking]
         medium = np.mean([trapezoid_ap(ranked[p], {2 * p, 2 * p + 1}, {2} if p == 0 else set())
                           for p in range(4)])
         hard = np.mean([trapezoid_ap(ranked[p], {2 * p + 1}, ({2} if p == 0 else set()) | {2 * p})
                         for p in range(4)])
-    assert got["roxford5k", "global"].map_medium == pytest.approx(medium)
-    assert got["roxford5k", "global"].map_hard == pytest.approx(hard)
-    assert got["roxford5k", "global"].map == pytest.approx((medium + hard) / 2)
+    row = evaluated.got["roxford5k", "global"]
+    assert row.map_medium == pytest.approx(medium)
+    assert row.map_hard == pytest.approx(hard)
+    assert row.map == pytest.approx((medium + hard) / 2)
 
-    ranking, _, queries, gallery = features(data, "instre")
+
+def test_ok_junk_lists_give_the_plain_map_and_recall(evaluated):
+    ranking, _, queries, gallery = features(evaluated.data, "instre")
     with queries, gallery:
         expected = np.mean([plain_ap(list(ranking[p]), {2 * p, 2 * p + 1}, {2 * ((p + 1) % 4)},
                                      100) for p in range(4)])
         first = [next(g for g in ranking[p] if g != 2 * ((p + 1) % 4)) for p in range(4)]
-    assert got["instre", "global"].map == pytest.approx(expected)
+    rows = evaluated.rows
     instre = rows[(rows["dataset"] == "instre") & (rows["model"] == "global")].iloc[0]
+    assert instre["map"] == pytest.approx(expected)
     assert instre["recall@1"] == pytest.approx(
         100 * np.mean([first[p] // 2 == p for p in range(4)]))
 
+
+def sop_aps(data: Path) -> tuple[list[float], list[float]]:
+    """Each sop-1k query's AP over the global ranking and over its chamfer re-ranking."""
     ranking, _, queries, gallery = features(data, "sop-1k")
     with queries, gallery:
         global_aps, chamfer_aps = [], []
@@ -168,28 +197,54 @@ def test_evaluate_all_datasets_table_files_and_hand_computed_metrics(tmp_path):
             desc, pad = queries.local_descriptors([q])
             reranked = chamfer_rerank([*ranked, q], desc[0], gallery, 2, pad[0])
             chamfer_aps.append(plain_ap([g for g in reranked if g != q], positives, set(), 100))
-    assert got["sop-1k", "global"].map == pytest.approx(np.mean(global_aps))
-    assert got["sop-1k", "chamfer"].map == pytest.approx(np.mean(chamfer_aps))
+    return global_aps, chamfer_aps
 
-    ranking, _, queries, gallery = features(data, "gldv2-test")
+
+def test_class_lines_exclude_the_query_itself(evaluated):
+    global_aps, _ = sop_aps(evaluated.data)
+    assert evaluated.got["sop-1k", "global"].map == pytest.approx(np.mean(global_aps))
+
+
+def test_chamfer_reranks_the_head_by_mean_best_cosine(evaluated):
+    _, chamfer_aps = sop_aps(evaluated.data)
+    assert evaluated.got["sop-1k", "chamfer"].map == pytest.approx(np.mean(chamfer_aps))
+
+
+def test_gldv2_reports_private_public_and_all(evaluated):
+    ranking, _, queries, gallery = features(evaluated.data, "gldv2-test")
     with queries, gallery:
         # queries are ordered public first (photos 1, 3), then private (photos 0, 2); the index
         # lists photo p's views at rows 2p, 2p+1
         order = [1, 3, 0, 2]
         aps = [plain_ap(list(ranking[q]), {2 * p, 2 * p + 1}, set(), 100)
                for q, p in enumerate(order)]
-    assert got["gldv2-test", "global"].map == pytest.approx(np.mean(aps[2:]))
-    assert got["gldv2-test", "global"].map_public == pytest.approx(np.mean(aps[:2]))
-    assert got["gldv2-test", "global"].map_all == pytest.approx(np.mean(aps))
+    row = evaluated.got["gldv2-test", "global"]
+    assert row.map == pytest.approx(np.mean(aps[2:]))
+    assert row.map_public == pytest.approx(np.mean(aps[:2]))
+    assert row.map_all == pytest.approx(np.mean(aps))
 
-    assert rows["paper_map"].isna().all()  # not the paper's configuration
+
+def test_no_paper_number_beside_another_configuration(evaluated):
+    assert evaluated.rows["paper_map"].isna().all()
+
+
+def test_rerankers_are_run_at_the_shortlist_sizes_asked_for(evaluated):
+    rows = evaluated.rows
     for model in ("chamfer", "elvis"):
-        assert (rows[rows["model"] == model]["shortlist"] == 2).all()
-    out = result.stdout
-    for text in ("roxford5k", "instre", "sop-1k", "gldv2-test", "chamfer@2", "elvis@2",
-                 "average (all)", "average (out-of-domain)", "runtime vs shortlist size",
-                 "not evaluated: rparis6k (missing): elvis datasets prepare rparis6k"):
-        assert text in out, text
-    ood = (got["instre", "global"].map + got["sop-1k", "global"].map) / 2  # the registry's OOD sets
-    average_line = next(line for line in out.splitlines() if "average (out-of-domain)" in line)
+        assert list(rows[rows["model"] == model]["shortlist"]) == [2] * 4, model
+
+
+@pytest.mark.parametrize("text", [
+    "roxford5k", "instre", "sop-1k", "gldv2-test", "chamfer@2", "elvis@2", "average (all)",
+    "average (out-of-domain)", "runtime vs shortlist size",
+    "not evaluated: rparis6k (missing): elvis datasets prepare rparis6k"])
+def test_the_printed_table_has(evaluated, text):
+    assert text in evaluated.stdout
+
+
+def test_the_out_of_domain_average_is_over_the_registrys_ood_sets(evaluated):
+    got = evaluated.got
+    ood = (got["instre", "global"].map + got["sop-1k", "global"].map) / 2
+    average_line = next(line for line in evaluated.stdout.splitlines()
+                        if "average (out-of-domain)" in line)
     assert f"{ood:.2f}" in average_line

@@ -3,6 +3,7 @@
 import hashlib
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -201,53 +202,130 @@ def test_truncated_images_decoded_on_request_with_a_warning(folder, tmp_path, ba
     assert again.num_resumed == 1 and again.warnings == report.warnings  # kept in the manifest
 
 
-def test_weighted_global_descriptors_stored_and_exported(folder, tmp_path, tiny_dino):
+@pytest.fixture(scope="module")
+def weighted(tmp_path_factory, tiny_dino):
+    """Two images extracted with the tiny DINOv2 and all three global types, then exported in
+    the official layout; the backbone's direct output for the second image."""
     from elvis_cli.features.official_export import export_official
-    from elvis_cli.features.released import open_local
 
-    paths = [folder / "coffee.jpg", folder / "sub" / "rocket.png"]
+    folder = tmp_path_factory.mktemp("weighted")
+    paths = [folder / "coffee.jpg", folder / "rocket.png"]
+    Image.fromarray(skimage.data.coffee()).save(paths[0])
+    Image.fromarray(skimage.data.rocket()).save(paths[1])
     config = ExtractConfig(device="cpu", global_types=("og-avg", "w-avg"))
-    extract_features(paths, tmp_path / "f.h5", config, progress=False, backbone=tiny_dino)
+    extract_features(paths, folder / "f.h5", config, progress=False, backbone=tiny_dino)
     with torch.inference_mode():
         direct = tiny_dino(tiny_dino.preprocess(load_image(paths[1]))[None])
-    with FeatureStore.open(tmp_path / "f.h5") as store:
+    written = export_official(folder / "f.h5", folder / "out", "dinov2", "query")
+    return SimpleNamespace(folder=folder, paths=paths, features=folder / "f.h5", direct=direct,
+                           written=written)
+
+
+def test_weighted_global_descriptors_are_stored(weighted):
+    with FeatureStore.open(weighted.features) as store:
         assert store.global_types == ["cls", "og-avg", "w-avg"]
         for kind in ("w-avg", "og-avg"):
-            np.testing.assert_allclose(store.global_descriptors(kind)[1], direct.pooled[kind][0],
-                                       atol=1e-6)
-        local = store.read_local([0, 1])
-    written = export_official(tmp_path / "f.h5", tmp_path / "out", "dinov2", "query")
-    assert [p.name for p in written] == [
+            np.testing.assert_allclose(store.global_descriptors(kind)[1],
+                                       weighted.direct.pooled[kind][0], atol=1e-6)
+
+
+def test_export_writes_the_local_file_then_one_per_global_type(weighted):
+    assert [p.name for p in weighted.written] == [
         "dinov2_query_local.hdf5", "dinov2_query_cls.hdf5", "dinov2_query_og-avg.hdf5",
         "dinov2_query_w-avg.hdf5"]
-    with h5py.File(written[0]) as file:
+
+
+def test_exported_local_file_holds_the_rows_in_float16(weighted):
+    with FeatureStore.open(weighted.features) as store:
+        local = store.read_local([0, 1])
+    with h5py.File(weighted.written[0]) as file:
         assert list(file) == ["features"] and file["features"].dtype == np.float16
         np.testing.assert_array_equal(file["features"][()], local.astype(np.float16))
-    with h5py.File(written[3]) as file:
+
+
+def test_exported_global_file_holds_the_descriptors_in_float16(weighted):
+    with h5py.File(weighted.written[3]) as file:
         assert list(file) == ["features"] and file["features"].shape == (2, 32)
         assert file["features"].dtype == np.float16
-        np.testing.assert_allclose(file["features"][1], direct.pooled["w-avg"][0], atol=1e-3)
-    with open_local(written[0]) as exported:  # read back as a release is, globals beside it
+        np.testing.assert_allclose(file["features"][1], weighted.direct.pooled["w-avg"][0],
+                                   atol=1e-3)
+
+
+def test_exported_files_read_back_as_a_release(weighted):
+    from elvis_cli.features.released import open_local
+
+    with open_local(weighted.written[0]) as exported:  # globals beside it
         assert exported.global_types == ["cls", "w-avg", "og-avg"]
-        with FeatureStore.open(tmp_path / "f.h5") as store:
+        with FeatureStore.open(weighted.features) as store:
             for kind in exported.global_types:
                 np.testing.assert_array_equal(exported.global_descriptors(kind), store.
                                               global_descriptors(kind).astype(np.float16))
+
+
+def test_export_of_a_global_type_not_extracted_is_refused(weighted, tmp_path, tiny_dino):
+    from elvis_cli.features.official_export import export_official
+
     cls_only = tmp_path / "cls.h5"
-    extract_features(paths, cls_only, ExtractConfig(device="cpu"), progress=False,
+    extract_features(weighted.paths, cls_only, ExtractConfig(device="cpu"), progress=False,
                      backbone=tiny_dino)
     with pytest.raises(InputError, match="no 'og-avg' global"):
         export_official(cls_only, tmp_path / "out", "dinov2", "gallery", ["og-avg"])
+
+
+def test_a_global_type_the_backbone_lacks_is_refused(weighted, tmp_path):
     with pytest.raises(InputError, match=r"no w-avg global descriptor; it has cls$"):
-        extract_features(paths, tmp_path / "e.h5", ExtractConfig(global_types=["w-avg"]),
+        extract_features(weighted.paths, tmp_path / "e.h5", ExtractConfig(global_types=["w-avg"]),
                          progress=False)
 
 
-def test_memory_cap_on_pending_images_keeps_results(folder, tmp_path, monkeypatch):
-    big_shards = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=4, shard_size=8)
-    extract_features(folder, tmp_path / "a.h5", big_shards, progress=False)
+def watch_pending(monkeypatch) -> list[int]:
+    """Installs a watch on extraction; the returned list gets, before each decoded image is
+    handed over and once after the last, how many handed-over images are not yet encoded:
+    those pending in memory, waiting for a batch of their shape."""
+    seen: list[int] = []
+    handed = [0]
+    encoded = [0]
+    in_order, encode = extract_module._decoded_in_order, extract_module._encode
+
+    def watched_in_order(*args, **kwargs):
+        for item in in_order(*args, **kwargs):
+            seen.append(handed[0] - encoded[0])
+            handed[0] += item.tensor is not None
+            yield item
+        seen.append(handed[0] - encoded[0])
+
+    def watched_encode(backbone, batch):
+        encoded[0] += len(batch)
+        return encode(backbone, batch)
+
+    monkeypatch.setattr(extract_module, "_decoded_in_order", watched_in_order)
+    monkeypatch.setattr(extract_module, "_encode", watched_encode)
+    return seen
+
+
+BIG_SHARDS = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=4, shard_size=8)
+
+
+@pytest.fixture
+def capped(folder, tmp_path, monkeypatch):
+    """The folder extracted with the default cap on pending images (4 batches), then with a
+    cap of 0, each run watched."""
+    uncapped = watch_pending(monkeypatch)
+    extract_features(folder, tmp_path / "a.h5", BIG_SHARDS, progress=False)
     monkeypatch.setattr(extract_module, "MAX_PENDING_BATCHES", 0)  # run odd shapes at once
-    extract_features(folder, tmp_path / "b.h5", big_shards, progress=False)
+    capped = watch_pending(monkeypatch)
+    extract_features(folder, tmp_path / "b.h5", BIG_SHARDS, progress=False)
+    return uncapped, capped
+
+
+def test_pending_images_never_exceed_the_memory_cap(capped):
+    uncapped, capped = capped
+    assert max(uncapped) > 0  # without the cap images wait for company: the cap binds here
+    assert len(capped) == len(GOOD) + len(BAD) + 1
+    assert max(capped) == 0  # a cap of 0 batches: each image is encoded before the next comes
+
+
+def test_memory_cap_on_pending_images_keeps_results(capped, tmp_path):
     first, second = contents(tmp_path / "a.h5"), contents(tmp_path / "b.h5")
     assert first["paths"] == second["paths"] == GOOD
     np.testing.assert_allclose(first["global"], second["global"], atol=1e-5)

@@ -22,8 +22,8 @@ from elvis_cli.features.layout import shard_path, shards_dir
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
+from tests.helpers import REPO, elvis
 
-REPO = Path(__file__).resolve().parent.parent
 OPTIONS = {"image_size": 64, "num_local": 16, "local_layer": 5}
 CONFIG = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=2, shard_size=2)
 CLI_OPTIONS = [
@@ -78,12 +78,6 @@ def run_killed(point: str, nth: int, images: Path, output: Path, action: str = "
                             text=True, **popen)
 
 
-def elvis(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "elvis_cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def assert_nothing_half_written(output: Path) -> None:
     """Every shard the manifest calls done is intact; no other file looks like a finished one."""
     folder = shards_dir(output)
@@ -108,6 +102,7 @@ KILL_POINTS = [("decode", 4), ("model", 2), ("shard-write", 8), ("shard-rename",
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("point", "nth"), KILL_POINTS)
 def test_sigkill_then_rerun_gives_identical_features(point, nth, images, reference, tmp_path):
     output = tmp_path / "feats.h5"
@@ -123,6 +118,7 @@ def test_sigkill_then_rerun_gives_identical_features(point, nth, images, referen
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_kill_resume_kill_resume_through_the_command(images, reference, tmp_path):
     """Killed three times in a row at different stages; `elvis extract` run again finishes."""
     output = tmp_path / "feats.h5"
@@ -137,6 +133,7 @@ def test_kill_resume_kill_resume_through_the_command(images, reference, tmp_path
     assert_bitwise_equal(output, reference)
 
 
+@pytest.mark.subprocess
 def test_second_writer_is_refused_and_a_killed_writer_does_not_block(images, reference,
                                                                       tmp_path):
     output = tmp_path / "feats.h5"
@@ -173,15 +170,21 @@ def test_lock_is_exclusive_within_a_process_too(tmp_path):
         pass
 
 
-def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tmp_path):
+def test_a_truncated_shard_is_named_on_opening(images, tmp_path):
     output = tmp_path / "feats.h5"
     extract_features(images, output, CONFIG, progress=False)
-    stamps = {i: shard_path(output, i).stat().st_mtime_ns for i in range(4)}
-
     truncated = shard_path(output, 1)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     with pytest.raises(InputError, match=r"shard-00001\.h5 is damaged \(\d+ bytes, \d+ expected"):
         FeatureStore.open(output)
+
+
+def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tmp_path):
+    output = tmp_path / "feats.h5"
+    extract_features(images, output, CONFIG, progress=False)
+    stamps = {i: shard_path(output, i).stat().st_mtime_ns for i in range(4)}
+    truncated = shard_path(output, 1)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     flipped = shard_path(output, 3)
     data = bytearray(flipped.read_bytes())
     data[-100] ^= 0xFF  # same size, different bytes: only the checksum sees it
@@ -195,6 +198,10 @@ def test_damaged_shards_are_named_and_only_they_are_redone(images, reference, tm
         assert shard_path(output, index).stat().st_mtime_ns == stamps[index]
     assert_bitwise_equal(output, reference)
 
+
+def test_a_missing_shard_is_named_and_redone(images, reference, tmp_path):
+    output = tmp_path / "feats.h5"
+    extract_features(images, output, CONFIG, progress=False)
     shard_path(output, 2).unlink()
     with pytest.raises(InputError, match=r"missing shard .*shard-00002\.h5"):
         FeatureStore.open(output)
@@ -244,6 +251,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.subprocess
 def test_real_full_disk_ends_with_one_line_and_resumes(images, reference, small_disk):
     output = small_disk / "feats.h5"
     result = elvis("extract", str(images), "-o", str(output), *CLI_OPTIONS, cwd=small_disk)
@@ -254,7 +262,12 @@ def test_real_full_disk_ends_with_one_line_and_resumes(images, reference, small_
     assert_nothing_half_written(output)
     leftovers = [p.name for p in shards_dir(output).iterdir()]
     assert not [name for name in leftovers if name.endswith(".tmp")]
+    manifest = shards_dir(output) / "manifest.json"
+    shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else []
+    finished = sum(len(shard["images"]) - len(shard["failures"]) for shard in shards
+                   if shard["done"])
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     report = extract_features(images, output, CONFIG, progress=False)
-    assert report.num_resumed >= 0 and report.num_extracted + report.num_resumed == NUM_GOOD
+    assert report.num_resumed == finished  # the shards finished before the disk filled
+    assert report.num_extracted + report.num_resumed == NUM_GOOD
     assert_bitwise_equal(output, reference)

@@ -2,10 +2,8 @@
 
 import io
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +13,12 @@ from PIL import Image
 
 from elvis_cli.features.images import ImageError, collect_images, decode_image, load_image
 from elvis_cli.util.errors import InputError
+from tests.helpers import png_header_only
 
 
 def write(path: Path, array: np.ndarray, **save_args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **save_args)
-    return path
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares a huge size; only its header is valid (a decompression bomb probe)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     return path
 
 
@@ -275,6 +261,7 @@ def test_missing_file(tmp_path):
         load_image(tmp_path / "gone.png")
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory via /proc")
 def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
     """20000 x 20000 (1.2 GB as RGB): the JPEG decoder's 1/8 scaling is used, never full size."""

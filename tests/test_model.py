@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from elvis_cli.model.elvis import Elvis, ElvisConfig, Embedded, _runs_compiled
+from tests.helpers import random_model
 from tests.reference_elvis import reference_score, reference_scores
 
 TOLERANCE = 1e-4
-
-
-def random_model(dim: int = 48, seed: int = 0, dust_bin: float = 0.5, scale: float = 0.3):
-    torch.manual_seed(seed)
-    model = Elvis(ElvisConfig(descriptor_dim=dim)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, scale)
-        model.dust_bin.fill_(dust_bin)
-    return model
 
 
 def descriptors(batch: int, count: int, dim: int, seed: int) -> torch.Tensor:

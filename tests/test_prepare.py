@@ -7,6 +7,7 @@ import pickle
 import tarfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
@@ -18,7 +19,7 @@ from elvis_cli.evaluation.prepare import dataset_status, prepare
 from elvis_cli.model.chamfer import Chamfer
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
-from tests.test_cli import elvis
+from tests.helpers import elvis
 
 
 def oxford_like_download(folder: Path) -> None:
@@ -40,6 +41,7 @@ def oxford_like_download(folder: Path) -> None:
             archive.addfile(info, buffer)
 
 
+@pytest.mark.subprocess
 def test_offline_prepare_names_every_file_url_and_place(tmp_path):
     result = elvis("datasets", "prepare", "roxford5k", "--data-root", tmp_path / "data",
                    cwd=tmp_path, env={"ELVIS_OFFLINE": "1"})
@@ -53,29 +55,56 @@ def test_offline_prepare_names_every_file_url_and_place(tmp_path):
         assert text in line, text
 
 
-@pytest.mark.parametrize("as_tar", [False, True])
-def test_prepare_from_a_local_copy_lays_out_the_dataset(tmp_path, as_tar):
-    oxford_like_download(tmp_path / "downloads")
-    source = tmp_path / "downloads"
-    if as_tar:
-        source = tmp_path / "downloads.tar"
+@pytest.fixture(scope="module", params=[False, True], ids=["folder", "tar"])
+def prepared(request, tmp_path_factory) -> SimpleNamespace:
+    """`elvis datasets prepare roxford5k --from` a folder or a tar of the downloads, then
+    `elvis datasets list`."""
+    cwd = tmp_path_factory.mktemp("prepare")
+    oxford_like_download(cwd / "downloads")
+    source = cwd / "downloads"
+    if request.param:
+        source = cwd / "downloads.tar"
         with tarfile.open(source, "w") as archive:
-            archive.add(tmp_path / "downloads", arcname="my-copy")
-    data = tmp_path / "data"
+            archive.add(cwd / "downloads", arcname="my-copy")
+    data = cwd / "data"
     result = elvis("datasets", "prepare", "roxford5k", "--data-root", data, "--from", source,
-                   cwd=tmp_path)
+                   cwd=cwd)
     assert result.returncode == 0, result.stderr
-    folder = data / "roxford5k"
-    assert sorted(p.name for p in (folder / "jpg").iterdir()) == [
+    listing = elvis("datasets", "list", "--data-root", data, cwd=cwd)
+    return SimpleNamespace(data=data, folder=data / "roxford5k", result=result, listing=listing)
+
+
+@pytest.mark.subprocess
+def test_prepare_from_a_local_copy_lays_out_the_images(prepared):
+    assert sorted(p.name for p in (prepared.folder / "jpg").iterdir()) == [
         "all_souls_000001.jpg", "all_souls_000002.jpg", "radcliffe_000003.jpg"]
-    assert not (folder / "oxbuild_images-v1.tgz").exists()  # unpacked, then removed
-    assert "2 gallery images, the benchmark has 4993" in result.stdout  # a fixture, not Oxford
-    status = dataset_status(data, "roxford5k")
+
+
+@pytest.mark.subprocess
+def test_prepare_removes_the_archive_it_unpacked(prepared):
+    assert not (prepared.folder / "oxbuild_images-v1.tgz").exists()
+
+
+@pytest.mark.subprocess
+def test_prepare_says_how_many_images_the_benchmark_should_have(prepared):
+    assert "2 gallery images, the benchmark has 4993" in prepared.result.stdout  # a fixture
+
+
+@pytest.mark.subprocess
+def test_a_prepared_dataset_is_ready(prepared):
+    status = dataset_status(prepared.data, "roxford5k")
     assert status.state == "ready" and status.size_bytes > 0
-    assert prepare("roxford5k", data).unpacked == []  # idempotent, offline-safe once prepared
-    listing = elvis("datasets", "list", "--data-root", data, cwd=tmp_path)
-    assert listing.returncode == 0
-    row = next(line for line in listing.stdout.splitlines() if "roxford5k " in line)
+
+
+@pytest.mark.subprocess
+def test_preparing_again_unpacks_nothing(prepared):
+    assert prepare("roxford5k", prepared.data).unpacked == []  # offline-safe once prepared
+
+
+@pytest.mark.subprocess
+def test_datasets_list_shows_a_prepared_dataset_ready(prepared):
+    assert prepared.listing.returncode == 0, prepared.listing.stderr
+    row = next(line for line in prepared.listing.stdout.splitlines() if "roxford5k " in line)
     assert "ready" in row
 
 
@@ -97,6 +126,9 @@ def test_list_reports_images_only_features_and_released_files(tmp_path):
 def test_prepare_without_a_known_source_says_where_to_get_it(tmp_path):
     with pytest.raises(InputError, match=r"met: elvis cannot fetch.*--from PATH.*gallery\.txt"):
         prepare("met", tmp_path)
+
+
+def test_prepare_of_an_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(InputError, match="unknown dataset 'nope'"):
         prepare("nope", tmp_path)
 
@@ -124,28 +156,43 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_download_resumes_with_a_range_request_and_checks_the_checksum(tmp_path, monkeypatch):
+@pytest.fixture
+def server(monkeypatch):
+    """A local server of 76.8 kB that honours range requests; its URL."""
     monkeypatch.delenv("ELVIS_OFFLINE", raising=False)
-    payload = bytes(range(256)) * 300
-    _RangeHandler.payload, _RangeHandler.ranges = payload, []
+    _RangeHandler.payload, _RangeHandler.ranges = bytes(range(256)) * 300, []
     server = http.server.HTTPServer(("127.0.0.1", 0), _RangeHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/file.tgz"
     try:
-        target = tmp_path / "file.tgz"
-        (tmp_path / "file.tgz.part").write_bytes(payload[:1000])  # an interrupted transfer
-        digest = hashlib.sha256(payload).hexdigest()
-        assert fetch(url, target, sha256=digest) == digest
-        assert _RangeHandler.ranges == ["bytes=1000-"] and target.read_bytes() == payload
-        with pytest.raises(InputError, match="checksum mismatch"):
-            fetch(url, tmp_path / "other.tgz", sha256="0" * 64)
-        assert not (tmp_path / "other.tgz").exists()
-        assert not (tmp_path / "other.tgz.part").exists()
+        yield f"http://127.0.0.1:{server.server_port}/file.tgz"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_download_resumes_with_a_range_request(tmp_path, server):
+    payload = _RangeHandler.payload
+    target = tmp_path / "file.tgz"
+    (tmp_path / "file.tgz.part").write_bytes(payload[:1000])  # an interrupted transfer
+    digest = hashlib.sha256(payload).hexdigest()
+    assert fetch(server, target, sha256=digest) == digest
+    assert _RangeHandler.ranges == ["bytes=1000-"] and target.read_bytes() == payload
+
+
+def test_a_download_of_the_wrong_checksum_leaves_no_file(tmp_path, server):
+    with pytest.raises(InputError, match="checksum mismatch"):
+        fetch(server, tmp_path / "other.tgz", sha256="0" * 64)
+    assert not (tmp_path / "other.tgz").exists()
+    assert not (tmp_path / "other.tgz.part").exists()
+
+
+def test_a_server_that_is_gone_is_an_offline_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("ELVIS_OFFLINE", raising=False)
+    server = http.server.HTTPServer(("127.0.0.1", 0), _RangeHandler)
+    url = f"http://127.0.0.1:{server.server_port}/file.tgz"
+    server.server_close()
     with pytest.raises(OfflineError, match=r"127\.0\.0\.1"):
-        fetch(url, tmp_path / "third.tgz")  # server gone
+        fetch(url, tmp_path / "third.tgz")
 
 
 def test_chamfer_is_the_mean_best_cosine_with_padding_ignored():
@@ -158,6 +205,13 @@ def test_chamfer_is_the_mean_best_cosine_with_padding_ignored():
     scores = model.score(model.embed(query, query_mask), model.embed(gallery, gallery_mask))
     # image 0: best matches 1 and 1; image 1: 1 and 0 (its [9, 9] is padding)
     np.testing.assert_allclose(scores.numpy(), [1.0, 0.5], atol=1e-6)
+
+
+def test_chamfer_without_masks_uses_every_descriptor():
+    model = Chamfer()
+    query = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])
+    gallery = torch.tensor([[[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+                            [[-1.0, 0.0], [1.0, 0.0], [9.0, 9.0]]])
     unmasked = model.score(model.embed(query), model.embed(gallery))
     np.testing.assert_allclose(unmasked.numpy(), [(1 + 1 + 1) / 3, (1 + 2 ** -0.5 + 1) / 3],
                                atol=1e-6)

@@ -9,44 +9,8 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.elvis import uses_log_domain
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.util.errors import InputError
-from tests.helpers import write_store
-from tests.reference_elvis import reference_score
-from tests.test_model import random_model
-
-D = 48
-
-
-def reference(model, queries: FeatureStore, gallery: FeatureStore, candidates, num_local):
-    state = model.state_dict()
-    expected = np.full(candidates.shape, np.nan)
-    src_local, tgt_local = (min(num_local or store.num_local, store.num_local)
-                            for store in (queries, gallery))
-    for (q, position), row in np.ndenumerate(candidates):
-        if row >= 0:
-            src, src_pad = queries.local_descriptors([q], src_local)
-            tgt, tgt_pad = gallery.local_descriptors([row], tgt_local)
-            src, tgt = torch.from_numpy(src[0]), torch.from_numpy(tgt[0])
-            src[src_pad[0]] = 0.0
-            tgt[tgt_pad[0]] = 0.0
-            expected[q, position] = reference_score(state, src, tgt, torch.from_numpy(src_pad[0]),
-                                                    torch.from_numpy(tgt_pad[0]))
-    return expected
-
-
-@pytest.fixture
-def stores(tmp_path):
-    rng = np.random.default_rng(0)
-    queries = write_store(tmp_path / "q.h5", rng, 4, 12, [12, 7, 12, 1])
-    gallery = write_store(tmp_path / "g.h5", rng, 9, 14, [14, 14, 3, 14, 0, 14, 9, 14, 14])
-    yield queries, gallery
-    queries.close()
-    gallery.close()
-
-
-CANDIDATES = np.array([[3, 1, 1, 8, -1],  # a duplicate and a padded slot
-                       [0, 2, 4, 5, 6],
-                       [-1, -1, -1, -1, -1],  # nothing to score
-                       [7, 6, 5, 0, 2]])
+from tests.conftest import CANDIDATES, STORE_DIM
+from tests.helpers import random_model, reference_pair_scores
 
 
 @pytest.mark.parametrize("options", [
@@ -56,10 +20,10 @@ CANDIDATES = np.array([[3, 1, 1, 8, -1],  # a duplicate and a padded slot
 ])
 def test_scores_match_reference(stores, options):
     queries, gallery = stores
-    model = random_model(dim=D, seed=30)
+    model = random_model(dim=STORE_DIM, seed=30)
     config = RerankConfig(device="cpu", **options)
     scores = PairScorer(model, queries, gallery, config).score(CANDIDATES)
-    expected = reference(model, queries, gallery, CANDIDATES, config.num_local)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, config.num_local)
     assert np.array_equal(np.isnan(scores), np.isnan(expected))
     np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)
 
@@ -68,20 +32,20 @@ def test_cpu_chunks_cross_queries_and_ignore_batch_size(stores):
     """CPU chunks span queries, as on CUDA, and do not depend on batch_size, so neither do the
     scores, to the bit."""
     queries, gallery = stores
-    model = random_model(dim=D, seed=31)
+    model = random_model(dim=STORE_DIM, seed=31)
     scores = [PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=size))
               for size in (1, 100)]
     assert scores[0].pairs_per_call == scores[1].pairs_per_call > CANDIDATES.shape[1]
     first, second = (scorer.score(CANDIDATES) for scorer in scores)
     assert first.tobytes() == second.tobytes()
-    expected = reference(model, queries, gallery, CANDIDATES, None)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
 
 
 def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
     """The model computes a chunk's pairs one by one; the chunk size changes nothing."""
     queries, gallery = stores
-    model = random_model(dim=D, seed=36)
+    model = random_model(dim=STORE_DIM, seed=36)
     config = RerankConfig(device="cpu", workers=2)
     chunked = PairScorer(model, queries, gallery, config).score(CANDIDATES)
     monkeypatch.setattr("elvis_cli.retrieval.rerank.CPU_PAIRS_PER_CALL", 1)
@@ -92,10 +56,10 @@ def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
 
 def test_large_dust_bin_takes_the_log_domain_path(stores):
     queries, gallery = stores
-    model = random_model(dim=D, seed=32, dust_bin=40.0)
+    model = random_model(dim=STORE_DIM, seed=32, dust_bin=40.0)
     scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu"))
     assert uses_log_domain(model.dust_bin, model.config.regularisation)
-    expected = reference(model, queries, gallery, CANDIDATES, None)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
 
 
@@ -103,7 +67,7 @@ def test_threads_are_restored_and_progress_counts_queries(stores):
     queries, gallery = stores
     threads = torch.get_num_threads()
     calls = []
-    PairScorer(random_model(dim=D), queries, gallery, RerankConfig(device="cpu", workers=2,
+    PairScorer(random_model(dim=STORE_DIM), queries, gallery, RerankConfig(device="cpu", workers=2,
                                                                    cache_images=4)).score(
         CANDIDATES, progress=lambda: calls.append(1))
     assert torch.get_num_threads() == threads
@@ -113,7 +77,7 @@ def test_threads_are_restored_and_progress_counts_queries(stores):
 def test_float16_needs_cuda_and_precision_is_checked(stores):
     queries, gallery = stores
     with pytest.raises(InputError, match="CUDA"):
-        PairScorer(random_model(dim=D), queries, gallery,
+        PairScorer(random_model(dim=STORE_DIM), queries, gallery,
                    RerankConfig(device="cpu", precision="float16"))
     with pytest.raises(InputError, match="precision"):
         RerankConfig(precision="bfloat16")
@@ -125,8 +89,8 @@ def test_float16_needs_cuda_and_precision_is_checked(stores):
 def test_cuda_matches_reference(stores, precision):
     """Pinned float16 reads, cross-query batches, tensor-core products."""
     queries, gallery = stores
-    model = random_model(dim=D, seed=33)
-    expected = reference(model, queries, gallery, CANDIDATES, None)
+    model = random_model(dim=STORE_DIM, seed=33)
+    expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     scorer = PairScorer(model, queries, gallery, RerankConfig(device="cuda", batch_size=3,
                                                               precision=precision))
     tolerance = 1e-4 if precision == "float32" else 1e-3
@@ -141,7 +105,7 @@ def test_official_float32_files_score_like_ours(stores, tmp_path):
         rows[rows[..., 3] > 0.5, 5:] = np.nan
         with h5py.File(tmp_path / f"{name}_local.hdf5", "w") as file:
             file.create_dataset("features", data=rows)
-    model = random_model(dim=D, seed=34)
+    model = random_model(dim=STORE_DIM, seed=34)
     with FeatureStore.open(tmp_path / "q_local.hdf5") as official_queries, \
             FeatureStore.open(tmp_path / "g_local.hdf5") as official_gallery:
         official = PairScorer(model, official_queries, official_gallery,
@@ -153,7 +117,7 @@ def test_official_float32_files_score_like_ours(stores, tmp_path):
 def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeypatch):
     """Consecutive blocks and calls (evaluate's shortlist sizes) read only images not kept."""
     queries, gallery = stores
-    model = random_model(dim=D, seed=35)
+    model = random_model(dim=STORE_DIM, seed=35)
     read = []
     original = gallery.read_local
     monkeypatch.setattr(gallery, "read_local",
@@ -169,5 +133,5 @@ def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeyp
     assert read == [[8], [0, 1, 4]]
     fresh = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(second)
     np.testing.assert_allclose(scores, fresh, atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(scores, reference(model, queries, gallery, second, None),
+    np.testing.assert_allclose(scores, reference_pair_scores(model, queries, gallery, second, None),
                                atol=1e-4, equal_nan=True)
