@@ -15,8 +15,9 @@ from PIL import Image
 
 from elvis_cli.evaluation.metrics import revisitop_map
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.shortlist import build_shortlist
 
 SMALL = ["--backbone-option", "image_size=64", "--backbone-option", "num_local=16"]

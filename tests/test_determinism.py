@@ -15,8 +15,9 @@ from PIL import Image
 
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import RerankConfig, rerank
 from elvis_cli.retrieval.shortlist import build_shortlist
 
@@ -63,7 +64,7 @@ def test_rerank_is_bitwise_repeatable_across_runs_and_batch_sizes(features):
         model = Elvis(ElvisConfig(descriptor_dim=store.local_dim))
         glob = store.global_descriptors()
         shortlist = build_shortlist(glob, glob, 5, exclude_self=True)
-        results = [rerank(model, store, store, shortlist, Fusion(0.5, 0.5),
+        results = [rerank(ElvisReranker(model, Fusion(0.5, 0.5)), store, store, shortlist,
                           RerankConfig(shortlist=5, batch_size=size, device="cpu"))
                    for size in (100, 100, 1, 3)]
     for result in results[1:]:

@@ -4,6 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.retrieval.embedder import ImageEmbedder
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 from tests import test_rerank
@@ -15,14 +17,14 @@ stores = test_rerank.stores  # the same two small feature files
 
 def scorer(model, queries, gallery, cache_dir, monkeypatch, read: list):
     """A PairScorer whose reads of local descriptors are recorded in `read` (image rows)."""
-    original = PairScorer._read
+    original = ImageEmbedder._read
 
-    def recording(self, store, rows):
-        read.extend((store is gallery, int(row)) for row in rows)
-        return original(self, store, rows)
+    def recording(self, rows):
+        read.extend((self.store is gallery, int(row)) for row in rows)
+        return original(self, rows)
 
-    monkeypatch.setattr(PairScorer, "_read", recording)
-    return PairScorer(model, queries, gallery,
+    monkeypatch.setattr(ImageEmbedder, "_read", recording)
+    return PairScorer(ElvisReranker(model), queries, gallery,
                       RerankConfig(device="cpu", embedding_cache=cache_dir, cache_images=3))
 
 
@@ -35,7 +37,8 @@ def test_a_second_run_reads_nothing_and_scores_the_same_bits(stores, tmp_path, m
                     second_reads).score(CANDIDATES)
     assert first_reads and not second_reads
     assert first.tobytes() == second.tobytes()
-    uncached = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    uncached = PairScorer(ElvisReranker(model), queries, gallery,
+                          RerankConfig(device="cpu")).score(CANDIDATES)
     assert first.tobytes() == uncached.tobytes()
     np.testing.assert_allclose(first, reference(model, queries, gallery, CANDIDATES, None),
                                atol=1e-4, equal_nan=True)

@@ -13,8 +13,8 @@ import torch
 
 from elvis_cli.evaluation.metrics import revisitop_map
 from elvis_cli.features.released import open_local, open_released
-from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.retrieval.rerank import RerankConfig, rerank
 from elvis_cli.util.errors import InputError
 from tests.reference_elvis import reference_score
@@ -244,7 +244,7 @@ def test_released_stores_match_the_reference_through_rerank(tmp_path):
     model = official_checkpoint(tmp_path / "ckpt.pt", seed=4)
     query_store, gallery_store, ranking = open_released(tmp_path / "roxford5k", "dinov2", 7)
     with query_store, gallery_store:
-        result = rerank(model, query_store, gallery_store, ranking, Fusion(),
+        result = rerank(ElvisReranker(model), query_store, gallery_store, ranking,
                         RerankConfig(shortlist=2, num_local=40, batch_size=1))
     state = model.state_dict()
     for q in range(2):
@@ -355,7 +355,7 @@ def test_a_head_shorter_than_the_lists_is_rebuilt_and_never_read_past(tmp_path):
     query_store, gallery_store, ranking = open_released(tmp_path / "roxford5k", "dinov2", 7)
     with query_store, gallery_store:
         assert gallery_store.head == 2
-        result = rerank(model, query_store, gallery_store, ranking, Fusion(),
+        result = rerank(ElvisReranker(model), query_store, gallery_store, ranking,
                         RerankConfig(shortlist=2, num_local=30, batch_size=1))
         for q in range(2):
             for k in range(2):
@@ -365,7 +365,7 @@ def test_a_head_shorter_than_the_lists_is_rebuilt_and_never_read_past(tmp_path):
         with pytest.raises(InputError, match=r"gallery image 4 has no descriptors in "
                                              r"dinov2_gallery_local\.hdf5, .* top 2 .*"
                                              r"re-rank at most 2"):
-            rerank(model, query_store, gallery_store, ranking, Fusion(),
+            rerank(ElvisReranker(model), query_store, gallery_store, ranking,
                    RerankConfig(shortlist=3, num_local=30))
 
 

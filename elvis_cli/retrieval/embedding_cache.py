@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from elvis_cli.features.store import HDF5_ERRORS, FeatureStore, new_hdf5
-from elvis_cli.model.elvis import Embedded
+from elvis_cli.model.reranker import Embedded
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 
 FORMAT = "elvis-cli-embeddings/1"

@@ -33,7 +33,7 @@ from elvis_cli.evaluation.metrics import map_at_k
 from elvis_cli.features.images import ImageError, collect_images, load_image
 from elvis_cli.model.checkpoints import Fusion, save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
-from elvis_cli.retrieval.rerank import fuse_and_sort
+from elvis_cli.model.reranker import fuse_and_sort
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.training.augment import ViewConfig, inset_view, random_view
 from elvis_cli.util.devices import resolve_device
