@@ -6,7 +6,7 @@ import pytest
 
 from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.retrieval.embedder import ImageEmbedder
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, cache_embeddings
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 from tests import test_rerank
 from tests.test_model import random_model
@@ -106,3 +106,15 @@ def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
         scores = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
     np.testing.assert_allclose(scores, reference(model, queries, gallery, CANDIDATES, None),
                                atol=1e-4, equal_nan=True)
+
+
+def test_filling_the_cache_needs_no_scorer(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=D, seed=76)
+    config = RerankConfig(device="cpu", embedding_cache=tmp_path)
+    count, size = cache_embeddings(ElvisReranker(model), gallery, config)
+    assert count == gallery.num_images and size > 0
+    assert cache_embeddings(ElvisReranker(model), gallery, config)[0] == 0  # all there
+    reads = []
+    scorer(model, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
+    assert reads and not any(is_gallery for is_gallery, _ in reads)

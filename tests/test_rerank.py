@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis import uses_log_domain
 from elvis_cli.model.elvis_reranker import ElvisReranker
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.model.registry import RERANKERS, load_reranker
+from elvis_cli.model.reranker import Fusion
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank
+from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.errors import InputError
 from tests.helpers import write_store
 from tests.reference_elvis import reference_score
@@ -175,3 +179,22 @@ def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeyp
     np.testing.assert_allclose(scores, fresh, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(scores, reference(model, queries, gallery, second, None),
                                atol=1e-4, equal_nan=True)
+
+
+def test_every_registered_reranker_runs_through_the_engine(stores):
+    """The registry's re-rankers share one interface: global keeps the list as it is."""
+    queries, gallery = stores
+    checkpoint = Checkpoint(random_model(dim=D, seed=37), "random", None, Fusion())
+    shortlist = Shortlist(np.array([[3, 1, 8], [0, 2, 4], [5, 6, 7], [7, 6, 5]]),
+                          np.tile(np.array([0.9, 0.5, 0.1], dtype=np.float32), (4, 1)))
+    for name in RERANKERS:
+        reranker = load_reranker(name, gallery, checkpoint, lam=0.3)
+        result = rerank(reranker, queries, gallery, shortlist,
+                        RerankConfig(shortlist=2, device="cpu"))
+        assert np.isnan(result.scores).all() == (not reranker.scores_pairs), name
+        if not reranker.scores_pairs:
+            np.testing.assert_array_equal(result.indices, shortlist.indices)
+        assert np.array_equal(result.indices[:, 2], shortlist.indices[:, 2])  # tail kept
+    assert load_reranker("elvis", gallery, checkpoint, lam=0.3).fusion == Fusion(0.3, 0.5)
+    with pytest.raises(InputError, match=r"unknown model 'elvs'.*did you mean 'elvis'"):
+        load_reranker("elvs", gallery)
