@@ -21,6 +21,7 @@ import elvis_cli.retrieval.rerank as engine
 from benchmarks.rerank_speed import benchmark_model, make_workload
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.elvis import Transport
+from elvis_cli.model.elvis_reranker import ElvisReranker
 
 
 def median_ms(run, repeats: int) -> float:
@@ -52,6 +53,7 @@ def one_pair(model, src, tgt, repeats: int) -> None:
 
 
 def scoring_phase(model, folder: Path, shortlist, repeats: int) -> None:
+    reranker = ElvisReranker(model)
     pairs = shortlist.indices.size
     chunked = engine.CPU_PAIRS_PER_CALL
     with FeatureStore.open(folder / "queries.h5") as queries, \
@@ -62,7 +64,7 @@ def scoring_phase(model, folder: Path, shortlist, repeats: int) -> None:
                 engine.CPU_PAIRS_PER_CALL = per_call
                 seconds = []
                 for _ in range(repeats):
-                    scorer = engine.PairScorer(model, queries, gallery, engine.RerankConfig(
+                    scorer = engine.PairScorer(reranker, queries, gallery, engine.RerankConfig(
                         num_local=600, device="cpu", workers=workers))
                     scorer.score(shortlist.indices)
                     seconds.append(scorer.seconds["score"])

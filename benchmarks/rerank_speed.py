@@ -29,8 +29,10 @@ from elvis_cli.cli.app import app
 from elvis_cli.features.layout import shard_path
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.features.writer import finalize, write_shard
-from elvis_cli.model.checkpoints import Fusion, load_checkpoint, save_checkpoint
+from elvis_cli.model.checkpoints import load_checkpoint, save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, save_shortlist
 from tests.reference_elvis import reference_score, reference_scores
@@ -111,6 +113,7 @@ def main() -> None:
               f" (written in {time.perf_counter() - started:.1f} s); torch threads "
               f"{torch.get_num_threads()}")
         model = benchmark_model(args.dim)
+        reranker = ElvisReranker(model)
         pairs = args.queries * args.shortlist
 
         with FeatureStore.open(folder / "queries.h5") as queries, \
@@ -119,7 +122,7 @@ def main() -> None:
             scorers = []
 
             def production_run():
-                scorers.append(PairScorer(model, queries, gallery, config))  # nothing embedded
+                scorers.append(PairScorer(reranker, queries, gallery, config))  # nothing embedded
                 return scorers[-1].score(shortlist.indices)
 
             seconds, raw = timed(production_run, args.repeats)
@@ -127,9 +130,9 @@ def main() -> None:
             embedding = statistics.median(s.seconds["read and embed"] for s in scorers)
             production, scorer = pairs / seconds, scorers[-1]
             cached = dataclasses.replace(config, embedding_cache=folder / "embeddings")
-            PairScorer(model, queries, gallery, cached).score(shortlist.indices)  # fills it
+            PairScorer(reranker, queries, gallery, cached).score(shortlist.indices)  # fills it
             warm, warm_raw = timed(
-                lambda: PairScorer(model, queries, gallery, cached).score(shortlist.indices),
+                lambda: PairScorer(reranker, queries, gallery, cached).score(shortlist.indices),
                 args.repeats)
             reference, raw32, raw64 = reference_path(model, queries, gallery, shortlist, args)
             batched, raw_batched = batched_reference_path(model, queries, gallery, shortlist,

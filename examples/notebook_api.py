@@ -13,8 +13,8 @@ from elvis_cli import (
     build_shortlist,
     evaluate_dataset,
     extract_features,
-    load_checkpoint,
     load_dataset,
+    load_reranker,
     rerank,
     rerank_table,
 )
@@ -29,11 +29,10 @@ def main(workdir: Path) -> None:
 
     # 2. all-vs-all retrieval, top 20 re-ranked by the bundled checkpoint
     with FeatureStore.open(workdir / "feats.h5") as store:
-        checkpoint = load_checkpoint("efficientnet-lite0")
+        reranker = load_reranker("elvis", store, "efficientnet-lite0")
         global_desc = store.global_descriptors()
         shortlist = build_shortlist(global_desc, global_desc, 20, exclude_self=True)
-        result = rerank(checkpoint.model, store, store, shortlist, checkpoint.fusion,
-                        RerankConfig(shortlist=20))
+        result = rerank(reranker, store, store, shortlist, RerankConfig(shortlist=20))
         table = rerank_table(result, store.paths, store.paths)
     print(table.head(5).to_string(index=False))
 

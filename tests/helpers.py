@@ -17,8 +17,9 @@ from PIL import Image
 from elvis_cli.features.layout import shard_path
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.features.writer import finalize, write_shard
-from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.reranker import Fusion
 from tests.reference_elvis import reference_score
 
 REPO = Path(__file__).resolve().parent.parent

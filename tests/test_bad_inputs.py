@@ -17,8 +17,9 @@ from PIL import Image
 from elvis_cli.cli import app as cli
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.reranker import Fusion
 from tests.helpers import png_header_only
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",

@@ -16,9 +16,11 @@ from PIL import Image
 
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.reranker import Fusion
+from elvis_cli.retrieval.embedder import ImageEmbedder
+from elvis_cli.retrieval.rerank import RerankConfig, rerank
 from elvis_cli.retrieval.shortlist import build_shortlist
 
 OPTIONS = {"image_size": 96, "num_local": 24, "local_layer": 5}
@@ -73,13 +75,13 @@ CPU_WORK_SPLITS = [
 
 def test_rerank_is_bitwise_repeatable_across_runs_and_cpu_work_splits(features, monkeypatch):
     splits: list[list[tuple[int, int]]] = []  # per run: (images read, workers) of each read
-    original = PairScorer._read
+    original = ImageEmbedder._read
 
-    def recording(self, store, rows):
+    def recording(self, rows):
         splits[-1].append((len(rows), self.workers))
-        return original(self, store, rows)
+        return original(self, rows)
 
-    monkeypatch.setattr(PairScorer, "_read", recording)
+    monkeypatch.setattr(ImageEmbedder, "_read", recording)
     torch.manual_seed(0)
     with FeatureStore.open(features[0]) as store:
         model = Elvis(ElvisConfig(descriptor_dim=store.local_dim))
@@ -88,7 +90,7 @@ def test_rerank_is_bitwise_repeatable_across_runs_and_cpu_work_splits(features, 
         results = []
         for options in CPU_WORK_SPLITS:
             splits.append([])
-            results.append(rerank(model, store, store, shortlist, Fusion(0.5, 0.5),
+            results.append(rerank(ElvisReranker(model, Fusion(0.5, 0.5)), store, store, shortlist,
                                   RerankConfig(shortlist=5, device="cpu", **options)))
     # the settings really split the work differently, else this test would prove nothing
     assert len({tuple(split) for split in splits}) == len(CPU_WORK_SPLITS) - 1

@@ -4,7 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.retrieval.embedder import ImageEmbedder
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, cache_embeddings
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 from tests.conftest import CANDIDATES, STORE_DIM
 from tests.helpers import random_model, reference_pair_scores
@@ -12,14 +14,14 @@ from tests.helpers import random_model, reference_pair_scores
 
 def scorer(model, queries, gallery, cache_dir, monkeypatch, read: list):
     """A PairScorer whose reads of local descriptors are recorded in `read` (image rows)."""
-    original = PairScorer._read
+    original = ImageEmbedder._read
 
-    def recording(self, store, rows):
-        read.extend((store is gallery, int(row)) for row in rows)
-        return original(self, store, rows)
+    def recording(self, rows):
+        read.extend((self.store is gallery, int(row)) for row in rows)
+        return original(self, rows)
 
-    monkeypatch.setattr(PairScorer, "_read", recording)
-    return PairScorer(model, queries, gallery,
+    monkeypatch.setattr(ImageEmbedder, "_read", recording)
+    return PairScorer(ElvisReranker(model), queries, gallery,
                       RerankConfig(device="cpu", embedding_cache=cache_dir, cache_images=3))
 
 
@@ -32,7 +34,8 @@ def test_a_second_run_reads_nothing_and_scores_the_same_bits(stores, tmp_path, m
                     second_reads).score(CANDIDATES)
     assert first_reads and not second_reads
     assert first.tobytes() == second.tobytes()
-    uncached = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    uncached = PairScorer(ElvisReranker(model), queries, gallery,
+                          RerankConfig(device="cpu")).score(CANDIDATES)
     assert first.tobytes() == uncached.tobytes()
     expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(first, expected, atol=1e-4, equal_nan=True)
@@ -100,3 +103,15 @@ def test_a_full_disk_leaves_the_scores_alone(stores, tmp_path, monkeypatch):
         scores = scorer(model, queries, gallery, tmp_path, monkeypatch, []).score(CANDIDATES)
     expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)
+
+
+def test_filling_the_cache_needs_no_scorer(stores, tmp_path, monkeypatch):
+    queries, gallery = stores
+    model = random_model(dim=STORE_DIM, seed=76)
+    config = RerankConfig(device="cpu", embedding_cache=tmp_path)
+    count, size = cache_embeddings(ElvisReranker(model), gallery, config)
+    assert count == gallery.num_images and size > 0
+    assert cache_embeddings(ElvisReranker(model), gallery, config)[0] == 0  # all there
+    reads = []
+    scorer(model, queries, gallery, tmp_path, monkeypatch, reads).score(CANDIDATES)
+    assert reads and not any(is_gallery for is_gallery, _ in reads)

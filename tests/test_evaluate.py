@@ -17,8 +17,9 @@ from elvis_cli.evaluation.run import (
     summary_table,
 )
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Checkpoint, Fusion
+from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import PairScorer
 from elvis_cli.retrieval.shortlist import Shortlist
 from tests.helpers import write_store

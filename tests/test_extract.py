@@ -285,7 +285,7 @@ def watch_pending(monkeypatch) -> list[int]:
     seen: list[int] = []
     handed = [0]
     encoded = [0]
-    in_order, encode = extract_module._decoded_in_order, extract_module._encode
+    in_order, encode = extract_module.in_order, extract_module._encode
 
     def watched_in_order(*args, **kwargs):
         for item in in_order(*args, **kwargs):
@@ -298,7 +298,7 @@ def watch_pending(monkeypatch) -> list[int]:
         encoded[0] += len(batch)
         return encode(backbone, batch)
 
-    monkeypatch.setattr(extract_module, "_decoded_in_order", watched_in_order)
+    monkeypatch.setattr(extract_module, "in_order", watched_in_order)
     monkeypatch.setattr(extract_module, "_encode", watched_encode)
     return seen
 

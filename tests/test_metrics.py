@@ -16,7 +16,7 @@ from elvis_cli.evaluation.metrics import (
     revisitop_map,
     revisitop_scores,
 )
-from elvis_cli.model.checkpoints import Fusion
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.util.errors import InputError
 
 
@@ -228,7 +228,7 @@ def test_class_labelled_sets_by_hand():
 
 
 def test_ties_in_the_fused_score_keep_the_global_order():
-    from elvis_cli.retrieval.rerank import fuse_and_sort
+    from elvis_cli.model.reranker import fuse_and_sort
 
     indices = np.array([[7, 3, 5, 1]])
     global_scores = np.array([[0.9, 0.9, 0.9, 0.1]], dtype=np.float32)

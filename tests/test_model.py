@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from elvis_cli.model.elvis import Elvis, ElvisConfig, Embedded, _runs_compiled
+from elvis_cli.model.elvis import Elvis, ElvisConfig, _runs_compiled
+from elvis_cli.model.reranker import Embedded
 from tests.helpers import random_model
 from tests.reference_elvis import reference_score, reference_scores
 

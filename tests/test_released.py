@@ -14,8 +14,8 @@ import torch
 
 from elvis_cli.evaluation.metrics import revisitop_map
 from elvis_cli.features.released import open_local, open_released
-from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.retrieval.rerank import RerankConfig, rerank
 from elvis_cli.util.errors import InputError
 from tests.helpers import elvis, one_line_error
@@ -324,7 +324,7 @@ def reference_rerank(tmp_path_factory):
     model = official_checkpoint(folder / "ckpt.pt", seed=4)
     query_store, gallery_store, ranking = open_released(folder / "roxford5k", "dinov2", 7)
     with query_store, gallery_store:
-        result = rerank(model, query_store, gallery_store, ranking, Fusion(),
+        result = rerank(ElvisReranker(model), query_store, gallery_store, ranking,
                         RerankConfig(shortlist=2, num_local=40, batch_size=1))
     return SimpleNamespace(queries=queries, gallery=gallery, model=model, result=result)
 
@@ -481,7 +481,7 @@ def short_head(tmp_path):
 def test_a_head_shorter_than_the_lists_is_rebuilt(short_head):
     run = short_head
     assert run.gallery_store.head == 2
-    result = rerank(run.model, run.query_store, run.gallery_store, run.ranking, Fusion(),
+    result = rerank(ElvisReranker(run.model), run.query_store, run.gallery_store, run.ranking,
                     RerankConfig(shortlist=2, num_local=30, batch_size=1))
     for q in range(2):
         for k in range(2):
@@ -495,7 +495,7 @@ def test_a_shortlist_past_the_head_is_refused_never_read(short_head):
     with pytest.raises(InputError, match=r"gallery image 4 has no descriptors in "
                                          r"dinov2_gallery_local\.hdf5, .* top 2 .*"
                                          r"re-rank at most 2"):
-        rerank(run.model, run.query_store, run.gallery_store, run.ranking, Fusion(),
+        rerank(ElvisReranker(run.model), run.query_store, run.gallery_store, run.ranking,
                RerankConfig(shortlist=3, num_local=30))
 
 

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis import uses_log_domain
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.registry import RERANKERS, load_reranker
+from elvis_cli.model.reranker import Fusion
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank
+from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.errors import InputError
 from tests.conftest import CANDIDATES, STORE_DIM
 from tests.helpers import random_model, reference_pair_scores
@@ -22,7 +27,7 @@ def test_scores_match_reference(stores, options):
     queries, gallery = stores
     model = random_model(dim=STORE_DIM, seed=30)
     config = RerankConfig(device="cpu", **options)
-    scores = PairScorer(model, queries, gallery, config).score(CANDIDATES)
+    scores = PairScorer(ElvisReranker(model), queries, gallery, config).score(CANDIDATES)
     expected = reference_pair_scores(model, queries, gallery, CANDIDATES, config.num_local)
     assert np.array_equal(np.isnan(scores), np.isnan(expected))
     np.testing.assert_allclose(scores, expected, atol=1e-4, equal_nan=True)
@@ -33,8 +38,8 @@ def test_cpu_chunks_cross_queries_and_ignore_batch_size(stores):
     scores, to the bit."""
     queries, gallery = stores
     model = random_model(dim=STORE_DIM, seed=31)
-    scores = [PairScorer(model, queries, gallery, RerankConfig(device="cpu", batch_size=size))
-              for size in (1, 100)]
+    scores = [PairScorer(ElvisReranker(model), queries, gallery,
+                         RerankConfig(device="cpu", batch_size=size)) for size in (1, 100)]
     assert scores[0].pairs_per_call == scores[1].pairs_per_call > CANDIDATES.shape[1]
     first, second = (scorer.score(CANDIDATES) for scorer in scores)
     assert first.tobytes() == second.tobytes()
@@ -47,9 +52,9 @@ def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
     queries, gallery = stores
     model = random_model(dim=STORE_DIM, seed=36)
     config = RerankConfig(device="cpu", workers=2)
-    chunked = PairScorer(model, queries, gallery, config).score(CANDIDATES)
+    chunked = PairScorer(ElvisReranker(model), queries, gallery, config).score(CANDIDATES)
     monkeypatch.setattr("elvis_cli.retrieval.rerank.CPU_PAIRS_PER_CALL", 1)
-    scorer = PairScorer(model, queries, gallery, config)
+    scorer = PairScorer(ElvisReranker(model), queries, gallery, config)
     assert scorer.pairs_per_call == 1
     assert scorer.score(CANDIDATES).tobytes() == chunked.tobytes()
 
@@ -57,7 +62,7 @@ def test_one_pair_per_call_scores_the_same_bits(stores, monkeypatch):
 def test_large_dust_bin_takes_the_log_domain_path(stores):
     queries, gallery = stores
     model = random_model(dim=STORE_DIM, seed=32, dust_bin=40.0)
-    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu"))
+    scorer = PairScorer(ElvisReranker(model), queries, gallery, RerankConfig(device="cpu"))
     assert uses_log_domain(model.dust_bin, model.config.regularisation)
     expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
     np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=1e-4, equal_nan=True)
@@ -67,8 +72,8 @@ def test_threads_are_restored_and_progress_counts_queries(stores):
     queries, gallery = stores
     threads = torch.get_num_threads()
     calls = []
-    PairScorer(random_model(dim=STORE_DIM), queries, gallery, RerankConfig(device="cpu", workers=2,
-                                                                   cache_images=4)).score(
+    PairScorer(ElvisReranker(random_model(dim=STORE_DIM)), queries, gallery,
+               RerankConfig(device="cpu", workers=2, cache_images=4)).score(
         CANDIDATES, progress=lambda: calls.append(1))
     assert torch.get_num_threads() == threads
     assert len(calls) == len(CANDIDATES)
@@ -77,7 +82,7 @@ def test_threads_are_restored_and_progress_counts_queries(stores):
 def test_float16_needs_cuda_and_precision_is_checked(stores):
     queries, gallery = stores
     with pytest.raises(InputError, match="CUDA"):
-        PairScorer(random_model(dim=STORE_DIM), queries, gallery,
+        PairScorer(ElvisReranker(random_model(dim=STORE_DIM)), queries, gallery,
                    RerankConfig(device="cpu", precision="float16"))
     with pytest.raises(InputError, match="precision"):
         RerankConfig(precision="bfloat16")
@@ -91,8 +96,8 @@ def test_cuda_matches_reference(stores, precision):
     queries, gallery = stores
     model = random_model(dim=STORE_DIM, seed=33)
     expected = reference_pair_scores(model, queries, gallery, CANDIDATES, None)
-    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cuda", batch_size=3,
-                                                              precision=precision))
+    scorer = PairScorer(ElvisReranker(model), queries, gallery,
+                        RerankConfig(device="cuda", batch_size=3, precision=precision))
     tolerance = 1e-4 if precision == "float32" else 1e-3
     np.testing.assert_allclose(scorer.score(CANDIDATES), expected, atol=tolerance, equal_nan=True)
 
@@ -108,9 +113,10 @@ def test_official_float32_files_score_like_ours(stores, tmp_path):
     model = random_model(dim=STORE_DIM, seed=34)
     with FeatureStore.open(tmp_path / "q_local.hdf5") as official_queries, \
             FeatureStore.open(tmp_path / "g_local.hdf5") as official_gallery:
-        official = PairScorer(model, official_queries, official_gallery,
+        official = PairScorer(ElvisReranker(model), official_queries, official_gallery,
                               RerankConfig(device="cpu")).score(CANDIDATES)
-    ours = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(CANDIDATES)
+    ours = PairScorer(ElvisReranker(model), queries, gallery,
+                      RerankConfig(device="cpu")).score(CANDIDATES)
     np.testing.assert_allclose(official, ours, atol=1e-5, equal_nan=True)
 
 
@@ -123,7 +129,8 @@ def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeyp
     monkeypatch.setattr(gallery, "read_local",
                         lambda rows, *args, **kwargs: read.append(list(rows)) or original(
                             rows, *args, **kwargs))
-    scorer = PairScorer(model, queries, gallery, RerankConfig(device="cpu", cache_images=5))
+    scorer = PairScorer(ElvisReranker(model), queries, gallery,
+                        RerankConfig(device="cpu", cache_images=5))
     first = np.array([[0, 1, 2], [1, 2, 3], [5, 6, 7]])  # blocks: queries 0-1, then query 2
     second = np.array([[5, 6, 8], [8, 7, -1], [0, 1, 4]])  # blocks: 0-1 (5, 6, 7 kept), 2
     scorer.score(first)
@@ -131,7 +138,27 @@ def test_gallery_embeddings_are_kept_for_the_next_block_and_call(stores, monkeyp
     read.clear()
     scores = scorer.score(second)
     assert read == [[8], [0, 1, 4]]
-    fresh = PairScorer(model, queries, gallery, RerankConfig(device="cpu")).score(second)
+    fresh = PairScorer(ElvisReranker(model), queries, gallery,
+                       RerankConfig(device="cpu")).score(second)
     np.testing.assert_allclose(scores, fresh, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(scores, reference_pair_scores(model, queries, gallery, second, None),
                                atol=1e-4, equal_nan=True)
+
+
+def test_every_registered_reranker_runs_through_the_engine(stores):
+    """The registry's re-rankers share one interface: global keeps the list as it is."""
+    queries, gallery = stores
+    checkpoint = Checkpoint(random_model(dim=STORE_DIM, seed=37), "random", None, Fusion())
+    shortlist = Shortlist(np.array([[3, 1, 8], [0, 2, 4], [5, 6, 7], [7, 6, 5]]),
+                          np.tile(np.array([0.9, 0.5, 0.1], dtype=np.float32), (4, 1)))
+    for name in RERANKERS:
+        reranker = load_reranker(name, gallery, checkpoint, lam=0.3)
+        result = rerank(reranker, queries, gallery, shortlist,
+                        RerankConfig(shortlist=2, device="cpu"))
+        assert np.isnan(result.scores).all() == (not reranker.scores_pairs), name
+        if not reranker.scores_pairs:
+            np.testing.assert_array_equal(result.indices, shortlist.indices)
+        assert np.array_equal(result.indices[:, 2], shortlist.indices[:, 2])  # tail kept
+    assert load_reranker("elvis", gallery, checkpoint, lam=0.3).fusion == Fusion(0.3, 0.5)
+    with pytest.raises(InputError, match=r"unknown model 'elvs'.*did you mean 'elvis'"):
+        load_reranker("elvs", gallery)

@@ -155,15 +155,15 @@ def export(
 def _fill_embedding_cache(features: Path, folder: Path, checkpoint: str | None,
                           device: str) -> None:
     from elvis_cli.features.store import FeatureStore
-    from elvis_cli.model.checkpoints import checkpoint_for_features
-    from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
+    from elvis_cli.model.registry import load_reranker
+    from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings
 
     with FeatureStore.open(features) as store:
-        ckpt = checkpoint_for_features(checkpoint, store.backbone_settings, store.local_dim)
-        scorer = PairScorer(ckpt.model, store, store,
-                            RerankConfig(device=device, embedding_cache=folder))
-        count = scorer.cache_embeddings(store)
-    console.print(f"{count} images embedded by {ckpt.name} -> {folder}")
+        reranker = load_reranker("elvis", store, checkpoint)
+        count, size = cache_embeddings(reranker, store,
+                                       RerankConfig(device=device, embedding_cache=folder))
+    console.print(f"{count} images embedded by {reranker.label} -> {folder} "
+                  f"({_human_size(size)})")
 
 
 @app.command()
@@ -229,7 +229,7 @@ def rerank(
     Example (in the folder of `elvis extract imgs/ -o feats.h5`): `elvis rerank --shortlist 100`
     """
     from elvis_cli.features.released import released_gallery
-    from elvis_cli.model.checkpoints import Fusion, checkpoint_for_features
+    from elvis_cli.model.registry import load_reranker
     from elvis_cli.retrieval.rerank import RerankConfig, rerank_table
     from elvis_cli.retrieval.rerank import rerank as run_rerank
     from elvis_cli.retrieval.shortlist import load_shortlist
@@ -238,10 +238,7 @@ def rerank(
         raise InputError(f"output must end in .csv or .parquet, got {output.name}")
     with _open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
-        ckpt = checkpoint_for_features(checkpoint, gallery_store.backbone_settings,
-                                       gallery_store.local_dim, gallery_store.binarised)
-        fusion = Fusion(ckpt.fusion.lam if lam is None else lam,
-                        ckpt.fusion.temperature if temperature is None else temperature)
+        reranker = load_reranker("elvis", gallery_store, checkpoint, lam, temperature)
         if candidates is not None:
             candidate_list = load_shortlist(candidates)
             gallery_store = released_gallery(query_store, gallery_store, candidate_list)
@@ -251,8 +248,8 @@ def rerank(
                               batch_size=batch_size, device=device, precision=precision,
                               workers=workers, embedding_cache=embedding_cache)
         with _progress("re-ranking", query_store.num_images) as advance:
-            result = run_rerank(ckpt.model, query_store, gallery_store, candidate_list, fusion,
-                                config, progress=advance)
+            result = run_rerank(reranker, query_store, gallery_store, candidate_list, config,
+                                progress=advance)
         table = rerank_table(result, query_store.paths, gallery_store.paths)
     with atomic_path(output) as temporary:
         if output.suffix == ".csv":
@@ -260,7 +257,8 @@ def rerank(
         else:
             table.to_parquet(temporary, index=False)
     _print_top(table, show)
-    console.print(f"checkpoint {ckpt.name} (lam={fusion.lam}, temp={fusion.temperature}); "
+    fusion = reranker.fusion
+    console.print(f"checkpoint {reranker.label} (lam={fusion.lam}, temp={fusion.temperature}); "
                   f"{len(table)} rows -> {output}")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
+import torch
 
 from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
 from elvis_cli.evaluation.datasets import RetrievalDataset
@@ -37,25 +37,14 @@ from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.layout import FORMAT
 from elvis_cli.features.released import open_released
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.chamfer import Chamfer
-from elvis_cli.model.checkpoints import (
-    Checkpoint,
-    Fusion,
-    check_compatible,
-    default_checkpoint_for,
-    load_checkpoint,
-)
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, fuse_and_sort
+from elvis_cli.model.checkpoints import Checkpoint
+from elvis_cli.model.registry import RERANKERS, load_reranker, reranker_class
+from elvis_cli.model.reranker import Fusion, fuse_and_sort
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
 from elvis_cli.util.errors import ElvisWarning, InputError
 from elvis_cli.util.progress import ProgressCallback
-
-MODELS = ("global", "elvis", "chamfer")  # global: the global ranking alone, no re-ranking
-# Chamfer has no trained fusion: its shortlist is re-sorted by the chamfer score alone.
-CHAMFER_FUSION = Fusion(lam=0.0, temperature=1.0)
-# Models whose fusion with the global score is a setting to sweep (chamfer's is its definition).
-GRID_MODELS = ("elvis",)
 
 
 @dataclass
@@ -64,15 +53,15 @@ class EvaluateConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # None: the checkpoint that matches the backbone
     shortlists: Sequence[int] = (0, 25, 50, 100)  # 0 = global ranking only
-    models: Sequence[str] = ("global", "elvis")
-    lam: float | None = None  # None: the checkpoint's own fusion (ELViS only)
+    models: Sequence[str] = ("global", "elvis")  # re-rankers by name (model.registry)
+    lam: float | None = None  # None: the checkpoint's own fusion (trained re-rankers only)
     temperature: float | None = None
     num_local: int | None = 600
     batch_size: int = 100
     device: str = "auto"
     features_dir: Path | None = None  # None: <dataset>/features/
     descriptors: str | None = None  # released files of this name instead of extraction
-    embedding_cache: Path | None = None  # keeps ELViS embeddings between runs (EmbeddingCache)
+    embedding_cache: Path | None = None  # keeps embeddings between runs (EmbeddingCache)
     # queries cut to their ground-truth `bbx`, scaled like the full image: the authors' `bbox`
     # switch, off by default as in their conf/extract.yaml
     query_crops: bool = False
@@ -81,15 +70,16 @@ class EvaluateConfig:
         if not self.shortlists or any(size < 0 for size in self.shortlists):
             raise InputError("shortlist sizes must be zero (global only) or positive")
         self.shortlists = sorted(set(self.shortlists))
-        unknown = [name for name in self.models if name not in MODELS]
-        if unknown or not self.models:
-            raise InputError(f"unknown model {unknown[0] if unknown else '(none)'!r}; "
-                             f"use {', '.join(MODELS)}")
+        if not self.models:
+            raise InputError(f"no model given; use {', '.join(RERANKERS)}")
         self.models = list(dict.fromkeys(self.models))
+        for name in self.models:
+            reranker_class(name)  # refuses unknown names
 
     @property
     def rerankers(self) -> list[str]:
-        return [name for name in self.models if name != "global"]
+        """The models that re-rank (the global row is always there)."""
+        return [name for name in self.models if reranker_class(name).scores_pairs]
 
     def num_stages(self) -> int:
         """Stages per dataset, for a progress display: features, then each re-ranking run."""
@@ -117,7 +107,7 @@ class FusionGrid:
 
     def num_stages(self, config: "EvaluateConfig") -> int:
         """Stages it adds per dataset, for a progress display: one per swept model."""
-        return sum(name in GRID_MODELS for name in config.rerankers)
+        return sum(reranker_class(name).tunable_fusion for name in config.rerankers)
 
 
 @dataclass
@@ -211,24 +201,27 @@ def evaluate_dataset(
                  **score_rankings(dataset, dict.fromkeys(protocols, ranking.indices)),
                  "seconds_per_query": features.seconds_per_query}]
         for model_name in config.rerankers:
-            module, fusion, label = _reranker(model_name, config, features, checkpoint)
-            scorer = PairScorer(module, features.queries, features.gallery, RerankConfig(
+            reranker = load_reranker(model_name, features.gallery,
+                                     checkpoint or config.checkpoint, config.lam,
+                                     config.temperature)
+            fusion, label = reranker.fusion, reranker.label
+            scorer = PairScorer(reranker, features.queries, features.gallery, RerankConfig(
                 num_local=config.num_local, batch_size=config.batch_size, device=config.device,
-                embedding_cache=config.embedding_cache if model_name == "elvis" else None))
+                embedding_cache=config.embedding_cache))
             scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
             model = {**common, "model": model_name, "checkpoint": label}
             raw_scores = _RawScores(scorer, lists)
             for size in (size for size in config.shortlists if size > 0):
                 stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")
                 started = time.perf_counter()
-                rankings = _fused_rankings(lists, raw_scores(size), fusion)
+                rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
                 seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
                 rows.append({**model, "shortlist": size, **score_rankings(dataset, rankings),
                              "seconds_per_query": seconds, "lam": fusion.lam,
                              "temperature": fusion.temperature,
                              "paper_map": _paper_map(dataset.name, features.label, model_name,
                                                      label)})
-            if grid is not None and model_name in GRID_MODELS:
+            if grid is not None and reranker.tunable_fusion:
                 stage(f"{dataset.name}: {model_name} fusion grid")
                 rows += _best_marked([
                     {**model, "grid": True, "shortlist": size,
@@ -249,24 +242,6 @@ def _best_marked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rows
     best = int(np.nanargmax(maps))
     return [{**row, "best": position == best} for position, row in enumerate(rows)]
-
-
-def _reranker(name: str, config: EvaluateConfig, features: DatasetFeatures,
-              checkpoint: Checkpoint | None) -> tuple[nn.Module, Fusion, str]:
-    """The scoring module PairScorer runs, its fusion with the global score, and its label."""
-    if name == "chamfer":
-        return Chamfer(), CHAMFER_FUSION, "chamfer"
-    gallery = features.gallery
-    if checkpoint is None:
-        checkpoint = load_checkpoint(
-            config.checkpoint or default_checkpoint_for(gallery.backbone_settings))
-    check_compatible(checkpoint, gallery.backbone_settings, gallery.local_dim,
-                     gallery.binarised)
-    fusion = Fusion(
-        checkpoint.fusion.lam if config.lam is None else config.lam,
-        checkpoint.fusion.temperature if config.temperature is None else config.temperature,
-    )
-    return checkpoint.model, fusion, checkpoint.name
 
 
 def _paper_map(dataset: str, features: str, model: str, checkpoint: str) -> float | None:
@@ -360,7 +335,7 @@ class _RawScores:
         if size not in self.by_size:
             started = time.perf_counter()
             heads = {name: indices[:, :size] for name, (indices, _) in self.lists.items()}
-            pairs = _unique_rows(np.concatenate(list(heads.values()), axis=1))
+            pairs = _distinct_per_query(np.concatenate(list(heads.values()), axis=1))
             raw_pairs = self.scorer.score(pairs)
             self.by_size[size] = {name: _lookup(pairs, raw_pairs, head)
                                   for name, head in heads.items()}
@@ -370,18 +345,20 @@ class _RawScores:
 
 
 def _fused_rankings(lists: dict[str, tuple[np.ndarray, np.ndarray]],
-                    raw_heads: dict[str, np.ndarray], fusion: Fusion) -> dict[str, np.ndarray]:
+                    raw_heads: dict[str, np.ndarray],
+                    fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> dict[str, np.ndarray]:
     """Final ranking per protocol: the scored head fused and re-sorted, the rest as listed."""
     rankings = {}
     for name, (indices, similarities) in lists.items():
         size = raw_heads[name].shape[1]
         full_raw = np.full(indices.shape, np.nan, dtype=np.float32)
         full_raw[:, :size] = raw_heads[name]
-        rankings[name] = fuse_and_sort(indices, similarities, full_raw, size, fusion).indices
+        rankings[name] = fuse_and_sort(indices, similarities, full_raw, size, fuse).indices
     return rankings
 
 
-def _unique_rows(heads: np.ndarray) -> np.ndarray:
+def _distinct_per_query(heads: np.ndarray) -> np.ndarray:
     """Per row, the sorted distinct non-negative entries, padded with -1 to a common width."""
     rows = [np.unique(row[row >= 0]) for row in heads]
     width = max((len(row) for row in rows), default=0)
@@ -511,7 +488,7 @@ def _with_protocol_rows(summary: pd.DataFrame, table: pd.DataFrame,
 
 def _model_order(column: pd.Series) -> pd.Series:
     if column.name == "model":
-        return column.map({name: rank for rank, name in enumerate(MODELS)})
+        return column.map({name: rank for rank, name in enumerate(RERANKERS)})
     return column
 
 

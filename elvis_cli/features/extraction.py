@@ -14,13 +14,13 @@ the authors' extraction does, and reported as a warning instead.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from elvis_cli.util.atomic import write_text_atomic
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
+from elvis_cli.util.ordered import in_order
 from elvis_cli.util.progress import ProgressCallback, track
 
 MANIFEST_NAME = "manifest.json"
@@ -299,20 +300,6 @@ def _decode(item: _Item, backbone: Backbone, decode_truncated: bool) -> _Decoded
                     warning=image.warning)
 
 
-def _decoded_in_order(
-    items: list[_Item], backbone: Backbone, pool: ThreadPoolExecutor, window: int,
-    decode_truncated: bool,
-) -> Iterator[_Decoded]:
-    """Decode ahead in the pool, at most `window` images in flight to bound memory."""
-    pending: deque[Future[_Decoded]] = deque()
-    for item in items:
-        pending.append(pool.submit(_decode, item, backbone, decode_truncated))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 @torch.inference_mode()
 def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
     """The backbone's output for a batch; on CPU image by image, so that an image's descriptors
@@ -360,8 +347,10 @@ def _extract_shard(
             decoded[position].tensor = None  # free the pixels early
             advance()
 
-    for position, item in enumerate(_decoded_in_order(items, backbone, pool, 2 * batch_size,
-                                                      config.decode_truncated)):
+    # decoded ahead in the pool, at most two batches' images held
+    decoding = (functools.partial(_decode, item, backbone, config.decode_truncated)
+                for item in items)
+    for position, item in enumerate(in_order(decoding, pool, 2 * batch_size)):
         decoded[position] = item
         if item.tensor is None:
             failures.append([item.item.name, item.error])

@@ -1,18 +1,24 @@
 """Chamfer similarity: the training-free floor any learned re-ranker has to beat.
 
-score = mean over the query's descriptors of their best cosine match in the gallery image. It
-has the re-ranking engine's model interface (`embed` once per image, `score` per pair), so
-rerank.PairScorer runs it exactly as it runs ELViS.
+score = mean over the query's descriptors of their best cosine match in the gallery image. Its
+shortlist is re-sorted by that score alone: its fusion (lam 0, temperature 1) is its definition,
+not a setting.
 """
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from elvis_cli.model.elvis import Embedded
+from elvis_cli.model.reranker import Embedded, Fusion, Reranker
 
 
-class Chamfer(nn.Module):
+class Chamfer(Reranker):
+    name = "chamfer"
+    # its embedding is a normalisation: cheaper to redo than to load, and as large as the input
+    worth_caching = False
+
+    def __init__(self) -> None:
+        super().__init__(Fusion(lam=0.0, temperature=1.0))
+
     def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
         """L2-normalised (B, m, D) descriptors; no learned part, so no gains (zeros)."""
         normalised = F.normalize(descriptors.float(), dim=-1)
@@ -33,3 +39,7 @@ class Chamfer(nn.Module):
             valid &= ~src.mask.expand_as(best)
         total = torch.where(valid, best, torch.zeros_like(best)).sum(dim=1)
         return total / valid.sum(dim=1).clamp(min=1)
+
+    def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
+        """The normalised descriptor, a (zero) gain and a padding flag."""
+        return descriptor_dim * dtype.itemsize + 4 + 1

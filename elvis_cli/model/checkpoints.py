@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from elvis_cli.model.elvis import Elvis, ElvisConfig
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.download import cache_dir, download_to_cache
 from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name
@@ -35,19 +36,6 @@ BUNDLED_CHECKPOINTS = {"efficientnet-lite0": "efficientnet_lite0_elvis.pt"}
 
 # settings keys that change the descriptor space; the rest (image size, K) do not
 _DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer")
-
-
-@dataclass
-class Fusion:
-    """score = lam * global + (1 - lam) * sigmoid(temperature * raw)  (ELVIS_SPEC §5)."""
-
-    lam: float = 0.5
-    temperature: float = 0.5
-
-    def __call__(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
-        return self.lam * global_score + (1 - self.lam) * torch.sigmoid(
-            self.temperature * raw_score
-        )
 
 
 @dataclass
@@ -91,10 +79,13 @@ def default_checkpoint_for(backbone: dict[str, Any] | None) -> str:
     )
 
 
-def checkpoint_for_features(name: str | None, backbone: dict[str, Any] | None,
-                            dim: int, binarised: bool = False) -> Checkpoint:
-    """Checkpoint `name`, or the one matching the features' backbone, checked against them."""
-    checkpoint = load_checkpoint(name or default_checkpoint_for(backbone))
+def checkpoint_for_features(checkpoint: "str | Path | Checkpoint | None",
+                            backbone: dict[str, Any] | None, dim: int,
+                            binarised: bool = False) -> Checkpoint:
+    """A checkpoint (loaded, or by name or path; None: the one matching the features'
+    backbone), checked against the features."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint or default_checkpoint_for(backbone))
     check_compatible(checkpoint, backbone, dim, binarised)
     return checkpoint
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elvis_cli.model.fused_sinkhorn import sinkhorn_votes
+from elvis_cli.model.reranker import Embedded
 
 # In the linear domain the kernel is exp(A / reg - 1 / reg). Similarities and tanh gains lie in
 # [-1, 1], so those entries sit in [exp(-2 / reg), 1]; only the learned dust_bin corner can leave
@@ -41,15 +42,6 @@ class ElvisConfig:
     @property
     def regularisation(self) -> float:
         return math.exp(-self.temperature)
-
-
-@dataclass
-class Embedded:
-    """Per-image part of the model, computed once per image and reused for every pair."""
-
-    descriptors: torch.Tensor  # (B, m, model_dim), rows L2-normalised
-    gains: torch.Tensor  # (B, m) dustbin gains in [-1, 1]
-    mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
 
 
 @dataclass

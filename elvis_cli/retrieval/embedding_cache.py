@@ -23,7 +23,7 @@ from torch import nn
 
 from elvis_cli.features.store import HDF5_ERRORS, FeatureStore
 from elvis_cli.features.writer import new_hdf5
-from elvis_cli.model.elvis import Embedded
+from elvis_cli.model.reranker import Embedded
 from elvis_cli.util.errors import DiskFullError, ElvisWarning
 
 FORMAT = "elvis-cli-embeddings/1"

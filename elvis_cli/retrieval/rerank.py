@@ -1,35 +1,30 @@
-"""The re-ranking engine: ELViS scores for shortlisted pairs, fused with global similarity.
+"""The re-ranking engine: a re-ranker's scores for shortlisted pairs, fused with global
+similarity.
 
-Per-image work (projection, normalisation, dustbin gains) is done once per image and kept for
-every pair that image takes part in; queries are processed in blocks whose gallery images fit
-a fixed cache, so memory is bounded by options, not by the gallery size.
+Per-image work (ELViS: projection, normalisation, dustbin gains) is done once per image by an
+ImageEmbedder and kept for every pair that image takes part in; queries are processed in
+blocks whose gallery images fit a fixed cache, so memory is bounded by options, not by the
+gallery size.
 """
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from elvis_cli.features.layout import META_PADDING, NUM_META
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import Fusion
-from elvis_cli.model.elvis import Elvis, Embedded
-from elvis_cli.retrieval.embedding_cache import EmbeddingCache
+from elvis_cli.model.reranker import Reranker, RerankResult, fuse_and_sort
+from elvis_cli.retrieval.embedder import EmbeddedImages, ImageEmbedder
 from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import InputError
-
-T = TypeVar("T")
 
 # Pairs a CPU worker scores per call: the model computes them one at a time, so this only
 # amortises per-call work (Python, gathering the chunk's embeddings) and never changes a bit.
@@ -50,7 +45,8 @@ class RerankConfig:
     device: str = "auto"
     workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
     embedding_cache: Path | None = None  # a folder that keeps images' embeddings between runs
-    # (EmbeddingCache), for galleries re-ranked again and again
+    # (EmbeddingCache), for galleries re-ranked again and again; used by re-rankers whose
+    # embeddings are worth it (Reranker.worth_caching)
     precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
     # 1e-4 off the float32 raw score, spec tolerance 1e-3); auto: float16 on CUDA, else float32
 
@@ -67,128 +63,47 @@ class RerankConfig:
                 raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
 
 
-@dataclass
-class RerankResult:
-    """Each query's list in final order: re-ranked head, then the tail in global order."""
-
-    indices: np.ndarray  # (Q, L) gallery rows; -1 pads
-    global_scores: np.ndarray  # (Q, L)
-    raw_scores: np.ndarray  # (Q, L) raw ELViS score; NaN where not re-ranked
-    scores: np.ndarray  # (Q, L) fused score; NaN where not re-ranked
-
-
-@dataclass
-class _Images:
-    """Embedded images (the model's per-image part); slot i is the i-th image read."""
-
-    embedded: Embedded  # descriptors (N, K, d), gains (N, K), mask (N, K)
-    padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
-
-    @staticmethod
-    def of(descriptors: torch.Tensor, gains: torch.Tensor, padding: np.ndarray,
-           device: torch.device) -> "_Images":
-        """From embeddings and the host's (N, K) padding flags, sent along as the mask."""
-        return _Images(Embedded(descriptors, gains, torch.from_numpy(padding).to(device)),
-                       padding.any(axis=1))
-
-    def take(self, slots: np.ndarray, device: torch.device) -> Embedded:
-        if len(slots) == 1:  # the CPU case: views, no copies
-            index: slice | torch.Tensor = slice(slots[0], slots[0] + 1)
-        else:
-            index = torch.from_numpy(slots).to(device)
-        embedded = self.embedded
-        mask = embedded.mask[index] if self.padded[slots].any() else None
-        return Embedded(embedded.descriptors[index], embedded.gains[index], mask)
-
-    def subset(self, slots: np.ndarray) -> "_Images":
-        index = torch.from_numpy(slots).to(self.embedded.descriptors.device)
-        embedded = self.embedded
-        return _Images(Embedded(embedded.descriptors[index], embedded.gains[index],
-                                embedded.mask[index]), self.padded[slots])
-
-    @staticmethod
-    def join(parts: list["_Images"]) -> "_Images":
-        if len(parts) == 1:
-            return parts[0]
-        return _Images(Embedded(*(torch.cat([getattr(p.embedded, name) for p in parts])
-                                  for name in ("descriptors", "gains", "mask"))),
-                       np.concatenate([p.padded for p in parts]))
-
-
-@dataclass
-class _Read:
-    """Rows of images read from a store, as stored (pinned when bound for CUDA)."""
-
-    store: FeatureStore
-    rows: np.ndarray  # (n,) image indices in the store
-    stored: torch.Tensor  # (n, K, 5 + D) metadata and descriptors
-    padding: np.ndarray  # (n, K) True where a slot is padding
-
-
 class PairScorer:
-    """Raw scores of (query, gallery) pairs read from two feature stores, by ELViS or any module
-    with its interface (`embed` once per image, `score` per pair; the chamfer baseline).
+    """Raw scores of (query, gallery) pairs read from two feature stores, by any re-ranker.
 
-    Per image, projection and dustbin gains are computed once. Pairs of a block of queries are
-    scored in chunks, across queries when shortlists are short: on CPU each worker thread takes
-    CPU_PAIRS_PER_CALL pairs (the model keeps one pair's kernel in cache at a time); on CUDA a
-    chunk is `batch_size` pairs, with no host sync per pair.
-    HDF5 reads run in a background thread one step ahead of compute.
+    Each side's images are embedded once per block of queries (ImageEmbedder; the gallery's
+    last block is kept for the next). Pairs of a block are scored in chunks, across queries
+    when shortlists are short: on CPU each worker thread takes CPU_PAIRS_PER_CALL pairs (ELViS
+    keeps one pair's kernel in cache at a time); on CUDA a chunk is `batch_size` pairs, with
+    no host sync per pair.
     """
 
-    def __init__(
-        self,
-        model: Elvis,
-        queries: FeatureStore,
-        gallery: FeatureStore,
-        config: RerankConfig | None = None,
-    ) -> None:
-        self.config = config or RerankConfig()
-        self.device = resolve_device(self.config.device)
-        self.model = model.to(self.device).eval()
-        self.queries, self.gallery = queries, gallery
-        cpu = self.device.type == "cpu"
-        if cpu and self.config.precision == "float16":
-            raise InputError("float16 precision needs a CUDA device (no float16 GEMM with "
-                             "float32 results on CPU)")
-        half = self.config.precision == "float16" or (self.config.precision == "auto" and not cpu)
-        self.embedded_dtype = torch.float16 if half else torch.float32
-        self.workers = (self.config.workers or torch.get_num_threads()) if cpu else 1
-        self.pairs_per_call = CPU_PAIRS_PER_CALL if cpu else self.config.batch_size
+    def __init__(self, reranker: Reranker, queries: FeatureStore, gallery: FeatureStore,
+                 config: RerankConfig | None = None) -> None:
+        self.config = config = config or RerankConfig()
+        self.device, dtype, self.workers = _placement(config)
+        self.reranker = reranker.to(self.device).eval()
+        self.pairs_per_call = (CPU_PAIRS_PER_CALL if self.device.type == "cpu"
+                               else config.batch_size)
         # wall time per phase over all calls: reads overlap both, so they show only as waits
         self.seconds = {"read and embed": 0.0, "score": 0.0}
+        embedder = partial(_embedder, self.reranker, config=config, device=self.device,
+                           dtype=dtype, workers=self.workers)
+        self.queries = embedder(queries)
         # the last block's gallery rows stay embedded for the next block or call (evaluate
         # scores several shortlist sizes); a changed model needs a new PairScorer
-        self._kept_ids = np.zeros(0, dtype=np.int64)
-        self._kept: _Images | None = None
-        self._buffers = threading.local()
-        root = self.config.embedding_cache
-        self._caches = {} if root is None else {
-            id(store): EmbeddingCache(root, store, self.model, self._num_local(store),
-                                      self.embedded_dtype) for store in (queries, gallery)}
+        self.gallery = embedder(gallery, keep=True)
 
     @torch.inference_mode()
-    def score(self, candidates: np.ndarray, progress=None) -> np.ndarray:
+    def score(self, candidates: np.ndarray, progress: Callable[[], None] | None = None
+              ) -> np.ndarray:
         """Raw scores (Q, L) for gallery rows `candidates` (Q, L) of queries 0..Q-1; -1 → NaN."""
         raw = np.full(candidates.shape, np.nan, dtype=np.float32)
-        blocks, kept = [], self._kept_ids
-        for queries in self._query_blocks(candidates):
-            needed = _unique_rows(candidates[queries])
-            missing = np.setdiff1d(needed, kept)  # not embedded for the last block
-            blocks.append((queries, needed, missing, self._unread(self.queries, queries),
-                           self._unread(self.gallery, missing)))
-            kept = needed
-        plan = [(store, rows) for *_, query_reads, gallery_reads in blocks
-                for store, rows in ((self.queries, query_reads), (self.gallery, gallery_reads))]
-        with self._pipeline(plan) as (reads, pool):
-            for queries, needed, missing, query_reads, gallery_reads in blocks:
+        blocks = list(self._query_blocks(candidates))
+        needed = [_gallery_rows(candidates[queries]) for queries in blocks]
+        with _workers(self.workers) as pool, \
+                self.queries.blocks(blocks, pool) as query_blocks, \
+                self.gallery.blocks(needed, pool) as gallery_blocks:
+            for queries, rows in zip(blocks, needed, strict=True):
                 started = time.perf_counter()
-                query_images = self._images(pool, reads, self.queries, queries, query_reads)
-                gallery_images = self._with_kept(needed, missing, self._images(
-                    pool, reads, self.gallery, missing, gallery_reads))
-                self._kept_ids, self._kept = needed, gallery_images
+                query_images, gallery_images = next(query_blocks), next(gallery_blocks)
                 embedded = time.perf_counter()
-                pairs = _block_pairs(candidates[queries], needed)
+                pairs = _block_pairs(candidates[queries], rows)
                 chunks = [pairs[:, start : start + self.pairs_per_call]
                           for start in range(0, pairs.shape[1], self.pairs_per_call)]
                 scored, reported = [], 0
@@ -205,39 +120,14 @@ class PairScorer:
                 self.seconds["score"] += time.perf_counter() - embedded
         return raw
 
-    @torch.inference_mode()
-    def cache_embeddings(self, store: FeatureStore) -> int:
-        """Embed every image of `store` (this scorer's queries or gallery) that the embedding
-        cache lacks, and keep them there, `cache_images` at a time; returns how many. This is
-        how `elvis extract --embedding-cache` spares the first re-ranking run its embedding."""
-        if id(store) not in self._caches:
-            raise InputError("cache_embeddings needs RerankConfig(embedding_cache=...)")
-        unread = self._unread(store, np.arange(store.num_images))
-        blocks = [unread[start : start + self.config.cache_images]
-                  for start in range(0, len(unread), self.config.cache_images)]
-        with self._pipeline([(store, block) for block in blocks]) as (reads, pool):
-            for block in blocks:
-                self._images(pool, reads, store, block, block)
-        return len(unread)
-
-    @contextmanager
-    def _pipeline(self, plan: list[tuple[FeatureStore, np.ndarray]]
-                  ) -> Iterator[tuple[Iterator[_Read], ThreadPoolExecutor]]:
-        """The reads of `plan`'s rows in order, `read_images` at a time and one step ahead of
-        compute, and the worker threads that embed and score them."""
-        reads = _read_ahead([partial(self._read, store, part)
-                             for store, rows in plan for part in self._parts(rows)])
-        with closing(reads), _workers(self.workers) as pool:
-            yield reads, pool
-
     @torch.inference_mode()  # grad mode is per thread: workers need their own
-    def _score_chunk(self, queries: _Images, gallery: _Images, chunk: np.ndarray
+    def _score_chunk(self, queries: EmbeddedImages, gallery: EmbeddedImages, chunk: np.ndarray
                      ) -> torch.Tensor:
         query_slots = chunk[0]
         if (query_slots == query_slots[0]).all():  # one query: broadcast it, no copies
             query_slots = query_slots[:1]
-        return self.model.score(queries.take(query_slots, self.device),
-                                gallery.take(chunk[1], self.device))
+        return self.reranker.score(queries.take(query_slots, self.device),
+                                   gallery.take(chunk[1], self.device))
 
     def _query_blocks(self, candidates: np.ndarray) -> Iterator[np.ndarray]:
         """Consecutive queries whose distinct gallery rows fit `cache_images`."""
@@ -253,122 +143,47 @@ class PairScorer:
         if block:
             yield np.array(block)
 
-    def _with_kept(self, needed: np.ndarray, missing: np.ndarray, new: _Images) -> _Images:
-        """Rows of `needed` (sorted): `new` holds `missing`, the kept block holds the rest."""
-        kept_rows = np.setdiff1d(needed, missing)
-        kept = (self._kept.subset(np.searchsorted(self._kept_ids, kept_rows)) if len(kept_rows)
-                else None)
-        return _merged([kept_rows, missing], [kept, new])
 
-    def _unread(self, store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-        """Those of `rows` to read and embed: all, but for those the embedding cache holds."""
-        cache = self._caches.get(id(store))
-        return rows if cache is None else rows[~cache.holds(rows)]
-
-    def _images(self, pool: ThreadPoolExecutor, reads: Iterator[_Read], store: FeatureStore,
-                rows: np.ndarray, unread: np.ndarray) -> _Images:
-        """Embeddings of `rows` (sorted): `unread` ones embedded from the reader's rows, the
-        others loaded from the embedding cache, which then keeps the new ones."""
-        new = self._embed(pool, reads, len(unread))
-        cache = self._caches.get(id(store))
-        if cache is None:
-            return new
-        cache.add(unread, new.embedded)
-        cached = np.setdiff1d(rows, unread)
-        if not len(cached):
-            return new
-        good, loaded, damaged = cache.load(cached)
-        redone = self._embed(pool, iter([self._read(store, part)  # parts found damaged
-                                         for part in self._parts(damaged)]), len(damaged))
-        cache.add(damaged, redone.embedded)
-        if loaded is not None:
-            descriptors, gains, padding = loaded
-            loaded = _Images.of(descriptors.to(self.device, self.embedded_dtype),
-                                gains.to(self.device), padding, self.device)
-        return _merged([good, damaged, unread], [loaded, redone, new])
-
-    def _parts(self, rows: np.ndarray) -> list[np.ndarray]:
-        step = self.config.read_images
-        return [rows[start : start + step] for start in range(0, len(rows), step)]
-
-    def _num_local(self, store: FeatureStore) -> int:
-        wanted = self.config.num_local
-        return store.num_local if wanted is None else min(wanted, store.num_local)
-
-    def _read(self, store: FeatureStore, rows: np.ndarray) -> _Read:
-        """Rows as stored (float16 in our files), converted later by torch on the workers or
-        the GPU: HDF5's own float16 conversion is several times slower."""
-        stored = store.read_local(rows, self._num_local(store), dtype=None, check_finite=False)
-        padding = stored[..., META_PADDING] > 0.5
-        tensor = torch.from_numpy(stored)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return _Read(store, rows, tensor, padding)
-
-    def _embed(self, pool: ThreadPoolExecutor, reads: Iterator[_Read], count: int) -> _Images:
-        """Embeddings of the next `count` images that the reader delivers.
-
-        Each read is split among the workers, and the next read's pieces are queued before this
-        one's are done, so that no worker waits for the others; at most two reads are in
-        flight, so memory stays bounded by read_images.
-        """
-        parts, masks, pending = [], [], deque()
-        for _ in range(-(-count // self.config.read_images)):
-            read = next(reads)
-            masks.append(read.padding)
-            pieces = np.array_split(np.arange(len(read.rows)), min(self.workers, len(read.rows)))
-            pending.extend(pool.submit(self._embed_part, read, (piece[0], piece[-1] + 1))
-                           for piece in pieces)
-            while len(pending) > 2 * len(pieces):
-                parts.append(pending.popleft().result())
-        parts += [future.result() for future in pending]
-        if not parts:
-            empty = torch.empty(0)
-            return _Images(Embedded(empty, empty, empty), np.zeros(0, dtype=bool))
-        return _Images.of(torch.cat([part.descriptors for part in parts]),
-                          torch.cat([part.gains for part in parts]), np.concatenate(masks),
-                          self.device)
-
-    @torch.inference_mode()
-    def _embed_part(self, read: _Read, span: tuple[int, int]) -> Embedded:
-        """Embed images span[0]..span[1]-1 of a read, padding zeroed (released files may hold
-        anything there). A NaN or inf descriptor leaves its image's embedding non-finite, which
-        is checked here, on 6x fewer numbers than the stored rows."""
-        start, stop = span
-        if self.device.type == "cpu":
-            stored = read.stored[start:stop, :, NUM_META:]
-            descriptors = self._float32_buffer(stored.shape).copy_(stored)
-        else:  # the contiguous pinned rows travel as stored; sliced and converted on the GPU
-            stored = read.stored[start:stop].to(self.device, non_blocking=True)
-            descriptors = stored[..., NUM_META:].float()
-        padding = read.padding[start:stop]
-        if padding.any():
-            descriptors.masked_fill_(torch.from_numpy(padding).to(self.device)[..., None], 0.0)
-        embedded = self.model.embed(descriptors)
-        bad = ~embedded.descriptors.sum(dim=(1, 2)).isfinite()
-        if bad.any():
-            read.store.raise_if_not_finite(bad.cpu().numpy(), read.rows[start:stop])
-        return Embedded(embedded.descriptors.to(self.embedded_dtype), embedded.gains)
-
-    def _float32_buffer(self, shape: torch.Size) -> torch.Tensor:
-        """This thread's conversion buffer, reused: a fresh tensor per read costs the kernel's
-        page faults on every call, more than the conversion itself. embed copies out of it."""
-        size = shape.numel()
-        buffer = getattr(self._buffers, "float32", None)
-        if buffer is None or buffer.numel() < size:
-            buffer = self._buffers.float32 = torch.empty(size)
-        return buffer[:size].view(shape)
+@torch.inference_mode()
+def cache_embeddings(reranker: Reranker, store: FeatureStore, config: RerankConfig
+                     ) -> tuple[int, int]:
+    """Embed every image of `store` that the embedding cache (`config.embedding_cache`) lacks
+    and keep them there, `cache_images` at a time; returns how many, and their bytes. This is
+    how `elvis extract --embedding-cache` spares the first re-ranking run its embedding."""
+    if config.embedding_cache is None or not reranker.worth_caching:
+        raise InputError(f"caching {reranker.name} embeddings needs a re-ranker whose "
+                         "embeddings are worth it and RerankConfig(embedding_cache=...)")
+    device, dtype, workers = _placement(config)
+    embedder = _embedder(reranker.to(device).eval(), store, config=config, device=device,
+                         dtype=dtype, workers=workers)
+    unread = embedder.uncached(np.arange(store.num_images))
+    step = config.cache_images
+    with _workers(workers) as pool, embedder.blocks(
+            [unread[start : start + step] for start in range(0, len(unread), step)],
+            pool) as blocks:
+        for _ in blocks:
+            pass
+    return len(unread), len(unread) * embedder.bytes_per_image()
 
 
-def _merged(rows: list[np.ndarray], parts: list[_Images | None]) -> _Images:
-    """One _Images in the sorted order of all `rows`; parts[i] holds rows[i] in order (None or
-    anything where rows[i] is empty)."""
-    present = [(part_rows, part) for part_rows, part in zip(rows, parts, strict=True)
-               if len(part_rows)]
-    if len(present) <= 1:
-        return present[0][1] if present else parts[-1]
-    order = np.argsort(np.concatenate([part_rows for part_rows, _ in present]))
-    return _Images.join([part for _, part in present]).subset(order)
+def _placement(config: RerankConfig) -> tuple[torch.device, torch.dtype, int]:
+    """The device, the precision of embedded descriptors and the worker threads of `config`."""
+    device = resolve_device(config.device)
+    cpu = device.type == "cpu"
+    if cpu and config.precision == "float16":
+        raise InputError("float16 precision needs a CUDA device (no float16 GEMM with "
+                         "float32 results on CPU)")
+    half = config.precision == "float16" or (config.precision == "auto" and not cpu)
+    workers = (config.workers or torch.get_num_threads()) if cpu else 1
+    return device, torch.float16 if half else torch.float32, workers
+
+
+def _embedder(reranker: Reranker, store: FeatureStore, *, config: RerankConfig,
+              device: torch.device, dtype: torch.dtype, workers: int,
+              keep: bool = False) -> ImageEmbedder:
+    return ImageEmbedder(reranker, store, device=device, dtype=dtype,
+                         num_local=config.num_local, read_images=config.read_images,
+                         workers=workers, cache_root=config.embedding_cache, keep=keep)
 
 
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
@@ -379,7 +194,8 @@ def _report(progress: Callable[[], None] | None, reported: int, finished: int) -
     return max(reported, finished)
 
 
-def _unique_rows(candidates: np.ndarray) -> np.ndarray:
+def _gallery_rows(candidates: np.ndarray) -> np.ndarray:
+    """The distinct gallery rows of a block's candidates, sorted, without the -1 padding."""
     rows = np.unique(candidates)
     return rows[rows >= 0]
 
@@ -391,21 +207,9 @@ def _block_pairs(candidates: np.ndarray, needed: np.ndarray) -> np.ndarray:
     return np.stack([query_slots, gallery_slots, positions])
 
 
-def _read_ahead(reads: list[Callable[[], T]], depth: int = 1) -> Iterator[T]:
-    """Results of `reads` in order, computed in a background thread `depth` steps ahead."""
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending: deque[Future[T]] = deque()
-        for read in reads:
-            pending.append(reader.submit(read))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 @contextmanager
 def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
-    """Threads that score side by side, each single-threaded inside torch.
+    """Threads that embed and score side by side, each single-threaded inside torch.
 
     A pair per thread at a time keeps each kernel in its core's cache, and avoids intra-op
     thread barriers, which stall badly when other processes share the cores.
@@ -420,39 +224,16 @@ def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(threads)
 
 
-def fuse_and_sort(
-    indices: np.ndarray, global_scores: np.ndarray, raw: np.ndarray, top: int, fusion: Fusion
-) -> RerankResult:
-    """Fuse the first `top` entries of each list and re-sort them; the rest keep their order."""
-    head = min(top, indices.shape[1])
-    raw = raw.copy()
-    raw[:, head:] = np.nan
-    fused = fusion(torch.from_numpy(global_scores), torch.from_numpy(raw)).numpy()
-    fused[:, head:] = np.nan
-    fused[indices < 0] = np.nan
-    raw[indices < 0] = np.nan
-    sort_key = np.where(np.isnan(fused[:, :head]), -np.inf, fused[:, :head])
-    # stable sort on the negated score keeps global order among ties
-    order = np.argsort(-sort_key, axis=1, kind="stable")
-    order = np.concatenate(
-        [order, np.broadcast_to(np.arange(head, indices.shape[1]), (indices.shape[0],
-                                                                   indices.shape[1] - head))],
-        axis=1,
-    )
-    take = lambda array: np.take_along_axis(array, order, axis=1)  # noqa: E731
-    return RerankResult(take(indices), take(global_scores), take(raw), take(fused))
-
-
 def rerank(
-    model: Elvis,
+    reranker: Reranker,
     queries: FeatureStore,
     gallery: FeatureStore,
     shortlist: Shortlist,
-    fusion: Fusion,
     config: RerankConfig | None = None,
-    progress=None,
+    progress: Callable[[], None] | None = None,
 ) -> RerankResult:
-    """Re-rank the top `config.shortlist` of every query's list (ELVIS_SPEC §5)."""
+    """Re-rank the top `config.shortlist` of every query's list and fuse the scores with the
+    global similarity by `reranker.fuse` (ELVIS_SPEC §5); the global ranking re-ranks none."""
     config = config or RerankConfig()
     if shortlist.indices.shape[0] != queries.num_images:
         raise InputError(
@@ -461,11 +242,12 @@ def rerank(
         )
     if shortlist.indices.max(initial=-1) >= gallery.num_images:
         raise InputError("shortlist refers to gallery rows beyond the gallery features")
-    head = min(config.shortlist, shortlist.length)
+    head = min(config.shortlist, shortlist.length) if reranker.scores_pairs else 0
     candidates = shortlist.indices.copy()
     candidates[:, head:] = -1
-    raw = PairScorer(model, queries, gallery, config).score(candidates, progress)
-    return fuse_and_sort(shortlist.indices, shortlist.similarities, raw, head, fusion)
+    raw = (PairScorer(reranker, queries, gallery, config).score(candidates, progress) if head
+           else np.full(candidates.shape, np.nan, dtype=np.float32))
+    return fuse_and_sort(shortlist.indices, shortlist.similarities, raw, head, reranker.fuse)
 
 
 def rerank_table(result: RerankResult, query_paths: list[str], gallery_paths: list[str]

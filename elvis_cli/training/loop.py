@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from elvis_cli.backbones import create_backbone
-from elvis_cli.model.checkpoints import Fusion, save_checkpoint
+from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
+from elvis_cli.model.reranker import Fusion
 from elvis_cli.training.augment import render_views
 from elvis_cli.training.config import TRAIN_PAIRS, TRAIN_VIEWS, VAL_VIEWS, TrainConfig
 from elvis_cli.training.initialisation import calibrate_logit, init_vote_counting

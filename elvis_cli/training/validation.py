@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from elvis_cli.evaluation.metrics import map_at_k
-from elvis_cli.model.checkpoints import Fusion
 from elvis_cli.model.elvis import Elvis
-from elvis_cli.retrieval.rerank import fuse_and_sort
+from elvis_cli.model.reranker import Fusion, fuse_and_sort
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.training.config import VAL_PAIRS, TrainConfig
 from elvis_cli.training.pairs import PairSampler

@@ -1,0 +1,27 @@
+"""The global ranking as a re-ranker that re-ranks nothing: the baseline row of every table."""
+
+import torch
+
+from elvis_cli.model.reranker import Embedded, Fusion, Reranker
+from elvis_cli.util.errors import InputError
+
+
+class GlobalRanking(Reranker):
+    name = "global"
+    scores_pairs = False
+    worth_caching = False
+
+    def __init__(self) -> None:
+        super().__init__(Fusion(lam=1.0, temperature=1.0))
+
+    def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
+        raise InputError("the global ranking embeds no image")
+
+    def score(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
+        raise InputError("the global ranking scores no pair")
+
+    def fuse(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
+        return global_score.clone()
+
+    def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
+        return 0

@@ -1,0 +1,117 @@
+"""What every re-ranker is to the engine and the evaluation, and how its scores make a ranking.
+
+A re-ranker prepares each image once (`embed`: the engine keeps the result for every pair the
+image takes part in, and on disk with an embedding cache), scores (query, gallery) pairs of
+prepared images (`score`), and fuses its raw score with the global similarity (`fuse`). Global
+ranking, ELViS and chamfer are implementations (registry.RERANKERS); a new one needs no change
+to the engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.checkpoints import Checkpoint
+
+
+@dataclass
+class Embedded:
+    """Per-image part of a re-ranker, computed once per image and reused for every pair."""
+
+    descriptors: torch.Tensor  # (B, m, d), e.g. ELViS's projection, rows L2-normalised
+    gains: torch.Tensor  # (B, m) per-descriptor values (ELViS: dustbin gains in [-1, 1])
+    mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
+
+
+@dataclass
+class Fusion:
+    """score = lam * global + (1 - lam) * sigmoid(temperature * raw)  (ELVIS_SPEC §5)."""
+
+    lam: float = 0.5
+    temperature: float = 0.5
+
+    def __call__(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
+        return self.lam * global_score + (1 - self.lam) * torch.sigmoid(
+            self.temperature * raw_score
+        )
+
+
+class Reranker(nn.Module, ABC):
+    """One way of re-ranking a shortlist; a module, so the engine can move it to its device."""
+
+    name: ClassVar[str]  # what `--model` takes and the results table shows
+    scores_pairs: ClassVar[bool] = True  # False: the global ranking is kept as it is
+    tunable_fusion: ClassVar[bool] = False  # lam/temp overrides and the fusion grid apply
+    worth_caching: ClassVar[bool] = True  # its embeddings are worth an embedding cache
+
+    def __init__(self, fusion: Fusion, label: str | None = None) -> None:
+        super().__init__()
+        self.fusion = fusion
+        self.label = label or self.name  # what was loaded (a checkpoint's name), for tables
+
+    @classmethod
+    def load(cls, features: FeatureStore, checkpoint: str | Path | Checkpoint | None = None,
+             lam: float | None = None, temperature: float | None = None) -> Reranker:
+        """The re-ranker for these features; only a trained one uses the checkpoint (None: the
+        one matching the features) and the fusion overrides (None: its own)."""
+        return cls()
+
+    @abstractmethod
+    def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
+        """Per-image work on (B, m, D) descriptors, padding zeroed."""
+
+    @abstractmethod
+    def score(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
+        """(B,) raw scores of B pairs; a single (1, m, d) query broadcasts over the gallery."""
+
+    def fuse(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
+        """The final score of a pair from its global similarity and raw score."""
+        return self.fusion(global_score, raw_score)
+
+    @abstractmethod
+    def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
+        """Memory and embedding-cache bytes of one embedded descriptor of `descriptor_dim`
+        input dimensions, its embedding stored in `dtype`."""
+
+
+@dataclass
+class RerankResult:
+    """Each query's list in final order: re-ranked head, then the tail in global order."""
+
+    indices: np.ndarray  # (Q, L) gallery rows; -1 pads
+    global_scores: np.ndarray  # (Q, L)
+    raw_scores: np.ndarray  # (Q, L) raw score; NaN where not re-ranked
+    scores: np.ndarray  # (Q, L) fused score; NaN where not re-ranked
+
+
+def fuse_and_sort(indices: np.ndarray, global_scores: np.ndarray, raw: np.ndarray, top: int,
+                  fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RerankResult:
+    """Fuse the first `top` entries of each list (`fuse`: a Fusion or Reranker.fuse) and
+    re-sort them; the rest keep their order."""
+    head = min(top, indices.shape[1])
+    raw = raw.copy()
+    raw[:, head:] = np.nan
+    fused = fuse(torch.from_numpy(global_scores), torch.from_numpy(raw)).numpy()
+    fused[:, head:] = np.nan
+    fused[indices < 0] = np.nan
+    raw[indices < 0] = np.nan
+    sort_key = np.where(np.isnan(fused[:, :head]), -np.inf, fused[:, :head])
+    # stable sort on the negated score keeps global order among ties
+    order = np.argsort(-sort_key, axis=1, kind="stable")
+    order = np.concatenate(
+        [order, np.broadcast_to(np.arange(head, indices.shape[1]), (indices.shape[0],
+                                                                   indices.shape[1] - head))],
+        axis=1,
+    )
+    take = lambda array: np.take_along_axis(array, order, axis=1)  # noqa: E731
+    return RerankResult(take(indices), take(global_scores), take(raw), take(fused))
