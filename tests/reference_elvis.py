@@ -8,26 +8,19 @@ against. It scores one pair (reference_score) or a batch of equally sized pairs
 """
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-def reference_score(
-    state: dict[str, torch.Tensor],
-    src: torch.Tensor,
-    tgt: torch.Tensor,
-    src_pad: torch.Tensor | None = None,
-    tgt_pad: torch.Tensor | None = None,
-    iterations: int = 10,
-    dtype: torch.dtype = torch.float64,
-) -> float:
-    """Raw ELViS score of one pair: src (m, D), tgt (n, D), padding flags (m,), (n,).
-
-    float64 for the parity tests; benchmarks/rerank_speed.py times it in float32.
-    """
-    pads = [None if pad is None else pad[None] for pad in (src_pad, tgt_pad)]
-    return float(reference_scores(state, src[None], tgt[None], *pads, iterations, dtype)[0])
+def reference_score(state: dict[str, torch.Tensor], src: torch.Tensor, tgt: torch.Tensor,
+                    *pads: torch.Tensor | None, **options: Any) -> float:
+    """Raw ELViS score of one pair: src (m, D), tgt (n, D), padding flags (m,), (n,); options
+    as for `reference_scores` (float64 for the parity tests; benchmarks/rerank_speed.py times
+    it in float32)."""
+    batched = [None if pad is None else pad[None] for pad in pads]
+    return float(reference_scores(state, src[None], tgt[None], *batched, **options)[0])
 
 
 def reference_scores(
