@@ -20,9 +20,10 @@ import numpy as np
 
 from elvis_cli.util.errors import InputError
 
-# Which protocol names score a dataset of each ground-truth flavour (see datasets.py); any
-# other flavour (ok/junk, class labels, GLDv2) is scored as "ok".
-EVAL_PROTOCOLS: dict[str, tuple[str, ...]] = {"revisitop": ("medium", "hard"), "ok-junk": ("ok",)}
+# The evaluation protocols of each kind of ground truth (RetrievalDataset.ground_truth_kind):
+# revisitop's Medium and Hard, and "ok" (positives `ok`, junk `junk`) for every other kind.
+PROTOCOLS: dict[str, tuple[str, ...]] = {"revisitop": ("medium", "hard"), "ok-junk": ("ok",),
+                                         "class": ("ok",), "gldv2": ("ok",)}
 OK_JUNK_RECALLS = (1, 10, 100)  # what the authors report for INSTRE and Product1M
 CLASS_TOP_K = 100  # class-labelled sets: AP over the top 100 (the authors' map_k)
 CLASS_RECALLS = (1, 5)
@@ -34,6 +35,15 @@ _EMPTY = np.empty(0, dtype=np.int64)
 
 def _ints(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def protocols_of(ground_truth_kind: str) -> tuple[str, ...]:
+    """The protocols a ground truth of this kind is scored by (each needs its own re-ranking,
+    since its junk differs)."""
+    if ground_truth_kind not in PROTOCOLS:
+        raise InputError(f"unknown kind of ground truth '{ground_truth_kind}'; "
+                         f"use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[ground_truth_kind]
 
 
 def protocol_junk(gnd_entry: Mapping[str, Any], protocol: str) -> tuple[np.ndarray, np.ndarray]:

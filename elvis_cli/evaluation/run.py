@@ -23,12 +23,12 @@ import torch
 from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
 from elvis_cli.evaluation.datasets import RetrievalDataset
 from elvis_cli.evaluation.metrics import (
-    EVAL_PROTOCOLS,
     class_scores,
     gldv2_scores,
     gldv2_splits,
     ok_junk_scores,
     protocol_junk,
+    protocols_of,
     revisitop_scores,
 )
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
@@ -135,7 +135,7 @@ FeatureSource = Callable[[RetrievalDataset, EvaluateConfig, ProgressCallback | N
 @dataclass
 class DatasetResult:
     dataset: str
-    protocol: str
+    protocol: str  # the evaluation protocols scored, "medium/hard" or "ok"
     rows: list[dict[str, Any]]  # one per (model, shortlist size): metrics by name and runtime
 
 
@@ -186,7 +186,7 @@ def evaluate_dataset(
     """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
-    protocols = EVAL_PROTOCOLS.get(dataset.protocol, ("ok",))
+    protocols = protocols_of(dataset.ground_truth_kind)
     source = source or (released_source if config.descriptors else extracted_source)
     with source(dataset, config, progress) as features:
         ranking = features.ranking
@@ -259,7 +259,7 @@ def _metric_name(dataset: RetrievalDataset) -> str:
     if entry is not None:
         return entry.metric
     return {"revisitop": "mean of Medium and Hard mAP", "class": "mAP@100",
-            "gldv2": "private mAP@100"}.get(dataset.protocol, f"mAP@{dataset.map_k}")
+            "gldv2": "private mAP@100"}.get(dataset.ground_truth_kind, f"mAP@{dataset.map_k}")
 
 
 def extract_dataset(
@@ -379,21 +379,22 @@ def _lookup(pairs: np.ndarray, raw_pairs: np.ndarray, wanted: np.ndarray) -> np.
 
 
 def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -> dict[str, float]:
-    """Every metric of the dataset's protocol, by name (ELVIS_SPEC §6); `map` is the headline.
+    """Every metric of the dataset's kind of ground truth, by name (ELVIS_SPEC §6), from a
+    ranking per protocol; `map` is the headline.
 
     Lists are cut to map_k before junk is removed: unlimited for revisitop sets (ROxford,
     RParis, +1M), the dataset's `map_k` (100 unless the registry says otherwise) for ok/junk
     sets and GLDv2, the top 100 for class-labelled sets.
     """
     gnd = dataset.ground_truth
-    if dataset.protocol == "revisitop":
+    if dataset.ground_truth_kind == "revisitop":
         return revisitop_scores(rankings["medium"], rankings["hard"], gnd)
     split = [protocol_junk(entry, "ok") for entry in gnd]
     positives, junk = [pos for pos, _ in split], [junk for _, junk in split]
     ranking = rankings["ok"]
-    if dataset.protocol == "class":
+    if dataset.ground_truth_kind == "class":
         return class_scores(ranking, positives, junk)
-    if dataset.protocol == "gldv2":
+    if dataset.ground_truth_kind == "gldv2":
         return gldv2_scores(ranking, positives, junk, dataset.splits or gldv2_splits(len(gnd)),
                             dataset.map_k)
     return ok_junk_scores(ranking, positives, junk, dataset.map_k)
