@@ -25,7 +25,6 @@ from elvis_cli.evaluation.datasets import RetrievalDataset
 from elvis_cli.evaluation.metrics import (
     class_scores,
     gldv2_scores,
-    gldv2_splits,
     ok_junk_scores,
     protocol_junk,
     protocols_of,
@@ -395,6 +394,5 @@ def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -
     if dataset.ground_truth_kind == "class":
         return class_scores(ranking, positives, junk)
     if dataset.ground_truth_kind == "gldv2":
-        return gldv2_scores(ranking, positives, junk, dataset.splits or gldv2_splits(len(gnd)),
-                            dataset.map_k)
+        return gldv2_scores(ranking, positives, junk, dataset.splits, dataset.map_k)
     return ok_junk_scores(ranking, positives, junk, dataset.map_k)
