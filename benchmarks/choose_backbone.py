@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from elvis_cli.backbones import create_backbone
-from elvis_cli.evaluation.metrics import map_at_k
+from elvis_cli.evaluation.metrics import ok_junk_scores
 from elvis_cli.features.images import collect_images, load_image
 from elvis_cli.training.augment import ViewConfig, inset_view, random_view
 
@@ -109,7 +109,7 @@ def _map(similarity: torch.Tensor, labels: np.ndarray, backdrops: np.ndarray) ->
         related = np.isin(labels, list(shared)) | np.isin(backdrops, list(shared))
         positives.append(np.flatnonzero(same))
         junk.append(np.flatnonzero(related & ~same & (rows != q)))
-    return map_at_k(ranking, positives, junk, k=None)["map"]
+    return ok_junk_scores(ranking, positives, junk, map_k=None)["map"]
 
 
 def main() -> None:

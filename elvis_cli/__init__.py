@@ -54,8 +54,12 @@ _PUBLIC = {
     "EvaluateConfig": "elvis_cli.evaluation.run",
     "FusionGrid": "elvis_cli.evaluation.run",
     "evaluate_dataset": "elvis_cli.evaluation.run",
-    "results_table": "elvis_cli.evaluation.run",
-    "summary_table": "elvis_cli.evaluation.run",
+    "results_table": "elvis_cli.evaluation.report",
+    "write_results": "elvis_cli.evaluation.report",
+    "summary_table": "elvis_cli.evaluation.report",
+    "grid_best": "elvis_cli.evaluation.report",
+    "runtime_curve": "elvis_cli.evaluation.report",
+    "plot_runtime": "elvis_cli.evaluation.report",
 }
 
 __all__ = ["__version__", *_PUBLIC]

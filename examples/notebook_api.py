@@ -36,7 +36,7 @@ def main(workdir: Path) -> None:
         table = rerank_table(result, store.paths, store.paths)
     print(table.head(5).to_string(index=False))
 
-    # 3. the benchmark's own protocol: global vs re-ranked mAP
+    # 3. scored by the benchmark's own rules: global vs re-ranked mAP
     dataset = load_dataset(DATA, "demo")
     scores = evaluate_dataset(dataset, EvaluateConfig(shortlists=(0, 50),
                                                       features_dir=workdir / "features"))

@@ -13,7 +13,7 @@ DEMO_ROOT = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 def test_bundled_demo_is_a_valid_revisitop_benchmark():
     ds = load_dataset(DEMO_ROOT, "demo")
-    assert ds.protocol == "revisitop"
+    assert ds.ground_truth_kind == "revisitop"
     assert len(ds.queries) == 15 and len(ds.gallery) == 171
     assert not set(ds.queries) & set(ds.gallery)  # queries are kept out of the gallery
     assert all(p.is_file() for p in ds.gallery_paths() + ds.query_paths())
@@ -71,7 +71,7 @@ def test_ok_junk_ground_truth_without_boxes(tmp_path):
         },
     )
     ds = load_dataset(tmp_path, "inst")
-    assert ds.protocol == "ok-junk"
+    assert ds.ground_truth_kind == "ok-junk"
     assert ds.query_boxes() == [None, None]
 
 
@@ -122,7 +122,7 @@ def test_class_labelled_lines_exclude_the_query_and_score_by_hand(tmp_path):
     (root / "gallery.txt").write_text(
         "path,class\na.jpg,1\nb.jpg,1\n\nc.jpg,2\nd.jpg,1,x\ne.jpg,\n")
     ds = load_dataset(tmp_path, "shop")
-    assert ds.protocol == "class" and ds.queries == ds.gallery
+    assert ds.ground_truth_kind == "class" and ds.queries == ds.gallery
     assert find_datasets(tmp_path) == ["shop"]
     assert ds.ground_truth[0]["ok"].tolist() == [1, 3]
     assert ds.ground_truth[0]["junk"].tolist() == [0]
@@ -154,7 +154,7 @@ def test_gldv2_public_private_splits_score_by_hand(tmp_path):
         "id,images,Usage\nq001,aaa1 ccc3,Private\nq002,bbb2,Public\nq003,None,Ignored\n"
         "q004,ddd4,Private\n")
     ds = load_dataset(tmp_path, "gldv2-test")
-    assert ds.protocol == "gldv2"
+    assert ds.ground_truth_kind == "gldv2"
     assert ds.gallery_paths()[0] == root / "index" / "a" / "a" / "a" / "aaa1.jpg"
     assert ds.query_paths()[0] == root / "test" / "q" / "0" / "0" / "q002.jpg"  # public first
     assert ds.splits["private"].tolist() == [1, 2]
@@ -225,7 +225,7 @@ def test_the_authors_class_lists_with_sizes(tmp_path):
         "bike/a.jpg,7,640,480\nbike/b.jpg,7,500,375\nlamp/c.jpg,9,300,300\n")
     (root / "test_query.txt").write_text("bike/a.jpg,7,640,480\nlamp/c.jpg,9,300,300\n")
     ds = load_dataset(tmp_path, "sop-1k")
-    assert ds.protocol == "class" and find_datasets(tmp_path) == ["sop-1k"]
+    assert ds.ground_truth_kind == "class" and find_datasets(tmp_path) == ["sop-1k"]
     assert ds.gallery == ["bike/a.jpg", "bike/b.jpg", "lamp/c.jpg"]
     assert ds.queries == ["bike/a.jpg", "lamp/c.jpg"]
     assert ds.ground_truth[0]["ok"].tolist() == [1] and ds.ground_truth[0]["junk"].tolist() == [0]
@@ -245,14 +245,14 @@ def test_released_names_come_from_the_authors_lists(tmp_path):
 
 
 def test_gldv2_test_pickle_carries_its_private_split(tmp_path):
-    """gnd_gldv2-test.pkl (ok/junk): protocol gldv2, private = the last 750 queries."""
+    """gnd_gldv2-test.pkl (ok/junk): ground truth of kind gldv2, private = the last 750 queries."""
     gnd = [{"ok": [q % 3], "junk": []} for q in range(760)]
     _write(tmp_path, "gldv2-test", {"imlist": ["a", "b", "c"],
                                     "qimlist": [f"q{q}" for q in range(760)], "gnd": gnd})
     ds = load_dataset(tmp_path, "gldv2-test")
-    assert ds.protocol == "gldv2" and ds.map_k == 100
+    assert ds.ground_truth_kind == "gldv2" and ds.map_k == 100
     assert ds.splits["public"].tolist() == list(range(10))
     assert ds.splits["private"].tolist() == list(range(10, 760))
     _write(tmp_path, "instre", {"imlist": ["a"], "qimlist": ["q"],
                                 "gnd": [{"ok": [0], "junk": []}]})
-    assert load_dataset(tmp_path, "instre").protocol == "ok-junk"
+    assert load_dataset(tmp_path, "instre").ground_truth_kind == "ok-junk"

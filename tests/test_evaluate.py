@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from elvis_cli.evaluation.datasets import RetrievalDataset
+from elvis_cli.evaluation.report import grid_best, results_table, summary_table
 from elvis_cli.evaluation.run import (
     DatasetFeatures,
     DatasetResult,
     EvaluateConfig,
     FusionGrid,
     evaluate_dataset,
-    grid_best,
-    results_table,
-    summary_table,
 )
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Checkpoint

@@ -4,15 +4,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from elvis_cli.evaluation.metrics import (
-    class_ground_truth,
+    PROTOCOLS,
+    average_precisions,
     class_scores,
     compute_ap,
     gldv2_scores,
-    gldv2_splits,
-    map_at_k,
     ok_junk_scores,
     protocol_junk,
-    recall_at_k,
+    protocols_of,
+    ranked_hits,
+    recall,
     revisitop_map,
     revisitop_scores,
 )
@@ -122,37 +123,55 @@ def test_protocol_junk():
         protocol_junk(entry, "ok")
 
 
-def test_map_at_k_by_hand():
+def ok_map(ranking, positives, junk=None, k=100):
+    """The headline mAP of ok/junk scoring (no junk: none)."""
+    junk = [[] for _ in positives] if junk is None else junk
+    return ok_junk_scores(ranking, positives, junk, map_k=k)["map"]
+
+
+def recall_at(ranking, positives, k, junk=None, map_k=None):
+    """recall@k as the scorers read it, on the cut list with its junk removed."""
+    return recall(ranked_hits(ranking, positives, junk, map_k), k)
+
+
+def test_every_kind_of_ground_truth_has_its_protocols():
+    assert protocols_of("revisitop") == ("medium", "hard")
+    assert all(protocols_of(kind) == ("ok",) for kind in ("ok-junk", "class", "gldv2"))
+    assert set(PROTOCOLS) == {"revisitop", "ok-junk", "class", "gldv2"}
+    with pytest.raises(InputError, match="unknown kind of ground truth 'medium'"):
+        protocols_of("medium")
+
+
+def test_ok_junk_map_by_hand():
     ranking = np.array([[0, 1, 2, 3, 4]])
     # hits at ranks 0 and 3: precisions 1/1 and 2/4 -> (1 + 1/2) / min(2, 100) = 3/4
-    assert map_at_k(ranking, [[0, 3]])["map"] == pytest.approx(75.0)
+    assert ok_map(ranking, [[0, 3]]) == pytest.approx(75.0)
     # junk 1 removed: [0, 2, 3, 4] -> hits at 0 and 2: (1 + 2/3) / 2 = 5/6
-    assert map_at_k(ranking, [[0, 3]], junk=[[1]])["map"] == pytest.approx(100 * 5 / 6)
+    assert ok_map(ranking, [[0, 3]], junk=[[1]]) == pytest.approx(100 * 5 / 6)
     # top 2 only: [0, 1] -> one hit at 0: 1 / min(2, 2) = 1/2
-    assert map_at_k(ranking, [[0, 3]], k=2)["map"] == pytest.approx(50.0)
+    assert ok_map(ranking, [[0, 3]], k=2) == pytest.approx(50.0)
     # 3 positives but k = 2: normalised by 2, both top slots are hits -> 1
-    assert map_at_k(ranking, [[0, 1, 2]], k=2)["map"] == pytest.approx(100.0)
+    assert ok_map(ranking, [[0, 1, 2]], k=2) == pytest.approx(100.0)
     # k=None: the whole ranking, normalised by all 3 positives; 9 never retrieved
     # hits at 0 and 3 -> (1 + 2/4) / 3 = 1/2
-    assert map_at_k(ranking, [[0, 3, 9]], k=None)["map"] == pytest.approx(50.0)
+    assert ok_map(ranking, [[0, 3, 9]], k=None) == pytest.approx(50.0)
 
 
-def test_map_at_k_skips_queries_without_positives():
+def test_ok_junk_map_skips_queries_without_positives():
     ranking = np.array([[0, 1], [1, 0]])
-    result = map_at_k(ranking, [[1], []])
     # query 0: hit at rank 1 -> (1/2) / 1
-    assert result["map"] == pytest.approx(50.0)
-    assert np.isnan(result["aps"][1])
+    assert ok_map(ranking, [[1], []]) == pytest.approx(50.0)
+    assert np.isnan(average_precisions(ranked_hits(ranking, [[1], []], None, 100))[1])
 
 
-def test_recall_at_k():
+def test_recall_by_hand():
     ranking = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
     positives = [[3], [0], []]  # the third query has none and is skipped
-    assert recall_at_k(ranking, positives, 1) == pytest.approx(50.0)
-    assert recall_at_k(ranking, positives, 3) == pytest.approx(50.0)
-    assert recall_at_k(ranking, positives, 4) == pytest.approx(100.0)
+    assert recall_at(ranking, positives, 1) == pytest.approx(50.0)
+    assert recall_at(ranking, positives, 3) == pytest.approx(50.0)
+    assert recall_at(ranking, positives, 4) == pytest.approx(100.0)
     # removing junk 1 and 2 moves query 0's positive to rank 1
-    assert recall_at_k(ranking, positives, 2, junk=[[1, 2], [], []]) == pytest.approx(100.0)
+    assert recall_at(ranking, positives, 2, junk=[[1, 2], [], []]) == pytest.approx(100.0)
 
 
 # --- edge cases of every scoring rule (ELVIS_SPEC §6) ---------------------------------------------
@@ -175,27 +194,27 @@ def test_revisitop_all_junk_ranking_scores_zero():
     assert revisitop_map(np.array([[0, 1, 2, 3]]), gnd, "medium")["map"] == pytest.approx(100.0)
 
 
-def test_map_at_k_with_k_beyond_the_gallery_and_a_short_shortlist():
+def test_ok_junk_map_with_k_beyond_the_gallery_and_a_short_shortlist():
     # 3-image gallery, k = 100: positives at ranks 0 and 2 -> (1 + 2/3) / min(2, 100)
-    assert map_at_k(np.array([[4, 1, 7]]), [[4, 7]], k=100)["map"] == pytest.approx(100 * 5 / 6)
+    assert ok_map(np.array([[4, 1, 7]]), [[4, 7]], k=100) == pytest.approx(100 * 5 / 6)
     # a shortlist of 2 for 3 positives, one found at rank 1: the authors' compute_map divides by
     # min(#positives, length of the cut list) = min(3, 2) -> (1/2) / 2
-    assert map_at_k(np.array([[0, 5]]), [[5, 8, 9]], k=100)["map"] == pytest.approx(25.0)
+    assert ok_map(np.array([[0, 5]]), [[5, 8, 9]], k=100) == pytest.approx(25.0)
     # recall@5 on a 2-long list: the positive at rank 1 counts
-    assert recall_at_k(np.array([[0, 5]]), [[5]], 5) == pytest.approx(100.0)
+    assert recall_at(np.array([[0, 5]]), [[5]], 5) == pytest.approx(100.0)
 
 
-def test_gldv2_private_split_is_the_last_750_queries():
+def test_gldv2_scores_the_private_split_as_the_headline():
     queries = 752
     ranking = np.tile(np.arange(4), (queries, 1))
     positives = [[0]] * (queries - 750) + [[1]] * 749 + [[]]  # the very last query has none
-    splits = gldv2_splits(queries)
-    assert splits["public"].tolist() == [0, 1] and splits["private"][0] == 2
+    splits = {"public": np.arange(2), "private": np.arange(2, queries)}
     scores = gldv2_scores(ranking, positives, None, splits)
     assert scores["map_public"] == pytest.approx(100.0)  # hits at rank 0
     assert scores["map"] == pytest.approx(50.0)  # private, the headline: hits at rank 1: 1/2
     assert scores["map_all"] == pytest.approx((2 * 100 + 749 * 50) / 751)
-    small = gldv2_scores(ranking[:3], positives[:3], None, gldv2_splits(3))  # all private
+    small = gldv2_scores(ranking[:3], positives[:3], None,
+                         {"public": np.arange(0), "private": np.arange(3)})  # all private
     assert np.isnan(small["map_public"])
     assert small["map"] == pytest.approx((100 + 100 + 50) / 3)
     # the cut to 100 comes first: a private query whose positive is 101st scores 0, whatever
@@ -204,16 +223,18 @@ def test_gldv2_private_split_is_the_last_750_queries():
     cut = gldv2_scores(long, [[0], [100]], [[], list(range(1, 100))],
                        {"public": np.array([0]), "private": np.array([1])})
     assert cut == {"map": 0.0, "map_public": 100.0, "map_all": 50.0}
+    with pytest.raises(InputError, match="private split"):
+        gldv2_scores(long, [[0], [100]], None, {})
 
 
 def test_class_labelled_sets_by_hand():
-    labels = ["a", "a", "b", "a", "b"]
+    # class labels a a b a b: each image is a query and a gallery row
     # SOP/RP2K: every image is a query and in the gallery; each ranking starts with itself
     ranking = np.array([[0, 2, 1, 4, 3], [1, 0, 3, 2, 4], [2, 4, 0, 1, 3],
                         [3, 2, 4, 0, 1], [4, 0, 2, 1, 3]])
-    positives, junk = class_ground_truth(labels, labels, queries_in_gallery=True)
-    assert [list(p) for p in positives[:3]] == [[1, 3], [0, 3], [4]]
-    scores = class_scores(ranking, positives, junk)
+    # positives: the other images of the query's class; its own row is taken out
+    positives, own_rows = [[1, 3], [0, 3], [4], [0, 1], [2]], [[q] for q in range(5)]
+    scores = class_scores(ranking, positives, own_rows)
     # without self: q0 [2 1 4 3] hits at 1, 3 -> (1/2 + 2/4)/2 = 1/2; q1 [0 3 2 4] -> 1;
     # q2 [4 0 1 3] -> 1; q3 [2 4 0 1] hits at 2, 3 -> (1/3 + 2/4)/2 = 5/12; q4 [0 2 1 3] -> 1/2
     assert scores["map"] == pytest.approx(100 * (1 / 2 + 1 + 1 + 5 / 12 + 1 / 2) / 5)
@@ -222,8 +243,8 @@ def test_class_labelled_sets_by_hand():
     assert scores["ap@5"] == pytest.approx(scores["map"])
     # MET: queries apart from the gallery; AP normalised by the class size, a distractor
     # query (no class in the gallery) is skipped
-    positives, junk = class_ground_truth(["b", "z"], labels, queries_in_gallery=False)
-    met = class_scores(np.array([[2, 0, 1, 3, 4], [0, 1, 2, 3, 4]]), positives, junk)
+    # ("b": the gallery's 2 and 4; "z": none)
+    met = class_scores(np.array([[2, 0, 1, 3, 4], [0, 1, 2, 3, 4]]), [[2, 4], []], [[], []])
     assert met["map"] == pytest.approx(100 * (1 + 2 / 5) / 2)
 
 
@@ -245,11 +266,11 @@ def test_the_list_is_cut_to_map_k_before_junk_is_removed():
     positives, junk = [[0, 1]], [[10, 11]]
     # cut to 3: [10 11 0] -> junk out: [0] -> one hit at 0, / min(2 positives, 3 listed) = 1/2
     # (junk out first would give [0 1 12] and AP 1)
-    assert map_at_k(ranking, positives, junk, k=3)["map"] == pytest.approx(50.0)
+    assert ok_map(ranking, positives, junk, k=3) == pytest.approx(50.0)
     # cut to 2: only junk is left, no positive is found at all
-    assert recall_at_k(ranking, positives, 2, junk, map_k=2) == 0.0
+    assert recall_at(ranking, positives, 2, junk, map_k=2) == 0.0
     # recall@k is read on the positions left once junk is out of the cut list
-    assert recall_at_k(ranking, positives, 1, junk, map_k=100) == pytest.approx(100.0)
+    assert recall_at(ranking, positives, 1, junk, map_k=100) == pytest.approx(100.0)
 
 
 def test_ok_junk_scores_report_the_authors_recalls():

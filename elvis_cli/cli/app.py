@@ -316,14 +316,8 @@ def evaluate(
     """
     from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
     from elvis_cli.evaluation.prepare import list_datasets
-    from elvis_cli.evaluation.run import (
-        EvaluateConfig,
-        FusionGrid,
-        evaluate_dataset,
-        plot_runtime,
-        results_table,
-        write_results,
-    )
+    from elvis_cli.evaluation.report import plot_runtime, results_table, write_results
+    from elvis_cli.evaluation.run import EvaluateConfig, FusionGrid, evaluate_dataset
 
     root = data_root or default_data_root()
     found = find_datasets(root)
@@ -614,7 +608,7 @@ def _round_line(entry: dict[str, float]) -> str:
 
 
 def _print_results(table) -> None:
-    from elvis_cli.evaluation.run import grid_best, runtime_curve, summary_table
+    from elvis_cli.evaluation.report import grid_best, runtime_curve, summary_table
 
     summary = summary_table(table)
     view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",

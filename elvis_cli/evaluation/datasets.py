@@ -34,8 +34,8 @@ from elvis_cli.util.safe_pickle import load_pickle
 
 GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
 
-# Index lists of each ground-truth flavour; the first that matches decides the protocol.
-_PROTOCOL_KEYS = {"revisitop": ("easy", "hard", "junk"), "ok-junk": ("ok", "junk")}
+# Index lists of each kind of pickled ground truth; the first that matches decides the kind.
+_KIND_KEYS = {"revisitop": ("easy", "hard", "junk"), "ok-junk": ("ok", "junk")}
 
 Box = tuple[float, float, float, float]
 
@@ -43,14 +43,20 @@ Box = tuple[float, float, float, float]
 @dataclass
 class RetrievalDataset:
     """A benchmark as its ground truth describes it; indices in `ground_truth` point into
-    `gallery`."""
+    `gallery`.
+
+    `ground_truth_kind` says what the ground truth holds, whatever file it came from (the
+    registry's `layout`): "revisitop" (easy/hard/junk, scored by the Medium and Hard protocols),
+    "ok-junk" (ok/junk), "class" (class labels, the query's own row as junk) or "gldv2" (ok/junk
+    with public and private query splits); see metrics.PROTOCOLS.
+    """
 
     name: str
     root: Path
     gallery: list[str]
     queries: list[str]
     ground_truth: list[dict[str, np.ndarray]]
-    protocol: str  # "revisitop", "ok-junk", "class" or "gldv2"
+    ground_truth_kind: str  # "revisitop", "ok-junk", "class" or "gldv2"
     images_dir: Path | None = None  # where names resolve; None: <root>/jpg
     distractor_dir: Path | None = None  # the last `num_distractors` gallery names live here
     num_distractors: int = 0
@@ -143,25 +149,25 @@ def _indices(value: Any, where: str, gallery_size: int) -> np.ndarray:
     return indices
 
 
-def _protocol_of(entries: list[Any], gnd_file: Path) -> str:
+def _kind_of(entries: list[Any], gnd_file: Path) -> str:
     first = entries[0] if entries else {}
     if not isinstance(first, dict):
         raise InputError(f"{gnd_file}: 'gnd' must be a list of dicts, one per query")
-    for protocol, keys in _PROTOCOL_KEYS.items():
+    for kind, keys in _KIND_KEYS.items():
         if keys[0] in first:
-            return protocol
+            return kind
     raise InputError(f"{gnd_file}: query 0 has neither 'easy' (revisitop) nor 'ok' (ok/junk) lists")
 
 
 def _parse_ground_truth(
-    entries: list[Any], protocol: str, gallery_size: int, gnd_file: Path
+    entries: list[Any], kind: str, gallery_size: int, gnd_file: Path
 ) -> list[dict[str, np.ndarray]]:
     parsed = []
     for q, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise InputError(f"{gnd_file}: 'gnd' must be a list of dicts, one per query")
         item: dict[str, np.ndarray] = {}
-        for key in _PROTOCOL_KEYS[protocol]:
+        for key in _KIND_KEYS[kind]:
             if key not in entry:
                 raise InputError(f"{gnd_file}: query {q} has no '{key}' list")
             item[key] = _indices(entry[key], f"{gnd_file}: query {q} '{key}'", gallery_size)
@@ -199,9 +205,9 @@ def load_dataset(data_root: Path, name: str) -> RetrievalDataset:
         dataset = _load_pickle(root)
     else:
         raise InputError(f"{root} has no gnd_{name}.pkl: {_how_to_get(name)}")
-    if entry is not None and entry.private_queries and dataset.protocol == "ok-junk":
+    if entry is not None and entry.private_queries and dataset.ground_truth_kind == "ok-junk":
         _split_private(dataset, entry.private_queries)
-    if entry is not None and dataset.protocol == "ok-junk":
+    if entry is not None and dataset.ground_truth_kind == "ok-junk":
         dataset.map_k = entry.map_k
     return dataset
 
@@ -211,7 +217,7 @@ def _split_private(dataset: RetrievalDataset, private: int) -> None:
     queries are the private split, the others the public one (their compute_metrics)."""
     count = len(dataset.queries)
     first_private = max(count - private, 0)
-    dataset.protocol = "gldv2"
+    dataset.ground_truth_kind = "gldv2"
     dataset.splits = {"public": np.arange(first_private),
                       "private": np.arange(first_private, count)}
 
@@ -228,9 +234,9 @@ def _load_pickle(root: Path) -> RetrievalDataset:
     entries = list(raw["gnd"])
     if len(entries) != len(queries):
         raise InputError(f"{gnd_file}: 'gnd' has {len(entries)} entries for {len(queries)} queries")
-    protocol = _protocol_of(entries, gnd_file)
-    ground_truth = _parse_ground_truth(entries, protocol, len(gallery), gnd_file)
-    return RetrievalDataset(root.name, root, gallery, queries, ground_truth, protocol)
+    kind = _kind_of(entries, gnd_file)
+    ground_truth = _parse_ground_truth(entries, kind, len(gallery), gnd_file)
+    return RetrievalDataset(root.name, root, gallery, queries, ground_truth, kind)
 
 
 def read_image_lines(path: Path) -> list[list[str]]:

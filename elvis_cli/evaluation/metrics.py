@@ -1,6 +1,11 @@
 """Scoring rules of the retrieval benchmarks, as the authors' `compute_metrics` applies them
 (ELVIS_SPEC §6, pavelsuma/ELViS `elvis/utils/revisited.py`).
 
+One scorer per kind of ground truth, the only ones evaluation runs (run.score_rankings):
+`revisitop_scores` (Medium and Hard), `ok_junk_scores` (INSTRE, Product1M, ILIAS; training's
+validation too), `gldv2_scores` (private, public, all) and `class_scores` (SOP, RP2K, MET). They
+share `ranked_hits`, `average_precisions` and `recall`.
+
 Every function takes rankings as (Q, N) arrays of gallery indices, best first, -1 padding a
 short list. Each query's list is first cut to its first `map_k` entries (None: the whole list)
 and only then is junk taken out of the cut list, so junk inside the cut costs the slots it
@@ -20,20 +25,29 @@ import numpy as np
 
 from elvis_cli.util.errors import InputError
 
-# Which protocol names score a dataset of each ground-truth flavour (see datasets.py); any
-# other flavour (ok/junk, class labels, GLDv2) is scored as "ok".
-EVAL_PROTOCOLS: dict[str, tuple[str, ...]] = {"revisitop": ("medium", "hard"), "ok-junk": ("ok",)}
+# The evaluation protocols of each kind of ground truth (RetrievalDataset.ground_truth_kind):
+# revisitop's Medium and Hard, and "ok" (positives `ok`, junk `junk`) for every other kind.
+PROTOCOLS: dict[str, tuple[str, ...]] = {"revisitop": ("medium", "hard"), "ok-junk": ("ok",),
+                                         "class": ("ok",), "gldv2": ("ok",)}
 OK_JUNK_RECALLS = (1, 10, 100)  # what the authors report for INSTRE and Product1M
 CLASS_TOP_K = 100  # class-labelled sets: AP over the top 100 (the authors' map_k)
 CLASS_RECALLS = (1, 5)
 CLASS_AP_AT = 5
-GLDV2_PRIVATE_QUERIES = 750  # GLDv2-test: the last 750 queries are the private split
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
 def _ints(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def protocols_of(ground_truth_kind: str) -> tuple[str, ...]:
+    """The protocols a ground truth of this kind is scored by (each needs its own re-ranking,
+    since its junk differs)."""
+    if ground_truth_kind not in PROTOCOLS:
+        raise InputError(f"unknown kind of ground truth '{ground_truth_kind}'; "
+                         f"use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[ground_truth_kind]
 
 
 def protocol_junk(gnd_entry: Mapping[str, Any], protocol: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,44 +193,25 @@ def revisitop_scores(ranking_medium: Any, ranking_hard: Any,
     return {"map": (medium + hard) / 2, "map_medium": medium, "map_hard": hard}
 
 
-def map_at_k(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None = None,
-             k: int | None = 100) -> dict[str, Any]:
-    """Rectangular AP over the list cut to k, junk removed after the cut, normalised by
-    min(#positives, cut length); k=None ranks the whole list.
-
-    Returns {"map": percent, "aps": (Q,) percent, NaN for queries without positives}.
-    """
-    aps = average_precisions(ranked_hits(ranking, positives, junk, k))
-    return {"map": _percent_mean(aps, "mAP@k"), "aps": aps}
-
-
-def recall_at_k(ranking: Any, positives: Sequence[Any], k: int,
-                junk: Sequence[Any] | None = None, map_k: int | None = None) -> float:
-    """Percent of queries (with at least one positive) that find a positive in their top k."""
-    return recall(ranked_hits(ranking, positives, junk, map_k), k)
-
-
 def ok_junk_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any],
                    map_k: int | None = 100) -> dict[str, float]:
-    """INSTRE / Product1M (and other ok/junk sets): mAP@map_k and recall@1, @10, @100."""
+    """INSTRE / Product1M (and other ok/junk sets): mAP@map_k (map_k None: the whole list) and
+    recall@1, @10, @100."""
     hits = ranked_hits(ranking, positives, junk, map_k)
     return {"map": _percent_mean(average_precisions(hits), f"mAP@{map_k}"),
             **{f"recall@{k}": recall(hits, k) for k in OK_JUNK_RECALLS}}
-
-
-def gldv2_splits(num_queries: int) -> dict[str, np.ndarray]:
-    """GLDv2-test's query rows: the last 750 are private, the others public."""
-    split = max(num_queries - GLDV2_PRIVATE_QUERIES, 0)
-    return {"public": np.arange(split), "private": np.arange(split, num_queries)}
 
 
 def gldv2_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None,
                  splits: Mapping[str, np.ndarray], map_k: int | None = 100) -> dict[str, float]:
     """mAP@map_k of the private split (`map`, the headline), the public one and all queries.
 
-    A split with no query that has a positive is NaN rather than an error, so a small test set
-    still reports the splits it has.
+    `splits` names query rows (RetrievalDataset.splits: the loaders of both GLDv2 layouts set
+    them). A split with no query that has a positive is NaN rather than an error, so a small
+    test set still reports the splits it has.
     """
+    if "private" not in splits:
+        raise InputError("GLDv2 scoring needs the query rows of its private split")
     aps = average_precisions(ranked_hits(ranking, positives, junk, map_k))
 
     def mean(rows: np.ndarray | None) -> float:
@@ -226,25 +221,6 @@ def gldv2_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | N
 
     return {"map": mean(splits.get("private")), "map_public": mean(splits.get("public")),
             "map_all": mean(np.arange(len(aps)))}
-
-
-def class_ground_truth(
-    query_labels: Sequence[Any], gallery_labels: Sequence[Any], queries_in_gallery: bool
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(positives, own rows) per query for class-labelled sets (SOP, RP2K, MET).
-
-    With `queries_in_gallery` (SOP, RP2K) query q is gallery row q: its positives are the other
-    images of its class (class size - 1) and its own row is excluded from its list. Otherwise
-    (MET) the positives are the gallery images of its class (the class size).
-    """
-    gallery = np.asarray(gallery_labels)
-    positives, own_rows = [], []
-    for q, label in enumerate(query_labels):
-        same = np.flatnonzero(gallery == label)
-        own = np.array([q] if queries_in_gallery else [], dtype=np.int64)
-        positives.append(np.setdiff1d(same, own))
-        own_rows.append(own)
-    return positives, own_rows
 
 
 def _without(ranking: np.ndarray, excluded: Sequence[Any]) -> np.ndarray:

@@ -39,7 +39,7 @@ class DatasetEntry:
     name: str
     title: str
     layout: str
-    protocol: str  # the scoring rule of ELVIS_SPEC §6, in words
+    scoring: str  # how it is scored (ELVIS_SPEC §6), in words
     metric: str  # the headline number
     remotes: tuple[Remote, ...] = ()
     query_crops: bool = False  # queries are evaluated on their `bbx` crop
@@ -67,7 +67,7 @@ def _revisitop(name: str, title: str, images: tuple[str, ...], num_gallery: int,
                homepage: str) -> DatasetEntry:
     return DatasetEntry(
         name=name, title=title, layout=LAYOUT_PICKLE,
-        protocol="revisitop Medium (easy+hard, junk ignored) and Hard (hard, junk+easy ignored)",
+        scoring="revisitop Medium (easy+hard, junk ignored) and Hard (hard, junk+easy ignored)",
         metric="mAP (Medium+Hard)/2",
         remotes=(Remote(f"{_REVISITOP_GND}/{name}/gnd_{name}.pkl", f"gnd_{name}.pkl"),
                  *(Remote(url, url.rsplit("/", 1)[1], unpack_to="jpg") for url in images)),
@@ -80,7 +80,7 @@ def _revisitop(name: str, title: str, images: tuple[str, ...], num_gallery: int,
 def _with_1m(entry: DatasetEntry) -> DatasetEntry:
     return DatasetEntry(
         name=f"{entry.name}+1m", title=f"{entry.title} + R1M distractors", layout=entry.layout,
-        protocol=entry.protocol, metric=entry.metric, query_crops=True,
+        scoring=entry.scoring, metric=entry.metric, query_crops=True,
         num_queries=entry.num_queries, num_gallery=entry.num_gallery, in_domain=True,
         paper_group="ROP+1M", distractors="revisitop1m", base=entry.name,
         homepage="http://cmp.felk.cvut.cz/revisitop/",
@@ -111,7 +111,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
     _with_1m(_RPARIS),
     DatasetEntry(
         name="revisitop1m", title="R1M distractor images (for the +1M sets)",
-        layout="distractors", protocol="-", metric="-",
+        layout="distractors", scoring="-", metric="-",
         remotes=(Remote(f"{_R1M}/revisitop1m.txt", "revisitop1m.txt"),
                  *(Remote(f"{_R1M}/jpg/revisitop1m.{i}.tar.gz", f"revisitop1m.{i}.tar.gz",
                           unpack_to="jpg") for i in range(1, 101))),
@@ -121,16 +121,16 @@ ENTRIES: tuple[DatasetEntry, ...] = (
         notes="not a benchmark by itself: holds jpg/ and revisitop1m.txt for the +1M sets",
     ),
     DatasetEntry(
-        name="instre", title="INSTRE", layout=LAYOUT_PICKLE, protocol=_OK_JUNK,
+        name="instre", title="INSTRE", layout=LAYOUT_PICKLE, scoring=_OK_JUNK,
         metric="mAP@100", num_queries=1250, num_gallery=27293, paper_map=81.1,
         in_domain=False, homepage="http://vipl.ict.ac.cn/isia/instre/ (original release)",
         unverified="download URLs of the images and of a gnd_instre.pkl in the revisitop "
                    "layout are not known to this project; the 1250/27293 split is the "
-                   "common protocol, not stated in the spec",
+                   "common split, not stated in the spec",
     ),
     DatasetEntry(
         name="sop-1k", title="Stanford Online Products, the paper's 1k-query subset",
-        layout=LAYOUT_CLASS, protocol=_CLASS + " (the query itself is excluded)",
+        layout=LAYOUT_CLASS, scoring=_CLASS + " (the query itself is excluded)",
         metric="mAP", num_queries=1000, num_gallery=60502, paper_map=54.9, in_domain=False,
         remotes=(Remote("ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
                         "Stanford_Online_Products.zip", unpack_to="jpg", flatten=False),),
@@ -142,27 +142,27 @@ ENTRIES: tuple[DatasetEntry, ...] = (
     ),
     DatasetEntry(
         name="met", title="The Met", layout=LAYOUT_CLASS,
-        protocol=_CLASS.replace("other images of the query's class", "class size"),
+        scoring=_CLASS.replace("other images of the query's class", "class size"),
         metric="mAP", paper_map=77.9, in_domain=False,
         homepage="http://cmp.felk.cvut.cz/met/",
         unverified="download URLs and counts are not known to this project",
     ),
     DatasetEntry(
         name="rp2k-test", title="RP2K retail products, test split", layout=LAYOUT_CLASS,
-        protocol=_CLASS + " (the query itself is excluded)", metric="mAP", paper_map=59.2,
+        scoring=_CLASS + " (the query itself is excluded)", metric="mAP", paper_map=59.2,
         in_domain=False, homepage="https://www.pinlandata.com/rp2k_dataset/",
         unverified="download URLs, counts and the query selection are not known to this "
                    "project",
     ),
     DatasetEntry(
-        name="product1m", title="Product1M", layout=LAYOUT_PICKLE, protocol=_OK_JUNK,
+        name="product1m", title="Product1M", layout=LAYOUT_PICKLE, scoring=_OK_JUNK,
         metric="mAP@100", paper_map=44.1, in_domain=False,
         unverified="download URLs and counts are not known to this project",
     ),
     DatasetEntry(
         name="gldv2-test", title="Google Landmarks v2, test/index retrieval",
         layout=LAYOUT_GLDV2,
-        protocol="mAP@100 over the positives (`ok` of the authors' gnd_gldv2-test.pkl, or "
+        scoring="mAP@100 over the positives (`ok` of the authors' gnd_gldv2-test.pkl, or "
                  "`images` of retrieval_solution_v2.1.csv); private split (last 750 "
                  "queries) is the headline, public and all reported too",
         metric="private mAP@100", num_queries=1129, num_gallery=761757, paper_map=56.9,
@@ -183,7 +183,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
               "files) or GLDv2's index.csv and retrieval_solution_v2.1.csv (with the images)",
     ),
     DatasetEntry(
-        name="ilias", title="ILIAS", layout=LAYOUT_PICKLE, protocol=_OK_JUNK,
+        name="ilias", title="ILIAS", layout=LAYOUT_PICKLE, scoring=_OK_JUNK,
         metric="mAP@1k", paper_map=18.8, in_domain=False, map_k=1000,
         homepage="https://vrg.fel.cvut.cz/ilias/",
         unverified="the spec gives no metric for ILIAS: mAP@1k is this project's reading of "
@@ -191,7 +191,7 @@ ENTRIES: tuple[DatasetEntry, ...] = (
     ),
     DatasetEntry(
         name="demo", title="bundled demo (real photos, synthetic views)", layout=LAYOUT_PICKLE,
-        protocol="revisitop Medium and Hard", metric="mAP (Medium+Hard)/2",
+        scoring="revisitop Medium and Hard", metric="mAP (Medium+Hard)/2",
         query_crops=True, num_queries=15, num_gallery=156,
         bundled=Path(__file__).resolve().parents[2] / "examples" / "data" / "demo",
         notes="ships with the repository (examples/data/demo)",
@@ -216,5 +216,5 @@ PAPER_SETTING = {"backbone": "dinov2", "checkpoint": "dinov2_elvis_gld", "model"
 def custom_entry(name: str, layout: str) -> DatasetEntry:
     """A folder found under the data root that the registry does not name."""
     return DatasetEntry(name=name, title=f"custom ({layout})", layout=layout,
-                        protocol="by the ground truth found", metric="mAP",
+                        scoring="by the ground truth found", metric="mAP",
                         notes="found under the data root")

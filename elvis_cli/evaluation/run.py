@@ -1,6 +1,6 @@
-"""Benchmark evaluation: features (from a pluggable source), global ranking, re-ranking by
-each requested model at several shortlist sizes, metrics by the dataset's own rules, runtime
-per query, and the tables and curves that summarise them across datasets.
+"""Benchmark evaluation runs: features (from a pluggable source), global ranking, re-ranking by
+each requested model at several shortlist sizes, and the rows that score them by the dataset's
+own rules, with runtime per query. report.py makes tables, files and curves of those rows.
 
 Each shortlist size is re-ranked from scratch and timed on its own, so the runtime curve
 measures what a user would pay for that size (feature reads included). A fusion grid
@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
 from elvis_cli.evaluation.datasets import RetrievalDataset
 from elvis_cli.evaluation.metrics import (
-    EVAL_PROTOCOLS,
     class_scores,
     gldv2_scores,
-    gldv2_splits,
     ok_junk_scores,
     protocol_junk,
+    protocols_of,
     revisitop_scores,
 )
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, PAPER_SETTING, REGISTRY
@@ -42,7 +40,6 @@ from elvis_cli.model.registry import RERANKERS, load_reranker, reranker_class
 from elvis_cli.model.reranker import Fusion, fuse_and_sort
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
-from elvis_cli.util.atomic import atomic_path, write_text_atomic
 from elvis_cli.util.errors import ElvisWarning, InputError
 from elvis_cli.util.progress import ProgressCallback
 
@@ -137,7 +134,7 @@ FeatureSource = Callable[[RetrievalDataset, EvaluateConfig, ProgressCallback | N
 @dataclass
 class DatasetResult:
     dataset: str
-    protocol: str
+    protocol: str  # the evaluation protocols scored, "medium/hard" or "ok"
     rows: list[dict[str, Any]]  # one per (model, shortlist size): metrics by name and runtime
 
 
@@ -188,7 +185,7 @@ def evaluate_dataset(
     """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
-    protocols = EVAL_PROTOCOLS.get(dataset.protocol, ("ok",))
+    protocols = protocols_of(dataset.ground_truth_kind)
     source = source or (released_source if config.descriptors else extracted_source)
     with source(dataset, config, progress) as features:
         ranking = features.ranking
@@ -261,7 +258,7 @@ def _metric_name(dataset: RetrievalDataset) -> str:
     if entry is not None:
         return entry.metric
     return {"revisitop": "mean of Medium and Hard mAP", "class": "mAP@100",
-            "gldv2": "private mAP@100"}.get(dataset.protocol, f"mAP@{dataset.map_k}")
+            "gldv2": "private mAP@100"}.get(dataset.ground_truth_kind, f"mAP@{dataset.map_k}")
 
 
 def extract_dataset(
@@ -381,163 +378,21 @@ def _lookup(pairs: np.ndarray, raw_pairs: np.ndarray, wanted: np.ndarray) -> np.
 
 
 def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -> dict[str, float]:
-    """Every metric of the dataset's protocol, by name (ELVIS_SPEC §6); `map` is the headline.
+    """Every metric of the dataset's kind of ground truth, by name (ELVIS_SPEC §6), from a
+    ranking per protocol; `map` is the headline.
 
     Lists are cut to map_k before junk is removed: unlimited for revisitop sets (ROxford,
     RParis, +1M), the dataset's `map_k` (100 unless the registry says otherwise) for ok/junk
     sets and GLDv2, the top 100 for class-labelled sets.
     """
     gnd = dataset.ground_truth
-    if dataset.protocol == "revisitop":
+    if dataset.ground_truth_kind == "revisitop":
         return revisitop_scores(rankings["medium"], rankings["hard"], gnd)
     split = [protocol_junk(entry, "ok") for entry in gnd]
     positives, junk = [pos for pos, _ in split], [junk for _, junk in split]
     ranking = rankings["ok"]
-    if dataset.protocol == "class":
+    if dataset.ground_truth_kind == "class":
         return class_scores(ranking, positives, junk)
-    if dataset.protocol == "gldv2":
-        return gldv2_scores(ranking, positives, junk, dataset.splits or gldv2_splits(len(gnd)),
-                            dataset.map_k)
+    if dataset.ground_truth_kind == "gldv2":
+        return gldv2_scores(ranking, positives, junk, dataset.splits, dataset.map_k)
     return ok_junk_scores(ranking, positives, junk, dataset.map_k)
-
-
-def results_table(results: Sequence[DatasetResult]) -> pd.DataFrame:
-    return pd.DataFrame([row for result in results for row in result.rows])
-
-
-def write_results(table: pd.DataFrame, json_path: Path | None, csv_path: Path | None) -> None:
-    """JSON (a list of rows) and CSV with every metric by name, each written atomically."""
-    if json_path is not None:
-        write_text_atomic(json_path, table.to_json(orient="records", indent=2))
-    if csv_path is not None:
-        write_text_atomic(csv_path, table.to_csv(index=False))
-
-
-def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the default settings (the global ranking and each model at each shortlist
-    size), without the fusion grid's; the tables and curves are made of these."""
-    if "grid" not in table:
-        return table
-    return table[~table["grid"].astype(bool)]
-
-
-def grid_best(table: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset and model, the grid's best combination and its mAP (empty without a grid)."""
-    best = table[table["best"].astype(bool)] if "best" in table else table.iloc[0:0]
-    if best.empty:  # no grid, or only the global ranking (which has no fusion columns)
-        return best
-    return best[["dataset", "model", "shortlist", "lam", "temperature", "map"]].reset_index(
-        drop=True)
-
-
-def _column(model: str, shortlist: int) -> str:
-    return "global" if model == "global" else f"{model}@{shortlist}"
-
-
-def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per dataset: its metric, global mAP, mAP of each model at each shortlist size,
-    the paper's number where the configuration matches; then the average rows.
-
-    "average (out-of-domain)" averages the registry's datasets outside the landmark domain of
-    the paper's GLDv2 training set; custom datasets have no known domain and count only in
-    "average (all)". The paper's averages appear only when every §7 dataset is in the table.
-    Fusion-grid rows are left out (see `grid_best`).
-    """
-    table = headline_rows(table)
-    table = table.assign(column=[_column(m, s) for m, s in zip(table["model"], table["shortlist"],
-                                                              strict=True)])
-    order = list(dict.fromkeys(table.sort_values(["model", "shortlist"], key=_model_order)
-                               ["column"]))
-    wide = table.pivot_table(index="dataset", columns="column", values="map", aggfunc="first",
-                             sort=False)[order]
-    first = table.groupby("dataset", sort=False).first()
-    paper = table.groupby("dataset", sort=False)["paper_map"].max() if "paper_map" in table \
-        else pd.Series(np.nan, index=wide.index)
-    summary = pd.concat([first[["metric"]], wide, paper.rename("paper")], axis=1)
-    ood = [name for name in summary.index
-           if REGISTRY.get(name) is not None and REGISTRY[name].in_domain is False]
-    complete = {entry.name for entry in REGISTRY.values()
-                if entry.paper_map is not None or entry.distractors} <= set(summary.index)
-    averages = {"average (all)": (list(summary.index), "avg"),
-                "average (out-of-domain)": (ood, "ood avg")}
-    for label, (names, paper_key) in averages.items():
-        row = summary.loc[names, order].mean() if names else pd.Series(np.nan, index=order)
-        summary.loc[label, order] = row
-        summary.loc[label, "metric"] = f"mean of {len(names)}"
-        summary.loc[label, "paper"] = PAPER_AVERAGES[paper_key] if complete and paper.notna(
-        ).any() else np.nan
-    return _with_protocol_rows(summary, table, order).reset_index(names="dataset")
-
-
-def _with_protocol_rows(summary: pd.DataFrame, table: pd.DataFrame,
-                        order: list[str]) -> pd.DataFrame:
-    """Revisitop datasets get their Medium and Hard mAP on rows of their own under the headline
-    (not counted in the averages): Hard is where re-ranking shows."""
-    rows = []
-    for name in summary.index:
-        rows.append(summary.loc[[name]])
-        for protocol in ("medium", "hard"):
-            metric = f"map_{protocol}"
-            if metric not in table or table.loc[table["dataset"] == name, metric].isna().all():
-                continue
-            values = table[table["dataset"] == name].set_index("column")[metric]
-            row = pd.DataFrame([values.reindex(order)], index=[f"  {name} {protocol}"])
-            rows.append(row.assign(metric=f"mAP {protocol.capitalize()}"))
-    return pd.concat(rows)[summary.columns]
-
-
-def _model_order(column: pd.Series) -> pd.Series:
-    if column.name == "model":
-        return column.map({name: rank for rank, name in enumerate(RERANKERS)})
-    return column
-
-
-def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and shortlist size, seconds per query and mAP averaged over the datasets; each
-    model's curve starts at the global ranking (size 0); fusion-grid rows are left out."""
-    table = headline_rows(table)
-    parts = [table[table["model"] == "global"].assign(model=name)
-             for name in table["model"].unique() if name != "global"]
-    curves = pd.concat([table, *parts]) if parts else table
-    return (curves.groupby(["model", "shortlist"], sort=False)
-            .agg(seconds_per_query=("seconds_per_query", "mean"), map=("map", "mean"),
-                 datasets=("dataset", "nunique"))
-            .reset_index().sort_values(["model", "shortlist"], key=_model_order)
-            .reset_index(drop=True))
-
-
-def plot_runtime(table: pd.DataFrame, path: Path) -> None:
-    """Seconds per query and mAP against shortlist size: one thin line per dataset and model,
-    a thick one per model for the mean over datasets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = headline_rows(table)
-    figure, (runtime_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    curve = runtime_curve(table)
-    reranked = [name for name in curve["model"].unique() if name != "global"] or ["global"]
-    colours = dict(zip(reranked, plt.rcParams["axes.prop_cycle"].by_key()["color"],
-                       strict=False))
-    for name in reranked:
-        for _, rows in table[table["model"].isin(["global", name])].groupby("dataset"):
-            rows = rows.sort_values("shortlist")
-            for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-                axis.plot(rows["shortlist"], rows[value], color=colours[name], alpha=0.35,
-                          linewidth=1)
-        mean = curve[curve["model"] == name]
-        for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-            axis.plot(mean["shortlist"], mean[value], color=colours[name], marker="o",
-                      linewidth=2.5, label=f"{name} (mean of {int(mean['datasets'].max())})")
-    runtime_axis.set(xlabel="shortlist size (0 = global only)", ylabel="seconds per query",
-                     title="re-ranking runtime")
-    map_axis.set(xlabel="shortlist size (0 = global only)", ylabel="mAP", title="accuracy")
-    for axis in (runtime_axis, map_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle("thin: one dataset; thick: mean over datasets", fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)

@@ -19,7 +19,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from elvis_cli.features.images import Box, ImageError, collect_images, decode_im
 from elvis_cli.features.layout import FORMAT, NUM_META, shard_path, shards_dir
 from elvis_cli.features.writer import finalize, shard_damage, write_shard
 from elvis_cli.util.atomic import write_text_atomic
+from elvis_cli.util.batching import batches_by_shape
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
@@ -323,19 +324,17 @@ def _extract_shard(
     """Encode one shard's images and write it; returns its failures and warnings as
     [name, reason] pairs and the written shard's record.
 
-    Images whose preprocessed tensors have the same shape share batches. Odd shapes wait for
-    company only while few images are pending, which bounds memory; results are put back in
-    planned order before writing.
+    Images whose preprocessed tensors have the same shape share batches (batches_by_shape).
+    Odd shapes wait for company only while few images are pending (MAX_PENDING_BATCHES), which
+    bounds memory; results are put back in planned order before writing.
     """
     batch_size = config.batch_size
     results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     decoded: dict[int, _Decoded] = {}
-    groups: dict[tuple[int, ...], list[int]] = {}
     failures: list[list[str]] = []
     warnings: list[list[str]] = []
 
-    def run(shape: tuple[int, ...]) -> None:
-        positions = groups.pop(shape)
+    def run(positions: list[int]) -> None:
         batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
         features = _encode(backbone, batch)
         rows = torch.cat([features.metadata, features.local_desc], dim=-1).cpu().numpy()
@@ -347,25 +346,24 @@ def _extract_shard(
             decoded[position].tensor = None  # free the pixels early
             advance()
 
-    # decoded ahead in the pool, at most two batches' images held
-    decoding = (functools.partial(_decode, item, backbone, config.decode_truncated)
-                for item in items)
-    for position, item in enumerate(in_order(decoding, pool, 2 * batch_size)):
-        decoded[position] = item
-        if item.tensor is None:
-            failures.append([item.item.name, item.error])
-            advance()
-            continue
-        if item.warning:
-            warnings.append([item.item.name, item.warning])
-        shape = tuple(item.tensor.shape)
-        groups.setdefault(shape, []).append(position)
-        if len(groups[shape]) == batch_size:
-            run(shape)
-        elif sum(map(len, groups.values())) > MAX_PENDING_BATCHES * batch_size:
-            run(max(groups, key=lambda key: len(groups[key])))
-    for shape in list(groups):
-        run(shape)
+    def decodable() -> Iterator[int]:
+        """Positions of the decoded images, decoded ahead in the pool (at most two batches'
+        images held); failures are recorded and skipped."""
+        decoding = (functools.partial(_decode, item, backbone, config.decode_truncated)
+                    for item in items)
+        for position, item in enumerate(in_order(decoding, pool, 2 * batch_size)):
+            decoded[position] = item
+            if item.tensor is None:
+                failures.append([item.item.name, item.error])
+                advance()
+                continue
+            if item.warning:
+                warnings.append([item.item.name, item.warning])
+            yield position
+
+    for positions in batches_by_shape(decodable(), lambda p: tuple(decoded[p].tensor.shape),
+                                      batch_size, MAX_PENDING_BATCHES * batch_size):
+        run(positions)
 
     kept = sorted(results)
     local_shape = (0, backbone.num_local, NUM_META + backbone.local_dim)

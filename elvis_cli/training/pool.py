@@ -13,6 +13,7 @@ from elvis_cli.backbones import Backbone
 from elvis_cli.features.layout import META_PADDING
 from elvis_cli.model.elvis import Elvis
 from elvis_cli.training.photos import PhotoSet
+from elvis_cli.util.batching import batches_by_shape
 from elvis_cli.util.errors import InputError
 
 
@@ -56,12 +57,13 @@ def extract_pool(
     device: torch.device,
     advance: Callable[[], None] = lambda: None,
 ) -> ViewPool:
-    """Run the backbone once over a stream of views, batching views of equal input shape."""
-    buckets: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    """Run the backbone once over a stream of views, batching views of equal input shape
+    (batches_by_shape). No cap on views waiting for company, as training always had: a cap
+    would regroup batches, which can change the features' last bits on CPU."""
     results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    photo_of, backdrop_of = [], []
 
-    def flush(shape: tuple[int, ...]) -> None:
-        items = buckets.pop(shape)
+    def run(items: list[tuple[int, torch.Tensor]]) -> None:
         features = backbone(torch.stack([tensor for _, tensor in items]).to(device))
         local = features.local_desc[:, :num_local].to("cpu", torch.float16)
         padding = features.metadata[:, :num_local, META_PADDING].cpu() > 0.5
@@ -69,18 +71,15 @@ def extract_pool(
         for row, (order, _) in enumerate(items):
             results[order] = (global_desc[row], local[row], padding[row])
 
-    photo_of, backdrop_of = [], []
-    for order, (photo, image, backdrop) in enumerate(views):
-        photo_of.append(photo)
-        backdrop_of.append(backdrop)
-        tensor = backbone.preprocess(image)
-        bucket = buckets.setdefault(tuple(tensor.shape), [])
-        bucket.append((order, tensor))
-        if len(bucket) >= batch_size:
-            flush(tuple(tensor.shape))
-        advance()
-    for shape in list(buckets):
-        flush(shape)
+    def preprocessed() -> Iterator[tuple[int, torch.Tensor]]:
+        for order, (photo, image, backdrop) in enumerate(views):
+            photo_of.append(photo)
+            backdrop_of.append(backdrop)
+            yield order, backbone.preprocess(image)
+            advance()
+
+    for batch in batches_by_shape(preprocessed(), lambda item: tuple(item[1].shape), batch_size):
+        run(batch)
     if not results:
         raise InputError("none of the photos could be read")
     rows = [results[order] for order in range(len(photo_of))]

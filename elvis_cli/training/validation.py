@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elvis_cli.evaluation.metrics import map_at_k
+from elvis_cli.evaluation.metrics import ok_junk_scores
 from elvis_cli.model.elvis import Elvis
 from elvis_cli.model.reranker import Fusion, fuse_and_sort
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
@@ -87,8 +87,9 @@ def validate(
 
 
 def mean_ap(ranking: np.ndarray, positives: list[np.ndarray], junk: list[np.ndarray]) -> float:
-    """mAP (percent) over the whole ranking, each query's AP normalised by its positives."""
-    return float(map_at_k(ranking, positives, junk, k=None)["map"])
+    """mAP (percent) over the whole ranking, each query's AP normalised by its positives: the
+    ok/junk benchmarks' scoring without their cut."""
+    return float(ok_junk_scores(ranking, positives, junk, map_k=None)["map"])
 
 
 def fusion_grid(val: ValidationSet, raw: np.ndarray) -> list[dict[str, float]]:
