@@ -116,12 +116,12 @@ def test_every_image_kind_is_extracted_or_skipped_by_name(extracted, capsys):
      "unknown backbone 'efficientnet_lite0' (did you mean 'efficientnet-lite0'?)"),
     (["extract", "{root}/my images", "-o", "x.h5", "--image-size", "0"], "image_size must be"),
     (["extract", "{root}/my images", "-o", "x.h5", "--image-size", "-3"], "image_size must be"),
-    (["extract", "{root}/my images", "-o", "x.h5", "--num-local", "0"], "num_local >= 1"),
+    (["extract", "{root}/my images", "-o", "x.h5", "--keep-local", "0"], "num_local >= 1"),
     (["extract", "{root}/my images", "-o", "x.h5", "--backbone-option", "nonsense"],
      "KEY=VALUE"),
     (["rerank", "--features", "{root}/missing.h5"], "features file not found"),
     (["rerank", "--features", "{root}/text.h5"], "not an HDF5 file"),
-    (["shortlist", "{root}/layout.h5"], "expected (N, K, 5 + D)"),
+    (["shortlist", "--features", "{root}/layout.h5"], "expected (N, K, 5 + D)"),
     (["rerank", "--features", "{root}/feats.h5", "--checkpoint", "dinov2_elvis_gdl"],
      "(did you mean 'dinov2_elvis_gld'?)"),
     (["rerank", "--features", "{root}/feats.h5", "-o", "out.txt"], "must end in .csv"),
@@ -139,9 +139,9 @@ def test_bad_paths_files_and_options_are_one_line(extracted, capsys, args, patte
 @pytest.mark.parametrize("args", [
     ["extract", "x", "-o", "y.h5", "--batch-size", "0"],
     ["extract", "x", "-o", "y.h5", "--shard-size", "-1"],
-    ["shortlist", "f.h5", "-k", "0"],
+    ["shortlist", "--features", "f.h5", "-k", "0"],
     ["rerank", "--shortlist", "-5"],
-    ["rerank", "--num-local", "0"],
+    ["rerank", "--use-local", "0"],
     ["extract", "x"],
 ])
 def test_out_of_range_options_are_usage_errors(args, capsys):
@@ -257,5 +257,5 @@ def test_non_finite_global_descriptors_name_the_first_image(tmp_path, capsys):
     glob_nan = unit(rng, 3)
     glob_nan[0, 0] = np.inf
     bad = features_file(tmp_path / "inf.h5", descriptor_rows(rng, 3), glob_nan)
-    code, _, err = run("shortlist", bad, "-o", tmp_path / "s.npz", capsys=capsys)
+    code, _, err = run("shortlist", "--features", bad, "-o", tmp_path / "s.npz", capsys=capsys)
     one_error_line(code, err, "NaN/inf global descriptors, first 'img0.jpg'")
