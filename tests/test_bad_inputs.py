@@ -4,7 +4,6 @@ skip (3); never a traceback. The expected code of every case is the README's tab
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,30 +13,16 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli.cli import app as cli
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.reranker import Fusion
 from tests.helpers import png_header_only
+from tests.helpers import run_cli as run
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
          "--backbone-option=local_layer=5", "--device=cpu", "--quiet"]
-
-
-def run(*args, capsys) -> tuple[int, str, str]:
-    """`elvis ARGS` as the console script runs it: exit code, stdout, stderr."""
-    saved = sys.argv
-    sys.argv = ["elvis", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as ended:
-            cli.main()
-    finally:
-        sys.argv = saved
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return ended.value.code, out, err
 
 
 def one_error_line(code: int, err: str, pattern: str) -> None:

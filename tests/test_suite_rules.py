@@ -4,8 +4,6 @@ the helpers module and conftest, and the CLI is a thin layer over the public API
 import ast
 from pathlib import Path
 
-import pytest
-
 import elvis_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -644,7 +644,7 @@ def _expand_lists(argv: list[str]) -> list[str]:
     """Every list option (typer's `multiple` options, found on the command being run) as click
     takes it, one value per occurrence: `--shortlist 0 25 50` and `--model global,elvis` become
     `--shortlist 0 --shortlist 25 ...`. Values follow the option until the next option (a
-    negative number is a value) or `--`."""
+    negative number is a value) or `--`; `--option=VALUE` takes just that value."""
     command, position = typer.main.get_command(app), 0
     while position < len(argv) and hasattr(command, "commands"):
         if argv[position] in command.commands:
@@ -666,8 +666,8 @@ def _expand_lists(argv: list[str]) -> list[str]:
             out.append(arg)
             continue
         values = [inline] if equals else []
-        while index < len(rest) and (not rest[index].startswith("-")
-                                     or _NUMBER.match(rest[index])):
+        while not equals and index < len(rest) and (not rest[index].startswith("-")
+                                                     or _NUMBER.match(rest[index])):
             values.append(rest[index])
             index += 1
         if not values:
