@@ -115,7 +115,7 @@ def mini_root(tmp_path_factory):
     names = write_views(root / "jpg")
     queries = [n for n in names if n.endswith("_0")]
     gallery = [n for n in names if n.endswith("_1")]
-    gnd = [{"easy": [i], "hard": [], "junk": []} for i in range(len(queries))]
+    gnd = [{"easy": [], "hard": [i], "junk": []} for i in range(len(queries))]
     with open(root / "gnd_mini.pkl", "wb") as handle:
         pickle.dump({"imlist": gallery, "qimlist": queries, "gnd": gnd}, handle)
     return cwd
