@@ -17,7 +17,7 @@ install: $(STAMP)
 # extract -> shortlist -> rerank -> evaluate on the bundled demo benchmark, offline
 demo: $(STAMP)
 	$(BIN)/elvis extract examples/data/demo/jpg -o $(RUN)/feats.h5
-	$(BIN)/elvis shortlist $(RUN)/feats.h5 -k 100 -o $(RUN)/shortlist.npz
+	$(BIN)/elvis shortlist --features $(RUN)/feats.h5 -k 100 -o $(RUN)/shortlist.npz
 	$(BIN)/elvis rerank --features $(RUN)/feats.h5 --candidates $(RUN)/shortlist.npz \
 		--shortlist 100 -o $(RUN)/reranked.csv --show 1
 	$(BIN)/elvis evaluate --data-root examples/data --dataset demo \

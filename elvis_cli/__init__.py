@@ -14,6 +14,34 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
+    # the commands, one call each (`elvis X` prints what these return)
+    "extract_images": "elvis_cli.retrieval.files",  # elvis extract
+    "ExtractRun": "elvis_cli.retrieval.files",
+    "CachedEmbeddings": "elvis_cli.retrieval.files",
+    "fill_embedding_cache": "elvis_cli.retrieval.files",
+    "shortlist_files": "elvis_cli.retrieval.files",  # elvis shortlist
+    "rerank_files": "elvis_cli.retrieval.files",  # elvis rerank
+    "RerankRun": "elvis_cli.retrieval.files",
+    "evaluate_datasets": "elvis_cli.evaluation.benchmarks",  # elvis evaluate
+    "EvaluationRun": "elvis_cli.evaluation.benchmarks",
+    "list_datasets": "elvis_cli.evaluation.prepare",  # elvis datasets list
+    "DatasetStatus": "elvis_cli.evaluation.prepare",
+    "prepare_dataset": "elvis_cli.evaluation.prepare",  # elvis datasets prepare
+    "train": "elvis_cli.training.loop",  # elvis train
+    "TrainConfig": "elvis_cli.training.config",
+    "TrainReport": "elvis_cli.training.loop",
+    "RoundFinished": "elvis_cli.training.loop",
+    # (elvis export: export_official)
+    # named settings
+    "Preset": "elvis_cli.model.presets",
+    "PRESETS": "elvis_cli.model.presets",
+    "get_preset": "elvis_cli.model.presets",
+    # progress events and errors
+    "TaskProgress": "elvis_cli.util.progress",
+    "ElvisError": "elvis_cli.util.errors",
+    "ElvisWarning": "elvis_cli.util.errors",
+    "InputError": "elvis_cli.util.errors",
+    "EXIT_PARTIAL": "elvis_cli.util.errors",
     # features
     "ExtractConfig": "elvis_cli.features.extraction",
     "ExtractReport": "elvis_cli.features.extraction",
@@ -51,6 +79,7 @@ _PUBLIC = {
     "rerank_table": "elvis_cli.retrieval.rerank",
     # evaluation
     "load_dataset": "elvis_cli.evaluation.datasets",
+    "default_data_root": "elvis_cli.evaluation.datasets",
     "EvaluateConfig": "elvis_cli.evaluation.run",
     "FusionGrid": "elvis_cli.evaluation.run",
     "evaluate_dataset": "elvis_cli.evaluation.run",

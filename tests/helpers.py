@@ -126,6 +126,25 @@ def elvis(*args, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Com
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_cli(*args, capsys) -> tuple[int, str, str]:
+    """`elvis ARGS` as the console script runs it, in this process (cli.main): exit code,
+    stdout, stderr; never a traceback."""
+    import pytest
+
+    from elvis_cli.cli import app as cli
+
+    saved = sys.argv
+    sys.argv = ["elvis", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return ended.value.code, out, err
+
+
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 1 and a single `elvis: error:` line on stderr holding every fragment."""
     lines = result.stderr.strip().splitlines()

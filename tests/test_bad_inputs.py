@@ -4,7 +4,6 @@ skip (3); never a traceback. The expected code of every case is the README's tab
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,30 +13,16 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from elvis_cli.cli import app as cli
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.reranker import Fusion
 from tests.helpers import png_header_only
+from tests.helpers import run_cli as run
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
          "--backbone-option=local_layer=5", "--device=cpu", "--quiet"]
-
-
-def run(*args, capsys) -> tuple[int, str, str]:
-    """`elvis ARGS` as the console script runs it: exit code, stdout, stderr."""
-    saved = sys.argv
-    sys.argv = ["elvis", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as ended:
-            cli.main()
-    finally:
-        sys.argv = saved
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return ended.value.code, out, err
 
 
 def one_error_line(code: int, err: str, pattern: str) -> None:
@@ -116,12 +101,12 @@ def test_every_image_kind_is_extracted_or_skipped_by_name(extracted, capsys):
      "unknown backbone 'efficientnet_lite0' (did you mean 'efficientnet-lite0'?)"),
     (["extract", "{root}/my images", "-o", "x.h5", "--image-size", "0"], "image_size must be"),
     (["extract", "{root}/my images", "-o", "x.h5", "--image-size", "-3"], "image_size must be"),
-    (["extract", "{root}/my images", "-o", "x.h5", "--num-local", "0"], "num_local >= 1"),
+    (["extract", "{root}/my images", "-o", "x.h5", "--keep-local", "0"], "num_local >= 1"),
     (["extract", "{root}/my images", "-o", "x.h5", "--backbone-option", "nonsense"],
      "KEY=VALUE"),
     (["rerank", "--features", "{root}/missing.h5"], "features file not found"),
     (["rerank", "--features", "{root}/text.h5"], "not an HDF5 file"),
-    (["shortlist", "{root}/layout.h5"], "expected (N, K, 5 + D)"),
+    (["shortlist", "--features", "{root}/layout.h5"], "expected (N, K, 5 + D)"),
     (["rerank", "--features", "{root}/feats.h5", "--checkpoint", "dinov2_elvis_gdl"],
      "(did you mean 'dinov2_elvis_gld'?)"),
     (["rerank", "--features", "{root}/feats.h5", "-o", "out.txt"], "must end in .csv"),
@@ -139,9 +124,9 @@ def test_bad_paths_files_and_options_are_one_line(extracted, capsys, args, patte
 @pytest.mark.parametrize("args", [
     ["extract", "x", "-o", "y.h5", "--batch-size", "0"],
     ["extract", "x", "-o", "y.h5", "--shard-size", "-1"],
-    ["shortlist", "f.h5", "-k", "0"],
+    ["shortlist", "--features", "f.h5", "-k", "0"],
     ["rerank", "--shortlist", "-5"],
-    ["rerank", "--num-local", "0"],
+    ["rerank", "--use-local", "0"],
     ["extract", "x"],
 ])
 def test_out_of_range_options_are_usage_errors(args, capsys):
@@ -199,21 +184,22 @@ def one_image(tmp_path) -> Path:
     return features_file(tmp_path / "one.h5", descriptor_rows(rng, 1), unit(rng, 1))
 
 
-def test_a_shortlist_longer_than_the_gallery_is_cut_to_it(tmp_path, checkpoint, four_images,
-                                                         capsys):
+@pytest.fixture
+def four_reranked(tmp_path, checkpoint, four_images, capsys) -> pd.DataFrame:
+    """All-vs-all over the four images (image 2 is padding only), shortlist 50 asked for."""
     code, _, err = run("rerank", "--features", four_images, "--checkpoint", checkpoint,
                        "--shortlist", "50", "-o", tmp_path / "r.csv", capsys=capsys)
     assert code == 0, err
-    table = pd.read_csv(tmp_path / "r.csv")
+    return pd.read_csv(tmp_path / "r.csv")
+
+
+def test_a_shortlist_longer_than_the_gallery_is_cut_to_it(four_reranked):
+    table = four_reranked
     assert len(table) == 4 * 3 and table["score"].notna().all()  # the query itself left out
 
 
-def test_an_image_of_padding_only_gets_a_finite_score(tmp_path, checkpoint, four_images,
-                                                      capsys):
-    code, _, err = run("rerank", "--features", four_images, "--checkpoint", checkpoint,
-                       "--shortlist", "50", "-o", tmp_path / "r.csv", capsys=capsys)
-    assert code == 0, err
-    table = pd.read_csv(tmp_path / "r.csv")
+def test_an_image_of_padding_only_gets_a_finite_score(four_reranked):
+    table = four_reranked
     assert (table["gallery_index"] == 2).sum() == 3
     assert np.isfinite(table["raw_score"]).all()
 
@@ -257,5 +243,5 @@ def test_non_finite_global_descriptors_name_the_first_image(tmp_path, capsys):
     glob_nan = unit(rng, 3)
     glob_nan[0, 0] = np.inf
     bad = features_file(tmp_path / "inf.h5", descriptor_rows(rng, 3), glob_nan)
-    code, _, err = run("shortlist", bad, "-o", tmp_path / "s.npz", capsys=capsys)
+    code, _, err = run("shortlist", "--features", bad, "-o", tmp_path / "s.npz", capsys=capsys)
     one_error_line(code, err, "NaN/inf global descriptors, first 'img0.jpg'")

@@ -212,13 +212,13 @@ def test_rerank_on_a_release_keeps_the_nn_files_global_scores(release_reranked):
 
 @pytest.fixture(scope="module")
 def num_local_runs(tmp_path_factory):
-    """The same rerank with the default number of descriptors and with --num-local 700."""
+    """The same rerank with the default number of descriptors and with --use-local 700."""
     cwd = tmp_path_factory.mktemp("num_local")
     queries, gallery, _ = make_release(cwd)
     model = official_checkpoint(cwd / "ckpt.pt")
     common = (*RELEASE_RERANK, "--checkpoint", "ckpt.pt", "--shortlist", "1")
     assert elvis("rerank", *common, "-o", "a.csv", cwd=cwd).returncode == 0
-    assert elvis("rerank", *common, "--num-local", "700", "-o", "b.csv", cwd=cwd).returncode == 0
+    assert elvis("rerank", *common, "--use-local", "700", "-o", "b.csv", cwd=cwd).returncode == 0
     return SimpleNamespace(queries=queries, gallery=gallery, model=model,
                            default=pd.read_csv(cwd / "a.csv").iloc[0],
                            all_rows=pd.read_csv(cwd / "b.csv").iloc[0])

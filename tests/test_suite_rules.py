@@ -4,8 +4,6 @@ the helpers module and conftest, and the CLI is a thin layer over the public API
 import ast
 from pathlib import Path
 
-import pytest
-
 import elvis_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,8 +79,6 @@ def cli_imports_beyond_the_public_api(path: Path) -> list[str]:
     return wrong
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI still imports the library's modules; it is made "
-                                       "a thin layer over `elvis_cli`'s public API later")
 def test_the_cli_uses_only_the_public_api():
     files = sorted((REPO / "elvis_cli" / "cli").glob("*.py"))
     assert files

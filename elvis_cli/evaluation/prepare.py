@@ -19,6 +19,7 @@ from pathlib import Path
 
 from elvis_cli.evaluation.datasets import (
     GLDV2_SOLUTION,
+    default_data_root,
     detect_layout,
     find_datasets,
     load_dataset,
@@ -28,6 +29,7 @@ from elvis_cli.features.images import IMAGE_SUFFIXES
 from elvis_cli.util.atomic import write_text_atomic
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
+from elvis_cli.util.progress import ProgressCallback, TaskProgress
 
 MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
 _GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,
@@ -51,6 +53,12 @@ class DatasetStatus:
     features: list[str]  # backbones with extracted features; "<desc> (released)" files
     size_bytes: int
     detail: str = ""
+
+    @property
+    def metric(self) -> str:
+        """The registry's headline metric of the dataset; "custom" for one it does not know."""
+        entry = REGISTRY.get(self.name)
+        return entry.metric if entry else "custom"
 
 
 def _entry(name: str) -> DatasetEntry:
@@ -107,6 +115,23 @@ def prepare(name: str, data_root: Path, source: Path | None = None,
         raise InputError(_ground_truth_hint(entry))
     report.warnings = _check(entry, data_root)
     return report
+
+
+def prepare_dataset(name: str, data_root: Path | None = None, source: Path | None = None,
+                    progress: ProgressCallback | None = None) -> PrepareReport:
+    """`elvis datasets prepare`: `prepare` under the data root (None: `$ELVIS_DATA_ROOT`, else
+    the default cache); `progress` hears each step as a "preparing NAME" task (total unknown,
+    the step in `detail`)."""
+    data_root = Path(data_root) if data_root is not None else default_data_root()
+    steps = 0
+
+    def on_file(label: str) -> None:
+        nonlocal steps
+        if progress:
+            progress(TaskProgress(f"preparing {name}", steps, 0, label))
+        steps += 1
+
+    return prepare(name, data_root, source, on_file=on_file)
 
 
 def _present(remote: Remote, folder: Path, manifest: dict) -> bool:
@@ -288,8 +313,10 @@ def dataset_status(data_root: Path, name: str) -> DatasetStatus:
     return DatasetStatus(name, "ready", features, size)
 
 
-def list_datasets(data_root: Path) -> list[DatasetStatus]:
-    """Every registry entry, then every custom dataset found under the data root."""
+def list_datasets(data_root: Path | None = None) -> list[DatasetStatus]:
+    """`elvis datasets list`: every registry entry, then every custom dataset found under the
+    data root (None: `$ELVIS_DATA_ROOT`, else the default cache)."""
+    data_root = Path(data_root) if data_root is not None else default_data_root()
     names = list(REGISTRY) + [name for name in find_datasets(data_root) if name not in REGISTRY]
     return [dataset_status(data_root, name) for name in names]
 

@@ -17,7 +17,8 @@ class TaskProgress:
 
     task: str  # a short label, e.g. "extracting" or "round 1 steps"
     done: int
-    total: int
+    total: int  # 0: not known in advance
+    detail: str = ""  # what the task is doing now, e.g. the stage of an evaluation
 
 
 ProgressCallback = Callable[[TaskProgress], None]

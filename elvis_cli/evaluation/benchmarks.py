@@ -1,0 +1,92 @@
+"""`elvis evaluate` as one call: the datasets of a data root (named, or every ready one)
+evaluated, their results written (JSON, CSV, runtime plot) and summarised in tables.
+
+Stages reach the caller only as progress events: one "evaluating" task over every dataset and
+stage, whose `detail` names the stage, beside the library's own tasks (extraction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
+from elvis_cli.evaluation.prepare import DatasetStatus, list_datasets
+from elvis_cli.evaluation.report import (
+    grid_best,
+    plot_runtime,
+    results_table,
+    runtime_curve,
+    summary_table,
+    write_results,
+)
+from elvis_cli.evaluation.run import EvaluateConfig, FusionGrid, evaluate_dataset
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback, TaskProgress
+
+DEFAULT_OUT_DIR = Path("elvis-results")
+
+
+@dataclass
+class EvaluationRun:
+    """What `elvis evaluate` prints and writes."""
+
+    table: pd.DataFrame  # every row: dataset, model, shortlist size (and grid setting), metrics
+    summary: pd.DataFrame  # one row per dataset, then the averages (summary_table)
+    curve: pd.DataFrame  # seconds per query and mAP against shortlist size (runtime_curve)
+    grid_best: pd.DataFrame  # the grid's best setting per dataset and model (empty: no grid)
+    outputs: dict[str, Path]  # json, csv, plot
+    not_ready: list[DatasetStatus] = field(default_factory=list)  # left out by all datasets
+
+
+def evaluate_datasets(
+    data_root: str | Path | None = None, datasets: Sequence[str] | None = None,
+    config: EvaluateConfig | None = None, grid: FusionGrid | None = None, *,
+    out_dir: str | Path = DEFAULT_OUT_DIR, json_path: str | Path | None = None,
+    csv_path: str | Path | None = None, plot_path: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvaluationRun:
+    """Evaluate `datasets` under `data_root` (None: `$ELVIS_DATA_ROOT`, else the default
+    cache), or every ready one when `datasets` is None; write results.json, results.csv and
+    runtime.png into `out_dir` (or the paths given) and return the tables."""
+    config = config or EvaluateConfig()
+    root = Path(data_root) if data_root is not None else default_data_root()
+    not_ready: list[DatasetStatus] = []
+    if datasets is None:
+        statuses = {status.name: status for status in list_datasets(root)}
+        names = [name for name in find_datasets(root) if statuses[name].state == "ready"]
+        not_ready = [status for status in statuses.values() if status.state != "ready"]
+    else:
+        names = list(datasets)
+    if not names:
+        raise InputError(f"no ready dataset under {root}; see `elvis datasets list --data-root "
+                         f"{root}` and prepare one with `elvis datasets prepare NAME`")
+    total = len(names) * (config.num_stages() + (grid.num_stages(config) if grid else 0))
+    stages = _Stages(progress, total)
+    results = [evaluate_dataset(load_dataset(root, name), config, progress=progress,
+                                on_stage=stages, grid=grid) for name in names]
+    table = results_table(results)
+    out_dir = Path(out_dir)
+    outputs = {"json": Path(json_path or out_dir / "results.json"),
+               "csv": Path(csv_path or out_dir / "results.csv"),
+               "plot": Path(plot_path or out_dir / "runtime.png")}
+    write_results(table, outputs["json"], outputs["csv"])
+    plot_runtime(table, outputs["plot"])
+    return EvaluationRun(table, summary_table(table), runtime_curve(table), grid_best(table),
+                         outputs, not_ready)
+
+
+class _Stages:
+    """The stages of every dataset as one task: each stage that starts finishes the one
+    before it."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, -1
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(TaskProgress("evaluating", self.done, self.total, label))

@@ -1,0 +1,177 @@
+"""The `elvis` commands on features files, each one call: `extract_images` (extraction, then
+optionally the embedding cache), `shortlist_files` and `rerank_files` (one features file
+all-vs-all, or a query/gallery pair; ours or the authors' released files).
+
+What a command prints is what these return; progress leaves only as events (util/progress.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
+from elvis_cli.features.released import open_local, released_gallery
+from elvis_cli.features.store import DescriptorStore, FeatureStore
+from elvis_cli.model.registry import load_reranker
+from elvis_cli.model.reranker import Fusion
+from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings, rerank, rerank_table
+from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist, load_shortlist, save_shortlist
+from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback, track
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass
+class CachedEmbeddings:
+    """What filling an embedding cache did: images embedded now, their bytes, by whom, where."""
+
+    count: int
+    size_bytes: int
+    label: str  # the re-ranker's checkpoint
+    folder: Path
+
+
+@dataclass
+class ExtractRun:
+    """`elvis extract`: the extraction's report, and the embedding cache filled after it."""
+
+    report: ExtractReport
+    embedded: CachedEmbeddings | None = None
+
+
+@dataclass
+class RerankRun:
+    """`elvis rerank`: the fused ranking (one row per query and rank) and what made it."""
+
+    table: pd.DataFrame
+    model: str
+    label: str  # the checkpoint (ELViS) or the model's name
+    fusion: Fusion
+    output: Path | None
+
+
+def extract_images(
+    source: str | Path, output: str | Path, config: ExtractConfig | None = None, *,
+    embedding_cache: Path | None = None, checkpoint: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> ExtractRun:
+    """Extract `source` into `output` (resumable, see `extract_features`); with
+    `embedding_cache`, then keep the ELViS embeddings of every image there (`checkpoint`, by
+    default the one matching the backbone), so that re-ranking does not compute them."""
+    config = config or ExtractConfig()
+    report = extract_features(source, output, config, progress=progress)
+    embedded = None
+    if embedding_cache is not None:
+        embedded = fill_embedding_cache(report.output, embedding_cache, checkpoint,
+                                        config.device)
+    return ExtractRun(report, embedded)
+
+
+def fill_embedding_cache(features: str | Path, folder: Path, checkpoint: str | Path | None = None,
+                         device: str = "auto") -> CachedEmbeddings:
+    """Embed (ELViS) every image of a features file that the cache `folder` lacks."""
+    with FeatureStore.open(features) as store:
+        reranker = load_reranker("elvis", store, checkpoint)
+        count, size = cache_embeddings(reranker, store,
+                                       RerankConfig(device=device, embedding_cache=folder))
+    return CachedEmbeddings(count, size, reranker.label, Path(folder))
+
+
+@contextmanager
+def open_pair(features: str | Path | None = None, queries: str | Path | None = None,
+              gallery: str | Path | None = None, allow_external_sources: bool = False
+              ) -> Iterator[tuple[FeatureStore, FeatureStore, bool]]:
+    """(queries, gallery, same file): one features file all-vs-all, or a query/gallery pair
+    (ours or released local files), closed afterwards."""
+    if (queries is None) != (gallery is None):
+        raise InputError("--queries and --gallery go together")
+    if queries is None:
+        if features is None:
+            raise InputError("name a features file, or --queries and --gallery")
+        queries = gallery = features
+    query_store = open_local(queries, allow_external_sources)
+    try:
+        same = Path(gallery) == Path(queries)
+        gallery_store = query_store if same else open_local(gallery, allow_external_sources)
+    except BaseException:
+        query_store.close()
+        raise
+    try:
+        yield query_store, gallery_store, same
+    finally:
+        query_store.close()
+        if not same:
+            gallery_store.close()
+
+
+def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
+                     global_type: str = "cls") -> Shortlist:
+    """Exact global k-NN of the queries in the gallery; the same file excludes each image
+    from its own list."""
+    return build_shortlist(queries.global_descriptors(global_type),
+                           gallery.global_descriptors(global_type), k, exclude_self=same)
+
+
+def shortlist_files(
+    features: str | Path | None = None, *, queries: str | Path | None = None,
+    gallery: str | Path | None = None, k: int = 100, output: str | Path | None = None,
+    global_type: str = "cls", allow_external_sources: bool = False,
+) -> Shortlist:
+    """`elvis shortlist`: the global top `k` of every query, written to `output` (.npz) when
+    given."""
+    with open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
+        result = global_shortlist(query_store, gallery_store, same, k, global_type)
+    if output is not None:
+        save_shortlist(Path(output), result)
+    return result
+
+
+def rerank_files(
+    features: str | Path | None = None, *, queries: str | Path | None = None,
+    gallery: str | Path | None = None, candidates: str | Path | None = None,
+    model: str = "elvis", checkpoint: str | Path | None = None, lam: float | None = None,
+    temperature: float | None = None, config: RerankConfig | None = None,
+    output: str | Path | None = None, allow_external_sources: bool = False,
+    progress: ProgressCallback | None = None,
+) -> RerankRun:
+    """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
+    official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
+    to `output` (.csv or .parquet) when given. Released files get their image names from the
+    ground truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
+    config = config or RerankConfig()
+    if output is not None and Path(output).suffix not in TABLE_SUFFIXES:
+        raise InputError(f"output must end in .csv or .parquet, got {Path(output).name}")
+    with open_pair(features, queries, gallery, allow_external_sources) as (
+            query_store, gallery_store, same):
+        reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
+        if candidates is not None:
+            candidate_list = load_shortlist(Path(candidates))
+            gallery_store = released_gallery(query_store, gallery_store, candidate_list)
+        else:
+            candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist)
+        result = rerank(reranker, query_store, gallery_store, candidate_list, config,
+                        progress=track(progress, "re-ranking", query_store.num_images))
+        table = rerank_table(result, query_store.paths, gallery_store.paths)
+    if output is not None:
+        write_table(table, Path(output))
+    return RerankRun(table, model, reranker.label, reranker.fusion,
+                     None if output is None else Path(output))
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """A table as CSV or Parquet, by the suffix of `path`, written atomically."""
+    if path.suffix not in TABLE_SUFFIXES:
+        raise InputError(f"output must end in .csv or .parquet, got {path.name}")
+    with atomic_path(path) as temporary:
+        if path.suffix == ".csv":
+            table.to_csv(temporary, index=False)
+        else:
+            table.to_parquet(temporary, index=False)
