@@ -11,7 +11,6 @@ stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (eac
 stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 interrupted.
 """
 
-import dataclasses
 import json
 import re
 import sys
@@ -73,28 +72,15 @@ LIBRARY_DEFAULTS = {
 NO_COMMA_SPLIT = {"backbone_option"}
 
 
-def _library_default(config: str, name: str) -> Any:
-    from elvis_cli import EvaluateConfig, ExtractConfig, FusionGrid, RerankConfig, TrainConfig
-
-    configs = {cls.__name__: cls for cls in
-               (ExtractConfig, RerankConfig, EvaluateConfig, FusionGrid, TrainConfig)}
-    field = next(f for f in dataclasses.fields(configs[config]) if f.name == name)
-    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
-
-
 class _Command(typer.core.TyperCommand):
-    """A command whose `--help` shows the library's defaults of the options left unset (looked
-    up only then, so that starting the command does not import the library)."""
+    """A command whose `--help` names where the default of an option left unset lives (the
+    library's config field): naming it, not reading it, keeps `--help` from importing torch."""
 
     def format_help(self, ctx, formatter) -> None:
         for param in self.params:
             source = LIBRARY_DEFAULTS.get((self.name, param.name))
             if source is not None and param.default is None:
-                value = _library_default(*source)
-                if isinstance(value, list | tuple):
-                    value = " ".join(f"{item:g}" if isinstance(item, float) else str(item)
-                                     for item in value)
-                param.show_default = str(value)
+                param.show_default = "library: " + ".".join(source)
         return super().format_help(ctx, formatter)
 
 
