@@ -2,6 +2,8 @@
 (constants and fixtures), `reference_elvis` (the plain reference of the spec) and
 `kill_runner` (a subprocess entry point); never from one another."""
 
+import contextlib
+import io
 import os
 import struct
 import subprocess
@@ -143,6 +145,32 @@ def run_cli(*args, capsys) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return ended.value.code, out, err
+
+
+def cli_in(*args: object, cwd: Path, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess:
+    """`elvis ARGS` as `elvis()` runs it (same folder, cache and environment), but in this
+    process (cli.main, the console script's code) without a new interpreter's seconds of
+    imports: exit code, stdout and stderr."""
+    from elvis_cli.cli import app as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, folder = sys.argv, dict(os.environ), os.getcwd()
+    sys.argv = ["elvis", *map(str, args)]
+    os.environ.update({"ELVIS_CACHE": str(Path(cwd) / "cache"), **(env or {})})
+    code = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as ended:
+        code = ended.code or 0
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(folder)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

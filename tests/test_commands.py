@@ -32,7 +32,7 @@ from elvis_cli import (
 )
 from elvis_cli.cli.app import _expand_lists
 from tests.conftest import SMALL
-from tests.helpers import elvis, random_checkpoint, run_cli, write_views
+from tests.helpers import cli_in, random_checkpoint, run_cli, write_views
 
 SMALL_OPTIONS = {"image_size": 64, "num_local": 16}
 METRICS = ["dataset", "model", "shortlist", "map", "map_medium", "map_hard"]
@@ -44,7 +44,7 @@ def both(tmp_path_factory) -> SimpleNamespace:
     checkpoint for them, c.pt."""
     cwd = tmp_path_factory.mktemp("both")
     write_views(cwd / "imgs")
-    result = elvis("extract", "imgs", "-o", "cli.h5", "--quiet", *SMALL, cwd=cwd)
+    result = cli_in("extract", "imgs", "-o", "cli.h5", "--quiet", *SMALL, cwd=cwd)
     assert result.returncode == 0, result.stderr
     run = extract_images(cwd / "imgs", cwd / "lib.h5",
                          ExtractConfig(backbone_options=dict(SMALL_OPTIONS)))
@@ -53,7 +53,6 @@ def both(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(cwd=cwd, run=run)
 
 
-@pytest.mark.subprocess
 def test_extract_images_writes_what_elvis_extract_writes(both):
     assert both.run.report.num_extracted == 8 and both.run.embedded is None
     with FeatureStore.open(both.cwd / "cli.h5") as cli, \
@@ -64,9 +63,8 @@ def test_extract_images_writes_what_elvis_extract_writes(both):
         np.testing.assert_array_equal(cli.read_local(everything), lib.read_local(everything))
 
 
-@pytest.mark.subprocess
 def test_shortlist_files_is_elvis_shortlist(both):
-    result = elvis("shortlist", "--features", "cli.h5", "-k", "3", "-o", "s.npz", cwd=both.cwd)
+    result = cli_in("shortlist", "--features", "cli.h5", "-k", "3", "-o", "s.npz", cwd=both.cwd)
     assert result.returncode == 0, result.stderr
     from_cli = load_shortlist(both.cwd / "s.npz")
     from_library = shortlist_files(both.cwd / "cli.h5", k=3)
@@ -74,12 +72,11 @@ def test_shortlist_files_is_elvis_shortlist(both):
     np.testing.assert_array_equal(from_cli.similarities, from_library.similarities)
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("model", ["elvis", "chamfer", "global"])
 def test_rerank_files_is_elvis_rerank_to_the_bit(both, model):
     output = f"r-{model}.parquet"
-    result = elvis("rerank", "--features", "cli.h5", "--model", model, "--checkpoint", "c.pt",
-                   "--shortlist", "3", "--workers", "1", "-o", output, cwd=both.cwd)
+    result = cli_in("rerank", "--features", "cli.h5", "--model", model, "--checkpoint", "c.pt",
+                    "--shortlist", "3", "--workers", "1", "-o", output, cwd=both.cwd)
     assert result.returncode == 0, result.stderr
     run = rerank_files(both.cwd / "cli.h5", model=model, checkpoint=both.cwd / "c.pt",
                        config=RerankConfig(shortlist=3, workers=1))
@@ -88,7 +85,6 @@ def test_rerank_files_is_elvis_rerank_to_the_bit(both, model):
     pd.testing.assert_frame_equal(from_cli, run.table, check_exact=True)
 
 
-@pytest.mark.subprocess
 def test_rerank_files_writes_the_table_elvis_rerank_writes(both, tmp_path):
     run = rerank_files(both.cwd / "cli.h5", checkpoint=both.cwd / "c.pt",
                        config=RerankConfig(shortlist=3, workers=1),
@@ -97,10 +93,9 @@ def test_rerank_files_writes_the_table_elvis_rerank_writes(both, tmp_path):
                                   check_exact=True)
 
 
-@pytest.mark.subprocess
 def test_export_official_is_elvis_export(both, tmp_path):
-    result = elvis("export", "cli.h5", "--out-dir", "official", "--name", "lite", "--split",
-                   "query", cwd=both.cwd)
+    result = cli_in("export", "cli.h5", "--out-dir", "official", "--name", "lite",
+                    "--split", "query", cwd=both.cwd)
     assert result.returncode == 0, result.stderr
     written = export_official(both.cwd / "cli.h5", tmp_path, "lite", "query")
     assert sorted(path.name for path in written) == sorted(
@@ -124,11 +119,10 @@ def mini_root(tmp_path_factory):
     return cwd
 
 
-@pytest.mark.subprocess
 def test_evaluate_datasets_is_elvis_evaluate(mini_root, tmp_path):
-    result = elvis("evaluate", "--data-root", "data", "--all-datasets", *SMALL, "--model",
-                   "global,chamfer", "--shortlist", "0", "2", "--out-dir", "out", "--quiet",
-                   cwd=mini_root)
+    result = cli_in("evaluate", "--data-root", "data", "--all-datasets", *SMALL,
+                    "--model", "global,chamfer", "--shortlist", "0", "2", "--out-dir", "out",
+                    "--quiet", cwd=mini_root)
     assert result.returncode == 0, result.stderr
     run = evaluate_datasets(mini_root / "data", None, EvaluateConfig(
         backbone_options=dict(SMALL_OPTIONS), models=["global", "chamfer"], shortlists=[0, 2]),
@@ -139,9 +133,8 @@ def test_evaluate_datasets_is_elvis_evaluate(mini_root, tmp_path):
     assert run.outputs["plot"].is_file() and {"global", "chamfer@2"} <= set(run.summary.columns)
 
 
-@pytest.mark.subprocess
 def test_list_datasets_is_elvis_datasets_list(mini_root):
-    result = elvis("datasets", "list", "--data-root", "data", cwd=mini_root)
+    result = cli_in("datasets", "list", "--data-root", "data", cwd=mini_root)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[1]: line for line in result.stdout.splitlines()
             if line.startswith("│")}

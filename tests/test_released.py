@@ -18,7 +18,7 @@ from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.retrieval.rerank import RerankConfig, rerank
 from elvis_cli.util.errors import InputError
-from tests.helpers import elvis, one_line_error
+from tests.helpers import cli_in, elvis, one_line_error
 from tests.reference_elvis import reference_score
 
 DIM, STORED, USED = 16, 700, 600
@@ -217,8 +217,8 @@ def num_local_runs(tmp_path_factory):
     queries, gallery, _ = make_release(cwd)
     model = official_checkpoint(cwd / "ckpt.pt")
     common = (*RELEASE_RERANK, "--checkpoint", "ckpt.pt", "--shortlist", "1")
-    assert elvis("rerank", *common, "-o", "a.csv", cwd=cwd).returncode == 0
-    assert elvis("rerank", *common, "--use-local", "700", "-o", "b.csv", cwd=cwd).returncode == 0
+    assert cli_in("rerank", *common, "-o", "a.csv", cwd=cwd).returncode == 0
+    assert cli_in("rerank", *common, "--use-local", "700", "-o", "b.csv", cwd=cwd).returncode == 0
     return SimpleNamespace(queries=queries, gallery=gallery, model=model,
                            default=pd.read_csv(cwd / "a.csv").iloc[0],
                            all_rows=pd.read_csv(cwd / "b.csv").iloc[0])
@@ -256,7 +256,7 @@ def release_evaluated(request, tmp_path_factory):
     model = official_checkpoint(cwd / "ckpt.pt", binarised=layout == "binarised")
 
     def evaluate(json_name: str):
-        result = elvis("evaluate", "--data-root", cwd / "data", "--dataset", "roxford5k",
+        result = cli_in("evaluate", "--data-root", cwd / "data", "--dataset", "roxford5k",
                        "--descriptors", "dinov2", "--checkpoint", "ckpt.pt",
                        "--shortlist", "0", "100", "400", "--json", json_name, "--quiet",
                        "--embedding-cache", "kept", cwd=cwd)
@@ -352,7 +352,7 @@ def test_pairs_past_the_shortlist_get_no_raw_score(reference_rerank):
 
 
 def rerank_release(tmp_path, checkpoint="ckpt.pt"):
-    return elvis("rerank", *RELEASE_RERANK, "--checkpoint", checkpoint,
+    return cli_in("rerank", *RELEASE_RERANK, "--checkpoint", checkpoint,
                  "--shortlist", "3", "-o", "out.csv", cwd=tmp_path)
 
 
@@ -436,7 +436,7 @@ def test_a_wrong_hdf5_layout_is_a_one_line_error(tmp_path, damage, fragments):
 
 
 def evaluate_release(tmp_path, *args):
-    return elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
+    return cli_in("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
                  "--checkpoint", "ckpt.pt", "--shortlist", "0", "--quiet", *args, cwd=tmp_path)
 
 
@@ -502,7 +502,7 @@ def test_a_shortlist_past_the_head_is_refused_never_read(short_head):
 def evaluate_short_head(tmp_path, *args):
     make_release(tmp_path / "data", "float16", 3, head=2)
     official_checkpoint(tmp_path / "ckpt.pt")
-    return elvis("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
+    return cli_in("evaluate", "--data-root", tmp_path / "data", "--dataset", "roxford5k",
                  "--descriptors", "dinov2", "--checkpoint", "ckpt.pt", "--quiet", *args,
                  cwd=tmp_path)
 
@@ -603,7 +603,7 @@ def with_1m(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("plus_1m")
     make_release(cwd / "data")
     make_1m_release(cwd / "data")
-    result = elvis("evaluate", "--data-root", cwd / "data", "--dataset", "roxford5k",
+    result = cli_in("evaluate", "--data-root", cwd / "data", "--dataset", "roxford5k",
                    "--dataset", "roxford5k+1m", "--descriptors", "dinov2", "--model", "global",
                    "--shortlist", "0", "--json", "res.json", "--quiet", cwd=cwd)
     assert result.returncode == 0, result.stderr
@@ -637,7 +637,7 @@ def test_a_1m_gallery_reads_base_rows_then_the_distractors(tmp_path):
 
 
 def evaluate_global(tmp_path, dataset):
-    return elvis("evaluate", "--data-root", tmp_path / "data", "--descriptors", "dinov2",
+    return cli_in("evaluate", "--data-root", tmp_path / "data", "--descriptors", "dinov2",
                  "--model", "global", "--shortlist", "0", "--quiet", "--dataset", dataset,
                  cwd=tmp_path)
 
@@ -700,7 +700,7 @@ def test_official_global_files_beside_a_release_are_read(with_globals):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["cls", "w-avg"])
 def test_a_release_shortlist_uses_the_global_type_asked_for(with_globals, tmp_path, kind):
-    result = elvis("shortlist", *with_globals.pair, "--global-type", kind, "-o", "out.npz",
+    result = cli_in("shortlist", *with_globals.pair, "--global-type", kind, "-o", "out.npz",
                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     queries, gallery = with_globals.globals[kind]
@@ -711,7 +711,7 @@ def test_a_release_shortlist_uses_the_global_type_asked_for(with_globals, tmp_pa
 
 @pytest.mark.subprocess
 def test_a_global_type_without_its_files_is_a_one_line_error(with_globals, tmp_path):
-    one_line_error(elvis("shortlist", *with_globals.pair, "--global-type", "og-avg",
+    one_line_error(cli_in("shortlist", *with_globals.pair, "--global-type", "og-avg",
                          cwd=tmp_path), "has no 'og-avg' global descriptors")
 
 
@@ -719,5 +719,5 @@ def test_a_global_type_without_its_files_is_a_one_line_error(with_globals, tmp_p
 def test_a_global_file_of_the_wrong_length_is_a_one_line_error(with_globals, tmp_path):
     write_globals(with_globals.folder, "query", "og-avg", 2, 5)
     write_globals(with_globals.folder, "gallery", "og-avg", 3, 6)  # fewer rows than images
-    one_line_error(elvis("shortlist", *with_globals.pair, "--global-type", "og-avg",
+    one_line_error(cli_in("shortlist", *with_globals.pair, "--global-type", "og-avg",
                          cwd=tmp_path), "3 og-avg global descriptors for the 7 images")
