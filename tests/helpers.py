@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -128,49 +129,41 @@ def elvis(*args, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Com
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def run_cli(*args, capsys) -> tuple[int, str, str]:
-    """`elvis ARGS` as the console script runs it, in this process (cli.main): exit code,
-    stdout, stderr; never a traceback."""
-    import pytest
-
-    from elvis_cli.cli import app as cli
-
-    saved = sys.argv
-    sys.argv = ["elvis", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as ended:
-            cli.main()
-    finally:
-        sys.argv = saved
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return ended.value.code, out, err
-
-
 def cli_in(*args: object, cwd: Path, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess:
     """`elvis ARGS` as `elvis()` runs it (same folder, cache and environment), but in this
     process (cli.main, the console script's code) without a new interpreter's seconds of
     imports: exit code, stdout and stderr."""
+    saved_env, folder = dict(os.environ), os.getcwd()
+    os.environ.update({"ELVIS_CACHE": str(Path(cwd) / "cache"), **(env or {})})
+    try:
+        os.chdir(cwd)
+        code, out, err = run_cli(*args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(folder)
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """`elvis ARGS` in this process, here, as the console script runs it (cli.main): exit
+    code, stdout and stderr; never a traceback."""
     from elvis_cli.cli import app as cli
 
     out, err = io.StringIO(), io.StringIO()
-    saved_argv, saved_env, folder = sys.argv, dict(os.environ), os.getcwd()
+    saved_argv, saved_warning_display = sys.argv, warnings.showwarning  # main() replaces it
     sys.argv = ["elvis", *map(str, args)]
-    os.environ.update({"ELVIS_CACHE": str(Path(cwd) / "cache"), **(env or {})})
     code = 0
     try:
-        os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main()
     except SystemExit as ended:
         code = ended.code or 0
     finally:
-        sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(folder)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+        sys.argv, warnings.showwarning = saved_argv, saved_warning_display
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

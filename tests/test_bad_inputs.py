@@ -80,7 +80,7 @@ def extracted(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
 def test_every_image_kind_is_extracted_or_skipped_by_name(extracted, capsys):
     root, expected = extracted
     output = root / "cli.h5"
-    code, out, err = run("extract", root / "my images", "-o", output, *SMALL, capsys=capsys)
+    code, out, err = run("extract", root / "my images", "-o", output, *SMALL)
     assert code == 3
     skipped = dict(line.removeprefix("elvis: skipped ").split(": ", 1)
                    for line in err.strip().splitlines())
@@ -117,7 +117,7 @@ def test_bad_paths_files_and_options_are_one_line(extracted, capsys, args, patte
     (root / "text.h5").write_text("not hdf5")
     with h5py.File(root / "layout.h5", "w") as file:
         file.create_dataset("features", data=np.zeros((3, 4)))
-    code, _, err = run(*(a.format(root=root) for a in args), capsys=capsys)
+    code, _, err = run(*(a.format(root=root) for a in args))
     one_error_line(code, err, pattern)
 
 
@@ -130,7 +130,7 @@ def test_bad_paths_files_and_options_are_one_line(extracted, capsys, args, patte
     ["extract", "x"],
 ])
 def test_out_of_range_options_are_usage_errors(args, capsys):
-    code, _, err = run(*args, capsys=capsys)
+    code, _, err = run(*args)
     assert code == 2 and err.strip().splitlines()[-1].startswith("Error:"), err
 
 
@@ -188,7 +188,7 @@ def one_image(tmp_path) -> Path:
 def four_reranked(tmp_path, checkpoint, four_images, capsys) -> pd.DataFrame:
     """All-vs-all over the four images (image 2 is padding only), shortlist 50 asked for."""
     code, _, err = run("rerank", "--features", four_images, "--checkpoint", checkpoint,
-                       "--shortlist", "50", "-o", tmp_path / "r.csv", capsys=capsys)
+                       "--shortlist", "50", "-o", tmp_path / "r.csv")
     assert code == 0, err
     return pd.read_csv(tmp_path / "r.csv")
 
@@ -205,15 +205,14 @@ def test_an_image_of_padding_only_gets_a_finite_score(four_reranked):
 
 
 def test_all_vs_all_over_one_image_is_a_one_line_error(tmp_path, checkpoint, capsys):
-    code, _, err = run("rerank", "--features", one_image(tmp_path), "--checkpoint", checkpoint,
-                       capsys=capsys)
+    code, _, err = run("rerank", "--features", one_image(tmp_path), "--checkpoint", checkpoint)
     one_error_line(code, err, "at least one query and one other gallery image")
 
 
 def test_queries_against_a_one_image_gallery(tmp_path, checkpoint, four_images, capsys):
     code, _, err = run("rerank", "--queries", four_images, "--gallery", one_image(tmp_path),
                        "--checkpoint", checkpoint, "--shortlist", "10", "-o",
-                       tmp_path / "q.csv", capsys=capsys)
+                       tmp_path / "q.csv")
     assert code == 0 and len(pd.read_csv(tmp_path / "q.csv")) == 4, err
 
 
@@ -223,7 +222,7 @@ def test_nan_in_a_padding_row_is_harmless(tmp_path, checkpoint, capsys):
     poisoned[0, 4, 3], poisoned[0, 4, 6] = 1, np.nan
     bad = features_file(tmp_path / "padding_nan.h5", poisoned, unit(rng, 3))
     code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, "-o",
-                       tmp_path / "p.csv", capsys=capsys)
+                       tmp_path / "p.csv")
     assert code == 0 and np.isfinite(pd.read_csv(tmp_path / "p.csv")["raw_score"]).all(), err
 
 
@@ -234,7 +233,7 @@ def test_non_finite_local_descriptors_name_the_first_image(tmp_path, checkpoint,
     poisoned = descriptor_rows(rng, 3)
     poisoned[image, 0, 7] = value
     bad = features_file(tmp_path / "bad.h5", poisoned, unit(rng, 3))
-    code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint, capsys=capsys)
+    code, _, err = run("rerank", "--features", bad, "--checkpoint", checkpoint)
     one_error_line(code, err, f"NaN/inf local descriptors, first 'img{image}.jpg'")
 
 
@@ -243,5 +242,5 @@ def test_non_finite_global_descriptors_name_the_first_image(tmp_path, capsys):
     glob_nan = unit(rng, 3)
     glob_nan[0, 0] = np.inf
     bad = features_file(tmp_path / "inf.h5", descriptor_rows(rng, 3), glob_nan)
-    code, _, err = run("shortlist", "--features", bad, "-o", tmp_path / "s.npz", capsys=capsys)
+    code, _, err = run("shortlist", "--features", bad, "-o", tmp_path / "s.npz")
     one_error_line(code, err, "NaN/inf global descriptors, first 'img0.jpg'")

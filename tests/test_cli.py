@@ -32,7 +32,7 @@ def test_version_is_printed(tmp_path):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_each_command_has_an_example(command, capsys):
-    code, out, err = run_cli(command, "--help", capsys=capsys)  # in process: help is text only
+    code, out, err = run_cli(command, "--help")  # in process: help is text only
     assert code == 0 and "Example" in out, err
 
 

@@ -182,7 +182,7 @@ def test_single_value_options_are_left_alone():
 def test_help_names_the_library_default(capsys, monkeypatch, command, option, field):
     """An option left unset takes a config field's default; --help names that field."""
     monkeypatch.setenv("COLUMNS", "200")  # rich cuts long help lines with an ellipsis
-    code, out, _ = run_cli(command, "--help", capsys=capsys)
+    code, out, _ = run_cli(command, "--help")
     assert code == 0
     lines = out.splitlines()
     line = next(index for index, text in enumerate(lines) if f" {option} " in text)
@@ -222,7 +222,7 @@ def test_the_offline_preset_is_the_library_default():
 
 
 def test_an_unknown_preset_is_one_line_naming_the_closest(capsys):
-    code, _, err = run_cli("rerank", "--preset", "papr", capsys=capsys)
+    code, _, err = run_cli("rerank", "--preset", "papr")
     assert code == 1 and err.strip() == (
         "elvis: error: unknown preset 'papr' (did you mean 'paper'?); known: offline, paper")
 
