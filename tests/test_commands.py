@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import elvis_cli
 from elvis_cli import (
@@ -22,6 +23,7 @@ from elvis_cli import (
     ExtractConfig,
     FeatureStore,
     RerankConfig,
+    TrainConfig,
     evaluate_datasets,
     export_official,
     extract_images,
@@ -29,6 +31,7 @@ from elvis_cli import (
     load_shortlist,
     rerank_files,
     shortlist_files,
+    train,
 )
 from elvis_cli.cli.app import _expand_lists
 from tests.conftest import SMALL
@@ -231,3 +234,19 @@ def test_every_command_function_is_public():
     for name in ("extract_images", "export_official", "shortlist_files", "rerank_files",
                  "evaluate_datasets", "list_datasets", "prepare_dataset", "train"):
         assert name in elvis_cli.__all__, name
+
+
+def test_train_is_elvis_train(both, tmp_path):
+    """The same tiny self-supervised run through the CLI and through `train`: the same bits."""
+    result = cli_in("train", "imgs", "-o", "cli.pt", "--rounds", "1", "--steps", "2", "--views",
+                    "2", "--batch-pairs", "4", "--image-size", "128", "--keep-local", "16",
+                    "--device", "cpu", cwd=both.cwd)
+    assert result.returncode == 0, result.stderr
+    train(both.cwd / "imgs", tmp_path / "lib.pt", TrainConfig(
+        backbone_options={"image_size": 128, "num_local": 16}, rounds=1, steps_per_round=2,
+        views_per_image=2, batch_pairs=4, device="cpu"))
+    from_cli, from_library = (torch.load(path, weights_only=True)
+                              for path in (both.cwd / "cli.pt", tmp_path / "lib.pt"))
+    assert from_cli["state"].keys() == from_library["state"].keys()
+    for name, tensor in from_cli["state"].items():
+        assert torch.equal(tensor, from_library["state"][name]), name

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from elvis_cli.evaluation.prepare import dataset_status, prepare
+from elvis_cli.evaluation.prepare import dataset_status, prepare, prepare_dataset
 from elvis_cli.model.chamfer import Chamfer
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
@@ -215,3 +215,16 @@ def test_chamfer_without_masks_uses_every_descriptor():
     unmasked = model.score(model.embed(query), model.embed(gallery))
     np.testing.assert_allclose(unmasked.numpy(), [(1 + 1 + 1) / 3, (1 + 2 ** -0.5 + 1) / 3],
                                atol=1e-6)
+
+
+@pytest.mark.subprocess
+def test_prepare_dataset_lays_out_what_elvis_datasets_prepare_does(prepared, tmp_path):
+    oxford_like_download(tmp_path / "downloads")
+    prepare_dataset("roxford5k", data_root=tmp_path / "data", source=tmp_path / "downloads")
+
+    def contents(folder: Path) -> dict[str, bytes]:  # the record of where files came from aside
+        return {path.relative_to(folder).as_posix(): path.read_bytes()
+                for path in folder.rglob("*") if path.is_file()
+                and path.name != ".elvis-prepared.json"}
+
+    assert contents(tmp_path / "data" / "roxford5k") == contents(prepared.folder)
