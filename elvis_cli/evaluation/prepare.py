@@ -26,6 +26,7 @@ from elvis_cli.evaluation.datasets import (
 )
 from elvis_cli.evaluation.registry import REGISTRY, RENAMED, DatasetEntry, Remote
 from elvis_cli.features.images import IMAGE_SUFFIXES
+from elvis_cli.features.layout import OFFICIAL_LOCAL, official_file, official_parts
 from elvis_cli.util.atomic import write_text_atomic
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
@@ -331,9 +332,9 @@ def feature_sets(folder: Path) -> list[str]:
             if (sub / "query.h5").is_file() and (sub / "gallery.h5").is_file():
                 names.append(sub.name.rsplit("-", 1)[0])
     if folder.is_dir():
-        for query in sorted(folder.glob("*_query_local.hdf5")):
-            desc = query.name[: -len("_query_local.hdf5")]
-            if (folder / f"{desc}_gallery_local.hdf5").is_file():
+        for query in sorted(folder.glob(official_file("", "*", "query", OFFICIAL_LOCAL).name)):
+            desc = official_parts(query)[0]
+            if official_file(folder, desc, "gallery", OFFICIAL_LOCAL).is_file():
                 names.append(f"{desc} (released)")
     return sorted(set(names), key=names.index)
 

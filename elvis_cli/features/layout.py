@@ -1,5 +1,5 @@
 """How descriptors are laid out on disk: the metadata columns every descriptor row starts with,
-and the names of our features files, their datasets and their shards.
+the names of our features files, their datasets and their shards, and the authors' file names.
 
 Backbones write rows in this layout and every store reads it, so it lives apart from both.
 The metadata columns are identical to the official files' (ELVIS_SPEC §3): the patch centre's
@@ -9,6 +9,7 @@ the padding flag (1 = padding) and the weight; the D descriptor values follow.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,3 +38,19 @@ def shard_path(path: str | Path, index: int) -> Path:
 def dataset_names(file: h5py.File) -> list[str]:
     """The datasets of our shard or joined file: the fixed ones, then each extra global type."""
     return [*SHARD_DATASETS, *sorted(n for n in file if n.startswith(POOLED_PREFIX))]
+
+
+# The authors' files (ELVIS_SPEC §4): `<desc>_<split>_<kind>.hdf5`, kind "local" or a global type
+OFFICIAL_LOCAL = "local"
+_OFFICIAL_NAME = re.compile(r"(?P<name>.+)_(?P<split>[^_]+)_(?P<kind>[^_]+)\.hdf5")
+
+
+def official_file(folder: str | Path, name: str, split: str, kind: str) -> Path:
+    """Where the authors keep descriptors of `kind` of split `split` of descriptors `name`."""
+    return Path(folder) / f"{name}_{split}_{kind}.hdf5"
+
+
+def official_parts(path: str | Path) -> tuple[str, str, str] | None:
+    """(name, split, kind) of a file named the authors' way, else None."""
+    match = _OFFICIAL_NAME.fullmatch(Path(path).name)
+    return None if match is None else (match["name"], match["split"], match["kind"])

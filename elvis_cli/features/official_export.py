@@ -15,20 +15,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from elvis_cli.features.layout import NUM_META
+from elvis_cli.features.layout import NUM_META, OFFICIAL_LOCAL, official_file
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.errors import InputError
 
-LOCAL = "local"
 OFFICIAL_DTYPE = np.float16
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _IMAGES_PER_READ = 256  # local rows are large (K x (5 + D)): copy them in bounded blocks
-
-
-def official_file(folder: Path, name: str, split: str, kind: str) -> Path:
-    """Where the authors keep descriptors of `kind` ("local" or a global type) of a split."""
-    return Path(folder) / f"{name}_{split}_{kind}.hdf5"
 
 
 def export_official(
@@ -52,7 +46,7 @@ def export_official(
             raise InputError(f"{store.path}: not an elvis-cli features file")
         kinds = list(store.global_types if global_types is None else dict.fromkeys(global_types))
         arrays = {kind: store.global_descriptors(kind) for kind in kinds}  # checks every kind
-        target = official_file(Path(out_dir), name, split, LOCAL)
+        target = official_file(Path(out_dir), name, split, OFFICIAL_LOCAL)
         with atomic_path(target) as temporary, h5py.File(temporary, "w") as file:
             dataset = file.create_dataset(
                 "features", (store.num_images, store.num_local, store.local_dim + NUM_META),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from elvis_cli.backbones.base import CLASS_GLOBAL
 from elvis_cli.evaluation.datasets import read_image_lines
-from elvis_cli.features.layout import NUM_META
+from elvis_cli.features.layout import NUM_META, OFFICIAL_LOCAL, official_file, official_parts
 from elvis_cli.features.store import DescriptorStore, FeatureStore
 from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist
 from elvis_cli.util.errors import InputError
@@ -52,8 +51,8 @@ class ReleasedFiles:
         if not dataset_dir.is_dir():
             raise InputError(f"no folder {dataset_dir}: the released files of "
                              f"{dataset_dir.name} live in a folder of that name")
-        files = cls(dataset_dir / f"{descriptors}_query_local.hdf5",
-                    dataset_dir / f"{descriptors}_gallery_local.hdf5",
+        files = cls(official_file(dataset_dir, descriptors, "query", OFFICIAL_LOCAL),
+                    official_file(dataset_dir, descriptors, "gallery", OFFICIAL_LOCAL),
                     dataset_dir / f"nn_{descriptors}.pkl")
         missing = [path.name for path in (files.queries, files.gallery, files.shortlist)
                    if not path.is_file()]
@@ -197,11 +196,12 @@ def _add_official_globals(store: FeatureStore, allow_external_sources: bool) -> 
     """The authors keep each global type of a split beside its local file, as
     `<desc>_<split>_<type>.hdf5`; their ranking script takes `global` where `cls` is absent
     (backbones other than DINOv2), which therefore stands in for it."""
-    match = re.fullmatch(r"(.+)_local\.hdf5", store.path.name)
-    if store.global_types or match is None:
+    parts = official_parts(store.path)
+    if store.global_types or parts is None or parts[2] != OFFICIAL_LOCAL:
         return
+    name, split, _ = parts
     for kind in OFFICIAL_GLOBAL_TYPES:
-        sibling = store.path.with_name(f"{match[1]}_{kind}.hdf5")
+        sibling = official_file(store.path.parent, name, split, kind)
         target = CLASS_GLOBAL if kind == AUTHORS_RANKING_GLOBAL else kind
         if sibling.is_file() and target not in store.global_types:
             store.add_global(target, sibling, allow_external_sources)
