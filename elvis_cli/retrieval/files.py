@@ -147,8 +147,7 @@ def rerank_files(
     to `output` (.csv or .parquet) when given. Released files get their image names from the
     ground truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
-    if output is not None and Path(output).suffix not in TABLE_SUFFIXES:
-        raise InputError(f"output must end in .csv or .parquet, got {Path(output).name}")
+    output = None if output is None else _table_path(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
@@ -161,15 +160,19 @@ def rerank_files(
                         progress=track(progress, "re-ranking", query_store.num_images))
         table = rerank_table(result, query_store.paths, gallery_store.paths)
     if output is not None:
-        write_table(table, Path(output))
-    return RerankRun(table, model, reranker.label, reranker.fusion,
-                     None if output is None else Path(output))
+        _write_table(table, output)
+    return RerankRun(table, model, reranker.label, reranker.fusion, output)
 
 
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    """A table as CSV or Parquet, by the suffix of `path`, written atomically."""
+def _table_path(output: str | Path) -> Path:
+    path = Path(output)
     if path.suffix not in TABLE_SUFFIXES:
         raise InputError(f"output must end in .csv or .parquet, got {path.name}")
+    return path
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    """A table as CSV or Parquet, by the suffix of `path`, written atomically."""
     with atomic_path(path) as temporary:
         if path.suffix == ".csv":
             table.to_csv(temporary, index=False)
