@@ -182,6 +182,8 @@ class Elvis(nn.Module):
         scores = torch.empty(batch)
         body = torch.empty(m, n)
         row_votes, col_votes = torch.empty(1, m), torch.empty(1, n)
+        # each query's dustbin column once, row by row (a single query serves every pair)
+        query_bins = [torch.exp(gains * scale).numpy() for gains in src.gains]
         for pair in range(batch):
             query = min(pair, src.descriptors.shape[0] - 1)
             src_mask, tgt_mask = _at(src.mask, query), _at(tgt.mask, pair)
@@ -190,9 +192,8 @@ class Elvis(nn.Module):
             if src_mask is not None or tgt_mask is not None:
                 body.masked_fill_(_pair_mask(src_mask, tgt_mask, body[None])[0], 0.0)
             sinkhorn_votes(body.numpy(), torch.exp(tgt.gains[pair] * scale).numpy(),
-                           torch.exp(src.gains[query] * scale).numpy(), corner,
-                           self.config.sinkhorn_iterations, row_votes[0].numpy(),
-                           col_votes[0].numpy())
+                           query_bins[query], corner, self.config.sinkhorn_iterations,
+                           row_votes[0].numpy(), col_votes[0].numpy())
             scores[pair] = self.aggregate(row_votes, col_votes, src_mask, tgt_mask)[0]
         return scores
 
