@@ -20,12 +20,10 @@ from elvis_cli.features.store import DescriptorStore, FeatureStore
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings, rerank, rerank_table
+from elvis_cli.retrieval.result_files import checked_output, write_results
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist, load_shortlist, save_shortlist
-from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
-
-TABLE_SUFFIXES = (".csv", ".parquet")
 
 
 @dataclass
@@ -147,7 +145,7 @@ def rerank_files(
     to `output` (.csv or .parquet) when given. Released files get their image names from the
     ground truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
-    output = None if output is None else _table_path(output)  # checked before any work
+    output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
@@ -160,21 +158,5 @@ def rerank_files(
                         progress=track(progress, "re-ranking", query_store.num_images))
         table = rerank_table(result, query_store.paths, gallery_store.paths)
     if output is not None:
-        _write_table(table, output)
+        write_results(table, output)
     return RerankRun(table, model, reranker.label, reranker.fusion, output)
-
-
-def _table_path(output: str | Path) -> Path:
-    path = Path(output)
-    if path.suffix not in TABLE_SUFFIXES:
-        raise InputError(f"output must end in .csv or .parquet, got {path.name}")
-    return path
-
-
-def _write_table(table: pd.DataFrame, path: Path) -> None:
-    """A table as CSV or Parquet, by the suffix of `path`, written atomically."""
-    with atomic_path(path) as temporary:
-        if path.suffix == ".csv":
-            table.to_csv(temporary, index=False)
-        else:
-            table.to_parquet(temporary, index=False)
