@@ -1,11 +1,19 @@
 """`evaluate_dataset` on real feature files and a real (random) ELViS: which pairs the model
-scores, how the global row is scored, and the fusion grid."""
+scores, how the global row is scored, and the fusion grid. Then `evaluate_datasets` on a real
+benchmark folder: its progress events, per-query results and a missing image."""
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from elvis_cli.evaluation.datasets import RetrievalDataset
+from elvis_cli import TaskProgress, evaluate_datasets
+from elvis_cli.evaluation.datasets import RetrievalDataset, load_dataset
 from elvis_cli.evaluation.report import grid_best, results_table, summary_table
 from elvis_cli.evaluation.run import (
     DatasetFeatures,
@@ -20,7 +28,8 @@ from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import PairScorer
 from elvis_cli.retrieval.shortlist import Shortlist
-from tests.helpers import write_store
+from tests.conftest import SMALL
+from tests.helpers import cli_in, one_line_error, photos, write_store, write_views
 
 D = 16
 # each query's global list, best first; ok/junk ground truth (INSTRE-style)
@@ -120,3 +129,119 @@ def test_fusion_grid_refuses_bad_values():
     for bad in ({"shortlists": (0,)}, {"lams": (1.5,)}, {"temperatures": (0.0,)}):
         with pytest.raises(InputError):
             FusionGrid(**bad)
+
+
+# --- a real benchmark on disk: progress events, per-query results, missing images -------------
+
+SMALL_OPTIONS = {"image_size": 64, "num_local": 16}
+
+
+def write_revisitop(root: Path, queries: list[str], gallery: list[str], gnd: list[dict]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"gnd_{root.name}.pkl", "wb") as handle:
+        pickle.dump({"imlist": gallery, "qimlist": queries, "gnd": gnd}, handle)
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> SimpleNamespace:
+    """`evaluate_datasets` once on data/mini (revisitop layout, 4 queries, 4 gallery images,
+    query 0 without a hard positive) with global and chamfer at shortlists 2 and 3, its
+    progress events collected."""
+    cwd = tmp_path_factory.mktemp("mini")
+    names = write_views(cwd / "data" / "mini" / "jpg")
+    gnd = [{"easy": [0], "hard": [], "junk": [1]}] + [
+        {"easy": [], "hard": [i], "junk": []} for i in range(1, 4)]
+    write_revisitop(cwd / "data" / "mini", names[0::2], names[1::2], gnd)
+    events: list[TaskProgress] = []
+    config = EvaluateConfig(backbone_options=SMALL_OPTIONS, models=["global", "chamfer"],
+                            shortlists=[0, 2, 3], device="cpu")
+    run = evaluate_datasets(cwd / "data", ["mini"], config, out_dir=cwd / "out",
+                            progress=events.append)
+    return SimpleNamespace(cwd=cwd, run=run, events=events)
+
+
+def progress_of(events: list[TaskProgress], task: str) -> dict[str, list[tuple[int, int]]]:
+    """(done, total) of each event of `task`, by detail."""
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for event in events:
+        if event.task == task:
+            seen.setdefault(event.detail, []).append((event.done, event.total))
+    return seen
+
+
+def test_evaluate_reports_each_image_extracted_with_its_dataset_and_total(mini):
+    assert progress_of(mini.events, "extracting") == {
+        "mini: query": [(done, 4) for done in range(5)],
+        "mini: gallery": [(done, 4) for done in range(5)]}
+
+
+def test_evaluate_reports_each_query_reranked_per_model_and_shortlist(mini):
+    assert progress_of(mini.events, "re-ranking") == {
+        f"mini: chamfer, shortlist {size}": [(done, 4) for done in range(5)] for size in (2, 3)}
+
+
+def test_evaluate_counts_its_stages_to_the_end(mini):
+    stages = [event for event in mini.events if event.task == "evaluating"]
+    assert [(event.done, event.total) for event in stages] == [(done, 3) for done in range(4)]
+    assert [event.detail for event in stages[1:3]] == [
+        "mini: chamfer re-ranking, shortlist 2", "mini: chamfer re-ranking, shortlist 3"]
+
+
+def test_per_query_aps_average_exactly_to_each_rows_map(mini):
+    per_query, table = mini.run.per_query, mini.run.table
+    assert len(per_query) == len(table) * 2 * 4  # rows x protocols x queries
+    assert np.isnan(per_query[(per_query["protocol"] == "hard")
+                              & (per_query["query_index"] == 0)]["ap"]).all()
+    for row in table.itertuples():
+        rows = per_query[(per_query["model"] == row.model)
+                         & (per_query["shortlist"] == row.shortlist)]
+        maps = {}
+        for protocol in ("medium", "hard"):
+            of_protocol = rows[rows["protocol"] == protocol]
+            assert list(of_protocol["query"]) == list(load_dataset(
+                mini.cwd / "data", "mini").queries)
+            maps[protocol] = np.mean(of_protocol["ap"].dropna().to_numpy())
+            assert maps[protocol] == getattr(row, f"map_{protocol}"), (row.model, protocol)
+        assert (maps["medium"] + maps["hard"]) / 2 == row.map
+
+
+def test_per_query_file_is_written_beside_the_results(mini):
+    assert mini.run.outputs["per_query"] == mini.cwd / "out" / "per_query.csv"
+    written = pd.read_csv(mini.run.outputs["per_query"])
+    pd.testing.assert_frame_equal(written, mini.run.per_query, check_exact=False, rtol=1e-12)
+
+
+def test_changes_count_the_queries_reranking_made_better_and_worse(mini):
+    per_query = mini.run.per_query
+    mean = per_query.groupby(["model", "shortlist", "query_index"])["ap"].mean()
+    change = (mean["chamfer", 3] - mean["global", 0]).to_numpy()
+    changes = mini.run.changes
+    assert len(changes) == 1
+    row = changes.iloc[0]
+    assert (row["model"], row["shortlist"]) == ("chamfer", 3)
+    assert [row["better"], row["worse"], row["same"]] == [
+        int((change > 0).sum()), int((change < 0).sum()), int((change == 0).sum())]
+    if row["better"]:
+        assert row["gain"] == change.max()
+
+
+def test_elvis_evaluate_prints_the_changes_and_writes_per_query_where_asked(mini):
+    result = cli_in("evaluate", "--data-root", "data", "--dataset", "mini", *SMALL,
+                    "--model", "global,chamfer", "--shortlist", "0", "3", "--out-dir", "cli",
+                    "--per-query", "mine.csv", cwd=mini.cwd,
+                    env={"ELVIS_PROGRESS_INTERVAL": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "mini: chamfer@3 vs global: " in result.stdout
+    assert "results -> " in result.stdout and "mine.csv" in result.stdout
+    assert len(pd.read_csv(mini.cwd / "mine.csv")) == 2 * 2 * 4  # global, chamfer@3
+    assert "elvis: re-ranking 4/4 (mini: chamfer, shortlist 3): " in result.stderr
+
+
+def test_a_missing_image_is_named_with_the_path_evaluate_tried(mini):
+    root = mini.cwd / "data" / "gone"
+    (root / "jpg").mkdir(parents=True)
+    Image.fromarray(photos()["cat"]).save(root / "jpg" / "cat.jpg")
+    write_revisitop(root, ["cat"], ["cat", "lost"], [{"easy": [0], "hard": [], "junk": []}])
+    result = cli_in("evaluate", "--data-root", "data", "--dataset", "gone", *SMALL,
+                    "--model", "global", "--shortlist", "0", "--quiet", cwd=mini.cwd)
+    one_line_error(result, f"first {root / 'jpg' / 'lost.jpg'}: ", f"ground truth in {root} ")

@@ -237,7 +237,8 @@ def test_rerankers_are_run_at_the_shortlist_sizes_asked_for(evaluated):
 @pytest.mark.parametrize("text", [
     "roxford5k", "instre", "sop-1k", "gldv2-test", "chamfer@2", "elvis@2", "average (all)",
     "average (out-of-domain)", "runtime vs shortlist size",
-    "not evaluated: rparis6k (missing): elvis datasets prepare rparis6k"])
+    "not evaluated: rparis6k (missing): elvis datasets prepare rparis6k",
+    "sop-1k: chamfer@2 vs global: ", "gldv2-test: elvis@2 vs global: ", "out/per_query.csv"])
 def test_the_printed_table_has(evaluated, text):
     assert text in evaluated.stdout
 
@@ -248,3 +249,34 @@ def test_the_out_of_domain_average_is_over_the_registrys_ood_sets(evaluated):
     average_line = next(line for line in evaluated.stdout.splitlines()
                         if "average (out-of-domain)" in line)
     assert f"{ood:.2f}" in average_line
+
+
+@pytest.fixture(scope="module")
+def per_query(evaluated) -> pd.DataFrame:
+    return pd.read_csv(evaluated.cwd / "out" / "per_query.csv")
+
+
+def test_per_query_aps_average_to_the_map_of_every_kind_of_ground_truth(evaluated, per_query):
+    means = per_query.groupby(["dataset", "model", "shortlist", "protocol"])["ap"].mean()
+    for row in evaluated.rows.itertuples():
+        mean = means.loc[row.dataset, row.model, row.shortlist]  # by protocol
+        if row.dataset == "roxford5k":
+            assert mean["medium"] == pytest.approx(row.map_medium, abs=1e-9)
+            assert mean["hard"] == pytest.approx(row.map_hard, abs=1e-9)
+        elif row.dataset == "gldv2-test":
+            rows = per_query[(per_query["dataset"] == row.dataset)
+                             & (per_query["model"] == row.model)]
+            private = rows[rows["split"] == "private"]["ap"]
+            assert len(private) == 2 and private.mean() == pytest.approx(row.map, abs=1e-9)
+            assert mean["ok"] == pytest.approx(row.map_all, abs=1e-9)
+        else:
+            assert mean["ok"] == pytest.approx(row.map, abs=1e-9), row
+
+
+def test_per_query_aps_are_each_querys_own(evaluated, per_query):
+    global_aps, chamfer_aps = sop_aps(evaluated.data)
+    sop = per_query[per_query["dataset"] == "sop-1k"]
+    for model, expected in (("global", global_aps), ("chamfer", chamfer_aps)):
+        rows = sop[sop["model"] == model]
+        assert list(rows["query"]) == [f"{name}/{v}.jpg" for name in PHOTOS for v in range(3)]
+        np.testing.assert_allclose(rows["ap"], expected, atol=1e-9)

@@ -12,8 +12,10 @@ stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 int
 """
 
 import json
+import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -198,7 +200,7 @@ def extract(
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
     config = _config("ExtractConfig", backbone=name, backbone_options=options, device=device,
                      batch_size=batch_size, shard_size=shard_size, global_types=global_type)
-    with _Progress(enabled=not quiet, rate="img/s") as bars:
+    with _Progress(enabled=not quiet) as bars:
         run = extract_images(images, output, config, embedding_cache=embedding_cache,
                              checkpoint=_checkpoint(preset, checkpoint), progress=bars)
     report = run.report
@@ -361,13 +363,20 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="JSON results path.")] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV results path.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    per_query_path: Annotated[Path | None, typer.Option(
+        "--per-query", help="CSV of each query's AP per dataset, model, shortlist size and "
+                            "protocol; default per_query.csv in the out dir.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        help="No progress display (bars on a terminal, else lines on stderr every "
+             "$ELVIS_PROGRESS_INTERVAL seconds, default 10).")] = False,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
-    Prints one table with a row per dataset (and average rows), the runtime-vs-shortlist curve,
-    and writes results.json, results.csv and runtime.png. With --grid, every grid combination
-    is written too (column `grid`), and the best per dataset and model is printed.
+    Prints one table with a row per dataset (and average rows), the runtime-vs-shortlist curve
+    and, per dataset and re-ranker, how many queries re-ranking made better or worse; writes
+    results.json, results.csv, per_query.csv (each query's AP) and runtime.png. With --grid,
+    every grid combination is written too (column `grid`), and the best per dataset and model
+    is printed.
 
     Example: `elvis evaluate --data-root examples/data --all-datasets --model global,elvis,chamfer`
     """
@@ -384,7 +393,7 @@ def evaluate(
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,
-               "plot_path": plot_path}
+               "plot_path": plot_path, "per_query_path": per_query_path}
     with _Progress(enabled=not quiet, transient=True) as bars:
         run = evaluate_datasets(data_root, None if all_datasets else dataset, config, sweep,
                                 progress=bars,
@@ -394,7 +403,7 @@ def evaluate(
         wide_console.print(f"[dim]not evaluated: {status.name} ({status.state}): "
                            f"{status.detail}")
     console.print(f"results -> {run.outputs['json']}, {run.outputs['csv']}, "
-                  f"{run.outputs['plot']}")
+                  f"{run.outputs['per_query']}, {run.outputs['plot']}", soft_wrap=True)
 
 
 datasets_app = typer.Typer(help="The paper's benchmarks: status and preparation.",
@@ -492,12 +501,69 @@ def train(
 
 
 class _Progress:
-    """The one progress display: a rich bar per task of the library's `TaskProgress` events,
-    described by the event's `detail` when it has one and set back to zero when a task of the
-    same label starts again (each extraction of `evaluate`); other events go to `on_other`."""
+    """The one progress display of the library's `TaskProgress` events: rich bars on a terminal,
+    plain lines on stderr elsewhere (a log, a pipe, nohup), where bars would show nothing until
+    the end; nothing when not `enabled`. Other events go to `on_other`."""
 
-    def __init__(self, enabled: bool = True, rate: str | None = None, transient: bool = False,
-                 on_other=None) -> None:
+    def __init__(self, enabled: bool = True, transient: bool = False, on_other=None) -> None:
+        self.on_other = on_other
+        self.display: _Bars | _Lines | None = None
+        if enabled:
+            # the stream itself decides, not rich's guess (FORCE_COLOR in a CI log)
+            self.display = _Bars(transient) if sys.stdout.isatty() else _Lines(
+                _progress_interval())
+
+    def __enter__(self) -> "_Progress":
+        if self.display is not None:
+            self.display.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.display is not None:
+            self.display.stop()
+
+    def __call__(self, event: Any) -> None:
+        if not isinstance(event, TaskProgress):
+            if self.on_other is not None:
+                self.on_other(event)
+        elif self.display is not None:
+            self.display.show(event)
+
+    def print(self, text: str) -> None:
+        """A line of results (above the bars on a terminal)."""
+        console.print(text)
+
+
+# units of the library's tasks, found by the task's last word: "round 2 views" counts views
+_UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps"}
+PROGRESS_INTERVAL_VARIABLE = "ELVIS_PROGRESS_INTERVAL"
+DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between progress lines outside a terminal
+
+
+def _unit(task: str) -> str:
+    return _UNITS.get(task.rsplit(" ", 1)[-1], "")
+
+
+def _progress_interval() -> float:
+    """Seconds between progress lines: $ELVIS_PROGRESS_INTERVAL, else 10 (0: every update)."""
+    text = os.environ.get(PROGRESS_INTERVAL_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_PROGRESS_INTERVAL
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise InputError(f"{PROGRESS_INTERVAL_VARIABLE} must be a number of seconds (0: every "
+                         f"update), got {text!r}")
+    return seconds
+
+
+class _Bars:
+    """A rich bar per task label, described by the event's `detail` when it has one and set
+    back to zero when a task of the same label starts again (each extraction of `evaluate`)."""
+
+    def __init__(self, transient: bool) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -507,52 +573,86 @@ class _Progress:
             TimeRemainingColumn,
         )
 
-        columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
-                   MofNCompleteColumn()]
-        if rate:
-            columns.append(_rate_column(rate))
-        columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-        self.bar = Progress(*columns, console=console, transient=transient,
-                            disable=not enabled)
+        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), _rate_column(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console, transient=transient)
         self.tasks: dict[str, Any] = {}
-        self.on_other = on_other
+        self.start, self.stop = self.bar.start, self.bar.stop
 
-    def __enter__(self) -> "_Progress":
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.stop()
-
-    def __call__(self, event: Any) -> None:
-        if not isinstance(event, TaskProgress):
-            if self.on_other is not None:
-                self.on_other(event)
-            return
+    def show(self, event: TaskProgress) -> None:
         total = event.total or None
         description = event.detail or event.task
         task = self.tasks.get(event.task)
         if task is None:
-            task = self.tasks[event.task] = self.bar.add_task(description, total=total)
+            task = self.tasks[event.task] = self.bar.add_task(description, total=total,
+                                                              unit=_unit(event.task))
         elif event.done == 0:
             self.bar.reset(task, total=total)
         self.bar.update(task, completed=event.done, description=description)
 
-    def print(self, text: str) -> None:
-        """A line above the bars."""
-        self.bar.console.print(text)
 
-
-def _rate_column(unit: str):
-    """A column of units done per second, e.g. `12.5 img/s`."""
+def _rate_column():
+    """A column of units done per second, e.g. `12.5 img/s` (empty for tasks of no unit)."""
     from rich.progress import ProgressColumn
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed or 0.0:.1f} {unit}", style="progress.data.speed")
+            unit = task.fields.get("unit")
+            return Text(f"{task.speed or 0.0:.1f} {unit}/s" if unit else "",
+                        style="progress.data.speed")
 
     return Rate()
+
+
+class _Lines:
+    """Progress as one plain line at a time on stderr, for logs: the first event, then at most
+    one line per `interval` seconds, and always the line of a task that finishes; each with
+    done/total, rate, elapsed time and ETA, and no terminal codes."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last_line = -float("inf")
+        self.started: dict[str, float] = {}  # task label -> when it (last) started
+
+    def start(self) -> None:
+        """Nothing to set up or tear down: each line stands alone."""
+
+    stop = start
+
+    def show(self, event: TaskProgress) -> None:
+        now = time.monotonic()
+        if event.done == 0 or event.task not in self.started:
+            self.started[event.task] = now
+        finished = 0 < event.total <= event.done
+        if finished or now - self.last_line >= self.interval:
+            self.last_line = now
+            print(f"elvis: {_progress_line(event, now - self.started[event.task])}",
+                  file=sys.stderr, flush=True)
+
+
+def _progress_line(event: TaskProgress, elapsed: float) -> str:
+    """E.g. `re-ranking 7/15 (demo: elvis, shortlist 50): 27.8 queries/s, 0s elapsed, ETA 0s`."""
+    count = f"{event.done}/{event.total}" if event.total else str(event.done)
+    head = f"{event.task} {count}" + (f" ({event.detail})" if event.detail else "")
+    rate = event.done / elapsed if elapsed > 0 else 0.0
+    figures = [f"{rate:.1f} {_unit(event.task)}/s"] if _unit(event.task) and rate else []
+    figures.append(f"{_duration(elapsed)} elapsed")
+    if 0 < event.total <= event.done:
+        figures.append("done")
+    elif event.total and rate:
+        figures.append(f"ETA {_duration((event.total - event.done) / rate)}")
+    return f"{head}: {', '.join(figures)}"
+
+
+def _duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _print_top(table, show: int, per_query: int = 5) -> None:
@@ -582,7 +682,8 @@ def _round_line(entry: dict[str, float]) -> str:
 
 
 def _print_results(run) -> None:
-    """The tables of an EvaluationRun: mAP per dataset, the runtime curve, the grid's best."""
+    """The tables of an EvaluationRun: mAP per dataset, the runtime curve, the grid's best,
+    then a line per dataset and re-ranker on the queries it made better and worse."""
     summary = run.summary
     view = Table(title="mAP per dataset (global = no re-ranking; model@k = top k re-ranked)",
                  title_justify="left")
@@ -607,6 +708,14 @@ def _print_results(run) -> None:
         wide_console.print(f"best of the grid (not the headline): {row.dataset} {row.model} "
                            f"shortlist {row.shortlist}, lam {row.lam:g}, temp "
                            f"{row.temperature:g}: mAP {_number(row.map)}")
+    for row in run.changes.itertuples(index=False):
+        line = (f"{row.dataset}: {row.model}@{row.shortlist} vs global: {row.better} queries "
+                f"better, {row.worse} worse, {row.same} the same")
+        extremes = [f"most {word} {query} ({change:+.1f} AP)" for word, query, change in (
+            ("helped", row.most_helped, row.gain), ("hurt", row.most_hurt, row.loss))
+            if isinstance(query, str)]
+        wide_console.print(line + ("; " + ", ".join(extremes) if extremes else ""),
+                           markup=False, highlight=False, soft_wrap=True)
 
 
 def _number(value) -> str:

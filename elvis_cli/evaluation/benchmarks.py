@@ -1,8 +1,11 @@
 """`elvis evaluate` as one call: the datasets of a data root (named, or every ready one)
-evaluated, their results written (JSON, CSV, runtime plot) and summarised in tables.
+evaluated, their results written (JSON, CSV, per-query APs, runtime plot) and summarised in
+tables.
 
-Stages reach the caller only as progress events: one "evaluating" task over every dataset and
-stage, whose `detail` names the stage, beside the library's own tasks (extraction).
+Progress reaches the caller only as events: one "evaluating" task over every dataset and
+stage, whose `detail` names the stage, beside the tasks inside a stage, each with its total
+known in advance: "extracting" (images of a dataset's queries or gallery) and "re-ranking"
+(queries, per model and shortlist size), whose `detail` names the dataset and what they do.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load
 from elvis_cli.evaluation.prepare import DatasetStatus, list_datasets
 from elvis_cli.evaluation.report import (
     grid_best,
+    per_query_table,
     plot_runtime,
+    reranking_changes,
     results_table,
     runtime_curve,
     summary_table,
@@ -38,7 +43,9 @@ class EvaluationRun:
     summary: pd.DataFrame  # one row per dataset, then the averages (summary_table)
     curve: pd.DataFrame  # seconds per query and mAP against shortlist size (runtime_curve)
     grid_best: pd.DataFrame  # the grid's best setting per dataset and model (empty: no grid)
-    outputs: dict[str, Path]  # json, csv, plot
+    per_query: pd.DataFrame  # each query's AP per dataset, model, shortlist, protocol
+    changes: pd.DataFrame  # where re-ranking helped and hurt (report.reranking_changes)
+    outputs: dict[str, Path]  # json, csv, per_query, plot
     not_ready: list[DatasetStatus] = field(default_factory=list)  # left out by all datasets
 
 
@@ -47,11 +54,11 @@ def evaluate_datasets(
     config: EvaluateConfig | None = None, grid: FusionGrid | None = None, *,
     out_dir: str | Path = DEFAULT_OUT_DIR, json_path: str | Path | None = None,
     csv_path: str | Path | None = None, plot_path: str | Path | None = None,
-    progress: ProgressCallback | None = None,
+    per_query_path: str | Path | None = None, progress: ProgressCallback | None = None,
 ) -> EvaluationRun:
     """Evaluate `datasets` under `data_root` (None: `$ELVIS_DATA_ROOT`, else the default
-    cache), or every ready one when `datasets` is None; write results.json, results.csv and
-    runtime.png into `out_dir` (or the paths given) and return the tables."""
+    cache), or every ready one when `datasets` is None; write results.json, results.csv,
+    per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables."""
     config = config or EvaluateConfig()
     root = Path(data_root) if data_root is not None else default_data_root()
     not_ready: list[DatasetStatus] = []
@@ -68,20 +75,23 @@ def evaluate_datasets(
     stages = _Stages(progress, total)
     results = [evaluate_dataset(load_dataset(root, name), config, progress=progress,
                                 on_stage=stages, grid=grid) for name in names]
-    table = results_table(results)
+    stages("finished")
+    table, per_query = results_table(results), per_query_table(results)
     out_dir = Path(out_dir)
     outputs = {"json": Path(json_path or out_dir / "results.json"),
                "csv": Path(csv_path or out_dir / "results.csv"),
+               "per_query": Path(per_query_path or out_dir / "per_query.csv"),
                "plot": Path(plot_path or out_dir / "runtime.png")}
     write_results(table, outputs["json"], outputs["csv"])
+    write_results(per_query, None, outputs["per_query"])
     plot_runtime(table, outputs["plot"])
     return EvaluationRun(table, summary_table(table), runtime_curve(table), grid_best(table),
-                         outputs, not_ready)
+                         per_query, reranking_changes(per_query), outputs, not_ready)
 
 
 class _Stages:
     """The stages of every dataset as one task: each stage that starts finishes the one
-    before it."""
+    before it, and a last call finishes the last."""
 
     def __init__(self, progress: ProgressCallback | None, total: int) -> None:
         self.progress, self.total, self.done = progress, total, -1

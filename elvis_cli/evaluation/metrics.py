@@ -12,7 +12,8 @@ and only then is junk taken out of the cut list, so junk inside the cut costs th
 holds and a positive beyond the cut never counts. AP is normalised by min(#positives, length of
 the cut list), recall@k is read on the positions left after junk removal, and queries without
 a positive are NaN and left out of every mean. A positive missing from a shortlist counts as
-never retrieved.
+never retrieved. Each scorer fills an optional `query_aps` dict with the per-query APs of each
+protocol, the very values its mAP is the mean of (evaluate's per-query results).
 """
 
 from __future__ import annotations
@@ -184,26 +185,41 @@ def revisitop_map(ranking: Any, ground_truth: Sequence[Mapping[str, Any]],
     return {"map": _percent_mean(aps, f"{protocol} mAP"), "aps": aps}
 
 
+QueryAps = dict[str, np.ndarray]  # protocol -> (Q,) AP in percent, NaN without positives
+
+
+def _keep(query_aps: QueryAps | None, **aps: np.ndarray) -> None:
+    if query_aps is not None:
+        query_aps.update(aps)
+
+
 def revisitop_scores(ranking_medium: Any, ranking_hard: Any,
-                     ground_truth: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+                     ground_truth: Sequence[Mapping[str, Any]],
+                     query_aps: QueryAps | None = None) -> dict[str, float]:
     """Medium, Hard and their mean (the headline number); the two rankings differ when
     re-ranking was done per protocol, and may be the same array otherwise."""
-    medium = revisitop_map(ranking_medium, ground_truth, "medium")["map"]
-    hard = revisitop_map(ranking_hard, ground_truth, "hard")["map"]
-    return {"map": (medium + hard) / 2, "map_medium": medium, "map_hard": hard}
+    medium = revisitop_map(ranking_medium, ground_truth, "medium")
+    hard = revisitop_map(ranking_hard, ground_truth, "hard")
+    _keep(query_aps, medium=medium["aps"], hard=hard["aps"])
+    return {"map": (medium["map"] + hard["map"]) / 2, "map_medium": medium["map"],
+            "map_hard": hard["map"]}
 
 
 def ok_junk_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any],
-                   map_k: int | None = 100) -> dict[str, float]:
+                   map_k: int | None = 100, query_aps: QueryAps | None = None
+                   ) -> dict[str, float]:
     """INSTRE / Product1M (and other ok/junk sets): mAP@map_k (map_k None: the whole list) and
     recall@1, @10, @100."""
     hits = ranked_hits(ranking, positives, junk, map_k)
-    return {"map": _percent_mean(average_precisions(hits), f"mAP@{map_k}"),
+    aps = average_precisions(hits)
+    _keep(query_aps, ok=aps)
+    return {"map": _percent_mean(aps, f"mAP@{map_k}"),
             **{f"recall@{k}": recall(hits, k) for k in OK_JUNK_RECALLS}}
 
 
 def gldv2_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | None,
-                 splits: Mapping[str, np.ndarray], map_k: int | None = 100) -> dict[str, float]:
+                 splits: Mapping[str, np.ndarray], map_k: int | None = 100,
+                 query_aps: QueryAps | None = None) -> dict[str, float]:
     """mAP@map_k of the private split (`map`, the headline), the public one and all queries.
 
     `splits` names query rows (RetrievalDataset.splits: the loaders of both GLDv2 layouts set
@@ -213,6 +229,7 @@ def gldv2_scores(ranking: Any, positives: Sequence[Any], junk: Sequence[Any] | N
     if "private" not in splits:
         raise InputError("GLDv2 scoring needs the query rows of its private split")
     aps = average_precisions(ranked_hits(ranking, positives, junk, map_k))
+    _keep(query_aps, ok=aps)
 
     def mean(rows: np.ndarray | None) -> float:
         values = aps[np.asarray(rows if rows is not None else [], dtype=np.int64)]
@@ -232,8 +249,8 @@ def _without(ranking: np.ndarray, excluded: Sequence[Any]) -> np.ndarray:
     return out
 
 
-def class_scores(ranking: Any, positives: Sequence[Any],
-                 own_rows: Sequence[Any]) -> dict[str, float]:
+def class_scores(ranking: Any, positives: Sequence[Any], own_rows: Sequence[Any],
+                 query_aps: QueryAps | None = None) -> dict[str, float]:
     """SOP, RP2K, MET (the authors' `mean_average_precision`): AP over the top 100 normalised by
     min(100, #positives), AP@5, recall@1 and recall@5.
 
@@ -244,6 +261,8 @@ def class_scores(ranking: Any, positives: Sequence[Any],
     """
     ranking = _as_ranking(ranking, len(positives))
     hits = ranked_hits(_without(ranking, own_rows), positives, None, CLASS_TOP_K)
-    return {"map": _percent_mean(average_precisions(hits), f"mAP@{CLASS_TOP_K}"),
+    aps = average_precisions(hits)
+    _keep(query_aps, ok=aps)
+    return {"map": _percent_mean(aps, f"mAP@{CLASS_TOP_K}"),
             f"ap@{CLASS_AP_AT}": ap_at(hits, CLASS_AP_AT),
             **{f"recall@{k}": recall(hits, k) for k in CLASS_RECALLS}}

@@ -1,6 +1,7 @@
 """Reporting of evaluation results: the results table and its files, the summary table (one row
 per dataset, the Medium and Hard rows of revisitop sets, the averages), the fusion grid's best
-rows, and the runtime-vs-shortlist curve and its plot.
+rows, the runtime-vs-shortlist curve and its plot, and the per-query APs with where re-ranking
+helped and hurt.
 
 Everything here reads the rows `evaluate_dataset` (run.py) produces; nothing runs a model.
 """
@@ -32,6 +33,43 @@ def write_results(table: pd.DataFrame, json_path: Path | None, csv_path: Path | 
         write_text_atomic(json_path, table.to_json(orient="records", indent=2))
     if csv_path is not None:
         write_text_atomic(csv_path, table.to_csv(index=False))
+
+
+PER_QUERY_COLUMNS = ["dataset", "model", "shortlist", "protocol", "query_index", "query", "ap"]
+
+
+def per_query_table(results: Sequence[DatasetResult]) -> pd.DataFrame:
+    """Each query's AP (percent; NaN: no positive, left out of the mean) per dataset, model,
+    shortlist size and protocol, for the rows of the default settings: the mean of a group's
+    `ap` is that row's mAP of the protocol (GLDv2: `split` names the private queries of `map`)."""
+    rows = [row for result in results for row in result.per_query]
+    split = ["split"] if any("split" in row for row in rows) else []
+    return pd.DataFrame(rows, columns=[*PER_QUERY_COLUMNS[:-1], *split, "ap"])
+
+
+def reranking_changes(per_query: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and re-ranker, at its largest shortlist size: how many queries it ranks
+    better, worse or the same as the global ranking (AP averaged over the protocols), and the
+    query it helped most and the one it hurt most, with the change in AP (None: no such)."""
+    by_query = (per_query.groupby(["dataset", "model", "shortlist", "query_index"], sort=False)
+                .agg(query=("query", "first"), ap=("ap", "mean")).reset_index())
+    rows = []
+    for (dataset, model), group in by_query.groupby(["dataset", "model"], sort=False):
+        if model == "global":
+            continue
+        deepest = group[group["shortlist"] == group["shortlist"].max()].set_index("query_index")
+        base = by_query[(by_query["dataset"] == dataset) & (by_query["model"] == "global")]
+        change = (deepest["ap"] - base.set_index("query_index")["ap"]).dropna()
+        helped, hurt = change[change > 0], change[change < 0]
+        rows.append({
+            "dataset": dataset, "model": model, "shortlist": int(deepest["shortlist"].iloc[0]),
+            "better": len(helped), "worse": len(hurt), "same": int((change == 0).sum()),
+            "most_helped": deepest.at[helped.idxmax(), "query"] if len(helped) else None,
+            "gain": float(helped.max()) if len(helped) else None,
+            "most_hurt": deepest.at[hurt.idxmin(), "query"] if len(hurt) else None,
+            "loss": float(hurt.min()) if len(hurt) else None})
+    return pd.DataFrame(rows, columns=["dataset", "model", "shortlist", "better", "worse", "same",
+                                       "most_helped", "gain", "most_hurt", "loss"])
 
 
 def headline_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ computed once; those rows are marked and never replace the headline rows of the 
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ import torch
 from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
 from elvis_cli.evaluation.datasets import RetrievalDataset
 from elvis_cli.evaluation.metrics import (
+    QueryAps,
     class_scores,
     gldv2_scores,
     ok_junk_scores,
@@ -41,7 +43,7 @@ from elvis_cli.model.reranker import Fusion, fuse_and_sort
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
-from elvis_cli.util.progress import ProgressCallback
+from elvis_cli.util.progress import ProgressCallback, track, with_detail
 
 
 @dataclass
@@ -136,6 +138,9 @@ class DatasetResult:
     dataset: str
     protocol: str  # the evaluation protocols scored, "medium/hard" or "ok"
     rows: list[dict[str, Any]]  # one per (model, shortlist size): metrics by name and runtime
+    # one per (model, shortlist size, protocol, query) of the headline rows: the query's AP,
+    # the values each row's mAP is the mean of (report.per_query_table)
+    per_query: list[dict[str, Any]] = field(default_factory=list)
 
 
 def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
@@ -177,11 +182,12 @@ def evaluate_dataset(
     grid: FusionGrid | None = None,
 ) -> DatasetResult:
     """Evaluate one dataset; `on_stage` hears a short label as each stage starts, `progress`
-    the images of each features extraction.
+    the images of each features extraction and the queries of each re-ranking run.
 
     The global row scores the global ranking as it is (the authors' prepare_topk_global); the
     re-ranked rows score lists whose junk was moved behind every other image first (§5). With
-    `grid`, rows with `grid` True follow, and the best of them per model has `best` True.
+    `grid`, rows with `grid` True follow, and the best of them per model has `best` True. The
+    result's `per_query` holds each query's AP behind the rows of the default settings.
     """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
@@ -194,8 +200,18 @@ def evaluate_dataset(
         common = {"dataset": dataset.name, "protocol": "/".join(protocols),
                   "metric": _metric_name(dataset), "features": features.label, "grid": False,
                   "best": False}
+        per_query: list[dict[str, Any]] = []
+
+        def scored(model_name: str, size: int, rankings: dict[str, np.ndarray]
+                   ) -> dict[str, float]:
+            """The metrics of a headline row; its queries' APs go to `per_query`."""
+            query_aps: QueryAps = {}
+            metrics = score_rankings(dataset, rankings, query_aps)
+            per_query.extend(_query_rows(dataset, model_name, size, query_aps))
+            return metrics
+
         rows = [{**common, "model": "global", "shortlist": 0,
-                 **score_rankings(dataset, dict.fromkeys(protocols, ranking.indices)),
+                 **scored("global", 0, dict.fromkeys(protocols, ranking.indices)),
                  "seconds_per_query": features.seconds_per_query}]
         for model_name in config.rerankers:
             reranker = load_reranker(model_name, features.gallery,
@@ -207,13 +223,13 @@ def evaluate_dataset(
                 embedding_cache=config.embedding_cache))
             scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
             model = {**common, "model": model_name, "checkpoint": label}
-            raw_scores = _RawScores(scorer, lists)
+            raw_scores = _RawScores(scorer, lists, progress, f"{dataset.name}: {model_name}")
             for size in (size for size in config.shortlists if size > 0):
                 stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")
                 started = time.perf_counter()
                 rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
                 seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
-                rows.append({**model, "shortlist": size, **score_rankings(dataset, rankings),
+                rows.append({**model, "shortlist": size, **scored(model_name, size, rankings),
                              "seconds_per_query": seconds, "lam": fusion.lam,
                              "temperature": fusion.temperature,
                              "paper_map": _paper_map(dataset.name, features.label, model_name,
@@ -228,7 +244,20 @@ def evaluate_dataset(
                      "temperature": temperature}
                     for size in grid.shortlists for lam in grid.lams
                     for temperature in grid.temperatures])
-    return DatasetResult(dataset.name, "/".join(protocols), rows)
+    return DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
+
+
+def _query_rows(dataset: RetrievalDataset, model: str, shortlist: int,
+                query_aps: QueryAps) -> list[dict[str, Any]]:
+    """A row per protocol and query: its AP in percent (NaN: no positive, left out of the
+    mean), and the query's split where the dataset has splits (GLDv2's `map` is the private
+    split's mean)."""
+    split_of = {int(query): name for name, queries in dataset.splits.items()
+                for query in queries}
+    return [{"dataset": dataset.name, "model": model, "shortlist": shortlist,
+             "protocol": protocol, "query_index": query, "query": dataset.queries[query],
+             **({"split": split_of.get(query, "")} if split_of else {}), "ap": float(ap)}
+            for protocol, aps in query_aps.items() for query, ap in enumerate(aps)]
 
 
 def _best_marked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -275,21 +304,25 @@ def extract_dataset(
                                    backbone_options=dict(config.backbone_options),
                                    device=config.device, decode_truncated=True)
     stores = []
+    root = dataset.root / "jpg"  # stored names are relative to it
     for split, paths, boxes in (
         ("query-crops" if config.query_crops else "query", dataset.query_paths(),
          dataset.query_boxes() if config.query_crops else None),
         ("gallery", dataset.gallery_paths(), None),
     ):
         output = folder / f"{split}.h5"
-        report = extract_features(paths, output, extract_config, boxes=boxes, progress=progress,
-                                  backbone=backbone, root=dataset.root / "jpg")
+        report = extract_features(
+            paths, output, extract_config, boxes=boxes, backbone=backbone, root=root,
+            progress=with_detail(progress, f"{dataset.name}: {split}"))
         for path, warning in report.warnings:
             warnings.warn(f"{dataset.name}: {path}: {warning}", ElvisWarning, stacklevel=2)
         if report.failures:
             path, reason = report.failures[0]
+            tried = os.path.abspath(root / path)
             raise InputError(
                 f"{dataset.name}: {len(report.failures)} {split} image(s) could not be read, "
-                f"first {path}: {reason}; the ground truth needs every image"
+                f"first {tried}: {reason}; the ground truth in "
+                f"{os.path.abspath(dataset.root)} needs every image"
             )
         stores.append(FeatureStore.open(output))
     return stores[0], stores[1]
@@ -321,10 +354,12 @@ def _junk_last(indices: np.ndarray, similarities: np.ndarray, dataset: Retrieval
 
 class _RawScores:
     """Raw pair scores of each protocol's top k, computed once per size k (and timed), so every
-    fusion setting of that size reuses them; pairs shared by the protocols are scored once."""
+    fusion setting of that size reuses them; pairs shared by the protocols are scored once.
+    `progress` hears each size's queries as they are scored ("re-ranking", detail `label`)."""
 
-    def __init__(self, scorer: PairScorer, lists: dict[str, tuple[np.ndarray, np.ndarray]]):
-        self.scorer, self.lists = scorer, lists
+    def __init__(self, scorer: PairScorer, lists: dict[str, tuple[np.ndarray, np.ndarray]],
+                 progress: ProgressCallback | None, label: str):
+        self.scorer, self.lists, self.progress, self.label = scorer, lists, progress, label
         self.by_size: dict[int, dict[str, np.ndarray]] = {}
         self.seconds_per_query: dict[int, float] = {}
 
@@ -333,7 +368,8 @@ class _RawScores:
             started = time.perf_counter()
             heads = {name: indices[:, :size] for name, (indices, _) in self.lists.items()}
             pairs = _distinct_per_query(np.concatenate(list(heads.values()), axis=1))
-            raw_pairs = self.scorer.score(pairs)
+            raw_pairs = self.scorer.score(pairs, track(
+                self.progress, "re-ranking", pairs.shape[0], f"{self.label}, shortlist {size}"))
             self.by_size[size] = {name: _lookup(pairs, raw_pairs, head)
                                   for name, head in heads.items()}
             self.seconds_per_query[size] = ((time.perf_counter() - started)
@@ -377,9 +413,11 @@ def _lookup(pairs: np.ndarray, raw_pairs: np.ndarray, wanted: np.ndarray) -> np.
     return out
 
 
-def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -> dict[str, float]:
+def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray],
+                   query_aps: QueryAps | None = None) -> dict[str, float]:
     """Every metric of the dataset's kind of ground truth, by name (ELVIS_SPEC §6), from a
-    ranking per protocol; `map` is the headline.
+    ranking per protocol; `map` is the headline. `query_aps`, when given, receives each
+    protocol's per-query APs (the metrics module's scorers).
 
     Lists are cut to map_k before junk is removed: unlimited for revisitop sets (ROxford,
     RParis, +1M), the dataset's `map_k` (100 unless the registry says otherwise) for ok/junk
@@ -387,12 +425,12 @@ def score_rankings(dataset: RetrievalDataset, rankings: dict[str, np.ndarray]) -
     """
     gnd = dataset.ground_truth
     if dataset.ground_truth_kind == "revisitop":
-        return revisitop_scores(rankings["medium"], rankings["hard"], gnd)
+        return revisitop_scores(rankings["medium"], rankings["hard"], gnd, query_aps)
     split = [protocol_junk(entry, "ok") for entry in gnd]
     positives, junk = [pos for pos, _ in split], [junk for _, junk in split]
     ranking = rankings["ok"]
     if dataset.ground_truth_kind == "class":
-        return class_scores(ranking, positives, junk)
+        return class_scores(ranking, positives, junk, query_aps)
     if dataset.ground_truth_kind == "gldv2":
-        return gldv2_scores(ranking, positives, junk, dataset.splits, dataset.map_k)
-    return ok_junk_scores(ranking, positives, junk, dataset.map_k)
+        return gldv2_scores(ranking, positives, junk, dataset.splits, dataset.map_k, query_aps)
+    return ok_junk_scores(ranking, positives, junk, dataset.map_k, query_aps)

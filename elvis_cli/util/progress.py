@@ -8,7 +8,7 @@ so notebooks, scripts and tests get no terminal output they did not ask for.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class TaskProgress:
 ProgressCallback = Callable[[TaskProgress], None]
 
 
-def track(progress: ProgressCallback | None, task: str, total: int) -> Callable[[], None]:
+def track(progress: ProgressCallback | None, task: str, total: int, detail: str = ""
+          ) -> Callable[[], None]:
     """Announce `task` (0 of `total` done) and return the call that reports one more unit.
 
     A falsy `progress` (None, or False as older callers pass it) reports nothing.
@@ -32,12 +33,23 @@ def track(progress: ProgressCallback | None, task: str, total: int) -> Callable[
     if not progress:
         return lambda: None
     report = progress
-    report(TaskProgress(task, 0, total))
+    report(TaskProgress(task, 0, total, detail))
     done = 0
 
     def advance() -> None:
         nonlocal done
         done += 1
-        report(TaskProgress(task, done, total))
+        report(TaskProgress(task, done, total, detail))
 
     return advance
+
+
+def with_detail(progress: ProgressCallback | None, detail: str) -> ProgressCallback | None:
+    """`progress` with `detail` set on each task's events: a caller names what a library call
+    it makes is working on (which dataset's images an extraction reads) without that call
+    knowing."""
+    if not progress:
+        return None
+    report = progress
+    return lambda event: report(replace(event, detail=detail)
+                                if isinstance(event, TaskProgress) else event)
