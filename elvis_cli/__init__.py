@@ -19,6 +19,9 @@ _PUBLIC = {
     "ExtractRun": "elvis_cli.retrieval.files",
     "CachedEmbeddings": "elvis_cli.retrieval.files",
     "fill_embedding_cache": "elvis_cli.retrieval.files",
+    "verify_features": "elvis_cli.features.verification",  # elvis verify
+    "VerificationReport": "elvis_cli.features.verification",
+    "ShardCheck": "elvis_cli.features.verification",
     "shortlist_files": "elvis_cli.retrieval.files",  # elvis shortlist
     "rerank_files": "elvis_cli.retrieval.files",  # elvis rerank
     "RerankRun": "elvis_cli.retrieval.files",

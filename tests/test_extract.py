@@ -117,17 +117,16 @@ def test_rerun_resumes_without_work_and_keeps_outputs(folder, tmp_path):
         np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(before[key]))
 
 
-def test_different_settings_or_images_are_refused(folder, tmp_path):
+def test_different_settings_or_a_file_of_others_are_refused(folder, tmp_path):
     output = tmp_path / "feats.h5"
     extract_features(folder, output, CONFIG, progress=False)
     other = ExtractConfig(backbone_options={**OPTIONS, "image_size": 96}, device="cpu")
-    with pytest.raises(InputError, match="different backbone settings"):
+    with pytest.raises(InputError, match=r"other backbone settings \(image_size: 64 -> 96\)"):
         extract_features(folder, output, other, progress=False)
-    Image.fromarray(skimage.data.camera()).save(folder / "camera.png")
-    with pytest.raises(InputError, match="different image list"):
-        extract_features(folder, output, CONFIG, progress=False)
-    with pytest.raises(InputError, match="already exists"):
-        extract_features(folder, tmp_path / "images" / "chelsea.jpg", CONFIG, progress=False)
+    (tmp_path / "theirs.h5").write_bytes(b"not ours")
+    with pytest.raises(InputError, match="already exists and is no output of elvis extract"):
+        extract_features(folder, tmp_path / "theirs.h5", CONFIG, progress=False)
+    assert (tmp_path / "theirs.h5").read_bytes() == b"not ours"
 
 
 def test_explicit_list_with_root_and_crop_boxes(folder, tmp_path, backbone):

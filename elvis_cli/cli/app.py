@@ -166,9 +166,13 @@ def _checkpoint(preset: str | None, checkpoint: str | None) -> str | None:
 
 @app.command(cls=_Command)
 def extract(
-    images: Annotated[str, typer.Argument(help="A folder (recursive), a .txt list of paths, "
-                                          "or a quoted glob.")],
+    images: Annotated[list[str], typer.Argument(
+        help="Folders (recursive), .txt lists of paths, images or quoted globs; several are "
+             "taken together (an unquoted glob too), stored relative to their common folder.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Features file (.h5).")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Start over: delete the output and its shards first, e.g. to change "
+                        "the backbone settings.")] = False,
     preset: PresetOption = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Longer image side in pixels.")] = None,
@@ -189,11 +193,14 @@ def extract(
 ) -> None:
     """Extract global and local descriptors into sharded HDF5.
 
-    Re-running the same command resumes: finished shards are kept. Unreadable images are
-    skipped and named on stderr, and the exit status is then 3. With --embedding-cache, the
-    images' ELViS embeddings are stored too, so that re-ranking does not compute them.
+    Re-running the same command resumes, or updates the output when the images changed:
+    finished shards are kept, only new, changed or damaged images are extracted (new ones in
+    shards of the current --shard-size), removed ones are left out; rows follow the listing.
+    Other backbone settings are refused unless --force. Unreadable images are skipped and
+    named on stderr, and the exit status is then 3. With --embedding-cache, the images' ELViS
+    embeddings are stored too, so that re-ranking does not compute them.
 
-    Example: `elvis extract imgs/ -o feats.h5`
+    Example: `elvis extract imgs/ -o feats.h5`, later `elvis verify feats.h5`
     """
     from elvis_cli import extract_images
 
@@ -201,11 +208,13 @@ def extract(
     config = _config("ExtractConfig", backbone=name, backbone_options=options, device=device,
                      batch_size=batch_size, shard_size=shard_size, global_types=global_type)
     with _Progress(enabled=not quiet) as bars:
-        run = extract_images(images, output, config, embedding_cache=embedding_cache,
+        run = extract_images(images, output, config, force=force,
+                             embedding_cache=embedding_cache,
                              checkpoint=_checkpoint(preset, checkpoint), progress=bars)
     report = run.report
-    console.print(f"{report.num_extracted} images extracted, {report.num_resumed} already done, "
-                  f"{len(report.failures)} skipped -> {report.output}")
+    console.print(f"{report.num_extracted} images extracted, {report.num_resumed} kept, "
+                  f"{report.num_removed} removed, {len(report.failures)} skipped -> "
+                  f"{report.output}", markup=False, soft_wrap=True)
     for shard in report.repaired:
         print(f"elvis: re-extracted {shard}", file=sys.stderr)
     for path, reason in report.failures:
@@ -215,6 +224,28 @@ def extract(
                       f"{run.embedded.folder} ({_human_size(run.embedded.size_bytes)})")
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command(cls=_Command)
+def verify(
+    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `elvis extract`.")],
+) -> None:
+    """Check every byte of a features file: each shard against the size and SHA-256 recorded
+    when it was written, then that the files open and hold the rows they should.
+
+    One line per shard (ok, missing, damaged); exit status 1 when anything is damaged, with
+    what to do. Files without records (the authors' releases) are only opened.
+
+    Example: `elvis verify feats.h5`
+    """
+    from elvis_cli import verify_features
+
+    report = verify_features(features)
+    for shard in report.shards:
+        console.print(f"{shard.name}: {shard.state}", markup=False, soft_wrap=True)
+    if not report.ok:
+        raise InputError(report.summary)
+    console.print(report.summary, markup=False, soft_wrap=True)
 
 
 @app.command(cls=_Command)

@@ -1,11 +1,14 @@
-"""Images -> descriptors -> sharded features file, resumable and tolerant of bad images.
+"""Images -> descriptors -> sharded features file: resumable, growable, tolerant of bad images.
 
-The image list is split into fixed-size shards in its planned order. `FILE.h5.shards/manifest.json`
-records the backbone settings, every shard's images (and crop boxes), whether it is finished and
-which of its images failed with what reason, and each finished shard's size and checksum. A
-re-run skips finished shards that still match their checksum and redoes the rest, so a run
-killed at any moment (even SIGKILL) or stopped by a full disk resumes where it stopped; a run
-with other settings or images is refused rather than mixed in. One process at a time writes an
+The images are extracted in shards (`ExtractConfig.shard_size` images each), each written
+atomically and recorded in `FILE.h5.shards/manifest.json` with its size and checksum
+(collection.py). Re-running on the same source brings the output up to date and extracts only
+what is missing: shards a killed run (even SIGKILL) or a full disk left unfinished, finished
+shards that no longer match their checksum, and images the source gained or whose file changed
+(new shards, of the current shard size). Finished shards are never rewritten: images removed
+from the source are left out of the joined file, which lists the images in listing order,
+exactly as a fresh extraction would. Other backbone settings, global types or file format are
+refused rather than mixed in, unless `force` starts over. One process at a time writes an
 output (lock.py). Failed images are left out of their shard and reported in the manifest and
 in the returned ExtractReport; they never stop the run. With `decode_truncated` (benchmark
 images, whose ground truth needs every one) a truncated image is decoded as far as it goes, as
@@ -30,10 +33,19 @@ import torch
 
 from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
 from elvis_cli.backbones.base import CLASS_GLOBAL
+from elvis_cli.features import collection
+from elvis_cli.features.collection import Item
 from elvis_cli.features.images import Box, ImageError, collect_images, decode_image
-from elvis_cli.features.layout import FORMAT, NUM_META, shard_path, shards_dir
-from elvis_cli.features.writer import finalize, shard_damage, write_shard
-from elvis_cli.util.atomic import write_text_atomic
+from elvis_cli.features.layout import (
+    FEATURES_SUFFIXES,
+    NUM_META,
+    lock_path,
+    manifest_path,
+    shard_files,
+    shard_path,
+    shards_dir,
+)
+from elvis_cli.features.writer import finalize, joined_layout, write_shard
 from elvis_cli.util.batching import batches_by_shape
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import DiskFullError, InputError
@@ -41,8 +53,6 @@ from elvis_cli.util.lock import exclusive_lock
 from elvis_cli.util.ordered import in_order
 from elvis_cli.util.progress import ProgressCallback, track
 
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = "lock"
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
 
 
@@ -52,7 +62,7 @@ class ExtractConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     batch_size: int = 16
-    shard_size: int = 256  # images per shard: the unit of resumption
+    shard_size: int = 256  # images per new shard: the unit of resumption
     # global descriptors stored: "cls" (always; the one shortlists use) and, for the ViTs, the
     # authors' "w-avg" and "og-avg"
     global_types: Sequence[str] = (CLASS_GLOBAL,)
@@ -68,23 +78,17 @@ class ExtractConfig:
 class ExtractReport:
     output: Path
     num_images: int
-    num_extracted: int
-    num_resumed: int  # images found in shards finished by an earlier run
-    failures: list[tuple[str, str]]  # (path relative to root, reason)
+    num_extracted: int  # images extracted by this run (new, changed or in damaged shards)
+    num_resumed: int  # images kept from shards finished by an earlier run
+    failures: list[tuple[str, str]]  # (path relative to root, reason) of listed images
     repaired: list[str] = field(default_factory=list)  # finished shards found damaged, redone
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, what): images used
-
-
-@dataclass
-class _Item:
-    path: Path
-    name: str  # path relative to the root, as stored
-    box: Box | None
+    num_removed: int = 0  # images of the joined file no longer in the source, left out now
 
 
 @dataclass
 class _Decoded:
-    item: _Item
+    item: Item
     tensor: torch.Tensor | None = None
     size: tuple[int, int] = (0, 0)
     image_id: str = ""
@@ -100,35 +104,42 @@ def extract_features(
     progress: ProgressCallback | None = None,
     backbone: Backbone | None = None,
     root: str | Path | None = None,
+    force: bool = False,
 ) -> ExtractReport:
-    """Extract descriptors of every image of `source` into `output` (FILE.h5 + FILE.h5.shards).
+    """Extract descriptors of every image of `source` into `output` (FILE.h5 + FILE.h5.shards),
+    or bring an earlier extraction of it up to date (see the module's notes).
 
-    `source` is anything collect_images accepts, or an explicit list of paths (stored relative to
-    `root`, by default their common folder). `boxes` optionally crops each image (query crops).
+    `source` is anything collect_images accepts: a folder, a .txt list, a glob, or a list of
+    these or of image paths (stored relative to `root`, by default their common folder).
+    Row i of the joined file is the i-th image of the listing (failed ones left out), however
+    the collection grew or shrank. `boxes` optionally crops each image (query crops).
     `backbone` overrides config.backbone/backbone_options with a ready-made instance.
+    `force` starts over: the old output and its shards are deleted first.
     `progress` hears the images of the shards still to do ("extracting"), one by one.
     """
     config = config or ExtractConfig()
+    output = checked_output(output)
     if config.batch_size < 1 or config.shard_size < 1:
         raise InputError("batch_size and shard_size must be at least 1")
-    root_dir, paths = _resolve_source(source, root)
+    root_dir, paths = collect_images(source)
+    root_dir = Path(root) if root is not None else root_dir
     if boxes is not None and len(boxes) != len(paths):
         raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
-    items = [
-        _Item(path, _stored_name(path, root_dir), _box(boxes, index))
-        for index, path in enumerate(paths)
-    ]
-    output = Path(output)
-    if output.exists() and not _manifest_path(output).exists():
-        raise InputError(f"{output} already exists: use a new output or delete it")
+    if not force and output.exists() and not manifest_path(output).exists():
+        raise InputError(f"{output} already exists and is no output of elvis extract: use a new "
+                         "output, or --force to replace it")
     if backbone is None:
         backbone = create_backbone(config.backbone, **config.backbone_options)
     missing = [kind for kind in config.global_types if kind not in backbone.global_types]
     if missing:
         raise InputError(f"backbone {backbone.name!r} has no {missing[0]} global descriptor; "
                          f"it has {', '.join(backbone.global_types)}")
-    with exclusive_lock(shards_dir(output) / LOCK_NAME, str(output)):
+    with exclusive_lock(lock_path(output), str(output)):
+        if force:
+            _remove_extraction(output)
         _remove_partial_files(output)
+        items = [Item(path, _stored_name(path, root_dir), _box(boxes, index),
+                      collection.stat_of(path)) for index, path in enumerate(paths)]
         try:
             return _run(output, items, root_dir, backbone, config, progress)
         except DiskFullError as error:
@@ -136,70 +147,67 @@ def extract_features(
                                 "finished shards are kept") from None
 
 
+def checked_output(output: str | Path) -> Path:
+    """`output` as a features file's path, refused before any work when it cannot be one."""
+    output = Path(output)
+    if output.suffix.lower() not in FEATURES_SUFFIXES:
+        raise InputError(f"output must end in {' or '.join(FEATURES_SUFFIXES)} (extract writes "
+                         f"HDF5), got {output.name}")
+    if output.is_dir():
+        raise InputError(f"{output} is a folder: name a features file ({FEATURES_SUFFIXES[0]})")
+    return output
+
+
 def _run(
     output: Path,
-    items: list[_Item],
+    items: list[Item],
     root_dir: Path,
     backbone: Backbone,
     config: ExtractConfig,
     progress: ProgressCallback | None,
 ) -> ExtractReport:
     """The extraction proper, under the output's lock."""
-    manifest = _plan(output, items, backbone, root_dir, config)
+    settings = json.loads(json.dumps(backbone.settings()))
+    top = collection.header(settings, list(config.global_types), root_dir)
+    manifest = collection.load_manifest(output)
+    if manifest is not None:
+        collection.check_compatible(output, manifest, top)
+    plan = collection.plan(output, manifest, top, items, config.shard_size)
+    manifest = plan.manifest
+    collection.save_manifest(output, manifest)
     device = resolve_device(config.device)
     backbone = backbone.to(device).eval()
-    damage = {i: _damage(output, i, shard) for i, shard in enumerate(manifest["shards"])}
-    todo = [i for i, reason in damage.items() if reason]
-    repaired = [
-        f"{shard_path(output, i).name} {damage[i]}"
-        for i in todo
-        if manifest["shards"][i]["done"]
-    ]
-    num_todo = sum(len(manifest["shards"][i]["images"]) for i in todo)
-    extracted = 0
-    advance = track(progress, "extracting", num_todo)
+    advance = track(progress, "extracting", sum(map(len, plan.todo.values())))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for index in todo:
-            shard = manifest["shards"][index]
-            shard_items = items[shard["start"] : shard["start"] + len(shard["images"])]
+        for number, shard_items in sorted(plan.todo.items()):
+            shard = manifest["shards"][number]
             failures, warnings, record = _extract_shard(
-                backbone,
-                shard_items,
-                output,
-                index,
-                device,
-                config,
-                pool,
+                backbone, shard_items, shard_path(output, shard["index"]), device, config, pool,
                 advance,
             )
             shard.update(done=True, failures=failures, warnings=warnings, **record)
-            extracted += len(shard_items) - len(failures)
-            _save_manifest(output, manifest)
-    if todo or not output.exists():
-        shards = [shard_path(output, i) for i in range(len(manifest["shards"]))]
-        finalize(output, shards, manifest["backbone"], root_dir)
-    failures = [tuple(f) for shard in manifest["shards"] for f in shard["failures"]]
-    warnings = [tuple(w) for shard in manifest["shards"] for w in shard.get("warnings", [])]
-    resumed = sum(
-        len(shard["images"]) - len(shard["failures"])
-        for i, shard in enumerate(manifest["shards"])
-        if i not in todo
-    )
-    return ExtractReport(output, len(items), extracted, resumed, failures, repaired, warnings)
+            collection.save_manifest(output, manifest)
+    done = collection.outcome(manifest, plan.placement)
+    _join(output, manifest, done.rows, root_dir)
+    for stale in collection.stale_shards(output, manifest):
+        stale.unlink()
+    extracted = sum(number in plan.todo for number, _ in done.rows)
+    return ExtractReport(output, len(items), extracted, len(done.rows) - extracted,
+                         done.failures, plan.repaired, done.warnings, plan.num_removed)
 
 
-def _resolve_source(
-    source: str | Path | Sequence[str | Path], root: str | Path | None
-) -> tuple[Path, list[Path]]:
-    if isinstance(source, (str, Path)):
-        found_root, paths = collect_images(source)
-        return Path(root) if root is not None else found_root, paths
-    paths = [Path(p) for p in source]
-    if not paths:
-        raise InputError("no images given")
-    if root is None:
-        root = os.path.commonpath([p.absolute().parent for p in paths])
-    return Path(root), paths
+def _join(output: Path, manifest: dict[str, Any], rows: list[tuple[int, int]], root: Path
+          ) -> None:
+    """Build the joined file over the manifest's shards, unless the one there already maps
+    exactly these rows and is intact; its record goes into the manifest."""
+    shards = [shard_path(output, shard["index"]) for shard in manifest["shards"]]
+    records = [{"bytes": shard["bytes"], "sha256": shard["sha256"]}
+               for shard in manifest["shards"]]
+    layout = joined_layout(output, shards, records, rows, root)
+    if not collection.joined_is_current(output, manifest, layout):
+        record = finalize(output, shards, manifest["backbone"], root, rows, records)
+        manifest["joined"] = {"layout": layout, **record}
+        collection.save_manifest(output, manifest)
 
 
 def _stored_name(path: Path, root: Path) -> str:
@@ -215,14 +223,6 @@ def _box(boxes: Sequence[Box | None] | None, index: int) -> Box | None:
     return tuple(float(v) for v in boxes[index])  # type: ignore[return-value]
 
 
-def _manifest_path(output: Path) -> Path:
-    return shards_dir(output) / MANIFEST_NAME
-
-
-def _save_manifest(output: Path, manifest: dict[str, Any]) -> None:
-    write_text_atomic(_manifest_path(output), json.dumps(manifest, indent=1))
-
-
 def _remove_partial_files(output: Path) -> None:
     """Temporary files of a killed run: never complete, and ours to delete under the lock."""
     for partial in [
@@ -232,61 +232,14 @@ def _remove_partial_files(output: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _plan(
-    output: Path, items: list[_Item], backbone: Backbone, root: Path, config: ExtractConfig
-) -> dict[str, Any]:
-    """The shard plan, fresh or from an earlier compatible run (which it must match exactly)."""
-    settings = json.loads(json.dumps(backbone.settings()))
-    shard_size = config.shard_size
-    shards = [
-        {
-            "start": start,
-            "images": [item.name for item in items[start : start + shard_size]],
-            "boxes": [item.box and list(item.box) for item in items[start : start + shard_size]],
-            "done": False,
-            "failures": [],
-        }
-        for start in range(0, len(items), shard_size)
-    ]
-    root_name = str(root.resolve())
-    planned = {"format": FORMAT, "backbone": settings, "globals": list(config.global_types),
-               "root": root_name, "shards": shards}
-    manifest_file = _manifest_path(output)
-    if not manifest_file.exists():
-        _save_manifest(output, planned)
-        return planned
-    try:
-        existing = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise InputError(f"{manifest_file}: unreadable manifest; delete {output}.shards") from None
-    if existing.get("format") != FORMAT:
-        difference = f"file format ({existing.get('format')}, now {FORMAT})"
-    elif existing.get("backbone") != settings:
-        difference = "backbone settings"
-    elif existing.get("globals") != planned["globals"]:
-        difference = "global descriptor types"
-    elif [_layout(s) for s in existing.get("shards", [])] != [_layout(s) for s in shards]:
-        difference = "image list or crop boxes"
-    else:
-        return existing
-    raise InputError(
-        f"{output} was started with different {difference}: "
-        "use a new output or delete the old one (and its .shards folder)"
-    )
+def _remove_extraction(output: Path) -> None:
+    """What an earlier extraction wrote for `output`, to start over (under the lock, which
+    stays): the joined file, the manifest and the shards. Other files are left alone."""
+    for path in [output, manifest_path(output), *shard_files(output)]:
+        path.unlink(missing_ok=True)
 
 
-def _layout(shard: dict[str, Any]) -> tuple[Any, ...]:
-    return shard.get("start"), shard.get("images"), shard.get("boxes")
-
-
-def _damage(output: Path, index: int, shard: dict[str, Any]) -> str | None:
-    """Why a shard must be (re-)extracted: not done yet, or no longer what was written."""
-    if not shard["done"]:
-        return "not done"
-    return shard_damage(shard_path(output, index), shard)
-
-
-def _decode(item: _Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:
+def _decode(item: Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:
     """Runs in a worker thread: read, hash, decode and preprocess one image (a crop scaled
     like its full image, as the authors do)."""
     try:
@@ -313,16 +266,15 @@ def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
 
 def _extract_shard(
     backbone: Backbone,
-    items: list[_Item],
-    output: Path,
-    index: int,
+    items: list[Item],
+    target: Path,
     device: torch.device,
     config: ExtractConfig,
     pool: ThreadPoolExecutor,
     advance: Callable[[], None],
-) -> tuple[list[list[str]], list[list[str]], dict[str, Any]]:
-    """Encode one shard's images and write it; returns its failures and warnings as
-    [name, reason] pairs and the written shard's record.
+) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+    """Encode one shard's images and write it to `target`; returns its failures and warnings
+    as [name, reason, position] and the written shard's record.
 
     Images whose preprocessed tensors have the same shape share batches (batches_by_shape).
     Odd shapes wait for company only while few images are pending (MAX_PENDING_BATCHES), which
@@ -331,8 +283,8 @@ def _extract_shard(
     batch_size = config.batch_size
     results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     decoded: dict[int, _Decoded] = {}
-    failures: list[list[str]] = []
-    warnings: list[list[str]] = []
+    failures: list[list[Any]] = []
+    warnings: list[list[Any]] = []
 
     def run(positions: list[int]) -> None:
         batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
@@ -354,11 +306,11 @@ def _extract_shard(
         for position, item in enumerate(in_order(decoding, pool, 2 * batch_size)):
             decoded[position] = item
             if item.tensor is None:
-                failures.append([item.item.name, item.error])
+                failures.append([item.item.name, item.error, position])
                 advance()
                 continue
             if item.warning:
-                warnings.append([item.item.name, item.warning])
+                warnings.append([item.item.name, item.warning, position])
             yield position
 
     for positions in batches_by_shape(decodable(), lambda p: tuple(decoded[p].tensor.shape),
@@ -373,7 +325,7 @@ def _extract_shard(
         for kind in config.global_types
     }
     record = write_shard(
-        shard_path(output, index),
+        target,
         np.stack([results[p][0] for p in kept]) if kept else np.zeros(local_shape, np.float32),
         globals_.pop(CLASS_GLOBAL),
         [decoded[p].item.name for p in kept],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,25 +85,48 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def collect_images(source: str | Path) -> tuple[Path, list[Path]]:
-    """Resolve a folder, a `.txt` list or a glob pattern into (root, image paths).
+def collect_images(source: str | Path | Sequence[str | Path]) -> tuple[Path, list[Path]]:
+    """Resolve a folder, a `.txt` list, a glob pattern or an image file, or several of them,
+    into (root, image paths).
 
     `root` is the folder that stored relative paths are taken from. Folders and globs come back
     sorted so that the same input always gives the same order; a list file keeps its own order
     because row numbers in the features file are then the list's line order.
+
+    Several sources (a list: what a shell makes of an unquoted glob, or paths mixed) give their
+    images in the order given, root being the common folder of their roots. There an image
+    path is taken as it is, even when missing or unreadable (extraction skips it by name, as
+    it does any image), so that an explicit list keeps one image per entry.
     """
+    if isinstance(source, (str, Path)):
+        return _collect(source)
+    if not source:
+        raise InputError("no images given")
+    roots, paths = [], []
+    for entry in source:
+        root, found = _collect(entry, as_image=True)
+        roots.append(root.absolute())
+        paths += found
+    return Path(os.path.commonpath(roots)), paths
+
+
+def _collect(source: str | Path, as_image: bool = False) -> tuple[Path, list[Path]]:
+    """One source: a folder, a .txt list, a glob or an image; `as_image` takes any file (and
+    a missing one named like an image) as an image path without looking at it."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
         root, paths = path, sorted(_walk(path))
-    elif path.is_file() and path.suffix.lower() == ".txt":
+    elif path.suffix.lower() == ".txt" and path.is_file():
         root, paths = path.parent, _read_list(path)
-    elif path.is_file() and is_image_path(path):
+    elif (as_image or is_image_path(path)) and path.is_file():
         root, paths = path.parent, [path]
-    elif glob.has_magic(text):
+    elif glob.has_magic(text) and not path.exists():
         root = _glob_root(text)
         matches = (Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
         paths = sorted(p for p in matches if p.is_file() and is_image_path(p))
+    elif as_image and is_image_path(path):
+        root, paths = path.parent, [path]
     elif path.exists():
         raise InputError(f"{source}: not a folder, an image, a .txt list or a glob pattern")
     else:

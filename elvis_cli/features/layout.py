@@ -1,5 +1,6 @@
 """How descriptors are laid out on disk: the metadata columns every descriptor row starts with,
-the names of our features files, their datasets and their shards, and the authors' file names.
+the names of our features files, their datasets, shards, manifest and lock, and the authors' file
+names.
 
 Backbones write rows in this layout and every store reads it, so it lives apart from both.
 The metadata columns are identical to the official files' (ELVIS_SPEC §3): the patch centre's
@@ -27,12 +28,31 @@ SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
 POOLED_PREFIX = "global_"  # + a global type: a dataset of further global descriptors
 
 
+FEATURES_SUFFIXES = (".h5", ".hdf5")  # what a features file's name ends in
+
+
 def shards_dir(path: str | Path) -> Path:
     return Path(f"{path}.shards")
 
 
 def shard_path(path: str | Path, index: int) -> Path:
     return shards_dir(path) / f"shard-{index:05d}.h5"
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The shard files on disk beside features file `path`, whether its manifest lists them or
+    not."""
+    return sorted(shards_dir(path).glob("shard-*.h5"))
+
+
+def manifest_path(path: str | Path) -> Path:
+    """The extraction's record of features file `path` (collection.py)."""
+    return shards_dir(path) / "manifest.json"
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock that one writer of features file `path` holds (util/lock.py)."""
+    return shards_dir(path) / "lock"
 
 
 def dataset_names(file: h5py.File) -> list[str]:

@@ -32,7 +32,7 @@ from elvis_cli.features.layout import (
     SHARD_DATASETS,
     dataset_names,
 )
-from elvis_cli.features.writer import shard_damage
+from elvis_cli.features.writer import file_damage
 from elvis_cli.util.errors import InputError
 
 T = TypeVar("T")
@@ -190,10 +190,13 @@ class FeatureStore(DescriptorStore):
 
     def identity(self) -> dict[str, Any]:
         """What the rows of this file depend on, for caches keyed by it: its path and, for our
-        files, the shards' checksums (the joined file is rewritten when extraction resumes),
+        files, the shards' checksums and which of their rows it maps in which order (the
+        joined file is rewritten when extraction resumes or a collection grows or shrinks),
         for others its size and modification time."""
-        if self._file.attrs.get("format") == FORMAT:
-            return {"file": str(self.path.resolve()), "shards": self._file.attrs["shards"]}
+        attrs = self._file.attrs
+        if attrs.get("format") == FORMAT:
+            mapped = {"layout": attrs["layout"]} if "layout" in attrs else {}
+            return {"file": str(self.path.resolve()), "shards": attrs["shards"], **mapped}
         stat = self.path.stat()
         return {"file": str(self.path.resolve()), "bytes": stat.st_size,
                 "modified": stat.st_mtime_ns}
@@ -333,7 +336,7 @@ def _check_source(
     if not location.is_file():
         raise InputError(f"{path}: missing shard {path.parent / source}")
     record = records.get(source.as_posix())
-    damage = record and shard_damage(location, record, checksum=False)
+    damage = record and file_damage(location, record, checksum=False)
     if damage:
         raise InputError(f"{path}: shard {path.parent / source} is {damage}; "
                          "re-run the extraction to re-create it")

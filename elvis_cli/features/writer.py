@@ -41,7 +41,7 @@ def write_shard(
     descriptor, sizes (n, 2), pooled: further global descriptors by type, (n, Dg) each.
 
     An empty shard (n = 0, every image failed) is valid: it keeps K, D and Dg in its shapes.
-    Returns its shard_record, to be kept and compared with later (shard_damage).
+    Returns its file_record, to be kept and compared with later (file_damage).
     """
     count = len(paths)
     pooled = pooled or {}
@@ -57,7 +57,7 @@ def write_shard(
         file.create_dataset("paths", data=list(paths), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("ids", data=list(ids), dtype=STRING_DTYPE, shape=(count,))
         file.create_dataset("sizes", data=np.asarray(sizes, dtype=np.int32).reshape(count, 2))
-    return shard_record(target)
+    return file_record(target)
 
 
 @contextmanager
@@ -74,39 +74,66 @@ def new_hdf5(target: Path) -> Iterator[h5py.File]:
         temporary.write_bytes(buffer.getbuffer())
 
 
-def shard_record(shard: Path) -> dict[str, Any]:
-    """Size and SHA-256 of a finished shard: what a later run checks before trusting it."""
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a finished file (a shard, a joined file): what a later run or
+    `verify_features` checks before trusting it."""
     digest = hashlib.sha256()
-    with open(shard, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"bytes": shard.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def shard_damage(shard: Path, record: dict[str, Any], checksum: bool = True) -> str | None:
-    """Why `shard` no longer matches its record (missing, truncated, altered), or None.
+def file_damage(path: Path, record: dict[str, Any], checksum: bool = True) -> str | None:
+    """Why `path` no longer matches its record (missing, truncated, altered), or None.
 
     Without `checksum` only the size is compared: a stat, cheap enough for every open.
     """
-    if not shard.is_file():
+    if not path.is_file():
         return "missing"
-    size = shard.stat().st_size
+    size = path.stat().st_size
     if size != record.get("bytes"):
         return f"damaged ({size} bytes, {record.get('bytes')} expected)"
-    if checksum and shard_record(shard)["sha256"] != record.get("sha256"):
+    if checksum and file_record(path)["sha256"] != record.get("sha256"):
         return "damaged (checksum mismatch)"
     return None
 
 
+def joined_layout(path: str | Path, shards: Sequence[Path], records: Sequence[dict[str, Any]],
+                  rows: Sequence[tuple[int, int]], root: Path) -> str:
+    """A digest of what joined file `path` maps: its shards (by name and checksum), which of
+    their rows in which order (as finalize's `rows`), and the root. A joined file whose digest
+    matches needs no rebuilding, and caches keyed by a file's rows (store.py's identity) see
+    every change of them."""
+    what = {"shards": [[name, record.get("sha256")] for name, record
+                       in zip(_sources(path, shards), records, strict=True)],
+            "rows": [list(row) for row in rows], "root": str(Path(root).resolve())}
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def _sources(path: str | Path, shards: Sequence[Path]) -> list[str]:
+    """The shards' names as the joined file `path` refers to them: relative to its folder."""
+    return [os.path.relpath(shard, Path(path).parent) for shard in shards]
+
+
 def finalize(
-    path: str | Path, shards: Sequence[Path], settings: dict[str, Any], root: Path
-) -> None:
-    """Build the joined top-level file over finished shards, atomically.
+    path: str | Path, shards: Sequence[Path], settings: dict[str, Any], root: Path,
+    rows: Sequence[tuple[int, int]] | None = None,
+    records: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Build the joined top-level file over finished shards, atomically; returns its
+    file_record.
+
+    `rows` lists the joined file's images in order, each as (position of its shard in
+    `shards`, row in that shard): images removed from a collection are left out and images are
+    put in any order without rewriting a shard. None: every row of every shard, in order.
+    `records` are the shards' records as written (write_shard), so that they are not read
+    again; None: computed here.
 
     Virtual sources use paths relative to the joined file, so FILE.h5 and FILE.h5.shards can be
-    moved together. Zero-image shards contribute nothing. Each shard's size and checksum are
-    kept in the `shards` attribute, so a truncated shard is named on open instead of being read
-    as zeros (HDF5 fills unreadable virtual sources silently).
+    moved together. Each shard's size and checksum are kept in the `shards` attribute, so a
+    truncated shard is named on open instead of being read as zeros (HDF5 fills unreadable
+    virtual sources silently), and `verify_features` can check every byte.
     """
     path = Path(path)
     if not shards:
@@ -117,26 +144,24 @@ def finalize(
     for shard in shards:
         with h5py.File(shard, "r") as file:
             infos.append({name: (file[name].shape, file[name].dtype) for name in names})
-    total = sum(info["paths"][0][0] for info in infos)
+    if rows is None:
+        rows = [(index, row) for index, info in enumerate(infos)
+                for row in range(info["paths"][0][0])]
+    sources = _sources(path, shards)
+    records = records or [file_record(shard) for shard in shards]
+    runs = _runs(rows)
     first = infos[0]
-    records = {os.path.relpath(shard, path.parent): shard_record(shard) for shard in shards}
     with new_hdf5(path) as file:
         for name in names:
             shape, dtype = first[name]
-            full_shape = (total, *shape[1:])
-            if total == 0:
+            full_shape = (len(rows), *shape[1:])
+            if not rows:
                 file.create_dataset(name, shape=full_shape, dtype=dtype)
                 continue
             layout = h5py.VirtualLayout(shape=full_shape, dtype=dtype)
-            start = 0
-            for shard, info in zip(shards, infos, strict=True):
-                rows = info[name][0][0]
-                if rows:
-                    source_name = os.path.relpath(shard, path.parent)
-                    layout[start : start + rows] = h5py.VirtualSource(
-                        source_name, name, shape=info[name][0]
-                    )
-                    start += rows
+            for start, index, row, count in runs:
+                source = h5py.VirtualSource(sources[index], name, shape=infos[index][name][0])
+                layout[start : start + count] = source[row : row + count]
             file.create_virtual_dataset(name, layout)
         num_local, width = first["features"][0][1:]
         file.attrs.update(
@@ -150,6 +175,21 @@ def finalize(
                 "global_types": json.dumps(
                     [CLASS_GLOBAL] + [n.removeprefix(POOLED_PREFIX) for n in names
                                       if n.startswith(POOLED_PREFIX)]),
-                "shards": json.dumps(records, sort_keys=True),
+                "shards": json.dumps(dict(zip(sources, records, strict=True)), sort_keys=True),
+                "layout": joined_layout(path, shards, records, rows, root),
             }
         )
+    return file_record(path)
+
+
+def _runs(rows: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(start in the joined file, shard, first row, count) of each stretch of consecutive rows
+    of one shard: one virtual mapping each."""
+    runs: list[tuple[int, int, int, int]] = []
+    for position, (index, row) in enumerate(rows):
+        if runs and runs[-1][1] == index and runs[-1][2] + runs[-1][3] == row:
+            start, _, first, count = runs[-1]
+            runs[-1] = (start, index, first, count + 1)
+        else:
+            runs.append((position, index, row, 1))
+    return runs
