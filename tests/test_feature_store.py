@@ -89,6 +89,21 @@ def test_local_descriptors_any_order_with_duplicates(store_file):
             store.local_descriptors([0], num_local=K + 1)
 
 
+def test_joined_file_maps_chosen_rows_in_any_order(store_file, tmp_path):
+    output, expected = store_file
+    rows = [(2, 2), (0, 0), (2, 0), (2, 1)]  # shard 0's second image left out
+    picked = [4, 0, 2, 3]  # the same images' rows in the file joined over everything
+    shards = [shard_path(output, i) for i in range(3)]
+    record = finalize(output, shards, SETTINGS, tmp_path, rows)
+    assert record["bytes"] == output.stat().st_size
+    with FeatureStore.open(output) as store:
+        assert store.paths == [expected["paths"][i] for i in picked]
+        assert store.ids == [f"{s:02d}{r:014x}" for s, r in rows]
+        np.testing.assert_array_equal(store.global_descriptors(), expected["global"][picked])
+        np.testing.assert_array_equal(store.read_local([1, 0]),
+                                      expected["rows"][[0, 4]].astype(np.float16))
+
+
 def test_file_and_shards_move_together(store_file, tmp_path):
     output, expected = store_file
     shutil.move(output.parent, tmp_path / "moved")
