@@ -637,13 +637,14 @@ def _rate_column():
 
 
 class _Lines:
-    """Progress as one plain line at a time on stderr, for logs: the first event, then at most
-    one line per `interval` seconds, and always the line of a task that finishes; each with
-    done/total, rate, elapsed time and ETA, and no terminal codes."""
+    """Progress as one plain line at a time on stderr, for logs: at most one line per `interval`
+    seconds, the first one `interval` after the start (a command that ends or fails sooner
+    prints none), and always the line of a task that finishes; each with done/total, rate,
+    elapsed time and ETA, and no terminal codes."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.last_line = -float("inf")
+        self.last_line = time.monotonic()
         self.started: dict[str, float] = {}  # task label -> when it (last) started
 
     def start(self) -> None:
