@@ -493,3 +493,11 @@ def test_dinov2_without_network_loads_cached_weights_or_a_folder(tmp_path, unrea
     for model_id in ("elvis-tests/tiny", str(tmp_path / "saved")):
         backbone = create_backbone("dinov2", model_id=model_id, detector="none")
         assert backbone.local_dim == TINY_DINOV2["hidden_size"]
+
+
+def test_a_detector_that_is_not_a_torch_file_is_named_for_what_it_is(tmp_path, tiny_dino_model):
+    (tmp_path / "weights.csv").write_text("layer,weight\n")
+    with pytest.raises(InputError, match=r"detector .*weights\.csv is a text file \(first line: "
+                                         r"'layer,weight'\), not a detector: expected a \.pt "
+                                         r"state dict like the authors' dinov2_detector\.pt"):
+        create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "weights.csv"))

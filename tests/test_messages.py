@@ -3,6 +3,8 @@ checkpoint or not a shortlist named for what it is, fusion settings out of range
 `datasets prepare` and `datasets list`, and the DINOv2 backbone without network."""
 
 import pickle
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -13,10 +15,10 @@ import torch
 from PIL import Image
 
 from elvis_cli.evaluation.prepare import list_datasets
-from elvis_cli.model.reranker import Fusion
+from elvis_cli.model.fusion import Fusion
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.file_kind import FileKind, file_kind
-from tests.helpers import cli_in, one_line_error, write_store
+from tests.helpers import REPO, cli_in, one_line_error, write_store
 
 OXFORD_URLS = ("http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
                "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz")
@@ -133,6 +135,16 @@ def test_fusion_in_a_notebook_gets_the_same_error():
         Fusion(1.5, 0.5)
 
 
+@pytest.mark.subprocess
+def test_fusion_settings_are_checked_without_importing_torch():
+    """So that the command line can refuse `--lam 2` before its seconds of imports."""
+    code = ("import sys; from elvis_cli.model.fusion import check_fusion; "
+            "check_fusion(0.5, 0.5); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=REPO)
+    assert result.stdout.strip() == "False"
+
+
 # --- datasets prepare and list ------------------------------------------------------------------
 
 
@@ -187,6 +199,14 @@ def test_datasets_list_suggests_prepare_with_the_data_root(tmp_path):
         f"elvis datasets prepare roxford5k --data-root {tmp_path / 'data'}")
 
 
+def test_prepare_of_a_custom_dataset_points_to_datasets_list(tmp_path):
+    (tmp_path / "data" / "shelf").mkdir(parents=True)
+    (tmp_path / "data" / "shelf" / "gallery.txt").write_text("a.jpg,1\n")
+    result = cli_in("datasets", "prepare", "shelf", "--data-root", "data", cwd=tmp_path)
+    one_line_error(result, "shelf is a custom dataset (data/shelf), which elvis cannot fetch: "
+                           "`elvis datasets list --data-root data` says what it lacks")
+
+
 # --- the DINOv2 backbone without network --------------------------------------------------------
 
 
@@ -199,3 +219,4 @@ def test_dinov2_without_network_fails_at_once_naming_the_cache(tmp_path, unreach
                            f"Hugging Face cache ({tmp_path / 'hf'}) and 127.0.0.1 cannot be "
                            "reached", "HF_HOME", "--backbone-option model_id=FOLDER")
     assert "Retrying" not in result.stderr
+

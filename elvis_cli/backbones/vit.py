@@ -33,6 +33,7 @@ from elvis_cli.backbones.base import (
 )
 from elvis_cli.util.download import cache_dir, download_to_cache, offline_forced, reachable
 from elvis_cli.util.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 
 DETECTOR_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{name}_detector.pt"
 OFFICIAL_DETECTOR = "official"
@@ -75,8 +76,12 @@ def detector_file(detector: str, backbone: str) -> Path:
     """A detector path as given, or the backbone's official one downloaded once into the cache."""
     if detector != OFFICIAL_DETECTOR:
         path = Path(detector).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"detector file not found: {path}")
+        if file_kind(path) not in (FileKind.TORCH, FileKind.TORCH_LEGACY):
+            raise InputError(f"detector {path} is {describe_file(path)}, not a detector: expected "
+                             f"a .pt state dict like the authors' {backbone}_detector.pt, "
+                             f"`{OFFICIAL_DETECTOR}` or `{NO_DETECTOR}`")
         return path
     return download_to_cache(
         DETECTOR_URL.format(name=backbone),

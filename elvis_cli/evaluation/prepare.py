@@ -72,10 +72,15 @@ class DatasetStatus:
         return entry.metric if entry else "custom"
 
 
-def _entry(name: str) -> DatasetEntry:
+def _entry(name: str, data_root: Path) -> DatasetEntry:
     entry = REGISTRY.get(name)
     if name in RENAMED:
         raise InputError(f"dataset {name!r} is now called {RENAMED[name]!r} (the authors' name)")
+    if entry is None and detect_layout(Path(data_root) / name) is not None:
+        listing = " ".join(["elvis", "datasets", "list", *_data_root_option(data_root)])
+        raise InputError(f"{name} is a custom dataset ({Path(data_root) / name}), which elvis "
+                         f"cannot fetch: `{listing}` says what it lacks; elvis prepares only "
+                         f"{', '.join(REGISTRY)}")
     if entry is None:
         raise InputError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
     return entry
@@ -84,7 +89,7 @@ def _entry(name: str) -> DatasetEntry:
 def prepare(name: str, data_root: Path, source: Path | None = None,
             on_file=None) -> PrepareReport:
     """Lay out dataset `name` under `data_root/name`; `on_file(label)` hears each step."""
-    entry = _entry(name)
+    entry = _entry(name, data_root)
     step = on_file or (lambda _label: None)
     folder = Path(data_root) / name
     report = PrepareReport(name, folder)
@@ -173,12 +178,17 @@ def _download(missing: list[Remote], folder: Path, manifest: dict, report: Prepa
 def prepare_command(name: str, data_root: Path, source: str = "") -> str:
     """The `elvis datasets prepare` command to suggest, carrying the data root unless it is
     the default one (and `--from SOURCE` when given), so that it can be run as it is."""
-    words = ["elvis", "datasets", "prepare", name]
-    if Path(data_root) != default_data_root():
-        words += ["--data-root", shlex.quote(str(data_root))]
+    words = ["elvis", "datasets", "prepare", name, *_data_root_option(data_root)]
     if source:
         words += ["--from", source]
     return " ".join(words)
+
+
+def _data_root_option(data_root: Path) -> list[str]:
+    """`--data-root DIR` for a suggested command; nothing when DIR is the default."""
+    if Path(data_root) == default_data_root():
+        return []
+    return ["--data-root", shlex.quote(str(data_root))]
 
 
 def _ground_truth_files(entry: DatasetEntry) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from elvis_cli.model.reranker import Fusion
+from elvis_cli.model.fusion import Fusion
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.download import cache_dir, download_to_cache
 from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name

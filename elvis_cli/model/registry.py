@@ -8,8 +8,9 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.chamfer import Chamfer
 from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.fusion import check_fusion
 from elvis_cli.model.global_ranking import GlobalRanking
-from elvis_cli.model.reranker import Reranker, check_fusion
+from elvis_cli.model.reranker import Reranker
 from elvis_cli.util.errors import unknown_name
 
 # in the order of the tables' columns

@@ -9,7 +9,6 @@ to the engine.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from elvis_cli.util.errors import InputError
+from elvis_cli.model.fusion import Fusion
 
 if TYPE_CHECKING:
     from elvis_cli.features.store import FeatureStore
@@ -34,33 +33,6 @@ class Embedded:
     descriptors: torch.Tensor  # (B, m, d), e.g. ELViS's projection, rows L2-normalised
     gains: torch.Tensor  # (B, m) per-descriptor values (ELViS: dustbin gains in [-1, 1])
     mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
-
-
-def check_fusion(lam: float | None, temperature: float | None) -> None:
-    """Refuse a fusion weight outside [0, 1] or a temperature that is not a positive number
-    (None: the checkpoint's own); callers check before any work, so a typo costs nothing."""
-    if lam is not None and not 0.0 <= lam <= 1.0:
-        raise InputError(f"lam (--lam, the fusion weight of the global score) must lie in "
-                         f"[0, 1], got {lam:g}")
-    if temperature is not None and not 0.0 < temperature < math.inf:
-        raise InputError(f"temperature (--temp, which scales the raw score before the sigmoid) "
-                         f"must be a positive number, got {temperature:g}")
-
-
-@dataclass
-class Fusion:
-    """score = lam * global + (1 - lam) * sigmoid(temperature * raw)  (ELVIS_SPEC §5)."""
-
-    lam: float = 0.5
-    temperature: float = 0.5
-
-    def __post_init__(self) -> None:
-        check_fusion(self.lam, self.temperature)
-
-    def __call__(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
-        return self.lam * global_score + (1 - self.lam) * torch.sigmoid(
-            self.temperature * raw_score
-        )
 
 
 class Reranker(nn.Module, ABC):
