@@ -64,7 +64,7 @@ _PUBLIC = {
     "ElvisReranker": "elvis_cli.model.elvis_reranker",
     "GlobalRanking": "elvis_cli.model.global_ranking",
     "Reranker": "elvis_cli.model.reranker",
-    "Fusion": "elvis_cli.model.reranker",
+    "Fusion": "elvis_cli.model.fusion",
     "RerankResult": "elvis_cli.model.reranker",
     "RERANKERS": "elvis_cli.model.registry",
     "load_reranker": "elvis_cli.model.registry",

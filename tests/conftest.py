@@ -66,3 +66,29 @@ def _subprocesses_need_the_marker(request, monkeypatch):
                                   "@pytest.mark.subprocess")
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """The Hugging Face hub at a local port that refuses connections, an empty hub cache in
+    tmp_path/hf, and any retry (a sleep) failing the test."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
+                        f"http://127.0.0.1:{closed.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ELVIS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_retry(seconds):
+        raise AssertionError(f"slept {seconds}s: a retry")
+
+    monkeypatch.setattr(time, "sleep", no_retry)
+    yield tmp_path / "hf"
+    closed.close()

@@ -480,3 +480,24 @@ def test_vit_features_are_stored_in_float16(name, tmp_path):
         assert store.backbone_settings["name"] == name
         _, mask = store.local_descriptors([0, 1])
         assert not mask[:, 0].any()
+
+
+def test_dinov2_without_network_loads_cached_weights_or_a_folder(tmp_path, unreachable_hub,
+                                                                  tiny_dino_model):
+    """No network: weights in the hub cache, or a saved folder, load at once (no retries)."""
+    repo, revision = unreachable_hub / "models--elvis-tests--tiny", "0" * 40
+    tiny_dino_model.save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    tiny_dino_model.save_pretrained(tmp_path / "saved")
+    for model_id in ("elvis-tests/tiny", str(tmp_path / "saved")):
+        backbone = create_backbone("dinov2", model_id=model_id, detector="none")
+        assert backbone.local_dim == TINY_DINOV2["hidden_size"]
+
+
+def test_a_detector_that_is_not_a_torch_file_is_named_for_what_it_is(tmp_path, tiny_dino_model):
+    (tmp_path / "weights.csv").write_text("layer,weight\n")
+    with pytest.raises(InputError, match=r"detector .*weights\.csv is a text file \(first line: "
+                                         r"'layer,weight'\), not a detector: expected a \.pt "
+                                         r"state dict like the authors' dinov2_detector\.pt"):
+        create_backbone("dinov2", model=tiny_dino_model, detector=str(tmp_path / "weights.csv"))

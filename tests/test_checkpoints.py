@@ -66,12 +66,17 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_code_in_a_checkpoint_is_never_executed(tmp_path):
+@pytest.mark.parametrize(("save", "message"), [
+    (torch.save, "refusing to load checkpoint"),
+    (lambda payload, path: torch.save(payload, path, _use_new_zipfile_serialization=False),
+     "refusing to load checkpoint"),
+    (lambda payload, path: path.write_bytes(pickle.dumps(payload)), "is a Python pickle"),
+], ids=["torch", "torch-legacy", "pickle"])
+def test_code_in_a_checkpoint_is_never_executed(tmp_path, save, message):
     marker = tmp_path / "pwned"
     _Exploit.marker = marker
-    with open(tmp_path / "evil.pt", "wb") as handle:
-        pickle.dump({"state": _Exploit()}, handle)
-    with pytest.raises(InputError, match="refusing to load checkpoint"):
+    save({"state": _Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match=message):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ from elvis_cli.backbones.base import (
     resize_to_multiple,
     select_top_k,
 )
-from elvis_cli.util.download import cache_dir, download_to_cache
+from elvis_cli.util.download import cache_dir, download_to_cache, offline_forced, reachable
 from elvis_cli.util.errors import InputError, ModelMismatchError, OfflineError
+from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 
 DETECTOR_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{name}_detector.pt"
 OFFICIAL_DETECTOR = "official"
@@ -74,8 +76,12 @@ def detector_file(detector: str, backbone: str) -> Path:
     """A detector path as given, or the backbone's official one downloaded once into the cache."""
     if detector != OFFICIAL_DETECTOR:
         path = Path(detector).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"detector file not found: {path}")
+        if file_kind(path) not in (FileKind.TORCH, FileKind.TORCH_LEGACY):
+            raise InputError(f"detector {path} is {describe_file(path)}, not a detector: expected "
+                             f"a .pt state dict like the authors' {backbone}_detector.pt, "
+                             f"`{OFFICIAL_DETECTOR}` or `{NO_DETECTOR}`")
         return path
     return download_to_cache(
         DETECTOR_URL.format(name=backbone),
@@ -103,15 +109,37 @@ def load_detector(detector: str, dim: int, backbone: str) -> Detector:
     return module.eval()
 
 
-def load_hub_model(class_name: str, model_id: str) -> nn.Module:
-    """from_pretrained with the hub cache; no network (or HF_HUB_OFFLINE) -> OfflineError."""
+def load_hub_model(class_name: str, model_id: str, backbone: str) -> nn.Module:
+    """from_pretrained with the hub cache, or from a local folder. Without network (the hub
+    host not reachable within seconds, or HF_HUB_OFFLINE/ELVIS_OFFLINE set) only the cache is
+    read: the hub client itself would retry for half a minute before failing."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub
+
+    offline_mode = hub.is_offline_mode() or offline_forced() or os.environ.get(
+        "HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    no_network = not Path(model_id).expanduser().is_dir() and (
+        offline_mode or not reachable(hub.ENDPOINT))
+    why = "offline mode is on" if offline_mode else (
+        f"{urllib.parse.urlsplit(hub.ENDPOINT).hostname} cannot be reached")
+    not_cached = OfflineError(
+        f"the {backbone} weights {model_id!r} are not in the Hugging Face cache "
+        f"({hub.HF_HUB_CACHE}) and {why}: run once with network (they are then cached), set "
+        "HF_HOME to a Hugging Face cache that holds them, or pass --backbone-option "
+        "model_id=FOLDER (a copy saved by save_pretrained); the default backbone "
+        "efficientnet-lite0 works offline")
+    # said before transformers' seconds of imports when not even the config is cached
+    if no_network and not isinstance(
+            huggingface_hub.try_to_load_from_cache(model_id, "config.json"), str):
+        raise not_cached
     import transformers
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     model_class = getattr(transformers, class_name)
     try:
-        return model_class.from_pretrained(model_id, local_files_only=offline).eval()
+        return model_class.from_pretrained(model_id, local_files_only=no_network).eval()
     except (OSError, ValueError) as error:
+        if no_network:
+            raise not_cached from None
         raise OfflineError(
             f"could not fetch the weights {model_id!r} ({str(error).splitlines()[0]}); "
             "the default backbone efficientnet-lite0 works offline"
@@ -137,7 +165,7 @@ class ViTBackbone(Backbone):
         super().__init__()
         self.options: ViTOptions = parse_options(self.options_type, options, self.name)
         if model is None:
-            model = load_hub_model(self.model_class, self.options.model_id)
+            model = load_hub_model(self.model_class, self.options.model_id, self.name)
         else:
             if not isinstance(model, nn.Module):
                 import transformers

@@ -270,12 +270,12 @@ def _read_class_lines(path: Path) -> list[tuple[str, str]]:
 
 
 # (gallery, queries) of class-labelled sets: ours, then the authors' folder layout
-_CLASS_FILES = (("gallery.txt", "queries.txt"), ("test_gallery.txt", "test_query.txt"))
+CLASS_FILES = (("gallery.txt", "queries.txt"), ("test_gallery.txt", "test_query.txt"))
 
 
 def _class_files(root: Path) -> tuple[Path, Path | None] | None:
     """The gallery list and the query list (None: the gallery's images are the queries)."""
-    for gallery, queries in _CLASS_FILES:
+    for gallery, queries in CLASS_FILES:
         if (root / gallery).is_file():
             return root / gallery, root / queries if (root / queries).is_file() else None
     return None

@@ -8,6 +8,7 @@ cannot fetch it names, with the URL and the place to put it, in one error.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import tarfile
 import tempfile
@@ -18,23 +19,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elvis_cli.evaluation.datasets import (
+    CLASS_FILES,
     GLDV2_SOLUTION,
+    RetrievalDataset,
     default_data_root,
     detect_layout,
     find_datasets,
     load_dataset,
 )
-from elvis_cli.evaluation.registry import REGISTRY, RENAMED, DatasetEntry, Remote
+from elvis_cli.evaluation.registry import (
+    LAYOUT_CLASS,
+    LAYOUT_GLDV2,
+    LAYOUT_PICKLE,
+    REGISTRY,
+    RENAMED,
+    DatasetEntry,
+    Remote,
+)
 from elvis_cli.features.images import IMAGE_SUFFIXES
 from elvis_cli.features.layout import OFFICIAL_LOCAL, official_file, official_parts
 from elvis_cli.util.atomic import write_text_atomic
-from elvis_cli.util.download import fetch
+from elvis_cli.util.download import UnreachableError, fetch
 from elvis_cli.util.errors import InputError, OfflineError
 from elvis_cli.util.progress import ProgressCallback, TaskProgress
 
 MANIFEST = ".elvis-prepared.json"  # what was fetched (sha256) and unpacked, per file name
-_GROUND_TRUTH_FILES = ("gallery.txt", "queries.txt", "index.csv", GLDV2_SOLUTION,
-                       "revisitop1m.txt")
+_DISTRACTORS_LIST = "revisitop1m.txt"
 _ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".zip")
 
 
@@ -62,10 +72,15 @@ class DatasetStatus:
         return entry.metric if entry else "custom"
 
 
-def _entry(name: str) -> DatasetEntry:
+def _entry(name: str, data_root: Path) -> DatasetEntry:
     entry = REGISTRY.get(name)
     if name in RENAMED:
         raise InputError(f"dataset {name!r} is now called {RENAMED[name]!r} (the authors' name)")
+    if entry is None and detect_layout(Path(data_root) / name) is not None:
+        listing = " ".join(["elvis", "datasets", "list", *_data_root_option(data_root)])
+        raise InputError(f"{name} is a custom dataset ({Path(data_root) / name}), which elvis "
+                         f"cannot fetch: `{listing}` says what it lacks; elvis prepares only "
+                         f"{', '.join(REGISTRY)}")
     if entry is None:
         raise InputError(f"unknown dataset {name!r}; known: {', '.join(REGISTRY)}")
     return entry
@@ -74,7 +89,7 @@ def _entry(name: str) -> DatasetEntry:
 def prepare(name: str, data_root: Path, source: Path | None = None,
             on_file=None) -> PrepareReport:
     """Lay out dataset `name` under `data_root/name`; `on_file(label)` hears each step."""
-    entry = _entry(name)
+    entry = _entry(name, data_root)
     step = on_file or (lambda _label: None)
     folder = Path(data_root) / name
     report = PrepareReport(name, folder)
@@ -83,10 +98,10 @@ def prepare(name: str, data_root: Path, source: Path | None = None,
             return report  # the authors' own folder of the +1M set
         for needed in (entry.base, str(entry.distractors)):
             if needed not in find_datasets(data_root) and not (
-                    Path(data_root) / needed / "revisitop1m.txt").is_file():
-                raise InputError(f"{name} is {entry.base} plus R1M distractors: run `elvis "
-                                 f"datasets prepare {needed}` first, or put the authors' "
-                                 f"{name}/ folder under {data_root}")
+                    Path(data_root) / needed / _DISTRACTORS_LIST).is_file():
+                raise InputError(f"{name} is {entry.base} plus R1M distractors: run "
+                                 f"`{prepare_command(needed, data_root)}` first, or put the "
+                                 f"authors' {name}/ folder under {data_root}")
         return report
     if entry.bundled is not None:
         shutil.copytree(entry.bundled, folder, dirs_exist_ok=True,
@@ -103,7 +118,7 @@ def prepare(name: str, data_root: Path, source: Path | None = None,
     if source is None:
         missing, reason = _download(missing, folder, manifest, report, step)
     if missing:
-        raise OfflineError(_what_to_fetch(entry, folder, missing, reason))
+        raise OfflineError(_what_to_fetch(entry, data_root, missing, reason))
     for remote in entry.remotes:
         if remote.unpack_to and not manifest.get(remote.filename, {}).get("unpacked"):
             step(f"unpacking {remote.filename}")
@@ -113,7 +128,7 @@ def prepare(name: str, data_root: Path, source: Path | None = None,
             report.unpacked.append(remote.filename)
             _write_manifest(folder, manifest)
     if entry.layout != "distractors" and detect_layout(folder) is None:
-        raise InputError(_ground_truth_hint(entry))
+        raise InputError(_ground_truth_hint(entry, data_root))
     report.warnings = _check(entry, data_root)
     return report
 
@@ -150,6 +165,8 @@ def _download(missing: list[Remote], folder: Path, manifest: dict, report: Prepa
         step(f"downloading {remote.url}")
         try:
             digest = fetch(remote.url, folder / remote.filename, remote.sha256)
+        except UnreachableError as error:  # the URL is in the list of files to fetch
+            return missing[position:], error.reason
         except OfflineError as error:
             return missing[position:], str(error)
         manifest[remote.filename] = {"sha256": digest, "url": remote.url}
@@ -158,26 +175,58 @@ def _download(missing: list[Remote], folder: Path, manifest: dict, report: Prepa
     return [], ""
 
 
-def _ground_truth_hint(entry: DatasetEntry) -> str:
+def prepare_command(name: str, data_root: Path, source: str = "") -> str:
+    """The `elvis datasets prepare` command to suggest, carrying the data root unless it is
+    the default one (and `--from SOURCE` when given), so that it can be run as it is."""
+    words = ["elvis", "datasets", "prepare", name, *_data_root_option(data_root)]
+    if source:
+        words += ["--from", source]
+    return " ".join(words)
+
+
+def _data_root_option(data_root: Path) -> list[str]:
+    """`--data-root DIR` for a suggested command; nothing when DIR is the default."""
+    if Path(data_root) == default_data_root():
+        return []
+    return ["--data-root", shlex.quote(str(data_root))]
+
+
+def _ground_truth_files(entry: DatasetEntry) -> list[str]:
+    """The ground-truth files of the entry's layout, as `datasets.py` reads them."""
+    return {LAYOUT_PICKLE: [f"gnd_{entry.name}.pkl"],
+            LAYOUT_CLASS: [name for pair in CLASS_FILES for name in pair],
+            LAYOUT_GLDV2: ["index.csv", GLDV2_SOLUTION, f"gnd_{entry.name}.pkl"],
+            "distractors": [_DISTRACTORS_LIST]}[entry.layout]
+
+
+def _image_folders(entry: DatasetEntry) -> tuple[str, ...]:
+    return ("index", "test") if entry.layout == LAYOUT_GLDV2 else ("jpg",)
+
+
+def _ground_truth_hint(entry: DatasetEntry, data_root: Path) -> str:
     """One line for a dataset whose ground truth elvis cannot fetch or build itself."""
-    where = {"gnd-pickle": f"gnd_{entry.name}.pkl and jpg/",
-             "class-lines": "gallery.txt (+ queries.txt) of `path,class` lines and jpg/",
-             "gldv2-csv": f"index.csv, {GLDV2_SOLUTION}, index/ and test/"}[entry.layout]
+    where = {LAYOUT_PICKLE: f"gnd_{entry.name}.pkl and jpg/",
+             LAYOUT_CLASS: "gallery.txt (+ queries.txt) of `path,class` lines and jpg/",
+             LAYOUT_GLDV2: f"index.csv, {GLDV2_SOLUTION}, index/ and test/"}[entry.layout]
     source = f" ({entry.homepage})" if entry.homepage else ""
     return (f"{entry.name}: elvis cannot fetch its ground truth ({entry.unverified or 'no URL'})"
-            f"; get it from its authors{source} and run `elvis datasets prepare {entry.name} "
-            f"--from PATH` with a folder or archive holding {where}")
+            f"; get it from its authors{source} and run "
+            f"`{prepare_command(entry.name, data_root, 'PATH')}` with a folder or archive "
+            f"holding {where}")
 
 
-def _what_to_fetch(entry: DatasetEntry, folder: Path, missing: list[Remote], reason: str) -> str:
+def _what_to_fetch(entry: DatasetEntry, data_root: Path, missing: list[Remote],
+                   reason: str) -> str:
     """One line: every file to fetch by hand, its URL, and where it goes."""
+    folder = Path(data_root) / entry.name
     shown = missing[:6]
     files = "; ".join(f"{remote.url} -> {folder / remote.filename}" for remote in shown)
     more = f"; and {len(missing) - len(shown)} more like them" if len(missing) > len(shown) else ""
     return (f"cannot download {len(missing)} file(s) of {entry.name} ({reason}); "
-            f"fetch them by hand: {files}{more}; then run `elvis datasets prepare {entry.name}` "
-            f"again, or `elvis datasets prepare {entry.name} --from DIR` with a folder or "
-            "archive holding them")
+            f"fetch them by hand: {files}{more}; then run "
+            f"`{prepare_command(entry.name, data_root)}` again, or "
+            f"`{prepare_command(entry.name, data_root, 'DIR')}` with a folder or archive "
+            "holding them")
 
 
 @contextmanager
@@ -208,19 +257,22 @@ def _take_from(files: Path, entry: DatasetEntry, folder: Path, report: PrepareRe
     for path in files.rglob("*"):
         if path.is_file():
             by_name.setdefault(path.name, path)
-    wanted = [remote.filename for remote in entry.remotes]
-    wanted += [f"gnd_{entry.name}.pkl", *_GROUND_TRUTH_FILES]
+    wanted = list(dict.fromkeys([*(remote.filename for remote in entry.remotes),
+                                 *_ground_truth_files(entry)]))
     for filename in wanted:
         if filename in by_name and not (folder / filename).is_file():
             shutil.copy2(by_name[filename], folder / filename)
             report.fetched.append(filename)
-    for sub in ("jpg", "index", "test"):
+    subs = _image_folders(entry)
+    for sub in subs:
         found = next((path for path in [files / sub, *files.rglob(sub)] if path.is_dir()), None)
         if found is not None:
             shutil.copytree(found, folder / sub, dirs_exist_ok=True)
             report.fetched.append(f"{sub}/")
     if not report.fetched:
-        raise InputError(f"--from {files}: found none of {', '.join(wanted)} nor a jpg/ folder")
+        folders = " or ".join(f"{sub}/" for sub in subs)
+        raise InputError(f"--from {files}: found none of the files of {entry.name} "
+                         f"({', '.join(wanted)}) nor a {folders} folder")
 
 
 def _unpack(archive: Path, target: Path, flatten: bool, images_only: bool = True) -> None:
@@ -258,8 +310,7 @@ def _check(entry: DatasetEntry, data_root: Path) -> list[str]:
         return []
     dataset = load_dataset(data_root, entry.name)
     warnings = []
-    paths = dataset.gallery_paths() + dataset.query_paths()
-    absent = [path for path in paths if not path.is_file()]
+    absent = _absent_images(dataset)
     if absent:
         warnings.append(f"{len(absent)} image(s) missing, first {absent[0]}")
     for what, expected, actual in (("queries", entry.num_queries, len(dataset.queries)),
@@ -267,6 +318,13 @@ def _check(entry: DatasetEntry, data_root: Path) -> list[str]:
         if expected is not None and expected != actual:
             warnings.append(f"{actual} {what}, the benchmark has {expected}")
     return warnings
+
+
+def _absent_images(dataset: RetrievalDataset) -> list[Path]:
+    """The images its ground truth names that are not on disk, each once (a class-labelled
+    set without queries.txt lists its gallery as its queries too)."""
+    paths = dict.fromkeys(dataset.gallery_paths() + dataset.query_paths())
+    return [path for path in paths if not path.is_file()]
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -285,19 +343,22 @@ def dataset_status(data_root: Path, name: str) -> DatasetStatus:
         ready = name in find_datasets(data_root)
         return DatasetStatus(name, "ready" if ready else "missing",
                              feature_sets(Path(data_root) / name), 0,
-                             "" if ready else f"elvis datasets prepare {entry.base}; "
-                             f"elvis datasets prepare {entry.distractors}")
+                             "" if ready else f"{prepare_command(entry.base, data_root)}; "
+                             f"{prepare_command(str(entry.distractors), data_root)}")
     folder = Path(data_root) / name
     features = feature_sets(folder)
     size = _size(folder)
-    prepare_hint = f"elvis datasets prepare {name}"
+    # a custom dataset cannot be prepared: say what to put where instead
+    prepare_hint = prepare_command(name, data_root) if entry is not None else (
+        f"put its ground truth in {folder}: gnd_{name}.pkl with jpg/, gallery.txt of "
+        f"`path,class` lines with jpg/, or GLDv2's index.csv and {GLDV2_SOLUTION}")
     if not folder.is_dir():
         if entry is not None and entry.bundled is not None:
-            return DatasetStatus(name, "bundled", features, 0, f"{prepare_hint} (or "
-                                 f"--data-root {entry.bundled.parent})")
+            return DatasetStatus(name, "bundled", features, 0, f"{prepare_hint}, or use it "
+                                 f"where it is: --data-root {entry.bundled.parent}")
         return DatasetStatus(name, "missing", features, size, prepare_hint)
     if entry is not None and entry.layout == "distractors":
-        state = "ready" if (folder / "revisitop1m.txt").is_file() else "images only"
+        state = "ready" if (folder / _DISTRACTORS_LIST).is_file() else "images only"
         return DatasetStatus(name, state, features, size)
     if detect_layout(folder) is None:
         has_images = any((folder / sub).is_dir() for sub in ("jpg", "index", "test"))
@@ -307,10 +368,12 @@ def dataset_status(data_root: Path, name: str) -> DatasetStatus:
         dataset = load_dataset(data_root, name)
     except InputError as error:
         return DatasetStatus(name, "broken", features, size, str(error))
-    absent = sum(not path.is_file() for path in dataset.gallery_paths() + dataset.query_paths())
+    absent = _absent_images(dataset)
     if absent:
+        where = prepare_hint if entry is not None else (
+            f"put the images its ground truth names under {dataset.image_root}/")
         return DatasetStatus(name, "ground truth only", features, size,
-                             f"{absent} image(s) missing; {prepare_hint}")
+                             f"{len(absent)} image(s) missing, first {absent[0]}; {where}")
     return DatasetStatus(name, "ready", features, size)
 
 

@@ -38,8 +38,9 @@ from elvis_cli.features.layout import FORMAT
 from elvis_cli.features.released import open_released
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Checkpoint
+from elvis_cli.model.fusion import Fusion, check_fusion
 from elvis_cli.model.registry import RERANKERS, load_reranker, reranker_class
-from elvis_cli.model.reranker import Fusion, fuse_and_sort
+from elvis_cli.model.reranker import fuse_and_sort
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
@@ -68,6 +69,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if not self.shortlists or any(size < 0 for size in self.shortlists):
             raise InputError("shortlist sizes must be zero (global only) or positive")
+        check_fusion(self.lam, self.temperature)
         self.shortlists = sorted(set(self.shortlists))
         if not self.models:
             raise InputError(f"no model given; use {', '.join(RERANKERS)}")

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from elvis_cli.model.elvis import Elvis, ElvisConfig
-from elvis_cli.model.reranker import Fusion
+from elvis_cli.model.fusion import Fusion
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.download import cache_dir, download_to_cache
 from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name
+from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 
 OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
 
@@ -60,9 +61,8 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
     if text in BUNDLED_CHECKPOINTS:
         return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
     path = Path(text).expanduser()
-    if not path.is_file():
-        raise unknown_name("checkpoint (no such file either)", text,
-                           [*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS])
+    if not path.exists():
+        raise unknown_name("checkpoint (no such file either)", text, _checkpoint_names())
     return _from_file(path, path.stem, None)
 
 
@@ -163,26 +163,56 @@ def _download_official(name: str) -> Path:
                              "pass --checkpoint PATH")
 
 
+def _checkpoint_names() -> list[str]:
+    return [*OFFICIAL_CHECKPOINTS, *BUNDLED_CHECKPOINTS]
+
+
+def _not_a_checkpoint(path: Path) -> InputError:
+    """What the file is, and what a checkpoint is, for a file that cannot be one; for a
+    folder, the checkpoints it holds."""
+    inside = sorted(str(child) for child in path.glob("*.pt")) if path.is_dir() else []
+    hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+    return InputError(
+        f"checkpoint {path} is {describe_file(path)}{hint}, not an ELViS checkpoint: expected a "
+        f".pt file written by `elvis train`, or the name of an official or bundled checkpoint "
+        f"({', '.join(_checkpoint_names())})")
+
+
 def _reason(error: BaseException) -> str:
-    return str(getattr(error, "reason", None) or error).splitlines()[0][:120]
+    """The first line of an error's message, or its type when it has none (EOFError)."""
+    lines = str(getattr(error, "reason", None) or error).strip().splitlines()
+    return lines[0][:120] if lines else type(error).__name__
 
 
 def _from_file(path: Path, name: str, backbone: dict[str, Any] | None) -> Checkpoint:
+    # torch's unpickler, given an image or a text file, fails with "pop from empty list"
+    kind = file_kind(path)
+    if kind is FileKind.ZIP_DAMAGED:  # torch files are zip archives: a download cut short?
+        raise InputError(f"cannot read checkpoint {path}: {kind.value}")
+    if kind not in (FileKind.TORCH, FileKind.TORCH_LEGACY):
+        raise _not_a_checkpoint(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # not a refused object: a damaged pickle
+            raise InputError(f"cannot read checkpoint {path}: a damaged torch file "
+                             f"({_reason(error.__context__ or error)})") from None
         raise InputError(
             f"refusing to load checkpoint {path}: it holds more than weights (code or custom "
             "objects), which weights-only loading does not execute"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise InputError(f"cannot read checkpoint {path}: {_reason(error)}") from None
+    except Exception as error:  # a damaged torch file fails in many ways, all "unreadable"
+        raise InputError(f"cannot read checkpoint {path}: a damaged torch file "
+                         f"({_reason(error)})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
         raise InputError(f"checkpoint {path} is not in the official format (a dict with 'state')")
     state = payload["state"]
     model = _model_for_state(state, path)
     extra = payload.get("elvis_cli") or {}
-    fusion = Fusion(**extra["fusion"]) if "fusion" in extra else Fusion()
+    try:
+        fusion = Fusion(**extra["fusion"]) if "fusion" in extra else Fusion()
+    except (InputError, TypeError) as error:
+        raise InputError(f"checkpoint {path} stores an unusable fusion: {error}") from None
     return Checkpoint(model.eval(), name, extra.get("backbone", backbone), fusion,
                       extra.get("info", {}))
 

@@ -10,7 +10,8 @@ import torch
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Checkpoint, checkpoint_for_features
 from elvis_cli.model.elvis import Elvis
-from elvis_cli.model.reranker import Embedded, Fusion, Reranker
+from elvis_cli.model.fusion import Fusion
+from elvis_cli.model.reranker import Embedded, Reranker
 
 
 class ElvisReranker(Reranker):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from elvis_cli.model.fusion import Fusion
+
 if TYPE_CHECKING:
     from elvis_cli.features.store import FeatureStore
     from elvis_cli.model.checkpoints import Checkpoint
@@ -31,19 +33,6 @@ class Embedded:
     descriptors: torch.Tensor  # (B, m, d), e.g. ELViS's projection, rows L2-normalised
     gains: torch.Tensor  # (B, m) per-descriptor values (ELViS: dustbin gains in [-1, 1])
     mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
-
-
-@dataclass
-class Fusion:
-    """score = lam * global + (1 - lam) * sigmoid(temperature * raw)  (ELVIS_SPEC §5)."""
-
-    lam: float = 0.5
-    temperature: float = 0.5
-
-    def __call__(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
-        return self.lam * global_score + (1 - self.lam) * torch.sigmoid(
-            self.temperature * raw_score
-        )
 
 
 class Reranker(nn.Module, ABC):

@@ -13,6 +13,7 @@ import torch
 
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.errors import InputError
+from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 from elvis_cli.util.safe_pickle import load_pickle
 
 
@@ -74,9 +75,13 @@ def save_shortlist(path: Path, shortlist: Shortlist) -> None:
 def load_shortlist(path: Path) -> Shortlist:
     """Read ours (.npz) or the official `nn_<desc>.pkl` (a (2|3, Q, K) tensor, ELVIS_SPEC §4)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"shortlist file not found: {path}")
-    if path.suffix == ".npz":
+    kind = file_kind(path)  # by content: a features file given here is named as one
+    if kind not in (FileKind.NPZ, FileKind.PICKLE, FileKind.UNKNOWN):
+        raise InputError(f"{path} is {describe_file(path)}, not a shortlist: expected a .npz "
+                         "written by `elvis shortlist` or an official nn_<desc>.pkl")
+    if kind is FileKind.NPZ:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return Shortlist(data["indices"].astype(np.int64),

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,15 @@ _CHUNK = 1 << 20
 def cache_dir() -> Path:
     """Where downloads live: $ELVIS_CACHE, else ~/.cache/elvis."""
     return Path(os.environ.get("ELVIS_CACHE") or Path.home() / ".cache" / "elvis").expanduser()
+
+
+class UnreachableError(OfflineError):
+    """A server that could not be reached or did not send the file; the URL and the reason
+    are kept apart, so that a message that lists URLs itself shows each once."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason
 
 
 def download_to_cache(url: str, target: Path, what: str, alternative: str) -> Path:
@@ -41,6 +52,22 @@ def download_to_cache(url: str, target: Path, what: str, alternative: str) -> Pa
 def offline_forced() -> bool:
     """$ELVIS_OFFLINE=1 means: never touch the network (air-gapped machines, tests)."""
     return os.environ.get("ELVIS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the proxy that reaches it) opens
+    within `timeout` seconds: a second's check before a client that retries for half a minute
+    when there is no network (Hugging Face's)."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def sha256_of(path: Path) -> str:
@@ -79,15 +106,15 @@ def fetch(url: str, target: Path, sha256: str | None = None, timeout: float = 30
                         on_bytes(len(block))
     except urllib.error.HTTPError as error:
         if error.code != 416 or not start:  # 416: the .part already holds every byte
-            raise OfflineError(f"{url}: HTTP {error.code} {error.reason}") from None
+            raise UnreachableError(url, f"HTTP {error.code} {error.reason}") from None
         expected = None
     except (urllib.error.URLError, OSError, TimeoutError) as error:
         reason = getattr(error, "reason", None) or error
-        raise OfflineError(f"{url}: {str(reason).splitlines()[0][:120]}") from None
+        raise UnreachableError(url, str(reason).splitlines()[0][:120]) from None
     size = partial.stat().st_size
     if expected is not None and size != expected:
-        raise OfflineError(f"{url}: transfer stopped at {size} of {expected} bytes; run again "
-                           "to resume")
+        raise UnreachableError(url, f"transfer stopped at {size} of {expected} bytes; run "
+                               "again to resume")
     digest = sha256_of(partial)
     if sha256 is not None and digest != sha256.lower():
         partial.unlink()
