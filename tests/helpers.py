@@ -166,24 +166,12 @@ def run_cli(*args: object) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit code 1 and a single `elvis: error:` line on stderr holding every fragment."""
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 1 and a single `elvis: error:` line on stderr holding every fragment; that
+    line."""
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("elvis: error:"), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-def error_after_progress(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """`one_line_error` for a command that may print progress lines before it fails (outside
-    a terminal each is a plain `elvis: TASK ...` line): exit code 1 and exactly one
-    `elvis: error:` line, the last, holding every fragment; nothing but `elvis:` lines.
-    Returns the error line."""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("elvis: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert all(line.startswith("elvis: ") for line in lines), result.stderr
-    one_line_error(subprocess.CompletedProcess(result.args, result.returncode, result.stdout,
-                                               errors[0]), *fragments)
-    return errors[0]
+    return lines[0]

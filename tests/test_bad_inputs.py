@@ -18,7 +18,7 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import save_checkpoint
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.reranker import Fusion
-from tests.helpers import cli_in, error_after_progress, png_header_only
+from tests.helpers import cli_in, one_line_error, png_header_only
 from tests.helpers import run_cli as run
 
 SMALL = ["--backbone-option=image_size=64", "--backbone-option=num_local=16",
@@ -234,7 +234,7 @@ def test_non_finite_local_descriptors_name_the_first_image(tmp_path, checkpoint,
     poisoned[image, 0, 7] = value
     bad = features_file(tmp_path / "bad.h5", poisoned, unit(rng, 3))
     result = cli_in("rerank", "--features", bad, "--checkpoint", checkpoint, cwd=tmp_path)
-    error_after_progress(result, f"NaN/inf local descriptors, first 'img{image}.jpg'")
+    one_line_error(result, f"NaN/inf local descriptors, first 'img{image}.jpg'")
 
 
 def test_non_finite_global_descriptors_name_the_first_image(tmp_path, capsys):

@@ -18,7 +18,7 @@ from elvis_cli.evaluation.prepare import list_datasets
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.file_kind import FileKind, file_kind
-from tests.helpers import REPO, cli_in, error_after_progress, one_line_error, write_store
+from tests.helpers import REPO, cli_in, one_line_error, write_store
 
 OXFORD_URLS = ("http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
                "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz")
@@ -156,7 +156,7 @@ def test_offline_prepare_hint_carries_the_data_root_and_names_each_file_once(tmp
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     data = tmp_path / "my data"
     result = cli_in("datasets", "prepare", "roxford5k", "--data-root", data, cwd=tmp_path)
-    line = error_after_progress(
+    line = one_line_error(
         result, "of roxford5k ([Errno -2] Name or service not known); fetch them",
         f"`elvis datasets prepare roxford5k --data-root '{data}'` again",
         f"`elvis datasets prepare roxford5k --data-root '{data}' --from DIR`")
@@ -167,7 +167,7 @@ def test_offline_prepare_hint_carries_the_data_root_and_names_each_file_once(tmp
 def test_prepare_hint_leaves_out_the_default_data_root(tmp_path):
     result = cli_in("datasets", "prepare", "roxford5k", cwd=tmp_path,
                     env={"ELVIS_OFFLINE": "1", "ELVIS_DATA_ROOT": str(tmp_path / "data")})
-    error_after_progress(result, "then run `elvis datasets prepare roxford5k` again")
+    one_line_error(result, "then run `elvis datasets prepare roxford5k` again")
 
 
 def test_prepare_from_a_folder_without_the_files_lists_only_this_datasets_files(tmp_path):

@@ -19,7 +19,7 @@ from elvis_cli.evaluation.prepare import dataset_status, prepare, prepare_datase
 from elvis_cli.model.chamfer import Chamfer
 from elvis_cli.util.download import fetch
 from elvis_cli.util.errors import InputError, OfflineError
-from tests.helpers import elvis, error_after_progress
+from tests.helpers import elvis, one_line_error
 
 
 def oxford_like_download(folder: Path) -> None:
@@ -46,7 +46,7 @@ def test_offline_prepare_names_every_file_url_and_place(tmp_path):
     result = elvis("datasets", "prepare", "roxford5k", "--data-root", tmp_path / "data",
                    cwd=tmp_path, env={"ELVIS_OFFLINE": "1"})
     target = tmp_path / "data" / "roxford5k"
-    error_after_progress(
+    one_line_error(
         result, "http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
         f"{target / 'gnd_roxford5k.pkl'}",
         "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",
