@@ -76,11 +76,12 @@ def test_shortlist_files_is_elvis_shortlist(both):
 
 
 @pytest.mark.parametrize("model", ["elvis", "chamfer", "global"])
-def test_rerank_files_is_elvis_rerank_to_the_bit(both, model):
+def test_rerank_files_is_elvis_rerank_to_the_bit(both, model, monkeypatch):
     output = f"r-{model}.parquet"
     result = cli_in("rerank", "--features", "cli.h5", "--model", model, "--checkpoint", "c.pt",
                     "--shortlist", "3", "--workers", "1", "-o", output, cwd=both.cwd)
     assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(both.cwd)  # image paths are given from where the command runs
     run = rerank_files(both.cwd / "cli.h5", model=model, checkpoint=both.cwd / "c.pt",
                        config=RerankConfig(shortlist=3, workers=1))
     from_cli = pd.read_parquet(both.cwd / output)
