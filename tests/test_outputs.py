@@ -28,7 +28,7 @@ from elvis_cli import (
     shortlist_files,
     train,
 )
-from elvis_cli.cli.app import app
+from elvis_cli.cli import app as cli
 from tests.conftest import SMALL
 from tests.helpers import cli_in, one_line_error, random_checkpoint, run_cli, write_views
 
@@ -233,7 +233,8 @@ def test_paths_are_relative_to_the_folder_of_the_run_under_it(extracted):
     assert all((extracted.cwd / path).is_file() for path in paths)
 
 
-def test_paths_are_absolute_from_another_folder(extracted, tmp_path):
+def test_paths_are_absolute_from_another_folder(extracted, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.wide_console, "width", 400)  # long paths printed on one line
     result = cli_in("rerank", "--features", extracted.features, "--checkpoint",
                     extracted.checkpoint, "--shortlist", "2", "-o", "there.jsonl",
                     "--show", "8", cwd=tmp_path)
@@ -276,7 +277,7 @@ def test_a_named_missing_features_file_is_quoted_in_the_suggestion(tmp_path):
 
 def _commands(command=None, path: tuple[str, ...] = ()):
     """(path, command) of the `elvis` group and every command and group under it."""
-    command = command or typer.main.get_command(app)
+    command = command or typer.main.get_command(cli.app)
     yield path, command
     for name, sub in sorted(getattr(command, "commands", {}).items()):
         yield from _commands(sub, (*path, name))

@@ -722,7 +722,7 @@ def _print_top(table, show: int, per_query: int = 5) -> None:
         for row in rows.itertuples():
             view.add_row(str(row.rank), Text(str(row.gallery_path)), f"{row.global_score:.4f}",
                          f"{row.raw_score:.2f}", f"{row.score:.4f}")
-        console.print(view)
+        wide_console.print(view)
 
 
 def _round_line(entry: dict[str, float]) -> str:

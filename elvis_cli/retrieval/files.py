@@ -163,8 +163,8 @@ def rerank_files(
     openable from the current folder. Released files get their image names from the ground
     truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
-    output = None if output is None else checked_output(output)  # checked before any work
     _check_features_exist(features, queries)
+    output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
