@@ -272,6 +272,12 @@ def test_a_named_missing_features_file_is_quoted_in_the_suggestion(tmp_path):
                    "no my feats.h5 here", "elvis extract IMAGES -o 'my feats.h5'")
 
 
+def test_a_missing_features_file_elsewhere_is_named_with_the_suggestion(tmp_path):
+    one_line_error(cli_in("shortlist", "--features", "run/feats.h5", cwd=tmp_path),
+                   "elvis: error: run/feats.h5: features file not found; extract features "
+                   "first (elvis extract IMAGES -o run/feats.h5)")
+
+
 # --- --help renders its texts intact -----------------------------------------------------------
 
 

@@ -120,9 +120,12 @@ def _check_features_exist(features: str | Path | None, queries: str | Path | Non
     """A missing all-vs-all features file (`feats.h5` by default, in the current folder) is
     most often features not extracted yet: say how to make them, or how to name another."""
     if queries is None and features is not None and not Path(features).exists():
-        where = " here" if Path(features).parent == Path(".") else ""
-        raise InputError(f"no {features}{where}: extract features first (elvis extract IMAGES "
-                         f"-o {shlex.quote(str(features))}) or name a file with --features")
+        extract = f"elvis extract IMAGES -o {shlex.quote(str(features))}"
+        if Path(features).parent == Path("."):
+            raise InputError(f"no {features} here: extract features first ({extract}) or name "
+                             "a file with --features")
+        raise InputError(f"{features}: features file not found; extract features first "
+                         f"({extract})")
 
 
 def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
