@@ -6,8 +6,6 @@ import dataclasses
 import json
 import pickle
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import h5py
@@ -195,18 +193,6 @@ def test_help_names_the_library_default(capsys, monkeypatch, command, option, fi
     config = {"RerankConfig": RerankConfig, "ExtractConfig": ExtractConfig,
               "EvaluateConfig": EvaluateConfig}[field[0]]
     assert field[1] in {f.name for f in dataclasses.fields(config)}
-
-
-@pytest.mark.subprocess
-def test_help_imports_no_heavy_library():
-    code = ("import sys; sys.argv = ['elvis', 'rerank', '--help']\n"
-            "from elvis_cli.cli.app import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'faiss', 'h5py') if m in sys.modules), "
-            "file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert result.stderr.strip() == "[]"
 
 
 def test_the_paper_preset_is_the_paper_setting():
