@@ -67,8 +67,10 @@ def read_only(tmp_path) -> Path:
     folder.mkdir()
     if os.geteuid() != 0:
         folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
         return
     libc = ctypes.CDLL(None, use_errno=True)
     ms_rdonly, mnt_detach = 1, 2
