@@ -26,6 +26,7 @@ import typer.core
 import typer.main
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from elvis_cli import (
     EXIT_PARTIAL,
@@ -38,7 +39,25 @@ from elvis_cli import (
     get_preset,
 )
 
+
+class _Group(typer.core.TyperGroup):
+    """A group of commands whose `--help` shows flags as flags (see _flags_take_no_value)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _flags_take_no_value(self, ctx)
+        return super().format_help(ctx, formatter)
+
+
+def _flags_take_no_value(command: click.Command, ctx: click.Context) -> None:
+    """typer's option panels show a flag's type as its value (`--quiet <bool>`); a flag takes
+    none, and an empty metavar shows none."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
 app = typer.Typer(
+    cls=_Group,
     name="elvis",
     help="Batch ELViS re-ranking for instance-level image retrieval.\n\n"
     "Typical use: `elvis extract imgs/ -o feats.h5`, then `elvis rerank --shortlist 100`.",
@@ -83,6 +102,7 @@ class _Command(typer.core.TyperCommand):
             source = LIBRARY_DEFAULTS.get((self.name, param.name))
             if source is not None and param.default is None:
                 param.show_default = "library: " + ".".join(source)
+        _flags_take_no_value(self, ctx)
         return super().format_help(ctx, formatter)
 
 
@@ -324,9 +344,10 @@ def rerank(
     precision: Annotated[str | None, typer.Option(
         help="Similarity products: auto (float16 on CUDA, float32 on CPU), float32, float16.")
     ] = None,
-    output: Annotated[Path, typer.Option("-o", "--output",
-                                         help="Results table: .csv or .parquet.")] = Path(
-        "reranked.csv"),
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Results: .csv, .parquet, or .jsonl (one line per query with its "
+                               "ranking). Image paths open from the current folder; checked "
+                               "before any work.")] = Path("reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
     allow_external_sources: ExternalOption = False,
 ) -> None:
@@ -366,8 +387,8 @@ def evaluate(
         help="Checkpoint name or path; default: the preset's, else the one matching the "
              "features.")] = None,
     descriptors: Annotated[str | None, typer.Option(
-        help="Use the released files <dataset>/<DESC>_{query,gallery}_local.hdf5 and "
-             "nn_<DESC>.pkl instead of extracting, e.g. `--descriptors dinov2`.")] = None,
+        help="Use the released files `<dataset>/<DESC>_{query,gallery}_local.hdf5` and "
+             "`nn_<DESC>.pkl` instead of extracting, e.g. `--descriptors dinov2`.")] = None,
     shortlist_sizes: Annotated[list[int] | None, typer.Option(
         "--shortlist", help="Sizes, e.g. `--shortlist 0 25 50 100` (0 = global).")] = None,
     lam: Annotated[float | None, typer.Option(
@@ -437,7 +458,7 @@ def evaluate(
                   f"{run.outputs['per_query']}, {run.outputs['plot']}", soft_wrap=True)
 
 
-datasets_app = typer.Typer(help="The paper's benchmarks: status and preparation.",
+datasets_app = typer.Typer(cls=_Group, help="The paper's benchmarks: status and preparation.",
                            no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 DataRoot = Annotated[Path | None, typer.Option(help="Folder of datasets; default "
@@ -489,7 +510,8 @@ def datasets_prepare(
 @app.command(cls=_Command)
 def train(
     photos: Annotated[str, typer.Argument(help="Training photos: folder, .txt list or glob.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint file (.pt).")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Checkpoint file (.pt); checked before training.")],
     val: Annotated[str | None, typer.Option(help="Validation photos (default: 20% split).")] = None,
     labels: Annotated[Path | None, typer.Option(
         help="CSV of path,instance_id for supervised training.")] = None,
@@ -688,15 +710,19 @@ def _duration(seconds: float) -> str:
 
 
 def _print_top(table, show: int, per_query: int = 5) -> None:
+    """The top rows of the first `show` queries, their paths exactly as the table holds them
+    (not read as rich markup, folded rather than cut when long)."""
     for query in table["query_index"].unique()[:show]:
         rows = table[table["query_index"] == query].head(per_query)
-        view = Table(title=f"query {query}: {rows['query_path'].iloc[0]}", title_justify="left")
+        view = Table(title=Text(f"query {query}: {rows['query_path'].iloc[0]}"),
+                     title_justify="left")
         for column in ("rank", "gallery_path", "global_score", "raw_score", "score"):
-            view.add_column(column, justify="left" if column == "gallery_path" else "right")
+            view.add_column(column, justify="left" if column == "gallery_path" else "right",
+                            overflow="fold")
         for row in rows.itertuples():
-            view.add_row(str(row.rank), str(row.gallery_path), f"{row.global_score:.4f}",
+            view.add_row(str(row.rank), Text(str(row.gallery_path)), f"{row.global_score:.4f}",
                          f"{row.raw_score:.2f}", f"{row.score:.4f}")
-        console.print(view)
+        wide_console.print(view)
 
 
 def _round_line(entry: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ What a command prints is what these return; progress leaves only as events (util
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from elvis_cli.features.store import DescriptorStore, FeatureStore
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings, rerank, rerank_table
-from elvis_cli.retrieval.result_files import checked_output, write_results
+from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist, load_shortlist, save_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
@@ -115,6 +116,18 @@ def open_pair(features: str | Path | None = None, queries: str | Path | None = N
             gallery_store.close()
 
 
+def _check_features_exist(features: str | Path | None, queries: str | Path | None) -> None:
+    """A missing all-vs-all features file (`feats.h5` by default, in the current folder) is
+    most often features not extracted yet: say how to make them, or how to name another."""
+    if queries is None and features is not None and not Path(features).exists():
+        extract = f"elvis extract IMAGES -o {shlex.quote(str(features))}"
+        if Path(features).parent == Path("."):
+            raise InputError(f"no {features} here: extract features first ({extract}) or name "
+                             "a file with --features")
+        raise InputError(f"{features}: features file not found; extract features first "
+                         f"({extract})")
+
+
 def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
                      global_type: str = "cls") -> Shortlist:
     """Exact global k-NN of the queries in the gallery; the same file excludes each image
@@ -130,6 +143,7 @@ def shortlist_files(
 ) -> Shortlist:
     """`elvis shortlist`: the global top `k` of every query, written to `output` (.npz) when
     given."""
+    _check_features_exist(features, queries)
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         result = global_shortlist(query_store, gallery_store, same, k, global_type)
@@ -148,9 +162,11 @@ def rerank_files(
 ) -> RerankRun:
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
-    to `output` (.csv or .parquet) when given. Released files get their image names from the
-    ground truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
+    to `output` (.csv, .parquet or .jsonl, see result_files) when given, its image paths
+    openable from the current folder. Released files get their image names from the ground
+    truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
+    _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
@@ -162,7 +178,7 @@ def rerank_files(
             candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist)
         result = rerank(reranker, query_store, gallery_store, candidate_list, config,
                         progress=track(progress, "re-ranking", query_store.num_images))
-        table = rerank_table(result, query_store.paths, gallery_store.paths)
+        table = rerank_table(result, openable_paths(query_store), openable_paths(gallery_store))
     if output is not None:
         write_results(table, output)
     return RerankRun(table, model, reranker.label, reranker.fusion, output)

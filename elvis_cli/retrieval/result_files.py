@@ -1,26 +1,37 @@
-"""Ranked-result tables on disk: the formats `rerank -o` and `search -o` write, and the check
-of an output path made before any work, so that a bad path never costs a finished run."""
+"""Ranked-result tables on disk: the formats `rerank -o` and `search -o` write, the image paths
+they hold, and the check of an output path made before any work, so that a bad path never
+costs a finished run.
+
+Image paths are written as they can be opened from the folder the command ran in: relative to
+it for images under it, else absolute (the features file's root joined with the stored name).
+Files without a root, the authors' released descriptors, keep their image names.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elvis_cli.util.atomic import atomic_path
-from elvis_cli.util.errors import InputError
+from elvis_cli.util.atomic import atomic_path, writable_output
 
 if TYPE_CHECKING:
     import pandas as pd
 
-TABLE_SUFFIXES = (".csv", ".parquet")
+    from elvis_cli.features.store import DescriptorStore
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl")
+# a query's own columns; in JSON Lines every other column belongs to an entry of its ranking
+QUERY_COLUMNS = ("query_index", "query_path")
 
 
 def checked_output(output: str | Path) -> Path:
     """`output` as a Path, refused now if no table can be written there."""
-    path = Path(output)
-    if path.suffix not in TABLE_SUFFIXES:
-        raise InputError(f"output must end in .csv or .parquet, got {path.name}")
-    return path
+    return writable_output(output, TABLE_SUFFIXES)
 
 
 def write_results(table: pd.DataFrame, path: Path) -> None:
@@ -28,5 +39,42 @@ def write_results(table: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as temporary:
         if path.suffix == ".csv":
             table.to_csv(temporary, index=False)
-        else:
+        elif path.suffix == ".parquet":
             table.to_parquet(temporary, index=False)
+        else:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in _json_lines(table))
+
+
+def _json_lines(table: pd.DataFrame) -> Iterator[str]:
+    """One JSON object per query, in query order: its `query_index`, `query_path` and
+    `ranking`, the list of its rows' other columns by rank. A query per line is what `jq`,
+    `head` and `grep` want (`jq '.ranking[0].gallery_path'`: each query's best match); a
+    score that was not computed (NaN) is null. Single-precision scores are written with the
+    digits that read back as the same number, as in the CSV, not float64's seventeen."""
+    table = table.sort_values("query_index", kind="stable")
+    single = [column for column, dtype in table.dtypes.items() if dtype == "float32"]
+    table = table.astype({column: str for column in single}).astype({column: float
+                                                                     for column in single})
+    rows = table.to_dict("records")
+    for _, group in itertools.groupby(rows, key=itemgetter("query_index")):
+        group = list(group)
+        query = {column: group[0][column] for column in QUERY_COLUMNS}
+        ranking = [{key: _json_value(value) for key, value in row.items()
+                    if key not in QUERY_COLUMNS} for row in group]
+        yield json.dumps({**query, "ranking": ranking}, allow_nan=False)
+
+
+def _json_value(value: object) -> object:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def openable_paths(store: DescriptorStore) -> list[str]:
+    """The image paths of `store` as a result table gives them: openable from the current
+    folder (relative to it when under it, else absolute); released files keep their names."""
+    if store.root is None:
+        return list(store.paths)
+    here = Path.cwd()
+    images = [store.root / name for name in store.paths]
+    return [str(image.relative_to(here) if image.is_relative_to(here) else image)
+            for image in images]

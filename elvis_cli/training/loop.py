@@ -34,9 +34,12 @@ from elvis_cli.training.pairs import PairSampler
 from elvis_cli.training.photos import PhotoSet, training_photos
 from elvis_cli.training.pool import ViewPool, extract_pool, raw_scores
 from elvis_cli.training.validation import ValidationSet, choose_fusion, validate
+from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import TaskProgress, track
+
+CHECKPOINT_SUFFIXES = (".pt",)
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ class _Run:
 
 def train(
     train_source: str | Path | None,
-    output: Path,
+    output: str | Path,
     config: TrainConfig | None = None,
     val_source: str | Path | None = None,
     labels: Path | None = None,
@@ -185,7 +188,9 @@ def train(
     the CSV's photos. Without `val_source`, a seeded share of the instances is held out.
     The round with the best re-ranked validation mAP is kept, with its best fusion.
     `progress` hears each task's views or steps and each round's figures (TrainEvent).
+    `output` (.pt) is checked first: a place it cannot be written is refused before any work.
     """
+    output = writable_output(output, CHECKPOINT_SUFFIXES)
     config = config or TrainConfig()
     train_photos, val_photos = training_photos(train_source, val_source, labels, config)
     history: list[dict[str, float]] = []
@@ -228,7 +233,6 @@ def train(
         "fusion_grid": grid,
         "skipped_photos": len(run.skipped),
     }
-    output = Path(output)
     save_checkpoint(output, run.model.cpu(), run.backbone.settings(), fusion, info)
     return TrainReport(output, history, fusion, best_round, grid, run.timings(),
                        [f"{path}: {reason}" for path, reason in run.skipped.items()])
