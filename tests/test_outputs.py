@@ -328,3 +328,11 @@ def test_no_help_imports_a_heavy_library():
                             check=True)
     assert result.stderr.strip() == "[]"
 
+
+
+def test_a_shortlist_output_is_checked_before_the_search(extracted, read_only):
+    with pytest.raises(InputError, match="read-only is not writable"):
+        shortlist_files(extracted.features, k=2, output=read_only / "s.npz")
+    with pytest.raises(InputError, match=r"output must end in \.npz, got s\.csv"):
+        shortlist_files(extracted.features, k=2, output=read_only.parent / "s.csv")
+    assert not (read_only.parent / "s.csv").exists()

@@ -46,6 +46,7 @@ from elvis_cli.features.layout import (
     shards_dir,
 )
 from elvis_cli.features.writer import finalize, joined_layout, write_shard
+from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.batching import batches_by_shape
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import DiskFullError, InputError
@@ -118,7 +119,7 @@ def extract_features(
     `progress` hears the images of the shards still to do ("extracting"), one by one.
     """
     config = config or ExtractConfig()
-    output = checked_output(output)
+    output = writable_output(output, FEATURES_SUFFIXES)
     if config.batch_size < 1 or config.shard_size < 1:
         raise InputError("batch_size and shard_size must be at least 1")
     root_dir, paths = collect_images(source)
@@ -145,17 +146,6 @@ def extract_features(
         except DiskFullError as error:
             raise DiskFullError(f"{error}; free some space and re-run the same command: "
                                 "finished shards are kept") from None
-
-
-def checked_output(output: str | Path) -> Path:
-    """`output` as a features file's path, refused before any work when it cannot be one."""
-    output = Path(output)
-    if output.suffix.lower() not in FEATURES_SUFFIXES:
-        raise InputError(f"output must end in {' or '.join(FEATURES_SUFFIXES)} (extract writes "
-                         f"HDF5), got {output.name}")
-    if output.is_dir():
-        raise InputError(f"{output} is a folder: name a features file ({FEATURES_SUFFIXES[0]})")
-    return output
 
 
 def _run(

@@ -22,7 +22,14 @@ from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings, rerank, rerank_table
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
-from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist, load_shortlist, save_shortlist
+from elvis_cli.retrieval.shortlist import (
+    SHORTLIST_SUFFIXES,
+    Shortlist,
+    build_shortlist,
+    load_shortlist,
+    save_shortlist,
+)
+from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
 
@@ -144,11 +151,13 @@ def shortlist_files(
     """`elvis shortlist`: the global top `k` of every query, written to `output` (.npz) when
     given."""
     _check_features_exist(features, queries)
+    if output is not None:
+        output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         result = global_shortlist(query_store, gallery_store, same, k, global_type)
     if output is not None:
-        save_shortlist(Path(output), result)
+        save_shortlist(output, result)
     return result
 
 

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import torch
 
-from elvis_cli.util.atomic import atomic_path
+from elvis_cli.util.atomic import atomic_path, writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 from elvis_cli.util.safe_pickle import load_pickle
@@ -63,11 +63,12 @@ def _drop_self(similarities: np.ndarray, indices: np.ndarray, k: int):
     return (similarities[keep].reshape(-1, k), indices[keep].reshape(-1, k))
 
 
+SHORTLIST_SUFFIXES = (".npz",)
+
+
 def save_shortlist(path: Path, shortlist: Shortlist) -> None:
     """Write `.npz` (ours), atomically."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise InputError(f"shortlists are written as .npz, got {path.name}")
+    path = writable_output(path, SHORTLIST_SUFFIXES)
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, indices=shortlist.indices, similarities=shortlist.similarities)
 
