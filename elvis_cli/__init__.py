@@ -25,6 +25,8 @@ _PUBLIC = {
     "shortlist_files": "elvis_cli.retrieval.files",  # elvis shortlist
     "rerank_files": "elvis_cli.retrieval.files",  # elvis rerank
     "RerankRun": "elvis_cli.retrieval.files",
+    "search_images": "elvis_cli.retrieval.search",  # elvis search
+    "SearchRun": "elvis_cli.retrieval.search",
     "evaluate_datasets": "elvis_cli.evaluation.benchmarks",  # elvis evaluate
     "EvaluationRun": "elvis_cli.evaluation.benchmarks",
     "list_datasets": "elvis_cli.evaluation.prepare",  # elvis datasets list
@@ -76,7 +78,7 @@ _PUBLIC = {
     "build_shortlist": "elvis_cli.retrieval.shortlist",
     "load_shortlist": "elvis_cli.retrieval.shortlist",
     "save_shortlist": "elvis_cli.retrieval.shortlist",
-    "RerankConfig": "elvis_cli.retrieval.rerank",
+    "RerankConfig": "elvis_cli.retrieval.config",
     "rerank": "elvis_cli.retrieval.rerank",
     "cache_embeddings": "elvis_cli.retrieval.rerank",
     "rerank_table": "elvis_cli.retrieval.rerank",

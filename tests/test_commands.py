@@ -28,6 +28,7 @@ from elvis_cli import (
     list_datasets,
     load_shortlist,
     rerank_files,
+    search_images,
     shortlist_files,
     train,
 )
@@ -93,6 +94,21 @@ def test_rerank_files_writes_the_table_elvis_rerank_writes(both, tmp_path):
                        output=tmp_path / "r.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "r.parquet"), run.table,
                                   check_exact=True)
+
+
+def test_search_images_is_elvis_search(both, monkeypatch):
+    result = cli_in("search", "imgs/cat_1.jpg", "imgs/rocket_0.jpg", "--gallery", "cli.h5",
+                    "--checkpoint", "c.pt", "--shortlist", "3", "--top", "2",
+                    "-o", "search.parquet", "--quiet", cwd=both.cwd)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(both.cwd)  # result paths open from the current folder
+    run = search_images(["imgs/cat_1.jpg", "imgs/rocket_0.jpg"], "cli.h5",
+                        checkpoint="c.pt", config=RerankConfig(shortlist=3))
+    pd.testing.assert_frame_equal(pd.read_parquet(both.cwd / "search.parquet"), run.table,
+                                  check_exact=True)
+    printed = [line.split("│")[2].strip() for line in result.stdout.splitlines()
+               if line.startswith("│")]
+    assert printed == [*run.table["gallery_path"][:2], *run.table["gallery_path"][3:5]]
 
 
 def test_export_official_is_elvis_export(both, tmp_path):
@@ -219,7 +235,8 @@ def test_an_unknown_preset_is_one_line_naming_the_closest(capsys):
 
 def test_every_command_function_is_public():
     for name in ("extract_images", "export_official", "shortlist_files", "rerank_files",
-                 "evaluate_datasets", "list_datasets", "prepare_dataset", "train"):
+                 "search_images", "evaluate_datasets", "list_datasets", "prepare_dataset",
+                 "train"):
         assert name in elvis_cli.__all__, name
 
 

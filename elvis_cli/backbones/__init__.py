@@ -1,17 +1,20 @@
 """Backbones by name: the offline EfficientNet-Lite default and the paper's ViTs.
 
-Backbone modules are imported only when one is created, so `import elvis_cli.backbones` stays
-cheap (in particular it never imports transformers).
+Backbone modules are imported only when one is created, and base.py's names on first use, so
+`import elvis_cli.backbones` stays cheap: it imports neither torch nor transformers, and a
+config can take DEFAULT_BACKBONE before any argument is checked.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from elvis_cli.backbones.base import Backbone, ImageFeatures, select_top_k
 from elvis_cli.util.errors import InputError, unknown_name
+
+if TYPE_CHECKING:
+    from elvis_cli.backbones.base import Backbone
 
 __all__ = [
     "BACKBONES",
@@ -68,3 +71,10 @@ def backbone_from_settings(settings: dict[str, Any]) -> Backbone:
     if not isinstance(name, str):
         raise InputError(f"backbone settings without a name: {settings!r}")
     return create_backbone(name, **options)
+
+
+def __getattr__(name: str) -> Any:
+    """base.py's names, imported (with torch) when first asked for."""
+    if name not in ("Backbone", "ImageFeatures", "select_top_k"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module("elvis_cli.backbones.base"), name)

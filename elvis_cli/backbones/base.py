@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from elvis_cli.features.layout import (
+    CLASS_GLOBAL,
     META_COL,
     META_PADDING,
     META_ROW,
@@ -20,8 +21,6 @@ from elvis_cli.features.layout import (
     NUM_META,
 )
 from elvis_cli.util.errors import InputError
-
-CLASS_GLOBAL = "cls"  # the global descriptor every backbone yields, the one shortlists use
 
 
 @dataclass

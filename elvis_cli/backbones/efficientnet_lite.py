@@ -224,8 +224,9 @@ def load_weights(variant: str) -> dict[str, torch.Tensor]:
 def build_network(variant: str) -> EfficientNetLite:
     """The pretrained network without its ImageNet classifier, loaded strictly, for inference."""
     state = {k: v for k, v in load_weights(variant).items() if not k.startswith("_fc.")}
-    network = EfficientNetLite(block_specs(state), state["_conv_head.weight"].shape[0])
-    network.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no random initialisation: the weights are taken as loaded
+        network = EfficientNetLite(block_specs(state), state["_conv_head.weight"].shape[0])
+    network.load_state_dict(state, strict=True, assign=True)
     network.eval().fold_batch_norms()
     # channels-last makes the depthwise convolutions markedly faster on CPU
     return network.to(memory_format=torch.channels_last)

@@ -11,6 +11,9 @@ stderr); 2 bad command-line usage; 3 finished, but some inputs were skipped (eac
 stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 interrupted.
 """
 
+import atexit
+import gc
+import importlib
 import json
 import os
 import re
@@ -79,6 +82,8 @@ LIBRARY_DEFAULTS = {
     **{("rerank", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"),
         ("batch_size", "batch_size"), ("precision", "precision"))},
+    **{("search", option): ("RerankConfig", field) for option, field in (
+        ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
         ("backbone", "backbone"), ("shortlist_sizes", "shortlists"), ("model", "models"),
         ("use_local", "num_local"), ("device", "device"))},
@@ -107,13 +112,12 @@ class _Command(typer.core.TyperCommand):
 
 
 def _config(name: str, **given: Any) -> Any:
-    """Config dataclass `name` with the options that were given; the rest keep its defaults."""
-    from elvis_cli import EvaluateConfig, ExtractConfig, FusionGrid, RerankConfig, TrainConfig
-
-    configs = {cls.__name__: cls for cls in
-               (ExtractConfig, RerankConfig, EvaluateConfig, FusionGrid, TrainConfig)}
-    return configs[name](**{key: value for key, value in given.items()
-                            if value is not None and value != []})
+    """Config dataclass `name` (a public name of elvis_cli) with the options that were given;
+    the rest keep its defaults. Only that one is loaded: the others' modules may be heavy
+    (evaluation's imports torch), and an argument error must not wait for them."""
+    config_class = getattr(importlib.import_module("elvis_cli"), name)
+    return config_class(**{key: value for key, value in given.items()
+                           if value is not None and value != []})
 
 
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")]
@@ -369,6 +373,59 @@ def rerank(
     console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
                   f"{len(run.table)} rows -> {run.output}")
+
+
+@app.command(cls=_Command)
+def search(
+    queries: Annotated[list[str], typer.Argument(
+        metavar="PHOTO", show_default=False,
+        help="Photos to search for: image paths, folders, .txt lists or quoted globs.")],
+    gallery: Annotated[Path, typer.Option(
+        help="Features file of the gallery, from `elvis extract`.")] = Path("feats.h5"),
+    shortlist_size: Annotated[int | None, typer.Option(
+        "--shortlist", min=1, help="Global neighbours re-ranked per photo.")] = None,
+    model: Annotated[str, typer.Option(
+        help="Re-ranker: elvis, chamfer (training-free) or global (no re-ranking).")
+    ] = "elvis",
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint name or path; default: the one matching the gallery's backbone.")
+    ] = None,
+    lam: Annotated[float | None, typer.Option(
+        help="Fusion weight of the global score; default: the checkpoint's.")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temp", help="Fusion temperature on the raw score; default: the checkpoint's.")] = None,
+    use_local: UseLocalOption = None,
+    embedding_cache: EmbeddingCacheOption = None,
+    device: DeviceOption = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Also write the results table: .csv or .parquet.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Results printed per photo.")] = 5,
+    allow_external_sources: ExternalOption = False,
+    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+) -> None:
+    """Search new photos in an extracted gallery: extract them as the gallery was, shortlist,
+    re-rank (ELViS by default) and print the best matches of each.
+
+    Photos that cannot be read are named on stderr and skipped (exit status 3).
+
+    Example: `elvis search new/*.jpg --gallery feats.h5`
+    """
+    from elvis_cli import search_images
+
+    config = _config("RerankConfig", shortlist=shortlist_size, num_local=use_local,
+                     device=device, embedding_cache=embedding_cache)
+    with _Progress(enabled=not quiet, transient=True) as bars:
+        run = search_images(queries, gallery, model=model, checkpoint=checkpoint, lam=lam,
+                            temperature=temperature, config=config, output=output,
+                            allow_external_sources=allow_external_sources, progress=bars)
+    _print_search(run, top)
+    console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
+                  f"(lam={run.fusion.lam}, temp={run.fusion.temperature})"
+                  + (f"; results -> {run.output}" if run.output else ""))
+    for photo, reason in run.skipped:
+        print(f"elvis: skipped {photo}: {reason}", file=sys.stderr)
+    if run.skipped:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command(cls=_Command)
@@ -710,19 +767,36 @@ def _duration(seconds: float) -> str:
 
 
 def _print_top(table, show: int, per_query: int = 5) -> None:
-    """The top rows of the first `show` queries, their paths exactly as the table holds them
-    (not read as rich markup, folded rather than cut when long)."""
+    """The top rows of the first `show` queries."""
     for query in table["query_index"].unique()[:show]:
         rows = table[table["query_index"] == query].head(per_query)
-        view = Table(title=Text(f"query {query}: {rows['query_path'].iloc[0]}"),
-                     title_justify="left")
-        for column in ("rank", "gallery_path", "global_score", "raw_score", "score"):
-            view.add_column(column, justify="left" if column == "gallery_path" else "right",
-                            overflow="fold")
-        for row in rows.itertuples():
-            view.add_row(str(row.rank), Text(str(row.gallery_path)), f"{row.global_score:.4f}",
-                         f"{row.raw_score:.2f}", f"{row.score:.4f}")
-        wide_console.print(view)
+        _print_ranking(f"query {query}: {rows['query_path'].iloc[0]}",
+                       rows[["rank", "gallery_path", "global_score", "raw_score", "score"]]
+                       .itertuples(index=False))
+
+
+def _print_search(run, top: int) -> None:
+    """Each photo's best `top` matches, from the arrays of a SearchRun: its table would import
+    pandas, a few tenths of a second of a one-photo search."""
+    result = run.result
+    for query, photo in enumerate(run.queries):
+        _print_ranking(f"query {query}: {photo}", [
+            (rank + 1, run.gallery_paths[index], result.global_scores[query, rank],
+             result.raw_scores[query, rank], result.scores[query, rank])
+            for rank, index in enumerate(result.indices[query, :top]) if index >= 0])
+
+
+def _print_ranking(title: str, rows) -> None:
+    """One query's (rank, gallery path, global score, raw score, score) rows, paths exactly as
+    given (not read as rich markup, folded rather than cut when long)."""
+    view = Table(title=Text(title), title_justify="left")
+    for column in ("rank", "gallery_path", "global_score", "raw_score", "score"):
+        view.add_column(column, justify="left" if column == "gallery_path" else "right",
+                        overflow="fold")
+    for rank, path, global_score, raw_score, score in rows:
+        view.add_row(str(rank), Text(str(path)), f"{global_score:.4f}", f"{raw_score:.2f}",
+                     f"{score:.4f}")
+    wide_console.print(view)
 
 
 def _round_line(entry: dict[str, float]) -> str:
@@ -852,6 +926,9 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     warnings.showwarning = _show_warning
+    # the process ends right after: a last garbage collection over torch's and numba's objects
+    # would only add half a second to every command that loaded them
+    atexit.register(gc.freeze)
     try:
         # without standalone mode click returns typer.Exit's code instead of exiting
         code = app(args=_expand_lists(sys.argv[1:]), prog_name="elvis", standalone_mode=False)

@@ -26,17 +26,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from elvis_cli.backbones import DEFAULT_BACKBONE, Backbone, ImageFeatures, create_backbone
-from elvis_cli.backbones.base import CLASS_GLOBAL
+from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
 from elvis_cli.features import collection
 from elvis_cli.features.collection import Item
 from elvis_cli.features.images import Box, ImageError, collect_images, decode_image
 from elvis_cli.features.layout import (
+    CLASS_GLOBAL,
     FEATURES_SUFFIXES,
     NUM_META,
     lock_path,
@@ -53,6 +52,11 @@ from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
 from elvis_cli.util.ordered import in_order
 from elvis_cli.util.progress import ProgressCallback, track
+
+if TYPE_CHECKING:
+    import torch
+
+    from elvis_cli.backbones import Backbone, ImageFeatures
 
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
 
@@ -244,14 +248,18 @@ def _decode(item: Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:
                     warning=image.warning)
 
 
-@torch.inference_mode()
 def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
     """The backbone's output for a batch; on CPU image by image, so that an image's descriptors
     are the same bits whatever batch it shares (convolutions and GEMMs of another batch size
     can take other kernels, which round differently on some CPUs). Batching pays on GPUs."""
-    if batch.device.type != "cpu" or len(batch) == 1:
-        return backbone(batch)
-    return ImageFeatures.concatenate([backbone(image[None]) for image in batch])
+    import torch
+
+    from elvis_cli.backbones import ImageFeatures
+
+    with torch.inference_mode():
+        if batch.device.type != "cpu" or len(batch) == 1:
+            return backbone(batch)
+        return ImageFeatures.concatenate([backbone(image[None]) for image in batch])
 
 
 def _extract_shard(
@@ -270,6 +278,8 @@ def _extract_shard(
     Odd shapes wait for company only while few images are pending (MAX_PENDING_BATCHES), which
     bounds memory; results are put back in planned order before writing.
     """
+    import torch
+
     batch_size = config.batch_size
     results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     decoded: dict[int, _Decoded] = {}

@@ -26,6 +26,7 @@ FORMAT = "elvis-cli-features/2"
 FORMAT_PREFIX = "elvis-cli-features/"
 SHARD_DATASETS = ("features", "global", "paths", "ids", "sizes")
 POOLED_PREFIX = "global_"  # + a global type: a dataset of further global descriptors
+CLASS_GLOBAL = "cls"  # the global descriptor every backbone yields, the one shortlists use
 
 
 FEATURES_SUFFIXES = (".h5", ".hdf5")  # what a features file's name ends in

@@ -21,9 +21,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import CLASS_GLOBAL
 from elvis_cli.evaluation.datasets import read_image_lines
-from elvis_cli.features.layout import NUM_META, OFFICIAL_LOCAL, official_file, official_parts
+from elvis_cli.features.layout import (
+    CLASS_GLOBAL,
+    NUM_META,
+    OFFICIAL_LOCAL,
+    official_file,
+    official_parts,
+)
 from elvis_cli.features.store import DescriptorStore, FeatureStore
 from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist
 from elvis_cli.util.errors import InputError

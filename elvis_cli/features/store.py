@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import CLASS_GLOBAL
 from elvis_cli.features.layout import (
+    CLASS_GLOBAL,
     FORMAT,
     FORMAT_PREFIX,
     META_PADDING,
@@ -46,6 +46,8 @@ class DescriptorStore(ABC):
     global descriptors by type. Rows are named by their index until a file names them."""
 
     binarised = False  # whether local descriptors are signs decoded from packed bits
+    temporary = False  # whether its file lives for one run only (search's queries): an
+    # embedding cache never keeps its images
 
     def __init__(self, path: Path, num_images: int, num_local: int, local_dim: int,
                  globals_: dict[str, h5py.Dataset] | None = None) -> None:

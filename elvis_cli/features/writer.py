@@ -21,8 +21,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from elvis_cli.backbones.base import CLASS_GLOBAL
-from elvis_cli.features.layout import FORMAT, NUM_META, POOLED_PREFIX, dataset_names
+from elvis_cli.features.layout import (
+    CLASS_GLOBAL,
+    FORMAT,
+    NUM_META,
+    POOLED_PREFIX,
+    dataset_names,
+)
 from elvis_cli.util.atomic import atomic_path
 
 STRING_DTYPE = h5py.string_dtype("utf-8")

@@ -89,7 +89,8 @@ class ImageEmbedder:
         self._kept_ids = np.zeros(0, dtype=np.int64)
         self._kept: EmbeddedImages | None = None
         self.cache = (EmbeddingCache(cache_root, store, reranker, self.num_local, dtype)
-                      if cache_root is not None and reranker.worth_caching else None)
+                      if cache_root is not None and reranker.worth_caching
+                      and not store.temporary else None)
 
     @contextmanager
     def blocks(self, row_sets: list[np.ndarray], pool: ThreadPoolExecutor

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
-from elvis_cli.features.released import open_local, released_gallery
-from elvis_cli.features.store import DescriptorStore, FeatureStore
-from elvis_cli.model.registry import load_reranker
-from elvis_cli.model.reranker import Fusion
-from elvis_cli.retrieval.rerank import RerankConfig, cache_embeddings, rerank, rerank_table
+from elvis_cli.retrieval.config import RerankConfig
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
@@ -32,6 +27,12 @@ from elvis_cli.retrieval.shortlist import (
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from elvis_cli.features.store import DescriptorStore, FeatureStore
+    from elvis_cli.model.reranker import Fusion
 
 
 @dataclass
@@ -89,6 +90,10 @@ def extract_images(
 def fill_embedding_cache(features: str | Path, folder: Path, checkpoint: str | Path | None = None,
                          device: str = "auto") -> CachedEmbeddings:
     """Embed (ELViS) every image of a features file that the cache `folder` lacks."""
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.registry import load_reranker
+    from elvis_cli.retrieval.rerank import cache_embeddings
+
     with FeatureStore.open(features) as store:
         reranker = load_reranker("elvis", store, checkpoint)
         count, size = cache_embeddings(reranker, store,
@@ -101,26 +106,42 @@ def open_pair(features: str | Path | None = None, queries: str | Path | None = N
               gallery: str | Path | None = None, allow_external_sources: bool = False
               ) -> Iterator[tuple[FeatureStore, FeatureStore, bool]]:
     """(queries, gallery, same file): one features file all-vs-all, or a query/gallery pair
-    (ours or released local files), closed afterwards."""
+    (ours or released local files) whose descriptors can be compared, closed afterwards."""
+    from elvis_cli.features.released import open_local
+
     if (queries is None) != (gallery is None):
         raise InputError("--queries and --gallery go together")
     if queries is None:
         if features is None:
             raise InputError("name a features file, or --queries and --gallery")
         queries = gallery = features
-    query_store = open_local(queries, allow_external_sources)
-    try:
+    with ExitStack() as stack:
+        query_store = stack.enter_context(open_local(queries, allow_external_sources))
         same = Path(gallery) == Path(queries)
-        gallery_store = query_store if same else open_local(gallery, allow_external_sources)
-    except BaseException:
-        query_store.close()
-        raise
-    try:
+        if same:
+            gallery_store = query_store
+        else:
+            gallery_store = stack.enter_context(open_local(gallery, allow_external_sources))
+            _check_alike(query_store, gallery_store)
         yield query_store, gallery_store, same
-    finally:
-        query_store.close()
-        if not same:
-            gallery_store.close()
+
+
+def _check_alike(queries: DescriptorStore, gallery: DescriptorStore) -> None:
+    """Refuse queries and a gallery extracted differently: descriptors of other backbone
+    settings are not comparable, and those of other dimensions not even multipliable. Files
+    without settings (the authors' releases) are compared by their dimensions."""
+    mine, wanted = queries.backbone_settings, gallery.backbone_settings
+    if mine is not None and wanted is not None and mine != wanted:
+        differences = ", ".join(f"{key} {mine.get(key, '-')} vs {wanted.get(key, '-')}"
+                                for key in sorted({*mine, *wanted})
+                                if mine.get(key) != wanted.get(key))
+        raise InputError(f"{queries.path} and {gallery.path} were extracted with different "
+                         f"backbone settings ({differences}): extract the queries as the "
+                         "gallery was")
+    if queries.binarised == gallery.binarised and queries.local_dim != gallery.local_dim:
+        raise InputError(f"{queries.path} holds {queries.local_dim}-d local descriptors and "
+                         f"{gallery.path} {gallery.local_dim}-d: they come from different "
+                         "backbones")
 
 
 def _check_features_exist(features: str | Path | None, queries: str | Path | None) -> None:
@@ -179,6 +200,10 @@ def rerank_files(
     output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
+        from elvis_cli.features.released import released_gallery
+        from elvis_cli.model.registry import load_reranker
+        from elvis_cli.retrieval.rerank import rerank, rerank_table
+
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
         if candidates is not None:
             candidate_list = load_shortlist(Path(candidates))

@@ -7,60 +7,32 @@ blocks whose gallery images fit a fixed cache, so memory is bounded by options, 
 gallery size.
 """
 
+from __future__ import annotations
+
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.reranker import Reranker, RerankResult, fuse_and_sort
+from elvis_cli.retrieval.config import RerankConfig
 from elvis_cli.retrieval.embedder import EmbeddedImages, ImageEmbedder
 from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import InputError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 # Pairs a CPU worker scores per call: the model computes them one at a time, so this only
 # amortises per-call work (Python, gathering the chunk's embeddings) and never changes a bit.
 CPU_PAIRS_PER_CALL = 32
-
-
-@dataclass
-class RerankConfig:
-    shortlist: int = 100  # how many of each query's list are scored by ELViS
-    num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
-    # files that store fewer use all of theirs
-    batch_size: int = 100  # pairs scored at once on CUDA (CPU: a fixed CPU_PAIRS_PER_CALL, so
-    # that CPU scores are bitwise the same for every batch size)
-    cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last
-    # block's stay for the next block or call, so up to twice this is held while one is built)
-    read_images: int = 16  # images per HDF5 read; reads run one step ahead of compute (16 was
-    # faster than 64 in benchmarks/rerank_speed.py: smaller conversions, workers start sooner)
-    device: str = "auto"
-    workers: int | None = None  # CPU threads scoring pairs side by side; default: torch's threads
-    embedding_cache: Path | None = None  # a folder that keeps images' embeddings between runs
-    # (EmbeddingCache), for galleries re-ranked again and again; used by re-rankers whose
-    # embeddings are worth it (Reranker.worth_caching)
-    precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
-    # 1e-4 off the float32 raw score, spec tolerance 1e-3); auto: float16 on CUDA, else float32
-
-    def __post_init__(self) -> None:
-        for name in ("shortlist", "batch_size", "cache_images", "read_images"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
-        if self.precision not in ("auto", "float32", "float16"):
-            raise InputError(f"precision must be auto, float32 or float16, got {self.precision!r}")
-        for name in ("num_local", "workers"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
 
 
 class PairScorer:
@@ -253,6 +225,8 @@ def rerank(
 def rerank_table(result: RerankResult, query_paths: list[str], gallery_paths: list[str]
                  ) -> pd.DataFrame:
     """One row per (query, rank): the output format of `elvis rerank`."""
+    import pandas as pd
+
     queries, ranks = np.nonzero(result.indices >= 0)
     gallery = result.indices[queries, ranks]
     return pd.DataFrame({

@@ -7,9 +7,7 @@ index keeps results reproducible (no training, no approximation).
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
-import torch
 
 from elvis_cli.util.atomic import atomic_path, writable_output
 from elvis_cli.util.errors import InputError
@@ -33,6 +31,8 @@ def build_shortlist(
     queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False
 ) -> Shortlist:
     """Top-k gallery rows per query; with exclude_self, query i never lists gallery row i."""
+    import faiss
+
     if k <= 0:
         raise InputError(f"shortlist size must be positive, got {k}")
     if queries.shape[1] != gallery.shape[1]:
@@ -75,6 +75,8 @@ def save_shortlist(path: Path, shortlist: Shortlist) -> None:
 
 def load_shortlist(path: Path) -> Shortlist:
     """Read ours (.npz) or the official `nn_<desc>.pkl` (a (2|3, Q, K) tensor, ELVIS_SPEC §4)."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"shortlist file not found: {path}")

@@ -1,12 +1,19 @@
 """Device selection shared by extraction, re-ranking and training."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from elvis_cli.util.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto|cpu|cuda[:N]` as a device; asking for CUDA where there is none fails clearly."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

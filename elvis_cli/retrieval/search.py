@@ -1,0 +1,148 @@
+"""`elvis search`: new photos against an extracted gallery, in one call.
+
+The photos are extracted as the gallery was (the backbone settings its file records), into a
+features file that lives for this call only, then shortlisted and re-ranked by the engine of
+`elvis rerank`. A photo searched here therefore scores exactly as it would once extracted with
+`elvis extract` and re-ranked against the same gallery.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elvis_cli.features.images import collect_images
+from elvis_cli.retrieval.config import RerankConfig
+from elvis_cli.retrieval.result_files import checked_output, write_results
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback, track
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from elvis_cli.features.store import DescriptorStore, FeatureStore
+    from elvis_cli.model.reranker import Fusion, RerankResult
+
+
+@dataclass
+class SearchRun:
+    """`elvis search`: each query's ranking in the gallery, and what made it. Paths open as
+    they are from the current directory (relative under it, else absolute)."""
+
+    queries: list[str]  # the photos that were read, in the order given: the rows of `result`
+    gallery_paths: list[str]  # every gallery image
+    result: RerankResult  # each query's shortlist, re-ranked head first
+    model: str
+    label: str  # the checkpoint (ELViS) or the model's name
+    fusion: Fusion
+    output: Path | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo, why not read)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per (query, rank), as `elvis rerank` writes them."""
+        from elvis_cli.retrieval.rerank import rerank_table
+
+        return rerank_table(self.result, self.queries, self.gallery_paths)
+
+
+def search_images(
+    queries: str | Path | Sequence[str | Path], gallery: str | Path, *, model: str = "elvis",
+    checkpoint: str | Path | None = None, lam: float | None = None,
+    temperature: float | None = None, config: RerankConfig | None = None,
+    output: str | Path | None = None, allow_external_sources: bool = False,
+    progress: ProgressCallback | None = None,
+) -> SearchRun:
+    """Search photos (`queries`: image paths, folders or glob patterns) in `gallery`, a
+    features file of `elvis extract`: extract them with its backbone settings, shortlist the
+    top `config.shortlist` (exact global k-NN) and re-rank them with `model`, as `rerank_files`
+    does; write the table to `output` (.csv or .parquet) when given. Photos that cannot be
+    read are skipped and listed in `SearchRun.skipped`; none readable is an error. `progress`
+    hears the photos extracted ("extracting") and the queries re-ranked ("re-ranking")."""
+    from elvis_cli.features.released import open_local
+
+    config = config or RerankConfig()
+    output = None if output is None else checked_output(output)  # checked before any work
+    photos = _query_photos(queries)
+    with open_local(gallery, allow_external_sources) as gallery_store:
+        settings = gallery_store.backbone_settings
+        if settings is None:
+            raise InputError(f"{gallery}: records no backbone settings (not written by `elvis "
+                             "extract`, e.g. released descriptors), so photos cannot be "
+                             "extracted to match it; extract them yourself and run `elvis "
+                             f"rerank --queries Q --gallery {gallery}`")
+        # the heavy modules only now that the inputs passed their checks
+        from elvis_cli.model.registry import load_reranker
+        from elvis_cli.retrieval.files import global_shortlist
+        from elvis_cli.retrieval.rerank import rerank
+
+        reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
+        with _extracted(photos, settings, config.device, progress) as (query_store, skipped):
+            shortlist = global_shortlist(query_store, gallery_store, False, config.shortlist)
+            result = rerank(reranker, query_store, gallery_store, shortlist, config,
+                            progress=track(progress, "re-ranking", query_store.num_images))
+            found = _openable_paths(query_store)
+        run = SearchRun(found, _openable_paths(gallery_store), result, model, reranker.label,
+                        reranker.fusion, output, skipped)
+    if output is not None:
+        write_results(run.table, output)
+    return run
+
+
+@contextmanager
+def _extracted(photos: list[Path], settings: dict[str, Any], device: str,
+               progress: ProgressCallback | None
+               ) -> Iterator[tuple[FeatureStore, list[tuple[str, str]]]]:
+    """The photos extracted by `elvis extract`'s code with backbone `settings`, into a
+    features file that lives for this call only, and those that could not be read."""
+    from elvis_cli.backbones import backbone_from_settings
+    from elvis_cli.features.extraction import ExtractConfig, extract_features
+    from elvis_cli.features.store import FeatureStore
+
+    with tempfile.TemporaryDirectory(prefix="elvis-search-") as folder:
+        report = extract_features(photos, Path(folder) / "queries.h5",
+                                  ExtractConfig(device=device),
+                                  backbone=backbone_from_settings(settings), progress=progress)
+        with FeatureStore.open(report.output) as store:
+            store.temporary = True  # no embedding cache keeps these
+            skipped = [(_openable(store.root, name), reason) for name, reason in report.failures]
+            if not store.num_images:
+                raise InputError("no photo could be read: " + "; ".join(
+                    f"{photo} ({reason})" for photo, reason in skipped))
+            yield store, skipped
+
+
+def _query_photos(queries: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The photos named: a path is a photo as it is (extraction says why if it is none), a
+    folder, `.txt` list or glob pattern brings its images (collect_images). Each photo once."""
+    items = [queries] if isinstance(queries, (str, Path)) else list(queries)
+    photos: list[Path] = []
+    for item in items:
+        text = str(item)
+        path = Path(text).expanduser()
+        listed = path.is_dir() or path.suffix.lower() == ".txt" or (
+            not path.exists() and glob.has_magic(text))
+        photos += collect_images(text)[1] if listed else [path]
+    if not photos:
+        raise InputError("no photo to search for")
+    return list(dict.fromkeys(photos))
+
+
+def _openable_paths(store: DescriptorStore) -> list[str]:
+    return [_openable(store.root, name) for name in store.paths]
+
+
+def _openable(root: Path | None, name: str) -> str:
+    """A stored image name (relative to the extraction's root) as a path that opens from the
+    current directory: relative when it lies under it, else absolute."""
+    path = Path(os.path.abspath(Path(root or ".") / name))
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
