@@ -18,12 +18,14 @@ ANSWERED_EARLY = [
     ["rerank", "--queries", "g.h5", "--gallery", "nope.h5"],
     ["rerank", "--features", "g.h5", "-o", "out.txt"],
     ["rerank", "--features", "g.h5", "--precision", "fast"],
+    ["rerank", "--features", "g.h5", "--lam", "2"],
     ["shortlist", "--features", "nope.h5"],
     ["extract", "no_such_folder", "-o", "x.h5"],
     ["export", "nope.h5", "--out-dir", "o", "--name", "n", "--split", "query"],
     ["search", "imgs/cat_0.jpg", "--gallery", "nope.h5"],
     ["search", "imgs/cat_0.jpg", "--gallery", "g.h5", "-o", "out.txt"],
     ["search", "imgs/dog_*.jpg", "--gallery", "g.h5"],
+    ["search", "imgs/cat_0.jpg", "--gallery", "g.h5", "--temp", "0"],
     ["datasets", "prepare", "nope"],
 ]
 

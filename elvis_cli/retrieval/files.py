@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
+from elvis_cli.model.fusion import check_fusion
 from elvis_cli.retrieval.config import RerankConfig
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import (
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from elvis_cli.features.store import DescriptorStore, FeatureStore
-    from elvis_cli.model.reranker import Fusion
+    from elvis_cli.model.fusion import Fusion
 
 
 @dataclass
@@ -196,6 +197,7 @@ def rerank_files(
     openable from the current folder. Released files get their image names from the ground
     truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
+    check_fusion(lam, temperature)
     _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources) as (

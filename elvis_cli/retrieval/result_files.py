@@ -74,7 +74,10 @@ def openable_paths(store: DescriptorStore) -> list[str]:
     folder (relative to it when under it, else absolute); released files keep their names."""
     if store.root is None:
         return list(store.paths)
-    here = Path.cwd()
-    images = [store.root / name for name in store.paths]
-    return [str(image.relative_to(here) if image.is_relative_to(here) else image)
-            for image in images]
+    return [openable_path(store.root, name) for name in store.paths]
+
+
+def openable_path(root: Path, name: str) -> str:
+    """An image stored as `name` under `root`, as a path that opens from the current folder."""
+    image, here = root / name, Path.cwd()
+    return str(image.relative_to(here) if image.is_relative_to(here) else image)

@@ -9,7 +9,6 @@ features file that lives for this call only, then shortlisted and re-ranked by t
 from __future__ import annotations
 
 import glob
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,16 +17,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elvis_cli.features.images import collect_images
+from elvis_cli.model.fusion import check_fusion
 from elvis_cli.retrieval.config import RerankConfig
-from elvis_cli.retrieval.result_files import checked_output, write_results
+from elvis_cli.retrieval.result_files import (
+    checked_output,
+    openable_path,
+    openable_paths,
+    write_results,
+)
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from elvis_cli.features.store import DescriptorStore, FeatureStore
-    from elvis_cli.model.reranker import Fusion, RerankResult
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.fusion import Fusion
+    from elvis_cli.model.reranker import RerankResult
 
 
 @dataclass
@@ -68,6 +74,7 @@ def search_images(
     from elvis_cli.features.released import open_local
 
     config = config or RerankConfig()
+    check_fusion(lam, temperature)
     output = None if output is None else checked_output(output)  # checked before any work
     photos = _query_photos(queries)
     with open_local(gallery, allow_external_sources) as gallery_store:
@@ -87,8 +94,8 @@ def search_images(
             shortlist = global_shortlist(query_store, gallery_store, False, config.shortlist)
             result = rerank(reranker, query_store, gallery_store, shortlist, config,
                             progress=track(progress, "re-ranking", query_store.num_images))
-            found = _openable_paths(query_store)
-        run = SearchRun(found, _openable_paths(gallery_store), result, model, reranker.label,
+            found = openable_paths(query_store)
+        run = SearchRun(found, openable_paths(gallery_store), result, model, reranker.label,
                         reranker.fusion, output, skipped)
     if output is not None:
         write_results(run.table, output)
@@ -111,7 +118,8 @@ def _extracted(photos: list[Path], settings: dict[str, Any], device: str,
                                   backbone=backbone_from_settings(settings), progress=progress)
         with FeatureStore.open(report.output) as store:
             store.temporary = True  # no embedding cache keeps these
-            skipped = [(_openable(store.root, name), reason) for name, reason in report.failures]
+            skipped = [(openable_path(store.root, name), reason)
+                       for name, reason in report.failures]
             if not store.num_images:
                 raise InputError("no photo could be read: " + "; ".join(
                     f"{photo} ({reason})" for photo, reason in skipped))
@@ -133,16 +141,3 @@ def _query_photos(queries: str | Path | Sequence[str | Path]) -> list[Path]:
         raise InputError("no photo to search for")
     return list(dict.fromkeys(photos))
 
-
-def _openable_paths(store: DescriptorStore) -> list[str]:
-    return [_openable(store.root, name) for name in store.paths]
-
-
-def _openable(root: Path | None, name: str) -> str:
-    """A stored image name (relative to the extraction's root) as a path that opens from the
-    current directory: relative when it lies under it, else absolute."""
-    path = Path(os.path.abspath(Path(root or ".") / name))
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
