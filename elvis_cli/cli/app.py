@@ -398,7 +398,8 @@ def search(
     embedding_cache: EmbeddingCacheOption = None,
     device: DeviceOption = None,
     output: Annotated[Path | None, typer.Option(
-        "-o", "--output", help="Also write the results table: .csv or .parquet.")] = None,
+        "-o", "--output", help="Also write the results table: .csv, .parquet or .jsonl.")
+    ] = None,
     top: Annotated[int, typer.Option(min=1, help="Results printed per photo.")] = 5,
     allow_external_sources: ExternalOption = False,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
