@@ -4,6 +4,7 @@ pipes, nohup) at most every $ELVIS_PROGRESS_INTERVAL seconds, nothing with --qui
 import contextlib
 import io
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -95,11 +96,24 @@ def test_interval_zero_shows_every_update(monkeypatch):
     assert re.fullmatch(r"elvis: preparing 1 \(step\): \d+s elapsed", lines[-2]), lines[-2]
 
 
-def test_a_long_interval_shows_only_each_task_that_finishes(monkeypatch):
-    """No line at the start: a command that fails at once says only its error."""
-    _, err = displayed(monkeypatch, "3600")
-    assert heads(err) == ["extracting 3/3", "re-ranking 5/5", "evaluating 2/2"]
-    assert err.splitlines()[-1].endswith(", done")
+def test_a_long_interval_shows_nothing_of_short_tasks(monkeypatch):
+    """A command that ends or fails at once says only its results or its error."""
+    assert displayed(monkeypatch, "3600") == ("", "")
+
+
+def test_lines_come_once_per_interval_and_when_a_long_task_finishes(monkeypatch):
+    clock = iter([0.0,  # the display starts
+                  0.0, 4.0, 11.0, 12.0, 13.0,  # "long" 0..4 of 4: lines at 11 s and its end
+                  14.0, 15.0])  # "short" 0..1 of 1, ended within the interval: no line
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setenv("ELVIS_PROGRESS_INTERVAL", "10")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), _Progress() as show:
+        for done in range(5):
+            show(TaskProgress("long", done, 4))
+        for done in range(2):
+            show(TaskProgress("short", done, 1))
+    assert heads(err.getvalue()) == ["long 2/4", "long 4/4"]
 
 
 def test_on_a_terminal_bars_are_drawn_and_no_lines_written(monkeypatch):

@@ -718,9 +718,10 @@ def _rate_column():
 
 class _Lines:
     """Progress as one plain line at a time on stderr, for logs: at most one line per `interval`
-    seconds, the first one `interval` after the start (a command that ends or fails sooner
-    prints none), and always the line of a task that finishes; each with done/total, rate,
-    elapsed time and ETA, and no terminal codes."""
+    seconds, the first one `interval` after the start, and the line of a task that finishes
+    if it lasted that long. A command that ends or fails sooner prints none: its results or its
+    one error line say it all. Each line has done/total, rate, elapsed time and ETA, and no
+    terminal codes."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -736,11 +737,11 @@ class _Lines:
         now = time.monotonic()
         if event.done == 0 or event.task not in self.started:
             self.started[event.task] = now
-        finished = 0 < event.total <= event.done
+        elapsed = now - self.started[event.task]
+        finished = 0 < event.total <= event.done and elapsed >= self.interval
         if finished or now - self.last_line >= self.interval:
             self.last_line = now
-            print(f"elvis: {_progress_line(event, now - self.started[event.task])}",
-                  file=sys.stderr, flush=True)
+            print(f"elvis: {_progress_line(event, elapsed)}", file=sys.stderr, flush=True)
 
 
 def _progress_line(event: TaskProgress, elapsed: float) -> str:

@@ -8,7 +8,6 @@ features file that lives for this call only, then shortlisted and re-ranked by t
 
 from __future__ import annotations
 
-import glob
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -127,17 +126,12 @@ def _extracted(photos: list[Path], settings: dict[str, Any], device: str,
 
 
 def _query_photos(queries: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The photos named: a path is a photo as it is (extraction says why if it is none), a
-    folder, `.txt` list or glob pattern brings its images (collect_images). Each photo once."""
+    """The photos named (paths, folders, `.txt` lists, glob patterns: collect_images), each
+    once; a named path that is no image is skipped by extraction, which says why."""
     items = [queries] if isinstance(queries, (str, Path)) else list(queries)
-    photos: list[Path] = []
-    for item in items:
-        text = str(item)
-        path = Path(text).expanduser()
-        listed = path.is_dir() or path.suffix.lower() == ".txt" or (
-            not path.exists() and glob.has_magic(text))
-        photos += collect_images(text)[1] if listed else [path]
+    if not items:
+        raise InputError("no photo to search for")
+    photos = list(dict.fromkeys(collect_images(items)[1]))
     if not photos:
         raise InputError("no photo to search for")
-    return list(dict.fromkeys(photos))
-
+    return photos
