@@ -85,8 +85,8 @@ _PUBLIC = {
     # evaluation
     "load_dataset": "elvis_cli.evaluation.datasets",
     "default_data_root": "elvis_cli.evaluation.datasets",
-    "EvaluateConfig": "elvis_cli.evaluation.run",
-    "FusionGrid": "elvis_cli.evaluation.run",
+    "EvaluateConfig": "elvis_cli.evaluation.config",
+    "FusionGrid": "elvis_cli.evaluation.config",
     "evaluate_dataset": "elvis_cli.evaluation.run",
     "results_table": "elvis_cli.evaluation.report",
     "write_results": "elvis_cli.evaluation.report",

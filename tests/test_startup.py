@@ -3,12 +3,15 @@ over a second to import here; benchmarks/startup.py measures the commands' times
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from elvis_cli.model.registry import RERANKERS
 from tests.helpers import write_views
 
 HEAVY = ("torch", "pandas", "faiss", "numba", "matplotlib", "transformers")
+DEMO_ROOT = str(Path(__file__).resolve().parent.parent / "examples" / "data")  # holds `demo`
 
 # `elvis` argument lists, each answered with an error (or help) before any work
 ANSWERED_EARLY = [
@@ -27,6 +30,23 @@ ANSWERED_EARLY = [
     ["search", "imgs/dog_*.jpg", "--gallery", "g.h5"],
     ["search", "imgs/cat_0.jpg", "--gallery", "g.h5", "--temp", "0"],
     ["datasets", "prepare", "nope"],
+    ["evaluate", "--dataset", "nope", "--data-root", "."],
+    ["evaluate", "--dataset", "demo", "--dataset", "nope", "--data-root", DEMO_ROOT],
+    ["evaluate", "--all-datasets", "--data-root", "no_such_root"],
+    ["evaluate", "--dataset", "demo", "--model", "elvs"],
+    ["evaluate", "--dataset", "demo", "--shortlist", "-1"],
+    ["evaluate", "--dataset", "demo", "--lam", "2"],
+    ["evaluate", "--dataset", "demo", "--temp", "0"],
+    ["evaluate", "--dataset", "demo", "--grid-shortlist", "0"],
+    ["evaluate", "--dataset", "demo", "--grid-lam", "2"],
+    ["evaluate", "--dataset", "demo", "--grid-temp", "0"],
+    ["train", "no_such_folder", "-o", "x.pt"],
+    ["train", "imgs", "-o", "x.txt"],
+    ["train", "imgs", "-o", "g.h5/x.pt"],  # in a file, not a folder: unwritable
+    ["train", "imgs", "-o", "x.pt", "--labels", "nope.csv"],
+    ["train", "imgs", "-o", "x.pt", "--labels", "labels.csv"],
+    ["train", "imgs", "-o", "x.pt", "--val", "no_such_folder"],
+    ["train", "imgs/cat_0.jpg", "-o", "x.pt"],  # too few photos to split off a validation set
 ]
 
 PROBE = """
@@ -46,6 +66,7 @@ print(sorted(m for m in {heavy!r} if m in sys.modules))
 def test_argument_errors_import_no_heavy_library(tmp_path):
     write_views(tmp_path / "imgs")
     (tmp_path / "g.h5").write_bytes(b"not checked before the other options")
+    (tmp_path / "labels.csv").write_text("path,instance_id\nimgs/cat_0.jpg\n")  # no id
     result = subprocess.run(
         [sys.executable, "-c", PROBE.format(cases=ANSWERED_EARLY, heavy=HEAVY)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -54,3 +75,10 @@ def test_argument_errors_import_no_heavy_library(tmp_path):
     assert codes == ["0", "0", *["1"] * (len(ANSWERED_EARLY) - 2)], result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.splitlines()[-1] == "[]", result.stdout
+
+
+def test_each_reranker_name_is_its_class_name():
+    """The registry names re-rankers without importing their classes (torch modules), so that
+    `--model` is checked early; each name must still load the class that bears it."""
+    assert "elvs" not in RERANKERS
+    assert [RERANKERS[name].name for name in RERANKERS] == ["global", "elvis", "chamfer"]

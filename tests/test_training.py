@@ -14,10 +14,11 @@ from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
 from elvis_cli.training.augment import ViewConfig, render_views
 from elvis_cli.training.config import TrainConfig
 from elvis_cli.training.initialisation import calibrate_logit, init_vote_counting
-from elvis_cli.training.loop import _train_step, train
+from elvis_cli.training.loop import train
 from elvis_cli.training.pairs import PairSampler
 from elvis_cli.training.photos import photo_set, read_labels, split_by_instance
 from elvis_cli.training.pool import extract_pool, raw_scores
+from elvis_cli.training.run import _train_step
 from elvis_cli.training.validation import FUSION_GRID, ValidationSet
 from elvis_cli.util.errors import InputError
 

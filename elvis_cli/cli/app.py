@@ -113,8 +113,8 @@ class _Command(typer.core.TyperCommand):
 
 def _config(name: str, **given: Any) -> Any:
     """Config dataclass `name` (a public name of elvis_cli) with the options that were given;
-    the rest keep its defaults. Only that one is loaded: the others' modules may be heavy
-    (evaluation's imports torch), and an argument error must not wait for them."""
+    the rest keep its defaults. Only that one is loaded, and no config's module imports torch
+    (tests/test_startup.py): the argument errors it raises must not wait for heavy imports."""
     config_class = getattr(importlib.import_module("elvis_cli"), name)
     return config_class(**{key: value for key, value in given.items()
                            if value is not None and value != []})

@@ -13,24 +13,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
+from elvis_cli.evaluation.config import EvaluateConfig, FusionGrid
 from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
 from elvis_cli.evaluation.prepare import DatasetStatus, list_datasets
-from elvis_cli.evaluation.report import (
-    grid_best,
-    per_query_table,
-    plot_runtime,
-    reranking_changes,
-    results_table,
-    runtime_curve,
-    summary_table,
-    write_results,
-)
-from elvis_cli.evaluation.run import EvaluateConfig, FusionGrid, evaluate_dataset
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, TaskProgress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_OUT_DIR = Path("elvis-results")
 
@@ -58,7 +50,9 @@ def evaluate_datasets(
 ) -> EvaluationRun:
     """Evaluate `datasets` under `data_root` (None: `$ELVIS_DATA_ROOT`, else the default
     cache), or every ready one when `datasets` is None; write results.json, results.csv,
-    per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables."""
+    per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables.
+    Every dataset is read and checked before the first is evaluated: a missing one costs no
+    work, and answers before torch is imported."""
     config = config or EvaluateConfig()
     root = Path(data_root) if data_root is not None else default_data_root()
     not_ready: list[DatasetStatus] = []
@@ -71,22 +65,28 @@ def evaluate_datasets(
     if not names:
         raise InputError(f"no ready dataset under {root}; see `elvis datasets list --data-root "
                          f"{root}` and prepare one with `elvis datasets prepare NAME`")
-    total = len(names) * (config.num_stages() + (grid.num_stages(config) if grid else 0))
+    loaded = [load_dataset(root, name) for name in names]
+    # only now the heavy part: torch (run.py), pandas and matplotlib (report.py)
+    from elvis_cli.evaluation import report
+    from elvis_cli.evaluation.run import evaluate_dataset
+
+    total = len(loaded) * (config.num_stages() + (grid.num_stages(config) if grid else 0))
     stages = _Stages(progress, total)
-    results = [evaluate_dataset(load_dataset(root, name), config, progress=progress,
-                                on_stage=stages, grid=grid) for name in names]
+    results = [evaluate_dataset(dataset, config, progress=progress, on_stage=stages, grid=grid)
+               for dataset in loaded]
     stages("finished")
-    table, per_query = results_table(results), per_query_table(results)
     out_dir = Path(out_dir)
     outputs = {"json": Path(json_path or out_dir / "results.json"),
                "csv": Path(csv_path or out_dir / "results.csv"),
                "per_query": Path(per_query_path or out_dir / "per_query.csv"),
                "plot": Path(plot_path or out_dir / "runtime.png")}
-    write_results(table, outputs["json"], outputs["csv"])
-    write_results(per_query, None, outputs["per_query"])
-    plot_runtime(table, outputs["plot"])
-    return EvaluationRun(table, summary_table(table), runtime_curve(table), grid_best(table),
-                         per_query, reranking_changes(per_query), outputs, not_ready)
+    table, per_query = report.results_table(results), report.per_query_table(results)
+    report.write_results(table, outputs["json"], outputs["csv"])
+    report.write_results(per_query, None, outputs["per_query"])
+    report.plot_runtime(table, outputs["plot"])
+    return EvaluationRun(table, report.summary_table(table), report.runtime_curve(table),
+                         report.grid_best(table), per_query, report.reranking_changes(per_query),
+                         outputs, not_ready)
 
 
 class _Stages:

@@ -1,26 +1,62 @@
-"""Re-rankers by name: what `--model`, the evaluation table and `load_reranker` take."""
+"""Re-rankers by name: what `--model`, the evaluation table and `load_reranker` take.
+
+The names are known without their classes, which are torch modules: a class is imported when
+first looked up, so that a misspelt `--model` is refused before torch is.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
-from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.chamfer import Chamfer
-from elvis_cli.model.checkpoints import Checkpoint
-from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.model.fusion import check_fusion
-from elvis_cli.model.global_ranking import GlobalRanking
-from elvis_cli.model.reranker import Reranker
 from elvis_cli.util.errors import unknown_name
 
-# in the order of the tables' columns
-RERANKERS: dict[str, type[Reranker]] = {
-    cls.name: cls for cls in (GlobalRanking, ElvisReranker, Chamfer)}
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.checkpoints import Checkpoint
+    from elvis_cli.model.reranker import Reranker
+
+
+class _ClassesByName(Mapping[str, "type[Reranker]"]):
+    """name -> re-ranker class, from "module:Class" paths; each module imported on lookup."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = paths
+
+    def __getitem__(self, name: str) -> type[Reranker]:
+        module, class_name = self._paths[name].split(":")
+        return getattr(importlib.import_module(module), class_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths  # without importing (Mapping's would look the class up)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+# in the order of the tables' columns; each key is its class's `name`
+RERANKERS: Mapping[str, type[Reranker]] = _ClassesByName({
+    "global": "elvis_cli.model.global_ranking:GlobalRanking",
+    "elvis": "elvis_cli.model.elvis_reranker:ElvisReranker",
+    "chamfer": "elvis_cli.model.chamfer:Chamfer",
+})
+
+
+def check_reranker_name(name: str) -> None:
+    """Refuse a name no re-ranker has, with the closest known one as a suggestion."""
+    if name not in RERANKERS:
+        raise unknown_name("model", name, RERANKERS)
 
 
 def reranker_class(name: str) -> type[Reranker]:
-    if name not in RERANKERS:
-        raise unknown_name("model", name, RERANKERS)
+    check_reranker_name(name)
     return RERANKERS[name]
 
 

@@ -14,30 +14,21 @@ are exactly the shortlist entries re-ranking has to push down.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from elvis_cli.backbones import create_backbone
-from elvis_cli.model.checkpoints import save_checkpoint
-from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
-from elvis_cli.model.reranker import Fusion
-from elvis_cli.training.augment import render_views
-from elvis_cli.training.config import TRAIN_PAIRS, TRAIN_VIEWS, VAL_VIEWS, TrainConfig
-from elvis_cli.training.initialisation import calibrate_logit, init_vote_counting
-from elvis_cli.training.pairs import PairSampler
-from elvis_cli.training.photos import PhotoSet, training_photos
-from elvis_cli.training.pool import ViewPool, extract_pool, raw_scores
-from elvis_cli.training.validation import ValidationSet, choose_fusion, validate
+from elvis_cli.model.fusion import Fusion
+from elvis_cli.training.config import TRAIN_VIEWS, VAL_VIEWS, TrainConfig
+from elvis_cli.training.photos import training_photos
 from elvis_cli.util.atomic import writable_output
-from elvis_cli.util.devices import resolve_device
-from elvis_cli.util.errors import InputError
-from elvis_cli.util.progress import TaskProgress, track
+from elvis_cli.util.progress import TaskProgress
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_SUFFIXES = (".pt",)
 
@@ -64,115 +55,6 @@ class TrainReport:
     skipped: list[str] = field(default_factory=list)  # unreadable photos, with the reason
 
 
-def _train_step(
-    model: Elvis, optimizer: torch.optim.Optimizer, pool: ViewPool,
-    pairs: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device, grad_clip: float,
-) -> float | None:
-    """One AdamW step on BCE(g(raw), label); None when the gradient was not finite (skipped)."""
-    src, tgt, labels = pairs
-    src_desc, src_mask = pool.local(src, device)
-    tgt_desc, tgt_mask = pool.local(tgt, device)
-    logits = model.logit(model(src_desc, tgt_desc, src_mask, tgt_mask))
-    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(norm) or not torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
-    return float(loss.detach())
-
-
-class _Run:
-    """The state one `train` call carries from round to round."""
-
-    def __init__(self, config: TrainConfig, progress: Callable[[TrainEvent], None] | None
-                 ) -> None:
-        self.config, self.progress = config, progress
-        self.device = resolve_device(config.device)
-        self.backbone = create_backbone(config.backbone, **config.backbone_options)
-        self.backbone.to(self.device).eval()
-        self.num_local = config.num_local or self.backbone.num_local
-        if self.num_local > self.backbone.num_local:
-            raise InputError(
-                f"num local {self.num_local} exceeds the backbone's {self.backbone.num_local}"
-            )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.model = Elvis(ElvisConfig(descriptor_dim=self.backbone.local_dim))
-        init_vote_counting(self.model)
-        self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, config.rounds * config.steps_per_round
-        )
-        self.skipped: dict[Path, str] = {}
-        self.seconds = {"extract": 0.0, "train": 0.0, "validate": 0.0}
-        self.views_extracted = 0
-
-    def pool(self, photos: PhotoSet, stream: int, round_index: int, label: str) -> ViewPool:
-        started = time.perf_counter()
-        config = self.config
-        views = render_views(photos, config.views_per_image, config.views,
-                             [config.seed, stream, round_index], self.skipped)
-        advance = track(self.progress, label, len(photos.paths) * config.views_per_image)
-        pool = extract_pool(self.backbone, views, photos, self.num_local, config.extract_batch,
-                            self.device, advance)
-        self.seconds["extract"] += time.perf_counter() - started
-        self.views_extracted += len(pool)
-        return pool
-
-    def train_round(self, pool: ViewPool, round_index: int) -> dict[str, float]:
-        """All steps of one round on one pool; the first round first calibrates g on it."""
-        config = self.config
-        sampler = PairSampler(pool, config.hard_negative_pool)
-        rng = np.random.default_rng([config.seed, TRAIN_PAIRS, round_index])
-        if round_index == 0:
-            half = config.val_pairs // 2
-            src, tgt, _ = sampler.sample(rng, half, half, config.hard_negative_fraction)
-            calibrate_logit(self.model, torch.from_numpy(
-                raw_scores(self.model, pool, src, tgt, self.device)))
-        advance = track(self.progress, f"round {round_index + 1} steps", config.steps_per_round)
-        losses, log_domain_steps = [], 0
-        started = time.perf_counter()
-        self.model.train()
-        for _ in range(config.steps_per_round):
-            positives = config.batch_pairs // 2
-            pairs = sampler.sample(rng, positives, config.batch_pairs - positives,
-                                   config.hard_negative_fraction)
-            model = self.model
-            log_domain_steps += uses_log_domain(model.dust_bin, model.config.regularisation)
-            loss = _train_step(self.model, self.optimizer, pool, pairs, self.device,
-                               config.grad_clip)
-            self.schedule.step()
-            if loss is not None:
-                losses.append(loss)
-            advance()
-        self.seconds["train"] += time.perf_counter() - started
-        return {
-            "round": round_index + 1,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "skipped_steps": config.steps_per_round - len(losses),
-            "log_domain_steps": log_domain_steps,
-        }
-
-    def validate(self, val: ValidationSet) -> tuple[dict[str, float], list[dict[str, float]]]:
-        started = time.perf_counter()
-        result = validate(self.model, val, self.device)
-        self.seconds["validate"] += time.perf_counter() - started
-        return result
-
-    def timings(self) -> dict[str, float]:
-        return {
-            "extract_s_per_view": self.seconds["extract"] / max(1, self.views_extracted),
-            "train_s_per_step": self.seconds["train"]
-            / (self.config.rounds * self.config.steps_per_round),
-            "validate_s_per_round": self.seconds["validate"] / self.config.rounds,
-        }
-
-
 def train(
     train_source: str | Path | None,
     output: str | Path,
@@ -193,9 +75,14 @@ def train(
     output = writable_output(output, CHECKPOINT_SUFFIXES)
     config = config or TrainConfig()
     train_photos, val_photos = training_photos(train_source, val_source, labels, config)
+    # only now torch and the model: the photos and the output are known good
+    from elvis_cli.model.checkpoints import save_checkpoint
+    from elvis_cli.training.run import TrainingRun
+    from elvis_cli.training.validation import ValidationSet, choose_fusion
+
     history: list[dict[str, float]] = []
     best: tuple[int, dict[str, torch.Tensor], list[dict[str, float]]] | None = None
-    run = _Run(config, progress)
+    run = TrainingRun(config, progress)
     val = ValidationSet.build(run.pool(val_photos, VAL_VIEWS, 0, "validation views"), config)
     for round_index in range(config.rounds):
         pool = run.pool(train_photos, TRAIN_VIEWS, round_index, f"round {round_index + 1} views")
