@@ -21,6 +21,7 @@ from elvis_cli import (
     InputError,
     RerankConfig,
     TrainConfig,
+    evaluate_datasets,
     export_official,
     extract_images,
     rerank_files,
@@ -29,7 +30,7 @@ from elvis_cli import (
 )
 from elvis_cli.cli import app as cli
 from tests.conftest import SMALL
-from tests.helpers import cli_in, one_line_error, random_checkpoint, run_cli, write_views
+from tests.helpers import REPO, cli_in, one_line_error, random_checkpoint, run_cli, write_views
 
 SMALL_OPTIONS = {"image_size": 64, "num_local": 16}
 # a training run that ends in seconds, should a check regress and let it start
@@ -336,3 +337,14 @@ def test_a_shortlist_output_is_checked_before_the_search(extracted, read_only):
     with pytest.raises(InputError, match=r"output must end in \.npz, got s\.csv"):
         shortlist_files(extracted.features, k=2, output=read_only.parent / "s.csv")
     assert not (read_only.parent / "s.csv").exists()
+
+
+def test_evaluate_checks_each_output_before_any_work(read_only, tmp_path):
+    events: list = []
+    demo = REPO / "examples" / "data"
+    with pytest.raises(InputError, match="read-only is not writable"):
+        evaluate_datasets(demo, ["demo"], out_dir=read_only, progress=events.append)
+    with pytest.raises(InputError, match=r"output must end in \.png, got runtime\.jpg"):
+        evaluate_datasets(demo, ["demo"], out_dir=tmp_path, plot_path=tmp_path / "runtime.jpg",
+                          progress=events.append)
+    assert events == [] and not list(tmp_path.glob("*.json"))

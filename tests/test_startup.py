@@ -47,6 +47,10 @@ ANSWERED_EARLY = [
     ["train", "imgs", "-o", "x.pt", "--labels", "labels.csv"],
     ["train", "imgs", "-o", "x.pt", "--val", "no_such_folder"],
     ["train", "imgs/cat_0.jpg", "-o", "x.pt"],  # too few photos to split off a validation set
+    ["extract", "imgs", "-o", "x.h5", "--backbone", "dinov9"],
+    ["evaluate", "--dataset", "demo", "--data-root", DEMO_ROOT, "--backbone", "dinov9"],
+    ["train", "imgs", "-o", "x.pt", "--backbone", "dinov9"],
+    ["evaluate", "--dataset", "demo", "--data-root", DEMO_ROOT, "--out-dir", "g.h5/results"],
 ]
 
 PROBE = """

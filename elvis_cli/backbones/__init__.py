@@ -22,6 +22,7 @@ __all__ = [
     "Backbone",
     "ImageFeatures",
     "backbone_from_settings",
+    "check_backbone_name",
     "create_backbone",
     "select_top_k",
 ]
@@ -57,10 +58,15 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
-    """Instantiate a backbone by registry name, with its options as keywords."""
+def check_backbone_name(name: str) -> None:
+    """Refuse an unknown backbone name, before anything heavy is imported (the configs)."""
     if name not in BACKBONES:
         raise unknown_name("backbone", name, BACKBONES)
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
+    """Instantiate a backbone by registry name, with its options as keywords."""
+    check_backbone_name(name)
     return BACKBONES[name](**options)
 
 

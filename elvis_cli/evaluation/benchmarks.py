@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from elvis_cli.evaluation.config import EvaluateConfig, FusionGrid
 from elvis_cli.evaluation.datasets import default_data_root, find_datasets, load_dataset
 from elvis_cli.evaluation.prepare import DatasetStatus, list_datasets
+from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, TaskProgress
 
@@ -52,7 +53,7 @@ def evaluate_datasets(
     cache), or every ready one when `datasets` is None; write results.json, results.csv,
     per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables.
     Every dataset is read and checked before the first is evaluated: a missing one costs no
-    work, and answers before torch is imported."""
+    work, and answers before torch is imported; so does an output that cannot be written."""
     config = config or EvaluateConfig()
     root = Path(data_root) if data_root is not None else default_data_root()
     not_ready: list[DatasetStatus] = []
@@ -66,6 +67,12 @@ def evaluate_datasets(
         raise InputError(f"no ready dataset under {root}; see `elvis datasets list --data-root "
                          f"{root}` and prepare one with `elvis datasets prepare NAME`")
     loaded = [load_dataset(root, name) for name in names]
+    out_dir = Path(out_dir)
+    outputs = {  # each checked now, so that a bad place never costs the evaluation
+        "json": writable_output(json_path or out_dir / "results.json", (".json",)),
+        "csv": writable_output(csv_path or out_dir / "results.csv", (".csv",)),
+        "per_query": writable_output(per_query_path or out_dir / "per_query.csv", (".csv",)),
+        "plot": writable_output(plot_path or out_dir / "runtime.png", (".png",))}
     # only now the heavy part: torch (run.py), pandas and matplotlib (report.py)
     from elvis_cli.evaluation import report
     from elvis_cli.evaluation.run import evaluate_dataset
@@ -75,11 +82,6 @@ def evaluate_datasets(
     results = [evaluate_dataset(dataset, config, progress=progress, on_stage=stages, grid=grid)
                for dataset in loaded]
     stages("finished")
-    out_dir = Path(out_dir)
-    outputs = {"json": Path(json_path or out_dir / "results.json"),
-               "csv": Path(csv_path or out_dir / "results.csv"),
-               "per_query": Path(per_query_path or out_dir / "per_query.csv"),
-               "plot": Path(plot_path or out_dir / "runtime.png")}
     table, per_query = report.results_table(results), report.per_query_table(results)
     report.write_results(table, outputs["json"], outputs["csv"])
     report.write_results(per_query, None, outputs["per_query"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from elvis_cli.backbones import DEFAULT_BACKBONE
+from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.model.registry import RERANKERS, check_reranker_name, reranker_class
 from elvis_cli.util.errors import InputError
@@ -35,6 +35,7 @@ class EvaluateConfig:
     query_crops: bool = False
 
     def __post_init__(self) -> None:
+        check_backbone_name(self.backbone)
         if not self.shortlists or any(size < 0 for size in self.shortlists):
             raise InputError("shortlist sizes must be zero (global only) or positive")
         check_fusion(self.lam, self.temperature)

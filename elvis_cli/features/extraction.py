@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from elvis_cli.backbones import DEFAULT_BACKBONE, create_backbone
+from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name, create_backbone
 from elvis_cli.features import collection
 from elvis_cli.features.collection import Item
 from elvis_cli.features.images import Box, ImageError, collect_images, decode_image
@@ -75,6 +75,7 @@ class ExtractConfig:
     decode_truncated: bool = False
 
     def __post_init__(self) -> None:
+        check_backbone_name(self.backbone)
         self.global_types = [CLASS_GLOBAL,
                              *dict.fromkeys(t for t in self.global_types if t != CLASS_GLOBAL)]
 

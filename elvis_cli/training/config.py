@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from elvis_cli.backbones import DEFAULT_BACKBONE
+from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name
 from elvis_cli.training.augment import ViewConfig
 from elvis_cli.util.errors import InputError
 
@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_backbone_name(self.backbone)
         positive = ("views_per_image", "rounds", "steps_per_round", "hard_negative_pool",
                     "val_pairs", "rerank_top", "extract_batch")
         for name in positive:
