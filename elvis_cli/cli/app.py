@@ -139,6 +139,8 @@ PresetOption = Annotated[str | None, typer.Option(
          "(explicit options override it; see REPRODUCE.md).")]
 FeaturesOption = Annotated[Path, typer.Option(
     help="Features file, all-vs-all (or --queries with --gallery).")]
+FeaturesArgument = Annotated[Path, typer.Argument(
+    metavar="FEATURES", help="Features file (.h5) from `elvis extract`.")]
 QueriesOption = Annotated[Path | None, typer.Option(help="Query features (with --gallery).")]
 GalleryOption = Annotated[Path | None, typer.Option(help="Gallery features (with --queries).")]
 KeepLocalOption = Annotated[int | None, typer.Option(
@@ -191,6 +193,7 @@ def _checkpoint(preset: str | None, checkpoint: str | None) -> str | None:
 @app.command(cls=_Command)
 def extract(
     images: Annotated[list[str], typer.Argument(
+        metavar="IMAGES",
         help="Folders (recursive), .txt lists of paths, images or quoted globs; several are "
              "taken together (an unquoted glob too), stored relative to their common folder.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Features file (.h5).")],
@@ -252,7 +255,7 @@ def extract(
 
 @app.command(cls=_Command)
 def verify(
-    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `elvis extract`.")],
+    features: FeaturesArgument,
 ) -> None:
     """Check every byte of a features file: each shard against the size and SHA-256 recorded
     when it was written, then that the files open and hold the rows they should.
@@ -274,7 +277,7 @@ def verify(
 
 @app.command(cls=_Command)
 def export(
-    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `elvis extract`.")],
+    features: FeaturesArgument,
     out_dir: Annotated[Path, typer.Option(help="Folder for the official files.")],
     name: Annotated[str, typer.Option(help="Descriptor name in the file names, e.g. dinov2.")],
     split: Annotated[str, typer.Option(help="Split in the file names, e.g. query or gallery.")],
@@ -544,7 +547,8 @@ def datasets_list(data_root: DataRoot = None) -> None:
 
 @datasets_app.command("prepare", cls=_Command)
 def datasets_prepare(
-    name: Annotated[str, typer.Argument(help="Dataset name (see `elvis datasets list`).")],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="Dataset name (see `elvis datasets list`).")],
     data_root: DataRoot = None,
     source: Annotated[Path | None, typer.Option(
         "--from", help="An archive (tar/zip) or folder holding the files already.")] = None,
@@ -567,7 +571,8 @@ def datasets_prepare(
 
 @app.command(cls=_Command)
 def train(
-    photos: Annotated[str, typer.Argument(help="Training photos: folder, .txt list or glob.")],
+    photos: Annotated[str, typer.Argument(
+        metavar="PHOTOS", help="Training photos: folder, .txt list or glob.")],
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Checkpoint file (.pt); checked before training.")],
     val: Annotated[str | None, typer.Option(help="Validation photos (default: 20% split).")] = None,
