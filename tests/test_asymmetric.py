@@ -150,6 +150,10 @@ def test_evaluate_extracts_the_queries_smaller_and_ranks_with_them(files, toy):
         ranking = build_shortlist(queries.global_descriptors(), gallery.global_descriptors(),
                                   gallery.num_images)
         expected = score_rankings(toy, {"ok": ranking.indices})["map"]
+        # float32 global descriptor; chamfer also reads the 16 float16 rows of 5 + D numbers
+        global_bytes = 4 * gallery.global_dim
+        reranked_bytes = global_bytes + 16 * 2 * (5 + gallery.local_dim)
     rows = evaluate_dataset(toy, small, progress=False).rows
     assert rows[0]["model"] == "global" and rows[0]["map"] == expected
     assert {row["features"] for row in rows} == {"efficientnet-lite0, queries at 64 px"}
+    assert [row["bytes_per_image"] for row in rows] == [global_bytes, reranked_bytes]
