@@ -2,12 +2,13 @@
 against re-ranking time, points labelled with the shortlist size), and the bytes each method
 stores per gallery image (`Reranker.bytes_per_image`)."""
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from elvis_cli import Chamfer, ElvisReranker, GlobalRanking
+from elvis_cli import Chamfer, ElvisReranker, GlobalRanking, open_local
 from elvis_cli.evaluation.report import method_label, plot_runtime, runtime_curve
 from tests.helpers import random_model
 
@@ -77,3 +78,17 @@ def test_bytes_per_image_counts_what_each_method_reads_as_stored(stores):
         assert reranker.bytes_per_image(gallery) == 12 + 14 * 106
         assert reranker.bytes_per_image(gallery, 600) == 12 + 14 * 106  # all it stores
         assert reranker.bytes_per_image(gallery, 10) == 12 + 10 * 106
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_binarised_rows_count_their_packed_bits_and_metadata(tmp_path, per_row):
+    """The authors' binarised layout, one record per image (N,) of K rows or one per row (N, K):
+    128 bits are 16 bytes, with 5 float16 metadata 26 bytes a row; no global file: 0."""
+    shape = (1, 6) if per_row else (1,)
+    rows = () if per_row else (6,)
+    dtype = np.dtype([("metadata", np.float16, (*rows, 5)), ("descriptor", np.uint8, (*rows, 16))])
+    with h5py.File(tmp_path / "bits.hdf5", "w") as file:
+        file.create_dataset("features", data=np.zeros(shape, dtype=dtype))
+    with open_local(tmp_path / "bits.hdf5") as store:
+        assert (store.num_local, store.local_row_bytes, store.global_bytes) == (6, 26, 0)
+        assert Chamfer().bytes_per_image(store, 4) == 4 * 26

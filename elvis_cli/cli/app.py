@@ -850,8 +850,8 @@ def _print_results(run) -> None:
     wide_console.print(view)
     curve = run.curve
     slowest = max(curve["seconds_per_query"].max(), 1e-12)
-    view = Table(title="runtime vs shortlist size (mean over datasets; bytes/image: stored "
-                       "per gallery image, what the method reads)", title_justify="left")
+    view = Table(title="runtime vs shortlist size (mean over datasets); bytes/image: read per "
+                       "gallery image", title_justify="left")
     for column in ("method", "shortlist", "s/query", "", "mAP", "bytes/image"):
         view.add_column(column, justify="left" if column in ("method", "") else "right")
     for row in curve.itertuples(index=False):

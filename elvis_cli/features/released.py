@@ -136,7 +136,7 @@ class ShortlistedGallery(DescriptorStore):
         return self._store.read_local(rows, num_local, dtype, check_finite)
 
     @property
-    def local_row_bytes(self) -> float:
+    def local_row_bytes(self) -> int:
         return self._store.local_row_bytes
 
     def close(self) -> None:

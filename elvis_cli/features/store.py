@@ -75,7 +75,7 @@ class DescriptorStore(ABC):
 
     @property
     @abstractmethod
-    def local_row_bytes(self) -> float:
+    def local_row_bytes(self) -> int:
         """Bytes one local row (metadata and descriptor) takes as stored."""
 
     @property
@@ -252,11 +252,11 @@ class FeatureStore(DescriptorStore):
         return rows if in_order else rows[inverse]
 
     @property
-    def local_row_bytes(self) -> float:
+    def local_row_bytes(self) -> int:
         """Float rows (N, K, 5 + D) and packed binarised ones, one record per image (N,) or
         per row (N, K), alike: the bytes after the image axis over its K rows."""
         shape = self._features.shape
-        return self._features.dtype.itemsize * float(np.prod(shape[1:])) / self.num_local
+        return round(self._features.dtype.itemsize * int(np.prod(shape[1:])) / self.num_local)
 
     def _read_rows_into(self, out: np.ndarray, start: int, stop: int) -> None:
         """Images start..stop-1 into `out` (n, count, 5 + D); straight from HDF5, without an

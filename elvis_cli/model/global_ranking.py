@@ -33,6 +33,6 @@ class GlobalRanking(Reranker):
     def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
         return 0
 
-    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> float:
+    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> int:
         """The global descriptor only: no local row is read."""
         return store.global_bytes

@@ -67,7 +67,7 @@ class Reranker(nn.Module, ABC):
         """The final score of a pair from its global similarity and raw score."""
         return self.fusion(global_score, raw_score)
 
-    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> float:
+    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> int:
         """Bytes per gallery image this method needs, as stored in `store`: the global
         descriptor (every method shortlists with it) and the first `num_local` local rows it
         reads (None: all stored), metadata included. An embedding cache comes on top
