@@ -46,6 +46,7 @@ RERANKERS: Mapping[str, type[Reranker]] = _ClassesByName({
     "global": "elvis_cli.model.global_ranking:GlobalRanking",
     "elvis": "elvis_cli.model.elvis_reranker:ElvisReranker",
     "chamfer": "elvis_cli.model.chamfer:Chamfer",
+    "sv": "elvis_cli.model.spatial_verification:SpatialVerification",
 })
 
 
