@@ -3,8 +3,9 @@
 A re-ranker prepares each image once (`embed`: the engine keeps the result for every pair the
 image takes part in, and on disk with an embedding cache), scores (query, gallery) pairs of
 prepared images (`score`), and fuses its raw score with the global similarity (`fuse`). Global
-ranking, ELViS and chamfer are implementations (registry.RERANKERS); a new one needs no change
-to the engine.
+ranking, ELViS, chamfer and spatial verification are implementations (registry.RERANKERS); a
+new one needs no change to the engine. One that needs where its descriptors lie (spatial
+verification) says so with `uses_positions`, and `score` then gets the stored positions too.
 """
 
 from __future__ import annotations
