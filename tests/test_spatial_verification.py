@@ -1,6 +1,10 @@
 """Spatial verification: mutual nearest neighbours, then RANSAC on the stored positions."""
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +149,27 @@ def test_same_inliers_twice(views):
             for _ in range(2)]
     np.testing.assert_array_equal(runs[0]["raw_score"], runs[1]["raw_score"])
     np.testing.assert_array_equal(runs[0]["gallery_index"], runs[1]["gallery_index"])
+
+
+# torch, MKL, oneDNN and OpenCV on the AVX2 code path of this CPU
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENCV_CPU_DISABLE": "AVX512-SKX"}
+
+
+@pytest.mark.subprocess
+def test_same_inliers_on_the_avx2_code_path(views, tmp_path):
+    """The same features give the same inliers on an AVX2-only CPU (the similarity GEMM and
+    OpenCV's kernels take narrower vectors there)."""
+    code = ("import sys, numpy as np; from elvis_cli import RerankConfig, rerank_files; "
+            "np.save(sys.argv[2], rerank_files(sys.argv[1], model='sv', "
+            "config=RerankConfig(shortlist=7)).table['raw_score'].to_numpy())")
+    result = subprocess.run([sys.executable, "-c", code, str(views), str(tmp_path / "avx2.npy")],
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, **AVX2},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    here = rerank_files(views, model="sv", config=RerankConfig(shortlist=7)).table
+    assert here["raw_score"].gt(0).sum() >= 4
+    np.testing.assert_array_equal(np.load(tmp_path / "avx2.npy"), here["raw_score"])
 
 
 def test_grid_spacing_is_the_stored_cell(views):
