@@ -34,6 +34,7 @@ from rich.text import Text
 from elvis_cli import (
     EXIT_PARTIAL,
     PRESETS,
+    RERANKERS,
     ElvisError,
     ElvisWarning,
     InputError,
@@ -94,6 +95,7 @@ LIBRARY_DEFAULTS = {
         ("views", "views_per_image"), ("batch_pairs", "batch_pairs"), ("lr", "lr"),
         ("seed", "seed"), ("device", "device"))},
 }
+MODEL_NAMES = ", ".join(RERANKERS)  # what --model takes, from the registry
 # list options whose values may hold commas themselves (KEY=VALUE with JSON values)
 NO_COMMA_SPLIT = {"backbone_option"}
 
@@ -340,7 +342,7 @@ def rerank(
     shortlist_size: Annotated[int | None, typer.Option(
         "--shortlist", min=1, help="Top entries re-ranked per query.")] = None,
     model: Annotated[str, typer.Option(
-        help="Re-ranker: elvis, chamfer (training-free) or global (no re-ranking).")
+        help=f"Re-ranker: {MODEL_NAMES} (global: no re-ranking).")
     ] = "elvis",
     preset: PresetOption = None,
     checkpoint: Annotated[str | None, typer.Option(
@@ -399,7 +401,7 @@ def search(
     shortlist_size: Annotated[int | None, typer.Option(
         "--shortlist", min=1, help="Global neighbours re-ranked per photo.")] = None,
     model: Annotated[str, typer.Option(
-        help="Re-ranker: elvis, chamfer (training-free) or global (no re-ranking).")
+        help=f"Re-ranker: {MODEL_NAMES} (global: no re-ranking).")
     ] = "elvis",
     checkpoint: Annotated[str | None, typer.Option(
         help="Checkpoint name or path; default: the one matching the gallery's backbone.")
@@ -453,7 +455,7 @@ def evaluate(
     all_datasets: Annotated[bool, typer.Option(
         "--all-datasets", help="Every ready dataset under the data root.")] = False,
     model: Annotated[list[str] | None, typer.Option(
-        help="Re-rankers side by side: global, elvis, chamfer.")] = None,
+        help=f"Re-rankers side by side: {MODEL_NAMES}.")] = None,
     preset: PresetOption = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone for extraction.")] = None,
     backbone_option: BackboneOptions = None,
