@@ -86,9 +86,12 @@ LIBRARY_DEFAULTS = {
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
         ("backbone", "backbone"), ("shortlist_sizes", "shortlists"), ("model", "models"),
-        ("use_local", "num_local"), ("device", "device"))},
+        ("use_local", "num_local"), ("device", "device"), ("post", "post"))},
     **{("evaluate", option): ("FusionGrid", field) for option, field in (
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
+    **{(command, option): ("PostConfig", option) for command in ("shortlist", "rerank", "evaluate")
+       for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
+                      "gss_epochs", "gss_lr", "gss_seed")},
     **{("train", option): ("TrainConfig", field) for option, field in (
         ("backbone", "backbone"), ("rounds", "rounds"), ("steps", "steps_per_round"),
         ("views", "views_per_image"), ("batch_pairs", "batch_pairs"), ("lr", "lr"),
@@ -148,6 +151,28 @@ KeepLocalOption = Annotated[int | None, typer.Option(
          "the backbone's own).")]
 UseLocalOption = Annotated[int | None, typer.Option(
     min=1, help="The first N stored local descriptors of each image used for re-ranking.")]
+PostOption = Annotated[str, typer.Option(
+    help="Global post-processing before re-ranking: none, aqe (alpha query expansion) or gss "
+         "(guided similarity separation, a GCN trained on the gallery).")]
+AqeNOption = Annotated[int | None, typer.Option(min=1, help="aqe: neighbours added per query.")]
+AqeAlphaOption = Annotated[float | None, typer.Option(
+    min=0, help="aqe: neighbour weight = similarity^alpha.")]
+GssKOption = Annotated[int | None, typer.Option(help="gss: neighbours per gallery image.")]
+GssQueryKOption = Annotated[int | None, typer.Option(help="gss: gallery neighbours per query.")]
+GssBetaOption = Annotated[float | None, typer.Option(
+    help="gss: separation threshold beta; default: a percentile of the similarities.")]
+GssBetaPercentileOption = Annotated[float | None, typer.Option(
+    help="gss: beta as this percentile of the untrained similarities.")]
+GssEpochsOption = Annotated[int | None, typer.Option(help="gss: training epochs.")]
+GssLrOption = Annotated[float | None, typer.Option(help="gss: Adam learning rate.")]
+GssSeedOption = Annotated[int | None, typer.Option(help="gss: seed of the initial weights.")]
+
+
+def _post_config(options: dict[str, Any]) -> Any:
+    """PostConfig from a command's `--aqe-*` and `--gss-*` options (its locals), the ones left
+    unset taking the library's defaults."""
+    return _config("PostConfig", **{name: value for name, value in options.items()
+                                    if name.startswith(("aqe_", "gss_"))})
 
 
 def _version(value: bool) -> None:
@@ -307,16 +332,29 @@ def shortlist(
         help="Global descriptor type to search with: cls, or w-avg/og-avg where extracted (or "
              "beside released files).")] = "cls",
     allow_external_sources: ExternalOption = False,
+    post: PostOption = "none",
+    aqe_n: AqeNOption = None,
+    aqe_alpha: AqeAlphaOption = None,
+    gss_k: GssKOption = None,
+    gss_query_k: GssQueryKOption = None,
+    gss_beta: GssBetaOption = None,
+    gss_beta_percentile: GssBetaPercentileOption = None,
+    gss_epochs: GssEpochsOption = None,
+    gss_lr: GssLrOption = None,
+    gss_seed: GssSeedOption = None,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
-    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz`
+    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz --post aqe`
     """
     from elvis_cli import shortlist_files
 
+    post_config = _post_config(locals())
     result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
                              global_type=global_type,
-                             allow_external_sources=allow_external_sources)
+                             allow_external_sources=allow_external_sources, post=post,
+                             post_config=post_config)
+    _print_post(result.post)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
 
@@ -357,6 +395,16 @@ def rerank(
                                "before any work.")] = Path("reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
     allow_external_sources: ExternalOption = False,
+    post: PostOption = "none",
+    aqe_n: AqeNOption = None,
+    aqe_alpha: AqeAlphaOption = None,
+    gss_k: GssKOption = None,
+    gss_query_k: GssQueryKOption = None,
+    gss_beta: GssBetaOption = None,
+    gss_beta_percentile: GssBetaPercentileOption = None,
+    gss_epochs: GssEpochsOption = None,
+    gss_lr: GssLrOption = None,
+    gss_seed: GssSeedOption = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
 
@@ -364,6 +412,7 @@ def rerank(
     """
     from elvis_cli import rerank_files
 
+    post_config = _post_config(locals())
     config = _config("RerankConfig", shortlist=shortlist_size, num_local=use_local,
                      batch_size=batch_size, device=device, precision=precision,
                      workers=workers, embedding_cache=embedding_cache)
@@ -371,7 +420,9 @@ def rerank(
         run = rerank_files(features, queries=queries, gallery=gallery, candidates=candidates,
                            model=model, checkpoint=_checkpoint(preset, checkpoint), lam=lam,
                            temperature=temperature, config=config, output=output,
-                           allow_external_sources=allow_external_sources, progress=bars)
+                           allow_external_sources=allow_external_sources, progress=bars,
+                           post=post, post_config=post_config)
+    _print_post(run.post)
     _print_top(run.table, show)
     console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
@@ -482,6 +533,18 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(
         help="No progress display (bars on a terminal, else lines on stderr every "
              "$ELVIS_PROGRESS_INTERVAL seconds, default 10).")] = False,
+    post: Annotated[list[str] | None, typer.Option(
+        help="Global post-processings side by side, each re-ranked by every model: none, aqe, "
+             "gss (e.g. `--post none,aqe`; shown as elvis@100+aqe).")] = None,
+    aqe_n: AqeNOption = None,
+    aqe_alpha: AqeAlphaOption = None,
+    gss_k: GssKOption = None,
+    gss_query_k: GssQueryKOption = None,
+    gss_beta: GssBetaOption = None,
+    gss_beta_percentile: GssBetaPercentileOption = None,
+    gss_epochs: GssEpochsOption = None,
+    gss_lr: GssLrOption = None,
+    gss_seed: GssSeedOption = None,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
@@ -495,6 +558,7 @@ def evaluate(
     """
     from elvis_cli import evaluate_datasets
 
+    post_config = _post_config(locals())
     if not all_datasets and not dataset:
         raise InputError("name a dataset with --dataset NAME, or use --all-datasets")
     name, options = _backbone(preset, backbone, None, None, backbone_option)
@@ -502,7 +566,8 @@ def evaluate(
                      checkpoint=_checkpoint(preset, checkpoint), models=model,
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
                      num_local=use_local, device=device, descriptors=descriptors,
-                     embedding_cache=embedding_cache, query_crops=query_crops)
+                     embedding_cache=embedding_cache, query_crops=query_crops, post=post,
+                     post_config=post_config)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,
@@ -848,13 +913,28 @@ def _print_results(run) -> None:
                            f"shortlist {row.shortlist}, lam {row.lam:g}, temp "
                            f"{row.temperature:g}: mAP {_number(row.map)}")
     for row in run.changes.itertuples(index=False):
-        line = (f"{row.dataset}: {row.model}@{row.shortlist} vs global: {row.better} queries "
-                f"better, {row.worse} worse, {row.same} the same")
+        model, plus, post = row.model.partition("+")
+        line = (f"{row.dataset}: {model}@{row.shortlist}{plus}{post} vs global: {row.better} "
+                f"queries better, {row.worse} worse, {row.same} the same")
         extremes = [f"most {word} {query} ({change:+.1f} AP)" for word, query, change in (
             ("helped", row.most_helped, row.gain), ("hurt", row.most_hurt, row.loss))
             if isinstance(query, str)]
         wide_console.print(line + ("; " + ", ".join(extremes) if extremes else ""),
                            markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_post(report) -> None:
+    """A post-processing's time; for GSS, its training loss at about ten epochs (all of them
+    are in the returned report)."""
+    if report is None:
+        return
+    line = f"post {report.method}: {report.seconds:.2f} s"
+    if report.losses:
+        step = max(1, len(report.losses) // 10)
+        shown = sorted({*range(0, len(report.losses), step), len(report.losses) - 1})
+        line += (", loss by epoch: " + ", ".join(f"{epoch + 1}: {report.losses[epoch]:.6f}"
+                                                  for epoch in shown))
+    console.print(line, soft_wrap=True, highlight=False)
 
 
 def _number(value) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.model.registry import RERANKERS, check_reranker_name, reranker_class
+from elvis_cli.retrieval.config import PostConfig, check_post_methods
 from elvis_cli.util.errors import InputError
 
 
@@ -33,6 +34,10 @@ class EvaluateConfig:
     # queries cut to their ground-truth `bbx`, scaled like the full image: the authors' `bbox`
     # switch, off by default as in their conf/extract.yaml
     query_crops: bool = False
+    # global post-processings side by side (none, aqe, gss), each a row dimension: its global
+    # ranking is what every model then re-ranks; parameters in post_config
+    post: Sequence[str] = ("none",)
+    post_config: PostConfig = field(default_factory=PostConfig)
 
     def __post_init__(self) -> None:
         check_backbone_name(self.backbone)
@@ -45,6 +50,10 @@ class EvaluateConfig:
         self.models = list(dict.fromkeys(self.models))
         for name in self.models:
             check_reranker_name(name)
+        if not self.post:
+            raise InputError("no post-processing given; use none, aqe or gss")
+        self.post = list(dict.fromkeys(self.post))
+        check_post_methods(self.post)
 
     @property
     def rerankers(self) -> list[str]:
@@ -53,8 +62,11 @@ class EvaluateConfig:
         return [name for name in self.models if reranker_class(name).scores_pairs]
 
     def num_stages(self) -> int:
-        """Stages per dataset, for a progress display: features, then each re-ranking run."""
-        return 1 + len(self.rerankers) * sum(size > 0 for size in self.shortlists)
+        """Stages per dataset, for a progress display: features, each post-processing, then
+        each re-ranking run of each."""
+        post_processings = sum(method != "none" for method in self.post)
+        return (1 + post_processings
+                + len(self.post) * len(self.rerankers) * sum(size > 0 for size in self.shortlists))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, REGISTRY
 from elvis_cli.model.registry import RERANKERS
+from elvis_cli.retrieval.config import POST_METHODS
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -74,7 +75,13 @@ def reranking_changes(per_query: pd.DataFrame) -> pd.DataFrame:
 
 def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of the default settings (the global ranking and each model at each shortlist
-    size), without the fusion grid's; the tables and curves are made of these."""
+    size), without the fusion grid's; the tables and curves are made of these. A model on a
+    post-processed ranking is named with it, e.g. `elvis+aqe`."""
+    if "post" in table:
+        table = table.assign(model=[model if post in ("none", None) or post != post
+                                    else f"{model}+{post}"
+                                    for model, post in zip(table["model"], table["post"],
+                                                           strict=True)])
     if "grid" not in table:
         return table
     return table[~table["grid"].astype(bool)]
@@ -90,7 +97,15 @@ def grid_best(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _column(model: str, shortlist: int) -> str:
-    return "global" if model == "global" else f"{model}@{shortlist}"
+    """`elvis@100`, `elvis@100+aqe`; `global`, `global+aqe`."""
+    name, plus, post = model.partition("+")
+    return model if name == "global" else f"{name}@{shortlist}{plus}{post}"
+
+
+def _global_of(model: str) -> str:
+    """The global ranking a model re-ranked: `global`, or `global+aqe` for `elvis+aqe`."""
+    _, plus, post = model.partition("+")
+    return f"global{plus}{post}"
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -147,7 +162,14 @@ def _with_protocol_rows(summary: pd.DataFrame, table: pd.DataFrame,
 
 def _model_order(column: pd.Series) -> pd.Series:
     if column.name == "model":
-        return column.map({name: rank for rank, name in enumerate(RERANKERS)})
+        ranks = {name: rank for rank, name in enumerate(RERANKERS)}
+        posts = {name: rank for rank, name in enumerate(POST_METHODS)}
+
+        def rank_of(model: str) -> float:
+            name, _, post = model.partition("+")
+            return ranks.get(name, len(ranks)) * len(posts) + posts.get(post or "none", 0)
+
+        return column.map(rank_of)
     return column
 
 
@@ -155,8 +177,8 @@ def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
     """Per model and shortlist size, seconds per query and mAP averaged over the datasets; each
     model's curve starts at the global ranking (size 0); fusion-grid rows are left out."""
     table = headline_rows(table)
-    parts = [table[table["model"] == "global"].assign(model=name)
-             for name in table["model"].unique() if name != "global"]
+    parts = [table[table["model"] == _global_of(name)].assign(model=name)
+             for name in table["model"].unique() if not name.startswith("global")]
     curves = pd.concat([table, *parts]) if parts else table
     return (curves.groupby(["model", "shortlist"], sort=False)
             .agg(seconds_per_query=("seconds_per_query", "mean"), map=("map", "mean"),
@@ -180,7 +202,7 @@ def plot_runtime(table: pd.DataFrame, path: Path) -> None:
     colours = dict(zip(reranked, plt.rcParams["axes.prop_cycle"].by_key()["color"],
                        strict=False))
     for name in reranked:
-        for _, rows in table[table["model"].isin(["global", name])].groupby("dataset"):
+        for _, rows in table[table["model"].isin([_global_of(name), name])].groupby("dataset"):
             rows = rows.sort_values("shortlist")
             for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
                 axis.plot(rows["shortlist"], rows[value], color=colours[name], alpha=0.35,
