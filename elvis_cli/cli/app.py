@@ -12,14 +12,17 @@ stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 int
 """
 
 import atexit
+import functools
 import gc
 import importlib
+import inspect
 import json
 import os
 import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -166,13 +169,32 @@ GssBetaPercentileOption = Annotated[float | None, typer.Option(
 GssEpochsOption = Annotated[int | None, typer.Option(help="gss: training epochs.")]
 GssLrOption = Annotated[float | None, typer.Option(help="gss: Adam learning rate.")]
 GssSeedOption = Annotated[int | None, typer.Option(help="gss: seed of the initial weights.")]
+POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
+                "gss_query_k": GssQueryKOption, "gss_beta": GssBetaOption,
+                "gss_beta_percentile": GssBetaPercentileOption, "gss_epochs": GssEpochsOption,
+                "gss_lr": GssLrOption, "gss_seed": GssSeedOption}
 
 
-def _post_config(options: dict[str, Any]) -> Any:
-    """PostConfig from a command's `--aqe-*` and `--gss-*` options (its locals), the ones left
-    unset taking the library's defaults."""
-    return _config("PostConfig", **{name: value for name, value in options.items()
-                                    if name.startswith(("aqe_", "gss_"))})
+def _with_post_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the `--aqe-*` and `--gss-*` options (POST_OPTIONS), declared once here;
+    it receives them as one `post_config` (PostConfig), the ones left unset taking the
+    library's defaults."""
+    signature = inspect.signature(command)
+    kept = [param for param in signature.parameters.values() if param.name != "post_config"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=annotation)
+             for name, annotation in POST_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def with_options(**options: Any) -> None:
+        given = {name: options.pop(name) for name in POST_OPTIONS}
+        command(**options, post_config=_config("PostConfig", **given))
+
+    with_options.__signature__ = signature.replace(parameters=kept + added)
+    with_options.__annotations__ = {**{name: value for name, value in
+                                       command.__annotations__.items() if name != "post_config"},
+                                    **POST_OPTIONS}
+    return with_options
 
 
 def _version(value: bool) -> None:
@@ -321,6 +343,7 @@ def export(
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def shortlist(
     features: FeaturesOption = Path("feats.h5"),
     queries: QueriesOption = None,
@@ -333,15 +356,7 @@ def shortlist(
              "beside released files).")] = "cls",
     allow_external_sources: ExternalOption = False,
     post: PostOption = "none",
-    aqe_n: AqeNOption = None,
-    aqe_alpha: AqeAlphaOption = None,
-    gss_k: GssKOption = None,
-    gss_query_k: GssQueryKOption = None,
-    gss_beta: GssBetaOption = None,
-    gss_beta_percentile: GssBetaPercentileOption = None,
-    gss_epochs: GssEpochsOption = None,
-    gss_lr: GssLrOption = None,
-    gss_seed: GssSeedOption = None,
+    post_config: Any = None,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
@@ -349,7 +364,6 @@ def shortlist(
     """
     from elvis_cli import shortlist_files
 
-    post_config = _post_config(locals())
     result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
                              global_type=global_type,
                              allow_external_sources=allow_external_sources, post=post,
@@ -359,6 +373,7 @@ def shortlist(
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def rerank(
     features: FeaturesOption = Path("feats.h5"),
     queries: QueriesOption = None,
@@ -396,15 +411,7 @@ def rerank(
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
     allow_external_sources: ExternalOption = False,
     post: PostOption = "none",
-    aqe_n: AqeNOption = None,
-    aqe_alpha: AqeAlphaOption = None,
-    gss_k: GssKOption = None,
-    gss_query_k: GssQueryKOption = None,
-    gss_beta: GssBetaOption = None,
-    gss_beta_percentile: GssBetaPercentileOption = None,
-    gss_epochs: GssEpochsOption = None,
-    gss_lr: GssLrOption = None,
-    gss_seed: GssSeedOption = None,
+    post_config: Any = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
 
@@ -412,7 +419,6 @@ def rerank(
     """
     from elvis_cli import rerank_files
 
-    post_config = _post_config(locals())
     config = _config("RerankConfig", shortlist=shortlist_size, num_local=use_local,
                      batch_size=batch_size, device=device, precision=precision,
                      workers=workers, embedding_cache=embedding_cache)
@@ -484,6 +490,7 @@ def search(
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def evaluate(
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of datasets (see `elvis datasets list`); default $ELVIS_DATA_ROOT.")] = None,
@@ -536,15 +543,7 @@ def evaluate(
     post: Annotated[list[str] | None, typer.Option(
         help="Global post-processings side by side, each re-ranked by every model: none, aqe, "
              "gss (e.g. `--post none,aqe`; shown as elvis@100+aqe).")] = None,
-    aqe_n: AqeNOption = None,
-    aqe_alpha: AqeAlphaOption = None,
-    gss_k: GssKOption = None,
-    gss_query_k: GssQueryKOption = None,
-    gss_beta: GssBetaOption = None,
-    gss_beta_percentile: GssBetaPercentileOption = None,
-    gss_epochs: GssEpochsOption = None,
-    gss_lr: GssLrOption = None,
-    gss_seed: GssSeedOption = None,
+    post_config: Any = None,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
@@ -558,7 +557,6 @@ def evaluate(
     """
     from elvis_cli import evaluate_datasets
 
-    post_config = _post_config(locals())
     if not all_datasets and not dataset:
         raise InputError("name a dataset with --dataset NAME, or use --all-datasets")
     name, options = _backbone(preset, backbone, None, None, backbone_option)
