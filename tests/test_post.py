@@ -15,6 +15,7 @@ from elvis_cli import (
     EvaluateConfig,
     ExtractConfig,
     PostConfig,
+    TaskProgress,
     alpha_query_expansion,
     evaluate_datasets,
     extract_images,
@@ -25,6 +26,7 @@ from elvis_cli import (
     shortlist_files,
 )
 from elvis_cli.retrieval.gss import GssNetwork, gss_loss, knn_adjacency, normalised_adjacency
+from elvis_cli.retrieval.query_expansion import expand_reranked
 from tests.conftest import SMALL
 from tests.helpers import cli_in, one_line_error, write_views
 
@@ -61,6 +63,16 @@ def test_aqe_searches_again_with_the_expanded_query():
     assert shortlist.indices.tolist() == [[0, 1, 2, 3]]
     np.testing.assert_allclose(shortlist.similarities[0], expected, rtol=1e-5)
     assert report.method == "aqe" and report.losses == []
+
+
+def test_aqe_after_reranking_keeps_the_reranked_top_n_first_then_searches_again():
+    # a fifth image g4 (similarity 0.3) comes before g2 (0) for the query itself; expanded with
+    # g1, the re-ranker's first, (1, 0) + 0.6 * (0.6, 0.8) = (1.36, 0.48): g2 scores 0.48 and
+    # g4 0.3 * 1.36 - 0.954 * 0.48 < 0, so g2 now comes first among the rest
+    gallery = np.vstack([GALLERY, [[0.3, -math.sqrt(1 - 0.09)]]]).astype(np.float32)
+    ranking = np.array([[1, 0, 4, 2, 3]])
+    assert expand_reranked(QUERY, gallery, ranking, 1, 1.0).tolist() == [[1, 0, 2, 4, 3]]
+    assert expand_reranked(QUERY, gallery, ranking, 1, 1.0)[0, 0] == 1
 
 
 SIMILARITY = np.array([[1.0, 0.5, 0.1], [0.5, 1.0, 0.2], [0.1, 0.2, 1.0]], dtype=np.float32)
@@ -191,7 +203,9 @@ def test_post_refuses_given_candidates_and_unknown_names(extracted):
                     cwd=extracted.cwd)
     one_line_error(result, "--post aqe searches again", "leave out --candidates")
     result = cli_in("shortlist", "--features", "f.h5", "--post", "dqe", cwd=extracted.cwd)
-    one_line_error(result, "unknown post-processing 'dqe'; use none, aqe, gss")
+    one_line_error(result, "unknown post-processing 'dqe'; use none, aqe, gss, rerank-aqe")
+    result = cli_in("rerank", "--features", "f.h5", "--post", "rerank-aqe", cwd=extracted.cwd)
+    one_line_error(result, "--post rerank-aqe is offered by `elvis evaluate` only")
     result = cli_in("shortlist", "--features", "f.h5", "--post", "aqe", "--aqe-n", "0",
                     cwd=extracted.cwd)
     assert result.returncode == 2  # below its minimum: a usage error
@@ -200,7 +214,7 @@ def test_post_refuses_given_candidates_and_unknown_names(extracted):
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory) -> SimpleNamespace:
     """A revisitop-layout dataset of 4 queries and 4 gallery images, evaluated with chamfer at
-    shortlist 2 on the plain and the αQE global ranking."""
+    shortlist 2 on the plain and the αQE global ranking, and with αQE after re-ranking."""
     cwd = tmp_path_factory.mktemp("bench")
     root = cwd / "data" / "mini"
     names = write_views(root / "jpg")
@@ -212,32 +226,48 @@ def benchmark(tmp_path_factory) -> SimpleNamespace:
               "shortlists": [0, 2], "device": "cpu"}
     plain = evaluate_datasets(cwd / "data", ["mini"], EvaluateConfig(**common),
                               out_dir=cwd / "plain")
-    both = evaluate_datasets(cwd / "data", ["mini"], EvaluateConfig(**common,
-                                                                    post=["none", "aqe"]),
-                             out_dir=cwd / "both")
-    return SimpleNamespace(cwd=cwd, plain=plain, both=both)
+    events: list[TaskProgress] = []
+    both = evaluate_datasets(cwd / "data", ["mini"], EvaluateConfig(
+        **common, post=["none", "aqe", "rerank-aqe"]), out_dir=cwd / "both",
+        progress=events.append)
+    after = evaluate_datasets(cwd / "data", ["mini"], EvaluateConfig(**common,
+                                                                     post=["rerank-aqe"]),
+                              out_dir=cwd / "after")
+    return SimpleNamespace(cwd=cwd, plain=plain, both=both, after=after, events=events)
 
 
 def test_evaluate_post_is_a_row_dimension_and_leaves_the_plain_rows_alone(benchmark):
     table = benchmark.both.table
     assert table[["model", "shortlist", "post"]].values.tolist() == [
-        ["global", 0, "none"], ["chamfer", 2, "none"], ["global", 0, "aqe"],
-        ["chamfer", 2, "aqe"]]
+        ["global", 0, "none"], ["chamfer", 2, "none"], ["chamfer", 2, "rerank-aqe"],
+        ["global", 0, "aqe"], ["chamfer", 2, "aqe"]]
     summary = benchmark.both.summary
     assert list(summary.columns) == ["dataset", "metric", "global", "global+aqe", "chamfer@2",
-                                     "chamfer@2+aqe", "paper"]
+                                     "chamfer@2+aqe", "chamfer@2+rerank-aqe", "paper"]
     for column in benchmark.plain.summary.columns:
         pd.testing.assert_series_equal(summary[column], benchmark.plain.summary[column])
-    assert set(benchmark.both.per_query["model"]) == {"global", "chamfer", "global+aqe",
-                                                      "chamfer+aqe"}
+    assert set(benchmark.both.per_query["model"]) == {
+        "global", "chamfer", "global+aqe", "chamfer+aqe", "chamfer+rerank-aqe"}
+    stages = [event for event in benchmark.events if event.task == "evaluating"]
+    assert stages[-1].done == stages[-1].total == 4  # features, aqe, chamfer twice
+
+
+def test_evaluate_rerank_aqe_alone_gives_only_its_rows(benchmark):
+    after = benchmark.after.table
+    assert after[["model", "post"]].values.tolist() == [["chamfer", "rerank-aqe"]]
+    both = benchmark.both.table
+    np.testing.assert_allclose(after["map"], both.loc[both["post"] == "rerank-aqe", "map"])
 
 
 def test_elvis_evaluate_post_prints_each_combination(benchmark):
     result = cli_in("evaluate", "--data-root", "data", "--dataset", "mini", *SMALL,
-                    "--model", "global,chamfer", "--shortlist", "0,2", "--post", "none,aqe",
-                    "--device", "cpu", "--quiet", "--out-dir", "cli", cwd=benchmark.cwd)
+                    "--model", "global,chamfer", "--shortlist", "0,2",
+                    "--post", "none,aqe,rerank-aqe", "--device", "cpu", "--quiet",
+                    "--out-dir", "cli", cwd=benchmark.cwd)
     assert result.returncode == 0, result.stderr
-    assert "chamfer@2+aqe" in result.stdout and "global+aqe" in result.stdout
+    for label in ("global+aqe", "chamfer@2+aqe", "chamfer@2+rerank-aqe"):
+        assert label in result.stdout
+    assert "mini: global+aqe vs global: " in result.stdout
     written = pd.read_csv(benchmark.cwd / "cli" / "results.csv")
-    assert written["post"].tolist() == ["none", "none", "aqe", "aqe"]
-    np.testing.assert_allclose(written["map"], benchmark.both.table["map"])
+    pd.testing.assert_frame_equal(written[["model", "shortlist", "post", "map"]],
+                                  benchmark.both.table[["model", "shortlist", "post", "map"]])

@@ -541,8 +541,9 @@ def evaluate(
         help="No progress display (bars on a terminal, else lines on stderr every "
              "$ELVIS_PROGRESS_INTERVAL seconds, default 10).")] = False,
     post: Annotated[list[str] | None, typer.Option(
-        help="Global post-processings side by side, each re-ranked by every model: none, aqe, "
-             "gss (e.g. `--post none,aqe`; shown as elvis@100+aqe).")] = None,
+        help="Global post-processings side by side: none, aqe, gss (each re-ranked by every "
+             "model), rerank-aqe (aqe with the re-ranked top n, after re-ranking); e.g. "
+             "`--post none,aqe`, shown as elvis@100+aqe.")] = None,
     post_config: Any = None,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
@@ -912,8 +913,9 @@ def _print_results(run) -> None:
                            f"{row.temperature:g}: mAP {_number(row.map)}")
     for row in run.changes.itertuples(index=False):
         model, plus, post = row.model.partition("+")
-        line = (f"{row.dataset}: {model}@{row.shortlist}{plus}{post} vs global: {row.better} "
-                f"queries better, {row.worse} worse, {row.same} the same")
+        label = row.model if model == "global" else f"{model}@{row.shortlist}{plus}{post}"
+        line = (f"{row.dataset}: {label} vs global: {row.better} queries better, {row.worse} "
+                f"worse, {row.same} the same")
         extremes = [f"most {word} {query} ({change:+.1f} AP)" for word, query, change in (
             ("helped", row.most_helped, row.gain), ("hurt", row.most_hurt, row.loss))
             if isinstance(query, str)]

@@ -12,7 +12,7 @@ from typing import Any
 from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.model.registry import RERANKERS, check_reranker_name, reranker_class
-from elvis_cli.retrieval.config import PostConfig, check_post_methods
+from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
 from elvis_cli.util.errors import InputError
 
 
@@ -34,8 +34,10 @@ class EvaluateConfig:
     # queries cut to their ground-truth `bbx`, scaled like the full image: the authors' `bbox`
     # switch, off by default as in their conf/extract.yaml
     query_crops: bool = False
-    # global post-processings side by side (none, aqe, gss), each a row dimension: its global
-    # ranking is what every model then re-ranks; parameters in post_config
+    # global post-processings side by side (none, aqe, gss, rerank-aqe), each a row dimension:
+    # none, aqe and gss make the global ranking every model re-ranks; rerank-aqe expands each
+    # re-ranked list (of the plain ranking) with αQE and searches again; parameters in
+    # post_config
     post: Sequence[str] = ("none",)
     post_config: PostConfig = field(default_factory=PostConfig)
 
@@ -61,12 +63,21 @@ class EvaluateConfig:
         classes, so it imports torch: a run's, not a check's, question."""
         return [name for name in self.models if reranker_class(name).scores_pairs]
 
+    @property
+    def global_posts(self) -> list[str]:
+        """The global rankings to make and re-rank: each post-processing before re-ranking,
+        and the plain one where αQE after re-ranking needs it."""
+        wanted = [method for method in self.post if method != AFTER_RERANKING]
+        if AFTER_RERANKING in self.post and "none" not in wanted:
+            wanted.insert(0, "none")
+        return wanted
+
     def num_stages(self) -> int:
         """Stages per dataset, for a progress display: features, each post-processing, then
         each re-ranking run of each."""
-        post_processings = sum(method != "none" for method in self.post)
-        return (1 + post_processings
-                + len(self.post) * len(self.rerankers) * sum(size > 0 for size in self.shortlists))
+        rankings = self.global_posts
+        return (1 + sum(method != "none" for method in rankings)
+                + len(rankings) * len(self.rerankers) * sum(size > 0 for size in self.shortlists))
 
 
 @dataclass(frozen=True)

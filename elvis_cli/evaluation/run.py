@@ -43,7 +43,9 @@ from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import fuse_and_sort
+from elvis_cli.retrieval.config import AFTER_RERANKING
 from elvis_cli.retrieval.post import post_processed_shortlist
+from elvis_cli.retrieval.query_expansion import expand_reranked
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
@@ -142,7 +144,8 @@ def evaluate_dataset(
                   "best": False}
         per_query: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
-        for post in config.post:
+        after = AFTER_RERANKING in config.post
+        for post in config.global_posts:
             ranking, post_seconds = features.ranking, 0.0
             if post != "none":
                 stage(f"{dataset.name}: {post} post-processing")
@@ -152,35 +155,42 @@ def evaluate_dataset(
                     config.post_config)
                 post_seconds = report.seconds / max(len(dataset.queries), 1)
             rows += _ranking_rows(dataset, features, ranking, config, per_query, stage,
-                                  {**common, "post": post}, post_seconds, checkpoint, progress,
+                                  common, post if post in config.post else None,
+                                  after and post == "none", post_seconds, checkpoint, progress,
                                   grid if post == "none" else None)
     return DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
 
 
 def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking: Shortlist,
                   config: EvaluateConfig, per_query: list[dict[str, Any]],
-                  stage: Callable[[str], None], common: dict[str, Any], post_seconds: float,
-                  checkpoint: Checkpoint | None, progress: ProgressCallback | None,
-                  grid: FusionGrid | None) -> list[dict[str, Any]]:
-    """The rows of one global ranking (post-processed or not): the global row, then each
-    model at each shortlist size (and the grid's). Each query's AP goes to `per_query`, under
+                  stage: Callable[[str], None], common: dict[str, Any], post: str | None,
+                  after: bool, post_seconds: float, checkpoint: Checkpoint | None,
+                  progress: ProgressCallback | None, grid: FusionGrid | None
+                  ) -> list[dict[str, Any]]:
+    """The rows of one global ranking, made by `post` (None: the plain ranking, wanted only
+    for `after`): the global row, then each model at each shortlist size (and the grid's);
+    with `after`, also each re-ranked list expanded by αQE and searched again (post
+    AFTER_RERANKING), from the same pair scores. Each query's AP goes to `per_query`, under
     the model's name with `+post` where a post-processing made the ranking."""
     protocols = protocols_of(dataset.ground_truth_kind)
-    post = common["post"]
-    suffix = "" if post == "none" else f"+{post}"
     lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
              for name in protocols}
 
-    def scored(model_name: str, size: int, rankings: dict[str, np.ndarray]) -> dict[str, float]:
-        """The metrics of a headline row; its queries' APs go to `per_query`."""
+    def scored(model_name: str, size: int, rankings: dict[str, np.ndarray], post: str
+               ) -> dict[str, Any]:
+        """The post and metrics of a headline row; its queries' APs go to `per_query`."""
         query_aps: QueryAps = {}
         metrics = score_rankings(dataset, rankings, query_aps)
-        per_query.extend(_query_rows(dataset, model_name + suffix, size, query_aps))
-        return metrics
+        label = model_name if post == "none" else f"{model_name}+{post}"
+        per_query.extend(_query_rows(dataset, label, size, query_aps))
+        return {"post": post, **metrics}
 
-    rows = [{**common, "model": "global", "shortlist": 0,
-             **scored("global", 0, dict.fromkeys(protocols, ranking.indices)),
-             "seconds_per_query": features.seconds_per_query + post_seconds}]
+    rows = []
+    if post is not None:
+        rows.append({**common, "model": "global", "shortlist": 0,
+                     **scored("global", 0, dict.fromkeys(protocols, ranking.indices), post),
+                     "seconds_per_query": features.seconds_per_query + post_seconds})
+    suffix = "" if post in ("none", None) else f"+{post}"
     for model_name in config.rerankers:
         reranker = load_reranker(model_name, features.gallery, checkpoint or config.checkpoint,
                                  config.lam, config.temperature)
@@ -189,7 +199,8 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             num_local=config.num_local, batch_size=config.batch_size, device=config.device,
             embedding_cache=config.embedding_cache))
         scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
-        model = {**common, "model": model_name, "checkpoint": label}
+        model = {**common, "model": model_name, "checkpoint": label, "lam": fusion.lam,
+                 "temperature": fusion.temperature}
         raw_scores = _RawScores(scorer, lists, progress,
                                 f"{dataset.name}: {model_name}{suffix}")
         for size in (size for size in config.shortlists if size > 0):
@@ -197,15 +208,26 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             started = time.perf_counter()
             rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
             seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
-            rows.append({**model, "shortlist": size, **scored(model_name, size, rankings),
-                         "seconds_per_query": seconds, "lam": fusion.lam,
-                         "temperature": fusion.temperature,
-                         "paper_map": _paper_map(dataset.name, features.label, model_name,
-                                                 label) if post == "none" else None})
+            if post is not None:
+                rows.append({**model, "shortlist": size,
+                             **scored(model_name, size, rankings, post),
+                             "seconds_per_query": seconds,
+                             "paper_map": _paper_map(dataset.name, features.label, model_name,
+                                                     label) if post == "none" else None})
+            if after:
+                started = time.perf_counter()
+                expanded = {name: expand_reranked(
+                    features.queries.global_descriptors(), features.gallery.global_descriptors(),
+                    indices, config.post_config.aqe_n, config.post_config.aqe_alpha)
+                    for name, indices in rankings.items()}
+                rows.append({**model, "shortlist": size,
+                             **scored(model_name, size, expanded, AFTER_RERANKING),
+                             "seconds_per_query": seconds + (time.perf_counter() - started)
+                             / max(len(dataset.queries), 1)})
         if grid is not None and reranker.tunable_fusion:
             stage(f"{dataset.name}: {model_name} fusion grid")
             rows += _best_marked([
-                {**model, "grid": True, "shortlist": size,
+                {**model, "grid": True, "shortlist": size, "post": post,
                  **score_rankings(dataset, _fused_rankings(lists, raw_scores(size),
                                                            Fusion(lam, temperature))),
                  "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,

@@ -41,7 +41,10 @@ class RerankConfig:
                 raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
 
 
-POST_METHODS = ("none", "aqe", "gss")  # global post-processing before re-ranking (post.py)
+# global post-processing: before re-ranking (post.py), or αQE with each query's re-ranked top n
+# as its neighbours, searched again after re-ranking (evaluate only: query_expansion.py)
+AFTER_RERANKING = "rerank-aqe"
+POST_METHODS = ("none", "aqe", "gss", AFTER_RERANKING)
 
 
 def check_post_methods(methods: list[str]) -> None:

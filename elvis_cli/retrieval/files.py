@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
 from elvis_cli.model.fusion import check_fusion
-from elvis_cli.retrieval.config import PostConfig, RerankConfig, check_post_methods
+from elvis_cli.retrieval.config import PostConfig, RerankConfig
+from elvis_cli.retrieval.post import PostReport, check_global_post, post_processed_shortlist
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
     from elvis_cli.features.store import DescriptorStore, FeatureStore
     from elvis_cli.model.fusion import Fusion
-    from elvis_cli.retrieval.post import PostReport
 
 
 @dataclass
@@ -176,8 +176,6 @@ def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: b
     if post == "none":
         return ShortlistRun(**vars(build_shortlist(query_descriptors, gallery_descriptors, k,
                                                    exclude_self=same)))
-    from elvis_cli.retrieval.post import post_processed_shortlist
-
     shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
                                                  same, post, post_config)
     return ShortlistRun(**vars(shortlist), post=report)
@@ -192,7 +190,7 @@ def shortlist_files(
     """`elvis shortlist`: the global top `k` of every query, after global post-processing
     `post` (none, aqe, gss; parameters in `post_config`), written to `output` (.npz) when
     given."""
-    check_post_methods([post])
+    check_global_post(post)
     _check_features_exist(features, queries)
     if output is not None:
         output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
@@ -223,7 +221,7 @@ def rerank_files(
     similarities are what is re-ranked and fused."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
-    check_post_methods([post])
+    check_global_post(post)
     if post != "none" and candidates is not None:
         raise InputError(f"--post {post} searches again, so it needs the shortlist built here: "
                          "leave out --candidates, or make them with `elvis shortlist --post`")

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from elvis_cli.retrieval.config import PostConfig, check_post_methods
+from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
+from elvis_cli.util.errors import InputError
 
 
 @dataclass
@@ -22,13 +23,21 @@ class PostReport:
     losses: list[float] = field(default_factory=list)
 
 
+def check_global_post(method: str) -> None:
+    """A known post-processing of the global search: αQE after re-ranking is evaluate's."""
+    check_post_methods([method])
+    if method == AFTER_RERANKING:
+        raise InputError(f"--post {method} is offered by `elvis evaluate` only; here use none, "
+                         "aqe or gss")
+
+
 def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
                              exclude_self: bool, method: str = "none",
                              config: PostConfig | None = None
                              ) -> tuple[Shortlist, PostReport]:
     """The global top `k` of every query after post-processing `method` (none, aqe, gss);
     `exclude_self` (queries are the gallery) keeps each image out of its own list."""
-    check_post_methods([method])
+    check_global_post(method)
     config = config or PostConfig()
     started = time.perf_counter()
     losses: list[float] = []
