@@ -14,6 +14,7 @@ import torch
 from elvis_cli import (
     EvaluateConfig,
     ExtractConfig,
+    InputError,
     PostConfig,
     TaskProgress,
     alpha_query_expansion,
@@ -126,6 +127,16 @@ def test_gss_training_loss_falls_epoch_by_epoch():
     assert len(losses) == 30
     assert losses[-1] < losses[0] - 0.04
     assert (np.diff(losses) < 0).all()
+
+
+def test_gss_reports_each_epoch_and_refuses_a_gallery_of_one():
+    events: list[TaskProgress] = []
+    guided_similarity_separation(None, clustered(), PostConfig(gss_k=3, gss_epochs=3),
+                                 events.append)
+    assert [(event.task, event.done, event.total) for event in events] == [
+        ("training GSS", done, 3) for done in range(4)]
+    with pytest.raises(InputError, match="GSS needs a gallery of 2 to 20000 images"):
+        guided_similarity_separation(None, clustered()[:1])
 
 
 def test_gss_is_fixed_by_its_seed():

@@ -364,10 +364,11 @@ def shortlist(
     """
     from elvis_cli import shortlist_files
 
-    result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
-                             global_type=global_type,
-                             allow_external_sources=allow_external_sources, post=post,
-                             post_config=post_config)
+    with _Progress(transient=True) as bars:
+        result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
+                                 global_type=global_type,
+                                 allow_external_sources=allow_external_sources, post=post,
+                                 post_config=post_config, progress=bars)
     _print_post(result.post)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
@@ -715,7 +716,8 @@ class _Progress:
 
 
 # units of the library's tasks, found by the task's last word: "round 2 views" counts views
-_UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps"}
+_UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps",
+          "GSS": "epochs"}
 PROGRESS_INTERVAL_VARIABLE = "ELVIS_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between progress lines outside a terminal
 

@@ -152,7 +152,7 @@ def evaluate_dataset(
                 ranking, report = post_processed_shortlist(
                     features.queries.global_descriptors(), features.gallery.global_descriptors(),
                     features.gallery.num_images, features.queries is features.gallery, post,
-                    config.post_config)
+                    config.post_config, with_detail(progress, dataset.name))
                 post_seconds = report.seconds / max(len(dataset.queries), 1)
             rows += _ranking_rows(dataset, features, ranking, config, per_query, stage,
                                   common, post if post in config.post else None,

@@ -168,16 +168,18 @@ def _check_features_exist(features: str | Path | None, queries: str | Path | Non
 
 def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
                      global_type: str = "cls", post: str = "none",
-                     post_config: PostConfig | None = None) -> ShortlistRun:
+                     post_config: PostConfig | None = None,
+                     progress: ProgressCallback | None = None) -> ShortlistRun:
     """Exact global k-NN of the queries in the gallery, after global post-processing `post`
-    (retrieval/post.py) if not none; the same file excludes each image from its own list."""
+    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS); the same file
+    excludes each image from its own list."""
     query_descriptors = queries.global_descriptors(global_type)
     gallery_descriptors = gallery.global_descriptors(global_type)
     if post == "none":
         return ShortlistRun(**vars(build_shortlist(query_descriptors, gallery_descriptors, k,
                                                    exclude_self=same)))
     shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
-                                                 same, post, post_config)
+                                                 same, post, post_config, progress)
     return ShortlistRun(**vars(shortlist), post=report)
 
 
@@ -185,11 +187,11 @@ def shortlist_files(
     features: str | Path | None = None, *, queries: str | Path | None = None,
     gallery: str | Path | None = None, k: int = 100, output: str | Path | None = None,
     global_type: str = "cls", allow_external_sources: bool = False, post: str = "none",
-    post_config: PostConfig | None = None,
+    post_config: PostConfig | None = None, progress: ProgressCallback | None = None,
 ) -> ShortlistRun:
     """`elvis shortlist`: the global top `k` of every query, after global post-processing
-    `post` (none, aqe, gss; parameters in `post_config`), written to `output` (.npz) when
-    given."""
+    `post` (none, aqe, gss; parameters in `post_config`; `progress` hears GSS's training
+    epochs), written to `output` (.npz) when given."""
     check_global_post(post)
     _check_features_exist(features, queries)
     if output is not None:
@@ -197,7 +199,7 @@ def shortlist_files(
     with open_pair(features, queries, gallery, allow_external_sources) as (
             query_store, gallery_store, same):
         result = global_shortlist(query_store, gallery_store, same, k, global_type, post,
-                                  post_config)
+                                  post_config, progress)
     if output is not None:
         save_shortlist(output, result)
     return result
@@ -240,7 +242,8 @@ def rerank_files(
             gallery_store = released_gallery(query_store, gallery_store, candidate_list)
         else:
             candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist,
-                                              post=post, post_config=post_config)
+                                              post=post, post_config=post_config,
+                                              progress=progress)
             post_report = candidate_list.post
         result = rerank(reranker, query_store, gallery_store, candidate_list, config,
                         progress=track(progress, "re-ranking", query_store.num_images))

@@ -19,6 +19,11 @@ import torch
 
 from elvis_cli.retrieval.config import PostConfig
 from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback, track
+
+# GSS holds gallery x gallery matrices (graph, similarities and their gradients) in memory:
+# 20,000 images take a few GB of them
+MAX_GSS_IMAGES = 20_000
 
 
 @dataclass
@@ -94,12 +99,15 @@ def gss_loss(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray,
-                                 config: PostConfig | None = None) -> GssResult:
+                                 config: PostConfig | None = None,
+                                 progress: ProgressCallback | None = None) -> GssResult:
     """Train GSS on `gallery` and return both sets' new descriptors; `queries` None means the
-    queries are the gallery itself (one file all-vs-all)."""
+    queries are the gallery itself (one file all-vs-all). `progress` hears each epoch
+    ("training GSS")."""
     config = config or PostConfig()
-    if gallery.shape[0] < 2:
-        raise InputError("GSS needs a gallery of at least two images")
+    if not 2 <= gallery.shape[0] <= MAX_GSS_IMAGES:
+        raise InputError(f"GSS needs a gallery of 2 to {MAX_GSS_IMAGES} images (it holds "
+                         f"gallery x gallery matrices), got {gallery.shape[0]}")
     started = time.perf_counter()
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     gallery_graph = knn_adjacency(gallery @ gallery.T, config.gss_k, symmetric=True)
@@ -113,6 +121,7 @@ def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray
         (untrained @ untrained.T).numpy(), config.gss_beta_percentile))
     optimiser = torch.optim.Adam(network.parameters(), lr=config.gss_lr)
     losses = []
+    epoch_done = track(progress, "training GSS", config.gss_epochs)
     for _ in range(config.gss_epochs):
         optimiser.zero_grad()
         loss = (gss_loss(network(features, propagation), beta)
@@ -120,6 +129,7 @@ def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
+        epoch_done()
     with torch.no_grad():
         if queries is None:
             out_gallery = network(features, propagation).numpy()

@@ -12,6 +12,7 @@ import numpy as np
 from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback
 
 
 @dataclass
@@ -33,10 +34,12 @@ def check_global_post(method: str) -> None:
 
 def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
                              exclude_self: bool, method: str = "none",
-                             config: PostConfig | None = None
+                             config: PostConfig | None = None,
+                             progress: ProgressCallback | None = None
                              ) -> tuple[Shortlist, PostReport]:
     """The global top `k` of every query after post-processing `method` (none, aqe, gss);
-    `exclude_self` (queries are the gallery) keeps each image out of its own list."""
+    `exclude_self` (queries are the gallery) keeps each image out of its own list. `progress`
+    hears GSS's training epochs."""
     check_global_post(method)
     config = config or PostConfig()
     started = time.perf_counter()
@@ -50,7 +53,8 @@ def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
     elif method == "gss":
         from elvis_cli.retrieval.gss import guided_similarity_separation
 
-        result = guided_similarity_separation(None if exclude_self else queries, gallery, config)
+        result = guided_similarity_separation(None if exclude_self else queries, gallery, config,
+                                              progress)
         queries, gallery, losses = result.queries, result.gallery, result.losses
     shortlist = build_shortlist(queries, gallery, k, exclude_self)
     return shortlist, PostReport(method, time.perf_counter() - started, losses)
