@@ -26,6 +26,7 @@ from elvis_cli import (
     rerank_files,
     shortlist_files,
 )
+from elvis_cli.evaluation.report import headline_rows, runtime_curve
 from elvis_cli.retrieval.gss import GssNetwork, gss_loss, knn_adjacency, normalised_adjacency
 from elvis_cli.retrieval.query_expansion import expand_reranked
 from tests.conftest import SMALL
@@ -282,3 +283,16 @@ def test_elvis_evaluate_post_prints_each_combination(benchmark):
     written = pd.read_csv(benchmark.cwd / "cli" / "results.csv")
     pd.testing.assert_frame_equal(written[["model", "shortlist", "post", "map"]],
                                   benchmark.both.table[["model", "shortlist", "post", "map"]])
+
+
+def test_runtime_curve_starts_each_post_processed_model_at_its_global_ranking(benchmark):
+    curve = benchmark.both.curve
+    starts = curve[curve["shortlist"] == 0].set_index("model")["map"]
+    table = benchmark.both.table
+    global_map = table[(table["model"] == "global")].set_index("post")["map"]
+    assert starts["chamfer+aqe"] == global_map["aqe"]
+    assert starts["chamfer+rerank-aqe"] == global_map["none"]  # it re-ranks the plain ranking
+    assert set(curve["model"]) == {"global", "global+aqe", "chamfer", "chamfer+aqe",
+                                   "chamfer+rerank-aqe"}
+    # the plot reads the headline rows again: naming them twice must not change them
+    pd.testing.assert_frame_equal(runtime_curve(headline_rows(table)), curve)

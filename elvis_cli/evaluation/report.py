@@ -17,7 +17,7 @@ import pandas as pd
 
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, REGISTRY
 from elvis_cli.model.registry import RERANKERS
-from elvis_cli.retrieval.config import POST_METHODS
+from elvis_cli.retrieval.config import AFTER_RERANKING, POST_METHODS
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -77,11 +77,11 @@ def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of the default settings (the global ranking and each model at each shortlist
     size), without the fusion grid's; the tables and curves are made of these. A model on a
     post-processed ranking is named with it, e.g. `elvis+aqe`."""
-    if "post" in table:
+    if "post" in table:  # named once: the result has no `post` column left
         table = table.assign(model=[model if post in ("none", None) or post != post
                                     else f"{model}+{post}"
                                     for model, post in zip(table["model"], table["post"],
-                                                           strict=True)])
+                                                           strict=True)]).drop(columns="post")
     if "grid" not in table:
         return table
     return table[~table["grid"].astype(bool)]
@@ -103,9 +103,10 @@ def _column(model: str, shortlist: int) -> str:
 
 
 def _global_of(model: str) -> str:
-    """The global ranking a model re-ranked: `global`, or `global+aqe` for `elvis+aqe`."""
+    """The global ranking a model re-ranked: `global`, or `global+aqe` for `elvis+aqe` (αQE
+    after re-ranking starts from the plain one)."""
     _, plus, post = model.partition("+")
-    return f"global{plus}{post}"
+    return "global" if post == AFTER_RERANKING else f"global{plus}{post}"
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -198,7 +199,8 @@ def plot_runtime(table: pd.DataFrame, path: Path) -> None:
     table = headline_rows(table)
     figure, (runtime_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = runtime_curve(table)
-    reranked = [name for name in curve["model"].unique() if name != "global"] or ["global"]
+    reranked = [name for name in curve["model"].unique()
+                if not name.startswith("global")] or ["global"]
     colours = dict(zip(reranked, plt.rcParams["axes.prop_cycle"].by_key()["color"],
                        strict=False))
     for name in reranked:
