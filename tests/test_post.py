@@ -287,12 +287,12 @@ def test_elvis_evaluate_post_prints_each_combination(benchmark):
 
 def test_runtime_curve_starts_each_post_processed_model_at_its_global_ranking(benchmark):
     curve = benchmark.both.curve
-    starts = curve[curve["shortlist"] == 0].set_index("model")["map"]
+    starts = curve[curve["shortlist"] == 0].set_index("method")["map"]
     table = benchmark.both.table
     global_map = table[(table["model"] == "global")].set_index("post")["map"]
     assert starts["chamfer+aqe"] == global_map["aqe"]
     assert starts["chamfer+rerank-aqe"] == global_map["none"]  # it re-ranks the plain ranking
-    assert set(curve["model"]) == {"global", "global+aqe", "chamfer", "chamfer+aqe",
-                                   "chamfer+rerank-aqe"}
+    assert set(curve["method"]) == {"global", "global+aqe", "chamfer", "chamfer+aqe",
+                                    "chamfer+rerank-aqe"}
     # the plot reads the headline rows again: naming them twice must not change them
     pd.testing.assert_frame_equal(runtime_curve(headline_rows(table)), curve)

@@ -1,6 +1,7 @@
 """Reporting of evaluation results: the results table and its files, the summary table (one row
 per dataset, the Medium and Hard rows of revisitop sets, the averages), the fusion grid's best
-rows, the runtime-vs-shortlist curve and its plot, and the per-query APs with where re-ranking
+rows, the runtime curve per method and shortlist size (with the bytes each method stores per
+gallery image) and its performance-against-time plot, and the per-query APs with where re-ranking
 helped and hurt.
 
 Everything here reads the rows `evaluate_dataset` (run.py) produces; nothing runs a model.
@@ -75,13 +76,7 @@ def reranking_changes(per_query: pd.DataFrame) -> pd.DataFrame:
 
 def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of the default settings (the global ranking and each model at each shortlist
-    size), without the fusion grid's; the tables and curves are made of these. A model on a
-    post-processed ranking is named with it, e.g. `elvis+aqe`."""
-    if "post" in table:  # named once: the result has no `post` column left
-        table = table.assign(model=[model if post in ("none", None) or post != post
-                                    else f"{model}+{post}"
-                                    for model, post in zip(table["model"], table["post"],
-                                                           strict=True)]).drop(columns="post")
+    size), without the fusion grid's; the tables and curves are made of these."""
     if "grid" not in table:
         return table
     return table[~table["grid"].astype(bool)]
@@ -96,17 +91,10 @@ def grid_best(table: pd.DataFrame) -> pd.DataFrame:
         drop=True)
 
 
-def _column(model: str, shortlist: int) -> str:
-    """`elvis@100`, `elvis@100+aqe`; `global`, `global+aqe`."""
-    name, plus, post = model.partition("+")
-    return model if name == "global" else f"{name}@{shortlist}{plus}{post}"
-
-
-def _global_of(model: str) -> str:
-    """The global ranking a model re-ranked: `global`, or `global+aqe` for `elvis+aqe` (αQE
-    after re-ranking starts from the plain one)."""
-    _, plus, post = model.partition("+")
-    return "global" if post == AFTER_RERANKING else f"global{plus}{post}"
+def _column(model: str, shortlist: int, post: object = None) -> str:
+    """`elvis@100`, `elvis@100+aqe`; `global`, `global+aqe` (see `method_label`)."""
+    name = model if model == "global" else f"{model}@{shortlist}"
+    return method_label(name, post)
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -119,10 +107,13 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     Fusion-grid rows are left out (see `grid_best`).
     """
     table = headline_rows(table)
-    table = table.assign(column=[_column(m, s) for m, s in zip(table["model"], table["shortlist"],
-                                                              strict=True)])
-    order = list(dict.fromkeys(table.sort_values(["model", "shortlist"], key=_model_order)
-                               ["column"]))
+    posts = table["post"] if "post" in table else pd.Series("none", index=table.index)
+    table = table.assign(
+        column=[_column(m, s, p) for m, s, p in zip(table["model"], table["shortlist"], posts,
+                                                    strict=True)],
+        post_rank=[POST_METHODS.index(p) if p in POST_METHODS else 0 for p in posts])
+    order = list(dict.fromkeys(table.sort_values(["model", "post_rank", "shortlist"],
+                                                 key=_model_order)["column"]))
     wide = table.pivot_table(index="dataset", columns="column", values="map", aggfunc="first",
                              sort=False)[order]
     first = table.groupby("dataset", sort=False).first()
@@ -163,63 +154,80 @@ def _with_protocol_rows(summary: pd.DataFrame, table: pd.DataFrame,
 
 def _model_order(column: pd.Series) -> pd.Series:
     if column.name == "model":
-        ranks = {name: rank for rank, name in enumerate(RERANKERS)}
-        posts = {name: rank for rank, name in enumerate(POST_METHODS)}
-
-        def rank_of(model: str) -> float:
-            name, _, post = model.partition("+")
-            return ranks.get(name, len(ranks)) * len(posts) + posts.get(post or "none", 0)
-
-        return column.map(rank_of)
+        return column.map({name: rank for rank, name in enumerate(RERANKERS)})
     return column
 
 
+def method_label(model: str, post: object = None) -> str:
+    """What a line of the runtime curve and plot (and a column of the summary) is keyed by:
+    the model, and the global post-processing applied with it where there was one (a `post`
+    column other than none)."""
+    if not isinstance(post, str) or post in ("", "none"):
+        return model
+    return f"{model}+{post}"
+
+
 def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and shortlist size, seconds per query and mAP averaged over the datasets; each
-    model's curve starts at the global ranking (size 0); fusion-grid rows are left out."""
+    """Per method (`method_label`) and shortlist size: seconds per query, mAP and bytes stored
+    per gallery image, averaged over the datasets. Each re-ranking method's curve starts at
+    the global ranking of the same post-processing (size 0); fusion-grid rows are left out."""
     table = headline_rows(table)
-    parts = [table[table["model"] == _global_of(name)].assign(model=name)
-             for name in table["model"].unique() if not name.startswith("global")]
+    posts = table["post"] if "post" in table else pd.Series(None, index=table.index)
+    table = table.assign(
+        method=[method_label(model, post) for model, post in zip(table["model"], posts,
+                                                                 strict=True)],
+        # αQE after re-ranking starts from the plain global ranking
+        start=[method_label("global", None if post == AFTER_RERANKING else post)
+               for post in posts])
+    methods = table[table["model"] != "global"][["method", "model", "start"]].drop_duplicates()
+    parts = [table[(table["model"] == "global") & (table["method"] == start)].assign(
+        method=method, model=model) for method, model, start in methods.itertuples(index=False)]
     curves = pd.concat([table, *parts]) if parts else table
-    return (curves.groupby(["model", "shortlist"], sort=False)
-            .agg(seconds_per_query=("seconds_per_query", "mean"), map=("map", "mean"),
+    return (curves.groupby(["method", "shortlist"], sort=False)
+            .agg(model=("model", "first"), seconds_per_query=("seconds_per_query", "mean"),
+                 map=("map", "mean"), bytes_per_image=("bytes_per_image", "mean"),
                  datasets=("dataset", "nunique"))
-            .reset_index().sort_values(["model", "shortlist"], key=_model_order)
-            .reset_index(drop=True))
+            .reset_index().sort_values(["model", "method", "shortlist"], key=_model_order)
+            .reset_index(drop=True)[["method", "model", "shortlist", "seconds_per_query", "map",
+                                     "bytes_per_image", "datasets"]])
 
 
 def plot_runtime(table: pd.DataFrame, path: Path) -> None:
-    """Seconds per query and mAP against shortlist size: one thin line per dataset and model,
-    a thick one per model for the mean over datasets."""
+    """Performance against time (the ELViS paper's Fig. 1): mAP averaged over the datasets
+    against re-ranking seconds per query, one line per method, each point labelled with its
+    shortlist size; the global ranking, which re-ranks nothing, is a dashed level line. The
+    time axis is logarithmic where the times span more than a factor of ten."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = headline_rows(table)
-    figure, (runtime_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = runtime_curve(table)
-    reranked = [name for name in curve["model"].unique()
-                if not name.startswith("global")] or ["global"]
-    colours = dict(zip(reranked, plt.rcParams["axes.prop_cycle"].by_key()["color"],
-                       strict=False))
-    for name in reranked:
-        for _, rows in table[table["model"].isin([_global_of(name), name])].groupby("dataset"):
-            rows = rows.sort_values("shortlist")
-            for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-                axis.plot(rows["shortlist"], rows[value], color=colours[name], alpha=0.35,
-                          linewidth=1)
-        mean = curve[curve["model"] == name]
-        for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-            axis.plot(mean["shortlist"], mean[value], color=colours[name], marker="o",
-                      linewidth=2.5, label=f"{name} (mean of {int(mean['datasets'].max())})")
-    runtime_axis.set(xlabel="shortlist size (0 = global only)", ylabel="seconds per query",
-                     title="re-ranking runtime")
-    map_axis.set(xlabel="shortlist size (0 = global only)", ylabel="mAP", title="accuracy")
-    for axis in (runtime_axis, map_axis):
-        axis.grid(alpha=0.3)
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    reranked = curve[curve["shortlist"] > 0]
+    for position, (method, rows) in enumerate(reranked.groupby("method", sort=False)):
+        colour = colours[position % len(colours)]
+        axis.plot(rows["seconds_per_query"], rows["map"], color=colour, marker="o",
+                  linewidth=2, label=method)
+        for row in rows.itertuples(index=False):
+            axis.annotate(str(row.shortlist), (row.seconds_per_query, row.map), fontsize=8,
+                          textcoords="offset points", xytext=(4, 4), color=colour)
+    for row in curve[curve["model"] == "global"].itertuples(index=False):
+        axis.axhline(row.map, color="grey", linestyle="--", linewidth=1)
+        axis.annotate(f"{row.method} (no re-ranking)", (0.01, row.map), fontsize=8,
+                      xycoords=("axes fraction", "data"), textcoords="offset points",
+                      xytext=(0, 3), color="grey")
+    times = reranked["seconds_per_query"][reranked["seconds_per_query"] > 0]
+    if len(times) and times.max() > 10 * times.min():
+        axis.set_xscale("log")
+    datasets = int(curve["datasets"].max()) if len(curve) else 0
+    axis.set(xlabel="re-ranking time per query (s)", ylabel="mAP",
+             title=f"mAP against re-ranking time (mean over {datasets} dataset"
+                   f"{'s' if datasets != 1 else ''}; labels: shortlist size)")
+    axis.grid(alpha=0.3, which="both")
+    if len(reranked):
         axis.legend()
-    figure.suptitle("thin: one dataset; thick: mean over datasets", fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
