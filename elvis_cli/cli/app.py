@@ -12,14 +12,17 @@ stderr); 4 the disk filled up (finished work is kept; re-run to resume); 130 int
 """
 
 import atexit
+import functools
 import gc
 import importlib
+import inspect
 import json
 import os
 import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,9 +90,12 @@ LIBRARY_DEFAULTS = {
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
         ("backbone", "backbone"), ("shortlist_sizes", "shortlists"), ("model", "models"),
-        ("use_local", "num_local"), ("device", "device"))},
+        ("use_local", "num_local"), ("device", "device"), ("post", "post"))},
     **{("evaluate", option): ("FusionGrid", field) for option, field in (
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
+    **{(command, option): ("PostConfig", option) for command in ("shortlist", "rerank", "evaluate")
+       for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
+                      "gss_epochs", "gss_lr", "gss_seed")},
     **{("train", option): ("TrainConfig", field) for option, field in (
         ("backbone", "backbone"), ("rounds", "rounds"), ("steps", "steps_per_round"),
         ("views", "views_per_image"), ("batch_pairs", "batch_pairs"), ("lr", "lr"),
@@ -157,6 +163,47 @@ QueryImageSizeOption = Annotated[int | None, typer.Option(
     min=1, help="Extract the queries at this longer side (px), the gallery's other settings "
                 "kept: low-resolution queries, cheaper to extract and re-rank; default: as "
                 "the gallery.")]
+PostOption = Annotated[str, typer.Option(
+    help="Global post-processing before re-ranking: none, aqe (alpha query expansion) or gss "
+         "(guided similarity separation, a GCN trained on the gallery).")]
+AqeNOption = Annotated[int | None, typer.Option(min=1, help="aqe: neighbours added per query.")]
+AqeAlphaOption = Annotated[float | None, typer.Option(
+    min=0, help="aqe: neighbour weight = similarity^alpha.")]
+GssKOption = Annotated[int | None, typer.Option(help="gss: neighbours per gallery image.")]
+GssQueryKOption = Annotated[int | None, typer.Option(help="gss: gallery neighbours per query.")]
+GssBetaOption = Annotated[float | None, typer.Option(
+    help="gss: separation threshold beta; default: a percentile of the similarities.")]
+GssBetaPercentileOption = Annotated[float | None, typer.Option(
+    help="gss: beta as this percentile of the untrained similarities.")]
+GssEpochsOption = Annotated[int | None, typer.Option(help="gss: training epochs.")]
+GssLrOption = Annotated[float | None, typer.Option(help="gss: Adam learning rate.")]
+GssSeedOption = Annotated[int | None, typer.Option(help="gss: seed of the initial weights.")]
+POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
+                "gss_query_k": GssQueryKOption, "gss_beta": GssBetaOption,
+                "gss_beta_percentile": GssBetaPercentileOption, "gss_epochs": GssEpochsOption,
+                "gss_lr": GssLrOption, "gss_seed": GssSeedOption}
+
+
+def _with_post_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the `--aqe-*` and `--gss-*` options (POST_OPTIONS), declared once here;
+    it receives them as one `post_config` (PostConfig), the ones left unset taking the
+    library's defaults."""
+    signature = inspect.signature(command)
+    kept = [param for param in signature.parameters.values() if param.name != "post_config"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation=annotation)
+             for name, annotation in POST_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def with_options(**options: Any) -> None:
+        given = {name: options.pop(name) for name in POST_OPTIONS}
+        command(**options, post_config=_config("PostConfig", **given))
+
+    with_options.__signature__ = signature.replace(parameters=kept + added)
+    with_options.__annotations__ = {**{name: value for name, value in
+                                       command.__annotations__.items() if name != "post_config"},
+                                    **POST_OPTIONS}
+    return with_options
 
 
 def _version(value: bool) -> None:
@@ -305,6 +352,7 @@ def export(
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def shortlist(
     features: FeaturesOption = Path("feats.h5"),
     queries: QueriesOption = None,
@@ -317,21 +365,27 @@ def shortlist(
              "beside released files).")] = "cls",
     allow_external_sources: ExternalOption = False,
     asymmetric: AsymmetricOption = False,
+    post: PostOption = "none",
+    post_config: Any = None,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
-    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz`
+    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz --post aqe`
     """
     from elvis_cli import shortlist_files
 
-    result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
-                             global_type=global_type,
-                             allow_external_sources=allow_external_sources,
-                             asymmetric=asymmetric)
+    with _Progress(transient=True) as bars:
+        result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
+                                 global_type=global_type,
+                                 allow_external_sources=allow_external_sources,
+                                 asymmetric=asymmetric, post=post, post_config=post_config,
+                                 progress=bars)
+    _print_post(result.post)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def rerank(
     features: FeaturesOption = Path("feats.h5"),
     queries: QueriesOption = None,
@@ -369,6 +423,8 @@ def rerank(
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
     allow_external_sources: ExternalOption = False,
     asymmetric: AsymmetricOption = False,
+    post: PostOption = "none",
+    post_config: Any = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
 
@@ -384,7 +440,9 @@ def rerank(
                            model=model, checkpoint=_checkpoint(preset, checkpoint), lam=lam,
                            temperature=temperature, config=config, output=output,
                            allow_external_sources=allow_external_sources,
-                           asymmetric=asymmetric, progress=bars)
+                           asymmetric=asymmetric, progress=bars, post=post,
+                           post_config=post_config)
+    _print_post(run.post)
     _print_top(run.table, show)
     console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
@@ -448,6 +506,7 @@ def search(
 
 
 @app.command(cls=_Command)
+@_with_post_options
 def evaluate(
     data_root: Annotated[Path | None, typer.Option(
         help="Folder of datasets (see `elvis datasets list`); default $ELVIS_DATA_ROOT.")] = None,
@@ -498,6 +557,11 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(
         help="No progress display (bars on a terminal, else lines on stderr every "
              "$ELVIS_PROGRESS_INTERVAL seconds, default 10).")] = False,
+    post: Annotated[list[str] | None, typer.Option(
+        help="Global post-processings side by side: none, aqe, gss (each re-ranked by every "
+             "model), rerank-aqe (aqe with the re-ranked top n, after re-ranking); e.g. "
+             "`--post none,aqe`, shown as elvis@100+aqe.")] = None,
+    post_config: Any = None,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
@@ -519,7 +583,7 @@ def evaluate(
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
                      num_local=use_local, device=device, descriptors=descriptors,
                      embedding_cache=embedding_cache, query_crops=query_crops,
-                     query_image_size=query_image_size)
+                     query_image_size=query_image_size, post=post, post_config=post_config)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,
@@ -668,7 +732,8 @@ class _Progress:
 
 
 # units of the library's tasks, found by the task's last word: "round 2 views" counts views
-_UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps"}
+_UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps",
+          "GSS": "epochs"}
 PROGRESS_INTERVAL_VARIABLE = "ELVIS_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between progress lines outside a terminal
 
@@ -866,13 +931,29 @@ def _print_results(run) -> None:
                            f"shortlist {row.shortlist}, lam {row.lam:g}, temp "
                            f"{row.temperature:g}: mAP {_number(row.map)}")
     for row in run.changes.itertuples(index=False):
-        line = (f"{row.dataset}: {row.model}@{row.shortlist} vs global: {row.better} queries "
-                f"better, {row.worse} worse, {row.same} the same")
+        model, plus, post = row.model.partition("+")
+        label = row.model if model == "global" else f"{model}@{row.shortlist}{plus}{post}"
+        line = (f"{row.dataset}: {label} vs global: {row.better} queries better, {row.worse} "
+                f"worse, {row.same} the same")
         extremes = [f"most {word} {query} ({change:+.1f} AP)" for word, query, change in (
             ("helped", row.most_helped, row.gain), ("hurt", row.most_hurt, row.loss))
             if isinstance(query, str)]
         wide_console.print(line + ("; " + ", ".join(extremes) if extremes else ""),
                            markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_post(report) -> None:
+    """A post-processing's time; for GSS, its training loss at about ten epochs (all of them
+    are in the returned report)."""
+    if report is None:
+        return
+    line = f"post {report.method}: {report.seconds:.2f} s"
+    if report.losses:
+        step = max(1, len(report.losses) // 10)
+        shown = sorted({*range(0, len(report.losses), step), len(report.losses) - 1})
+        line += (", loss by epoch: " + ", ".join(f"{epoch + 1}: {report.losses[epoch]:.6f}"
+                                                  for epoch in shown))
+    console.print(line, soft_wrap=True, highlight=False)
 
 
 def _number(value) -> str:

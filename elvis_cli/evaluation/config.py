@@ -12,6 +12,7 @@ from typing import Any
 from elvis_cli.backbones import DEFAULT_BACKBONE, check_backbone_name
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.model.registry import RERANKERS, check_reranker_name, reranker_class
+from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
 from elvis_cli.util.errors import InputError
 
 
@@ -36,6 +37,12 @@ class EvaluateConfig:
     # queries extracted at this longer side (px), the gallery at the backbone's own: asymmetric
     # low-resolution queries (RAML), cheaper at search time; None: as the gallery
     query_image_size: int | None = None
+    # global post-processings side by side (none, aqe, gss, rerank-aqe), each a row dimension:
+    # none, aqe and gss make the global ranking every model re-ranks; rerank-aqe expands each
+    # re-ranked list (of the plain ranking) with αQE and searches again; parameters in
+    # post_config
+    post: Sequence[str] = ("none",)
+    post_config: PostConfig = field(default_factory=PostConfig)
 
     def __post_init__(self) -> None:
         check_backbone_name(self.backbone)
@@ -53,6 +60,10 @@ class EvaluateConfig:
         self.models = list(dict.fromkeys(self.models))
         for name in self.models:
             check_reranker_name(name)
+        if not self.post:
+            raise InputError("no post-processing given; use none, aqe or gss")
+        self.post = list(dict.fromkeys(self.post))
+        check_post_methods(self.post)
 
     @property
     def rerankers(self) -> list[str]:
@@ -60,9 +71,21 @@ class EvaluateConfig:
         classes, so it imports torch: a run's, not a check's, question."""
         return [name for name in self.models if reranker_class(name).scores_pairs]
 
+    @property
+    def global_posts(self) -> list[str]:
+        """The global rankings to make and re-rank: each post-processing before re-ranking,
+        and the plain one where αQE after re-ranking needs it."""
+        wanted = [method for method in self.post if method != AFTER_RERANKING]
+        if AFTER_RERANKING in self.post and "none" not in wanted:
+            wanted.insert(0, "none")
+        return wanted
+
     def num_stages(self) -> int:
-        """Stages per dataset, for a progress display: features, then each re-ranking run."""
-        return 1 + len(self.rerankers) * sum(size > 0 for size in self.shortlists)
+        """Stages per dataset, for a progress display: features, each post-processing, then
+        each re-ranking run of each."""
+        rankings = self.global_posts
+        return (1 + sum(method != "none" for method in rankings)
+                + len(rankings) * len(self.rerankers) * sum(size > 0 for size in self.shortlists))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from elvis_cli.evaluation.registry import PAPER_AVERAGES, REGISTRY
 from elvis_cli.model.registry import RERANKERS
+from elvis_cli.retrieval.config import AFTER_RERANKING, POST_METHODS
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -90,8 +91,10 @@ def grid_best(table: pd.DataFrame) -> pd.DataFrame:
         drop=True)
 
 
-def _column(model: str, shortlist: int) -> str:
-    return "global" if model == "global" else f"{model}@{shortlist}"
+def _column(model: str, shortlist: int, post: object = None) -> str:
+    """`elvis@100`, `elvis@100+aqe`; `global`, `global+aqe` (see `method_label`)."""
+    name = model if model == "global" else f"{model}@{shortlist}"
+    return method_label(name, post)
 
 
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -104,10 +107,13 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     Fusion-grid rows are left out (see `grid_best`).
     """
     table = headline_rows(table)
-    table = table.assign(column=[_column(m, s) for m, s in zip(table["model"], table["shortlist"],
-                                                              strict=True)])
-    order = list(dict.fromkeys(table.sort_values(["model", "shortlist"], key=_model_order)
-                               ["column"]))
+    posts = table["post"] if "post" in table else pd.Series("none", index=table.index)
+    table = table.assign(
+        column=[_column(m, s, p) for m, s, p in zip(table["model"], table["shortlist"], posts,
+                                                    strict=True)],
+        post_rank=[POST_METHODS.index(p) if p in POST_METHODS else 0 for p in posts])
+    order = list(dict.fromkeys(table.sort_values(["model", "post_rank", "shortlist"],
+                                                 key=_model_order)["column"]))
     wide = table.pivot_table(index="dataset", columns="column", values="map", aggfunc="first",
                              sort=False)[order]
     first = table.groupby("dataset", sort=False).first()
@@ -153,8 +159,9 @@ def _model_order(column: pd.Series) -> pd.Series:
 
 
 def method_label(model: str, post: object = None) -> str:
-    """What a line of the runtime curve and plot is keyed by: the model, and the global
-    post-processing applied with it where there was one (a `post` column other than none)."""
+    """What a line of the runtime curve and plot (and a column of the summary) is keyed by:
+    the model, and the global post-processing applied with it where there was one (a `post`
+    column other than none)."""
     if not isinstance(post, str) or post in ("", "none"):
         return model
     return f"{model}+{post}"
@@ -169,7 +176,9 @@ def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
     table = table.assign(
         method=[method_label(model, post) for model, post in zip(table["model"], posts,
                                                                  strict=True)],
-        start=[method_label("global", post) for post in posts])
+        # αQE after re-ranking starts from the plain global ranking
+        start=[method_label("global", None if post == AFTER_RERANKING else post)
+               for post in posts])
     methods = table[table["model"] != "global"][["method", "model", "start"]].drop_duplicates()
     parts = [table[(table["model"] == "global") & (table["method"] == start)].assign(
         method=method, model=model) for method, model, start in methods.itertuples(index=False)]

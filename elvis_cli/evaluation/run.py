@@ -43,6 +43,9 @@ from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import fuse_and_sort
+from elvis_cli.retrieval.config import AFTER_RERANKING
+from elvis_cli.retrieval.post import post_processed_shortlist
+from elvis_cli.retrieval.query_expansion import expand_reranked
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
@@ -129,68 +132,114 @@ def evaluate_dataset(
     The global row scores the global ranking as it is (the authors' prepare_topk_global); the
     re-ranked rows score lists whose junk was moved behind every other image first (§5). With
     `grid`, rows with `grid` True follow, and the best of them per model has `best` True. The
-    result's `per_query` holds each query's AP behind the rows of the default settings.
+    result's `per_query` holds each query's AP behind the rows of the default settings. Each
+    of `config.post` (column `post`) makes a global ranking of its own, re-ranked by every
+    model; its global row's time includes the post-processing's (GSS: training).
     """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
     protocols = protocols_of(dataset.ground_truth_kind)
     source = source or (released_source if config.descriptors else extracted_source)
     with source(dataset, config, progress) as features:
-        ranking = features.ranking
-        lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
-                 for name in protocols}
         common = {"dataset": dataset.name, "protocol": "/".join(protocols),
                   "metric": _metric_name(dataset), "features": features.label, "grid": False,
                   "best": False}
         per_query: list[dict[str, Any]] = []
-
-        def scored(model_name: str, size: int, rankings: dict[str, np.ndarray]
-                   ) -> dict[str, float]:
-            """The metrics of a headline row; its queries' APs go to `per_query`."""
-            query_aps: QueryAps = {}
-            metrics = score_rankings(dataset, rankings, query_aps)
-            per_query.extend(_query_rows(dataset, model_name, size, query_aps))
-            return metrics
-
-        rows = [{**common, "model": "global", "shortlist": 0,
-                 **scored("global", 0, dict.fromkeys(protocols, ranking.indices)),
-                 "seconds_per_query": features.seconds_per_query,
-                 "bytes_per_image": load_reranker("global", features.gallery).bytes_per_image(
-                     features.gallery)}]
-        for model_name in config.rerankers:
-            reranker = load_reranker(model_name, features.gallery,
-                                     checkpoint or config.checkpoint, config.lam,
-                                     config.temperature)
-            fusion, label = reranker.fusion, reranker.label
-            scorer = PairScorer(reranker, features.queries, features.gallery, RerankConfig(
-                num_local=config.num_local, batch_size=config.batch_size, device=config.device,
-                embedding_cache=config.embedding_cache))
-            scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
-            model = {**common, "model": model_name, "checkpoint": label,
-                     "bytes_per_image": reranker.bytes_per_image(features.gallery,
-                                                                 config.num_local)}
-            raw_scores = _RawScores(scorer, lists, progress, f"{dataset.name}: {model_name}")
-            for size in (size for size in config.shortlists if size > 0):
-                stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")
-                started = time.perf_counter()
-                rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
-                seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
-                rows.append({**model, "shortlist": size, **scored(model_name, size, rankings),
-                             "seconds_per_query": seconds, "lam": fusion.lam,
-                             "temperature": fusion.temperature,
-                             "paper_map": _paper_map(dataset.name, features.label, model_name,
-                                                     label)})
-            if grid is not None and reranker.tunable_fusion:
-                stage(f"{dataset.name}: {model_name} fusion grid")
-                rows += _best_marked([
-                    {**model, "grid": True, "shortlist": size,
-                     **score_rankings(dataset, _fused_rankings(lists, raw_scores(size),
-                                                               Fusion(lam, temperature))),
-                     "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,
-                     "temperature": temperature}
-                    for size in grid.shortlists for lam in grid.lams
-                    for temperature in grid.temperatures])
+        rows: list[dict[str, Any]] = []
+        after = AFTER_RERANKING in config.post
+        for post in config.global_posts:
+            ranking, post_seconds = features.ranking, 0.0
+            if post != "none":
+                stage(f"{dataset.name}: {post} post-processing")
+                ranking, report = post_processed_shortlist(
+                    features.queries.global_descriptors(), features.gallery.global_descriptors(),
+                    features.gallery.num_images, features.queries is features.gallery, post,
+                    config.post_config, with_detail(progress, dataset.name))
+                post_seconds = report.seconds / max(len(dataset.queries), 1)
+            rows += _ranking_rows(dataset, features, ranking, config, per_query, stage,
+                                  common, post if post in config.post else None,
+                                  after and post == "none", post_seconds, checkpoint, progress,
+                                  grid if post == "none" else None)
     return DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
+
+
+def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking: Shortlist,
+                  config: EvaluateConfig, per_query: list[dict[str, Any]],
+                  stage: Callable[[str], None], common: dict[str, Any], post: str | None,
+                  after: bool, post_seconds: float, checkpoint: Checkpoint | None,
+                  progress: ProgressCallback | None, grid: FusionGrid | None
+                  ) -> list[dict[str, Any]]:
+    """The rows of one global ranking, made by `post` (None: the plain ranking, wanted only
+    for `after`): the global row, then each model at each shortlist size (and the grid's);
+    with `after`, also each re-ranked list expanded by αQE and searched again (post
+    AFTER_RERANKING), from the same pair scores. Each query's AP goes to `per_query`, under
+    the model's name with `+post` where a post-processing made the ranking."""
+    protocols = protocols_of(dataset.ground_truth_kind)
+    lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
+             for name in protocols}
+
+    def scored(model_name: str, size: int, rankings: dict[str, np.ndarray], post: str
+               ) -> dict[str, Any]:
+        """The post and metrics of a headline row; its queries' APs go to `per_query`."""
+        query_aps: QueryAps = {}
+        metrics = score_rankings(dataset, rankings, query_aps)
+        label = model_name if post == "none" else f"{model_name}+{post}"
+        per_query.extend(_query_rows(dataset, label, size, query_aps))
+        return {"post": post, **metrics}
+
+    rows = []
+    if post is not None:
+        rows.append({**common, "model": "global", "shortlist": 0,
+                     **scored("global", 0, dict.fromkeys(protocols, ranking.indices), post),
+                     "seconds_per_query": features.seconds_per_query + post_seconds,
+                     "bytes_per_image": load_reranker("global", features.gallery
+                                                      ).bytes_per_image(features.gallery)})
+    suffix = "" if post in ("none", None) else f"+{post}"
+    for model_name in config.rerankers:
+        reranker = load_reranker(model_name, features.gallery, checkpoint or config.checkpoint,
+                                 config.lam, config.temperature)
+        fusion, label = reranker.fusion, reranker.label
+        scorer = PairScorer(reranker, features.queries, features.gallery, RerankConfig(
+            num_local=config.num_local, batch_size=config.batch_size, device=config.device,
+            embedding_cache=config.embedding_cache))
+        scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
+        model = {**common, "model": model_name, "checkpoint": label, "lam": fusion.lam,
+                 "temperature": fusion.temperature,
+                 "bytes_per_image": reranker.bytes_per_image(features.gallery, config.num_local)}
+        raw_scores = _RawScores(scorer, lists, progress,
+                                f"{dataset.name}: {model_name}{suffix}")
+        for size in (size for size in config.shortlists if size > 0):
+            stage(f"{dataset.name}: {model_name}{suffix} re-ranking, shortlist {size}")
+            started = time.perf_counter()
+            rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
+            seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
+            if post is not None:
+                rows.append({**model, "shortlist": size,
+                             **scored(model_name, size, rankings, post),
+                             "seconds_per_query": seconds,
+                             "paper_map": _paper_map(dataset.name, features.label, model_name,
+                                                     label) if post == "none" else None})
+            if after:
+                started = time.perf_counter()
+                expanded = {name: expand_reranked(
+                    features.queries.global_descriptors(), features.gallery.global_descriptors(),
+                    indices, config.post_config.aqe_n, config.post_config.aqe_alpha)
+                    for name, indices in rankings.items()}
+                rows.append({**model, "shortlist": size,
+                             **scored(model_name, size, expanded, AFTER_RERANKING),
+                             "seconds_per_query": seconds + (time.perf_counter() - started)
+                             / max(len(dataset.queries), 1)})
+        if grid is not None and reranker.tunable_fusion:
+            stage(f"{dataset.name}: {model_name} fusion grid")
+            rows += _best_marked([
+                {**model, "grid": True, "shortlist": size, "post": post,
+                 **score_rankings(dataset, _fused_rankings(lists, raw_scores(size),
+                                                           Fusion(lam, temperature))),
+                 "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,
+                 "temperature": temperature}
+                for size in grid.shortlists for lam in grid.lams
+                for temperature in grid.temperatures])
+    return rows
 
 
 def _query_rows(dataset: RetrievalDataset, model: str, shortlist: int,

@@ -39,3 +39,58 @@ class RerankConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
+
+
+# global post-processing: before re-ranking (post.py), or αQE with each query's re-ranked top n
+# as its neighbours, searched again after re-ranking (evaluate only: query_expansion.py)
+AFTER_RERANKING = "rerank-aqe"
+POST_METHODS = ("none", "aqe", "gss", AFTER_RERANKING)
+
+
+def check_post_methods(methods: list[str]) -> None:
+    """Refuse an unknown post-processing by name, before any work."""
+    for method in methods:
+        if method not in POST_METHODS:
+            raise InputError(f"unknown post-processing {method!r}; use "
+                             f"{', '.join(POST_METHODS)}")
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    """The parameters of global post-processing, with the papers' defaults.
+
+    αQE (Radenović et al., TPAMI 2018): each query replaced by the L2-normalised sum of itself
+    and its top `aqe_n` neighbours weighted by similarity^`aqe_alpha`. The authors' ELViS and
+    AMES code has no query expansion, so these are the literature's n = 2, α = 3.
+    GSS (Liu et al., NeurIPS 2019; their train.py and README): a residual GCN over the
+    k-NN graph (`gss_k` gallery, `gss_query_k` query neighbours), trained on the gallery for
+    `gss_epochs` full-batch Adam steps; β is the `gss_beta_percentile` percentile of the
+    untrained embeddings' similarities unless `gss_beta` fixes it. The hidden size is the
+    descriptor's own: each layer starts as the identity (`gss_init_std` off the diagonal)."""
+
+    aqe_n: int = 2
+    aqe_alpha: float = 3.0
+    gss_k: int = 5
+    gss_query_k: int = 5
+    gss_beta: float | None = None
+    gss_beta_percentile: float = 98.0
+    gss_epochs: int = 200
+    gss_lr: float = 1e-4
+    gss_layers: int = 2
+    gss_layer_decay: float = 0.3  # weight of a layer's output added to the previous layer's
+    gss_regularizer: float = 1e-5  # L2 on the layers' weights
+    gss_init_std: float = 1e-5
+    gss_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("aqe_n", "gss_k", "gss_query_k", "gss_epochs", "gss_layers"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.aqe_alpha < 0:
+            raise InputError(f"aqe alpha must not be negative, got {self.aqe_alpha}")
+        if not 0.0 <= self.gss_beta_percentile <= 100.0:
+            raise InputError("gss beta percentile must lie in [0, 100], got "
+                             f"{self.gss_beta_percentile}")
+        if self.gss_lr <= 0:
+            raise InputError(f"gss lr must be positive, got {self.gss_lr}")

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
 from elvis_cli.model.fusion import check_fusion
-from elvis_cli.retrieval.config import RerankConfig
+from elvis_cli.retrieval.config import PostConfig, RerankConfig
+from elvis_cli.retrieval.post import PostReport, check_global_post, post_processed_shortlist
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
@@ -63,6 +64,14 @@ class RerankRun:
     label: str  # the checkpoint (ELViS) or the model's name
     fusion: Fusion
     output: Path | None
+    post: PostReport | None = None  # the global post-processing before re-ranking, if any
+
+
+@dataclass
+class ShortlistRun(Shortlist):
+    """`elvis shortlist`: the shortlist, and the global post-processing that made it."""
+
+    post: PostReport | None = None
 
 
 def extract_images(
@@ -189,26 +198,41 @@ def _check_features_exist(features: str | Path | None, queries: str | Path | Non
 
 
 def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
-                     global_type: str = "cls") -> Shortlist:
-    """Exact global k-NN of the queries in the gallery; the same file excludes each image
-    from its own list."""
-    return build_shortlist(queries.global_descriptors(global_type),
-                           gallery.global_descriptors(global_type), k, exclude_self=same)
+                     global_type: str = "cls", post: str = "none",
+                     post_config: PostConfig | None = None,
+                     progress: ProgressCallback | None = None) -> ShortlistRun:
+    """Exact global k-NN of the queries in the gallery, after global post-processing `post`
+    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS); the same file
+    excludes each image from its own list."""
+    query_descriptors = queries.global_descriptors(global_type)
+    gallery_descriptors = gallery.global_descriptors(global_type)
+    if post == "none":
+        return ShortlistRun(**vars(build_shortlist(query_descriptors, gallery_descriptors, k,
+                                                   exclude_self=same)))
+    shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
+                                                 same, post, post_config, progress)
+    return ShortlistRun(**vars(shortlist), post=report)
 
 
 def shortlist_files(
     features: str | Path | None = None, *, queries: str | Path | None = None,
     gallery: str | Path | None = None, k: int = 100, output: str | Path | None = None,
     global_type: str = "cls", allow_external_sources: bool = False, asymmetric: bool = False,
-) -> Shortlist:
-    """`elvis shortlist`: the global top `k` of every query, written to `output` (.npz) when
-    given; `asymmetric`: queries extracted smaller than the gallery (open_pair)."""
+    post: str = "none", post_config: PostConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> ShortlistRun:
+    """`elvis shortlist`: the global top `k` of every query, after global post-processing
+    `post` (none, aqe, gss; parameters in `post_config`; `progress` hears GSS's training
+    epochs), written to `output` (.npz) when given; `asymmetric`: queries extracted smaller
+    than the gallery (open_pair)."""
+    check_global_post(post)
     _check_features_exist(features, queries)
     if output is not None:
         output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
-        result = global_shortlist(query_store, gallery_store, same, k, global_type)
+        result = global_shortlist(query_store, gallery_store, same, k, global_type, post,
+                                  post_config, progress)
     if output is not None:
         save_shortlist(output, result)
     return result
@@ -220,16 +244,23 @@ def rerank_files(
     model: str = "elvis", checkpoint: str | Path | None = None, lam: float | None = None,
     temperature: float | None = None, config: RerankConfig | None = None,
     output: str | Path | None = None, allow_external_sources: bool = False,
-    asymmetric: bool = False, progress: ProgressCallback | None = None,
+    asymmetric: bool = False, progress: ProgressCallback | None = None, post: str = "none",
+    post_config: PostConfig | None = None,
 ) -> RerankRun:
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
     to `output` (.csv, .parquet or .jsonl, see result_files) when given, its image paths
     openable from the current folder. Released files get their image names from the ground
     truth beside them. `asymmetric` accepts queries extracted smaller than the gallery
-    (open_pair). `progress` hears the queries re-ranked ("re-ranking")."""
+    (open_pair). `progress` hears the queries re-ranked ("re-ranking"). `post` (none, aqe,
+    gss) post-processes the global search first: the post-processed ranking and its
+    similarities are what is re-ranked and fused."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
+    check_global_post(post)
+    if post != "none" and candidates is not None:
+        raise InputError(f"--post {post} searches again, so it needs the shortlist built here: "
+                         "leave out --candidates, or make them with `elvis shortlist --post`")
     _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
@@ -239,14 +270,18 @@ def rerank_files(
         from elvis_cli.retrieval.rerank import rerank, rerank_table
 
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
+        post_report = None
         if candidates is not None:
             candidate_list = load_shortlist(Path(candidates))
             gallery_store = released_gallery(query_store, gallery_store, candidate_list)
         else:
-            candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist)
+            candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist,
+                                              post=post, post_config=post_config,
+                                              progress=progress)
+            post_report = candidate_list.post
         result = rerank(reranker, query_store, gallery_store, candidate_list, config,
                         progress=track(progress, "re-ranking", query_store.num_images))
         table = rerank_table(result, openable_paths(query_store), openable_paths(gallery_store))
     if output is not None:
         write_results(table, output)
-    return RerankRun(table, model, reranker.label, reranker.fusion, output)
+    return RerankRun(table, model, reranker.label, reranker.fusion, output, post_report)

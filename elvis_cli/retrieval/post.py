@@ -1,0 +1,60 @@
+"""Global post-processing of a shortlist, before any local re-ranking: the global search done
+again on descriptors that αQE (query_expansion.py) or GSS (gss.py) have improved. The
+re-rankers then see the post-processed ranking, and its similarities as the global score."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
+from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.progress import ProgressCallback
+
+
+@dataclass
+class PostReport:
+    """What a post-processing did: its name, its time, and GSS's training loss per epoch."""
+
+    method: str
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def check_global_post(method: str) -> None:
+    """A known post-processing of the global search: αQE after re-ranking is evaluate's."""
+    check_post_methods([method])
+    if method == AFTER_RERANKING:
+        raise InputError(f"--post {method} is offered by `elvis evaluate` only; here use none, "
+                         "aqe or gss")
+
+
+def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
+                             exclude_self: bool, method: str = "none",
+                             config: PostConfig | None = None,
+                             progress: ProgressCallback | None = None
+                             ) -> tuple[Shortlist, PostReport]:
+    """The global top `k` of every query after post-processing `method` (none, aqe, gss);
+    `exclude_self` (queries are the gallery) keeps each image out of its own list. `progress`
+    hears GSS's training epochs."""
+    check_global_post(method)
+    config = config or PostConfig()
+    started = time.perf_counter()
+    losses: list[float] = []
+    if method == "aqe":
+        first = build_shortlist(queries, gallery, config.aqe_n, exclude_self)
+        from elvis_cli.retrieval.query_expansion import alpha_query_expansion
+
+        queries = alpha_query_expansion(queries, gallery, first.indices, first.similarities,
+                                        config.aqe_alpha)
+    elif method == "gss":
+        from elvis_cli.retrieval.gss import guided_similarity_separation
+
+        result = guided_similarity_separation(None if exclude_self else queries, gallery, config,
+                                              progress)
+        queries, gallery, losses = result.queries, result.gallery, result.losses
+    shortlist = build_shortlist(queries, gallery, k, exclude_self)
+    return shortlist, PostReport(method, time.perf_counter() - started, losses)
