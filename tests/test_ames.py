@@ -159,9 +159,9 @@ def test_each_model_refuses_the_others_checkpoint(stores, tmp_path):
     _, gallery = stores
     torch.save({"state": random_ames().state_dict()}, tmp_path / "ames.pt")
     torch.save({"state": random_model(dim=STORE_DIM).state_dict()}, tmp_path / "elvis.pt")
-    with pytest.raises(ModelMismatchError, match="holds AMES weights, not ELVIS: use --model ames"):
+    with pytest.raises(ModelMismatchError, match="AMES weights, not ELViS's: use --model ames"):
         load_reranker("elvis", gallery, tmp_path / "ames.pt")
-    with pytest.raises(ModelMismatchError, match="holds ELVIS weights, not AMES"):
+    with pytest.raises(ModelMismatchError, match="holds ELViS weights, not AMES's"):
         load_reranker("ames", gallery, tmp_path / "elvis.pt")
     reranker = load_reranker("ames", gallery, tmp_path / "ames.pt", lam=0.2)
     assert isinstance(reranker, AmesReranker) and reranker.fusion.lam == 0.2

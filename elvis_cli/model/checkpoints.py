@@ -49,6 +49,9 @@ OFFICIAL_CHECKPOINTS = {
     "cvnet_ames_dist": OfficialCheckpoint("cvnet", "ames", 0.65, 0.20),
 }
 
+# architecture (registry name) -> how messages name it
+MODEL_NAMES = {"elvis": "ELViS", "ames": "AMES"}
+
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 # backbone name -> checkpoint bundled inside the package (trained with `elvis train`)
@@ -101,7 +104,7 @@ def default_checkpoint_for(backbone: dict[str, Any] | None, architecture: str = 
     for checkpoint, official in OFFICIAL_CHECKPOINTS.items():
         if official.backbone == name and official.architecture == architecture:
             return checkpoint
-    model = "" if architecture == "elvis" else f"{architecture.upper()} "
+    model = "" if architecture == "elvis" else f"{MODEL_NAMES[architecture]} "
     raise InputError(f"no default {model}checkpoint for features of backbone {name!r}: pass "
                      "--checkpoint NAME|PATH")
 
@@ -115,9 +118,9 @@ def checkpoint_for_features(checkpoint: "str | Path | Checkpoint | None",
         checkpoint = load_checkpoint(checkpoint or default_checkpoint_for(backbone, architecture))
     if checkpoint.architecture != architecture:
         raise ModelMismatchError(
-            f"checkpoint {checkpoint.name!r} holds {checkpoint.architecture.upper()} weights, "
-            f"not {architecture.upper()}: use --model {checkpoint.architecture} or another "
-            "--checkpoint")
+            f"checkpoint {checkpoint.name!r} holds {MODEL_NAMES[checkpoint.architecture]} "
+            f"weights, not {MODEL_NAMES[architecture]}'s: use --model {checkpoint.architecture} "
+            "or another --checkpoint")
     check_compatible(checkpoint, backbone, dim, binarised)
     return checkpoint
 
@@ -283,7 +286,7 @@ def _model_for_state(state: dict[str, Any], path: Path) -> Elvis | Ames:
         parts = [f"missing {', '.join(missing[:4])}" if missing else "",
                  f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""]
         details = "; ".join(part for part in parts if part)
-        what = "AMES" if isinstance(model, Ames) else "ELViS"
+        what = MODEL_NAMES["ames" if isinstance(model, Ames) else "elvis"]
         raise InputError(f"checkpoint {path} does not fit {what}: {details}")
     wrong = [key for key, value in expected.items() if state[key].shape != value.shape]
     if wrong:
