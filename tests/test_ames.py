@@ -18,7 +18,7 @@ from elvis_cli.retrieval.config import RerankConfig
 from elvis_cli.retrieval.rerank import PairScorer
 from elvis_cli.util.errors import ModelMismatchError, OfflineError
 from tests.conftest import CANDIDATES, STORE_DIM
-from tests.helpers import random_model, reference_pair_scores, run_cli
+from tests.helpers import random_model, reference_pair_scores, run_cli, write_views
 from tests.reference_ames import reference_ames_score
 
 SMALL_AMES = {"layers": 2, "feedforward_dim": 64}
@@ -176,3 +176,22 @@ def test_rerank_command_takes_model_ames(stores, tmp_path):
     assert code == 0, err
     table = pd.read_csv(tmp_path / "out.csv")
     assert table["raw_score"].notna().sum() == 3 * 4  # the top 3 of each of the 4 queries
+
+
+def test_train_model_ames_writes_an_ames_checkpoint_that_reranks(tmp_path):
+    """`elvis train --model ames`: the same data, loss and validation as ELViS; the best
+    round and its fusion are saved in the official format and load as AMES."""
+    write_views(tmp_path / "photos")
+    code, _, err = run_cli("train", tmp_path / "photos", "-o", tmp_path / "ames.pt", "--model",
+                           "ames", "--rounds", "1", "--steps", "2", "--views", "2",
+                           "--batch-pairs", "4", "--image-size", "128", "--keep-local", "16",
+                           "--device", "cpu")
+    assert code == 0, err
+    checkpoint = load_checkpoint(tmp_path / "ames.pt")
+    assert checkpoint.architecture == "ames" and checkpoint.model.config == AmesConfig(
+        descriptor_dim=checkpoint.descriptor_dim)
+    assert checkpoint.backbone["name"] == "efficientnet-lite0"
+    assert checkpoint.info["steps_per_round"] == 2 and checkpoint.fusion.lam <= 1.0
+    code, _, err = run_cli("train", tmp_path / "photos", "-o", tmp_path / "x.pt", "--model",
+                           "chamfer")
+    assert code == 1 and "train fits elvis or ames, not 'chamfer'" in err

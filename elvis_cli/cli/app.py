@@ -90,7 +90,8 @@ LIBRARY_DEFAULTS = {
     **{("evaluate", option): ("FusionGrid", field) for option, field in (
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
     **{("train", option): ("TrainConfig", field) for option, field in (
-        ("backbone", "backbone"), ("rounds", "rounds"), ("steps", "steps_per_round"),
+        ("model", "model"), ("backbone", "backbone"), ("rounds", "rounds"),
+        ("steps", "steps_per_round"),
         ("views", "views_per_image"), ("batch_pairs", "batch_pairs"), ("lr", "lr"),
         ("seed", "seed"), ("device", "device"))},
 }
@@ -373,7 +374,7 @@ def rerank(
                            temperature=temperature, config=config, output=output,
                            allow_external_sources=allow_external_sources, progress=bars)
     _print_top(run.table, show)
-    console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
+    console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
                   f"{len(run.table)} rows -> {run.output}")
 
@@ -423,7 +424,7 @@ def search(
                             temperature=temperature, config=config, output=output,
                             allow_external_sources=allow_external_sources, progress=bars)
     _print_search(run, top)
-    console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
+    console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature})"
                   + (f"; results -> {run.output}" if run.output else ""))
     for photo, reason in run.skipped:
@@ -579,6 +580,7 @@ def train(
     labels: Annotated[Path | None, typer.Option(
         help="CSV of path,instance_id for supervised training.")] = None,
     preset: PresetOption = None,
+    model: Annotated[str | None, typer.Option(help="Model to train: elvis or ames.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Longer image side in pixels.")] = None,
     keep_local: KeepLocalOption = None,
@@ -592,7 +594,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: DeviceOption = None,
 ) -> None:
-    """Train ELViS with binary cross-entropy, self-supervised from photos or from labels.
+    """Train ELViS (or AMES: --model ames) with binary cross-entropy, self-supervised from
+    photos or from labels.
 
     Example: `elvis train photos/train --val photos/val -o my_elvis.pt`
     """
@@ -600,9 +603,9 @@ def train(
     from elvis_cli import train as run_train
 
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
-    config = _config("TrainConfig", backbone=name, backbone_options=options, rounds=rounds,
-                     steps_per_round=steps, views_per_image=views, batch_pairs=batch_pairs,
-                     lr=lr, seed=seed, device=device)
+    config = _config("TrainConfig", model=model, backbone=name, backbone_options=options,
+                     rounds=rounds, steps_per_round=steps, views_per_image=views,
+                     batch_pairs=batch_pairs, lr=lr, seed=seed, device=device)
 
     def show_round(event: RoundFinished) -> None:
         bars.print(_round_line(event.entry))

@@ -135,6 +135,11 @@ class Ames(nn.Module):
             x = layer(x, m, keys)
         return self.classifier(x[:, 0]).squeeze(-1)
 
+    def logit(self, raw_score: torch.Tensor) -> torch.Tensor:
+        """Training-time logit for the binary cross-entropy loss: the raw score itself, the
+        classifier's output (the authors train BCE-with-logits on it)."""
+        return raw_score
+
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
                 tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw AMES scores (B,) of B pairs of descriptor sets (B, m, D) and (B, n, D)."""

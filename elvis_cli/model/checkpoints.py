@@ -169,7 +169,7 @@ def describe_backbone(settings: dict[str, Any] | None) -> str:
 
 def save_checkpoint(
     path: Path,
-    model: Elvis,
+    model: Elvis | Ames,
     backbone: dict[str, Any] | None,
     fusion: Fusion,
     info: dict[str, Any] | None = None,
@@ -180,7 +180,8 @@ def save_checkpoint(
         "elvis_cli": {
             "backbone": backbone,
             "fusion": asdict(fusion),
-            "sinkhorn_iterations": model.config.sinkhorn_iterations,
+            **({"sinkhorn_iterations": model.config.sinkhorn_iterations}
+               if isinstance(model, Elvis) else {}),
             "info": info or {},
         },
     }
