@@ -6,7 +6,9 @@ reading and embedding included, for each model, after a warm-up of two pairs. EL
 bundled checkpoint's head on a random projection (as in rerank_speed.py); AMES has the
 authors' sizes (5 decoder layers, 128-d, 2 heads, feed-forward 1024) with random weights: its
 cost does not depend on their values.
-Prints pairs/s, seconds per query and the ratio, per device (CPU, and CUDA when present).
+Prints pairs/s, seconds per query and the ratio, per device (CPU, and CUDA when present);
+then the seconds of one training step of each (`elvis train`'s: BCE on the model's logit of
+--train-pairs pairs, backward, AdamW), at the offline backbone's 300 x 320 descriptors.
 
     PYTHONPATH=$PWD python benchmarks/ames_speed.py               # about 2 min on 2 cores
     PYTHONPATH=$PWD python benchmarks/ames_speed.py --queries 2 --local 300   # quick
@@ -14,13 +16,16 @@ Prints pairs/s, seconds per query and the ratio, per device (CPU, and CUDA when 
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.rerank_speed import benchmark_model, make_workload, timed
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.ames import Ames, AmesConfig
+from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.elvis_reranker import AmesReranker, ElvisReranker
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument("--local", type=int, default=600, help="descriptors per image")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=1, help="runs per model (median)")
+    parser.add_argument("--train-pairs", type=int, default=32, help="pairs per training step")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -60,6 +66,27 @@ def main() -> None:
                     print(f"{device:6} {name:6} {pairs / seconds[name]:9.1f} "
                           f"{seconds[name] / args.queries:9.3f} "
                           f"{seconds[name] / seconds['elvis']:8.1f}")
+    for model in (Elvis(ElvisConfig(descriptor_dim=320)), Ames(AmesConfig(descriptor_dim=320))):
+        print(f"{type(model).__name__}: one training step of {args.train_pairs} pairs, 300 x 300 "
+              f"descriptors of dim 320: {train_step_seconds(model, args.train_pairs):.2f} s")
+
+
+def train_step_seconds(model: Elvis | Ames, pairs: int, repeats: int = 3) -> float:
+    """Fastest of `repeats` training steps on random descriptors (what a step computes does
+    not depend on their values)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    src, tgt = torch.randn(pairs, 300, 320), torch.randn(pairs, 300, 320)
+    labels = (torch.arange(pairs) % 2).float()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        loss = F.binary_cross_entropy_with_logits(model.logit(model(src, tgt)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 if __name__ == "__main__":
