@@ -149,6 +149,13 @@ KeepLocalOption = Annotated[int | None, typer.Option(
          "the backbone's own).")]
 UseLocalOption = Annotated[int | None, typer.Option(
     min=1, help="The first N stored local descriptors of each image used for re-ranking.")]
+AsymmetricOption = Annotated[bool, typer.Option(
+    "--asymmetric", help="Accept --queries extracted at a smaller image size than --gallery "
+                         "(low-resolution queries); any other difference is still refused.")]
+QueryImageSizeOption = Annotated[int | None, typer.Option(
+    min=1, help="Extract the queries at this longer side (px), the gallery's other settings "
+                "kept: low-resolution queries, cheaper to extract and re-rank; default: as "
+                "the gallery.")]
 
 
 def _version(value: bool) -> None:
@@ -308,6 +315,7 @@ def shortlist(
         help="Global descriptor type to search with: cls, or w-avg/og-avg where extracted (or "
              "beside released files).")] = "cls",
     allow_external_sources: ExternalOption = False,
+    asymmetric: AsymmetricOption = False,
 ) -> None:
     """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
 
@@ -317,7 +325,8 @@ def shortlist(
 
     result = shortlist_files(features, queries=queries, gallery=gallery, k=k, output=output,
                              global_type=global_type,
-                             allow_external_sources=allow_external_sources)
+                             allow_external_sources=allow_external_sources,
+                             asymmetric=asymmetric)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
 
@@ -358,6 +367,7 @@ def rerank(
                                "before any work.")] = Path("reranked.csv"),
     show: Annotated[int, typer.Option(min=0, help="Queries whose top results are printed.")] = 3,
     allow_external_sources: ExternalOption = False,
+    asymmetric: AsymmetricOption = False,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
 
@@ -372,7 +382,8 @@ def rerank(
         run = rerank_files(features, queries=queries, gallery=gallery, candidates=candidates,
                            model=model, checkpoint=_checkpoint(preset, checkpoint), lam=lam,
                            temperature=temperature, config=config, output=output,
-                           allow_external_sources=allow_external_sources, progress=bars)
+                           allow_external_sources=allow_external_sources,
+                           asymmetric=asymmetric, progress=bars)
     _print_top(run.table, show)
     console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
@@ -406,6 +417,7 @@ def search(
     ] = None,
     top: Annotated[int, typer.Option(min=1, help="Results printed per photo.")] = 5,
     allow_external_sources: ExternalOption = False,
+    query_image_size: QueryImageSizeOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ) -> None:
     """Search new photos in an extracted gallery: extract them as the gallery was, shortlist,
@@ -422,7 +434,8 @@ def search(
     with _Progress(enabled=not quiet, transient=True) as bars:
         run = search_images(queries, gallery, model=model, checkpoint=checkpoint, lam=lam,
                             temperature=temperature, config=config, output=output,
-                            allow_external_sources=allow_external_sources, progress=bars)
+                            allow_external_sources=allow_external_sources,
+                            query_image_size=query_image_size, progress=bars)
     _print_search(run, top)
     console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature})"
@@ -470,6 +483,7 @@ def evaluate(
     query_crops: Annotated[bool, typer.Option(
         help="Crop queries to their ground-truth bbx, scaled like the full image (the "
              "authors' bbox switch; off by default, as in their extraction config).")] = False,
+    query_image_size: QueryImageSizeOption = None,
     device: DeviceOption = None,
     embedding_cache: EmbeddingCacheOption = None,
     out_dir: Annotated[Path | None, typer.Option(
@@ -503,7 +517,8 @@ def evaluate(
                      checkpoint=_checkpoint(preset, checkpoint), models=model,
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
                      num_local=use_local, device=device, descriptors=descriptors,
-                     embedding_cache=embedding_cache, query_crops=query_crops)
+                     embedding_cache=embedding_cache, query_crops=query_crops,
+                     query_image_size=query_image_size)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,
@@ -838,13 +853,14 @@ def _print_results(run) -> None:
     wide_console.print(view)
     curve = run.curve
     slowest = max(curve["seconds_per_query"].max(), 1e-12)
-    view = Table(title="runtime vs shortlist size (mean over datasets)", title_justify="left")
-    for column in ("model", "shortlist", "s/query", "", "mAP"):
-        view.add_column(column, justify="left" if column in ("model", "") else "right")
+    view = Table(title="runtime vs shortlist size (mean over datasets); bytes/image: read per "
+                       "gallery image", title_justify="left")
+    for column in ("method", "shortlist", "s/query", "", "mAP", "bytes/image"):
+        view.add_column(column, justify="left" if column in ("method", "") else "right")
     for row in curve.itertuples(index=False):
         bar = "█" * max(1, round(30 * row.seconds_per_query / slowest))
-        view.add_row(row.model, str(row.shortlist), f"{row.seconds_per_query:.4f}", bar,
-                     _number(row.map))
+        view.add_row(row.method, str(row.shortlist), f"{row.seconds_per_query:.4f}", bar,
+                     _number(row.map), _human_size(row.bytes_per_image))
     wide_console.print(view)
     for row in run.grid_best.itertuples(index=False):
         wide_console.print(f"best of the grid (not the headline): {row.dataset} {row.model} "

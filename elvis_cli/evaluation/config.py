@@ -33,9 +33,17 @@ class EvaluateConfig:
     # queries cut to their ground-truth `bbx`, scaled like the full image: the authors' `bbox`
     # switch, off by default as in their conf/extract.yaml
     query_crops: bool = False
+    # queries extracted at this longer side (px), the gallery at the backbone's own: asymmetric
+    # low-resolution queries (RAML), cheaper at search time; None: as the gallery
+    query_image_size: int | None = None
 
     def __post_init__(self) -> None:
         check_backbone_name(self.backbone)
+        if self.query_image_size is not None and self.query_image_size <= 0:
+            raise InputError(f"query image size must be positive, got {self.query_image_size}")
+        if self.query_image_size is not None and self.descriptors:
+            raise InputError("--query-image-size extracts the queries: it does not apply to "
+                             "released descriptors")
         if not self.shortlists or any(size < 0 for size in self.shortlists):
             raise InputError("shortlist sizes must be zero (global only) or positive")
         check_fusion(self.lam, self.temperature)

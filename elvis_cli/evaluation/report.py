@@ -1,6 +1,7 @@
 """Reporting of evaluation results: the results table and its files, the summary table (one row
 per dataset, the Medium and Hard rows of revisitop sets, the averages), the fusion grid's best
-rows, the runtime-vs-shortlist curve and its plot, and the per-query APs with where re-ranking
+rows, the runtime curve per method and shortlist size (with the bytes each method stores per
+gallery image) and its performance-against-time plot, and the per-query APs with where re-ranking
 helped and hurt.
 
 Everything here reads the rows `evaluate_dataset` (run.py) produces; nothing runs a model.
@@ -151,51 +152,73 @@ def _model_order(column: pd.Series) -> pd.Series:
     return column
 
 
+def method_label(model: str, post: object = None) -> str:
+    """What a line of the runtime curve and plot is keyed by: the model, and the global
+    post-processing applied with it where there was one (a `post` column other than none)."""
+    if not isinstance(post, str) or post in ("", "none"):
+        return model
+    return f"{model}+{post}"
+
+
 def runtime_curve(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model and shortlist size, seconds per query and mAP averaged over the datasets; each
-    model's curve starts at the global ranking (size 0); fusion-grid rows are left out."""
+    """Per method (`method_label`) and shortlist size: seconds per query, mAP and bytes stored
+    per gallery image, averaged over the datasets. Each re-ranking method's curve starts at
+    the global ranking of the same post-processing (size 0); fusion-grid rows are left out."""
     table = headline_rows(table)
-    parts = [table[table["model"] == "global"].assign(model=name)
-             for name in table["model"].unique() if name != "global"]
+    posts = table["post"] if "post" in table else pd.Series(None, index=table.index)
+    table = table.assign(
+        method=[method_label(model, post) for model, post in zip(table["model"], posts,
+                                                                 strict=True)],
+        start=[method_label("global", post) for post in posts])
+    methods = table[table["model"] != "global"][["method", "model", "start"]].drop_duplicates()
+    parts = [table[(table["model"] == "global") & (table["method"] == start)].assign(
+        method=method, model=model) for method, model, start in methods.itertuples(index=False)]
     curves = pd.concat([table, *parts]) if parts else table
-    return (curves.groupby(["model", "shortlist"], sort=False)
-            .agg(seconds_per_query=("seconds_per_query", "mean"), map=("map", "mean"),
+    return (curves.groupby(["method", "shortlist"], sort=False)
+            .agg(model=("model", "first"), seconds_per_query=("seconds_per_query", "mean"),
+                 map=("map", "mean"), bytes_per_image=("bytes_per_image", "mean"),
                  datasets=("dataset", "nunique"))
-            .reset_index().sort_values(["model", "shortlist"], key=_model_order)
-            .reset_index(drop=True))
+            .reset_index().sort_values(["model", "method", "shortlist"], key=_model_order)
+            .reset_index(drop=True)[["method", "model", "shortlist", "seconds_per_query", "map",
+                                     "bytes_per_image", "datasets"]])
 
 
 def plot_runtime(table: pd.DataFrame, path: Path) -> None:
-    """Seconds per query and mAP against shortlist size: one thin line per dataset and model,
-    a thick one per model for the mean over datasets."""
+    """Performance against time (the ELViS paper's Fig. 1): mAP averaged over the datasets
+    against re-ranking seconds per query, one line per method, each point labelled with its
+    shortlist size; the global ranking, which re-ranks nothing, is a dashed level line. The
+    time axis is logarithmic where the times span more than a factor of ten."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = headline_rows(table)
-    figure, (runtime_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = runtime_curve(table)
-    reranked = [name for name in curve["model"].unique() if name != "global"] or ["global"]
-    colours = dict(zip(reranked, plt.rcParams["axes.prop_cycle"].by_key()["color"],
-                       strict=False))
-    for name in reranked:
-        for _, rows in table[table["model"].isin(["global", name])].groupby("dataset"):
-            rows = rows.sort_values("shortlist")
-            for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-                axis.plot(rows["shortlist"], rows[value], color=colours[name], alpha=0.35,
-                          linewidth=1)
-        mean = curve[curve["model"] == name]
-        for axis, value in ((runtime_axis, "seconds_per_query"), (map_axis, "map")):
-            axis.plot(mean["shortlist"], mean[value], color=colours[name], marker="o",
-                      linewidth=2.5, label=f"{name} (mean of {int(mean['datasets'].max())})")
-    runtime_axis.set(xlabel="shortlist size (0 = global only)", ylabel="seconds per query",
-                     title="re-ranking runtime")
-    map_axis.set(xlabel="shortlist size (0 = global only)", ylabel="mAP", title="accuracy")
-    for axis in (runtime_axis, map_axis):
-        axis.grid(alpha=0.3)
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    reranked = curve[curve["shortlist"] > 0]
+    for position, (method, rows) in enumerate(reranked.groupby("method", sort=False)):
+        colour = colours[position % len(colours)]
+        axis.plot(rows["seconds_per_query"], rows["map"], color=colour, marker="o",
+                  linewidth=2, label=method)
+        for row in rows.itertuples(index=False):
+            axis.annotate(str(row.shortlist), (row.seconds_per_query, row.map), fontsize=8,
+                          textcoords="offset points", xytext=(4, 4), color=colour)
+    for row in curve[curve["model"] == "global"].itertuples(index=False):
+        axis.axhline(row.map, color="grey", linestyle="--", linewidth=1)
+        axis.annotate(f"{row.method} (no re-ranking)", (0.01, row.map), fontsize=8,
+                      xycoords=("axes fraction", "data"), textcoords="offset points",
+                      xytext=(0, 3), color="grey")
+    times = reranked["seconds_per_query"][reranked["seconds_per_query"] > 0]
+    if len(times) and times.max() > 10 * times.min():
+        axis.set_xscale("log")
+    datasets = int(curve["datasets"].max()) if len(curve) else 0
+    axis.set(xlabel="re-ranking time per query (s)", ylabel="mAP",
+             title=f"mAP against re-ranking time (mean over {datasets} dataset"
+                   f"{'s' if datasets != 1 else ''}; labels: shortlist size)")
+    axis.grid(alpha=0.3, which="both")
+    if len(reranked):
         axis.legend()
-    figure.suptitle("thin: one dataset; thick: mean over datasets", fontsize=9)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)

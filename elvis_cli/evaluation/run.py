@@ -92,6 +92,8 @@ def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
                               gallery.num_images)
     seconds = (time.perf_counter() - started) / max(queries.num_images, 1)
     label = (gallery.backbone_settings or {}).get("name", config.backbone)
+    if config.query_image_size is not None:  # not the paper's setting: no paper number
+        label += f", queries at {config.query_image_size} px"
     return DatasetFeatures(queries, gallery, ranking, seconds, label)
 
 
@@ -152,7 +154,9 @@ def evaluate_dataset(
 
         rows = [{**common, "model": "global", "shortlist": 0,
                  **scored("global", 0, dict.fromkeys(protocols, ranking.indices)),
-                 "seconds_per_query": features.seconds_per_query}]
+                 "seconds_per_query": features.seconds_per_query,
+                 "bytes_per_image": load_reranker("global", features.gallery).bytes_per_image(
+                     features.gallery)}]
         for model_name in config.rerankers:
             reranker = load_reranker(model_name, features.gallery,
                                      checkpoint or config.checkpoint, config.lam,
@@ -162,7 +166,9 @@ def evaluate_dataset(
                 num_local=config.num_local, batch_size=config.batch_size, device=config.device,
                 embedding_cache=config.embedding_cache))
             scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
-            model = {**common, "model": model_name, "checkpoint": label}
+            model = {**common, "model": model_name, "checkpoint": label,
+                     "bytes_per_image": reranker.bytes_per_image(features.gallery,
+                                                                 config.num_local)}
             raw_scores = _RawScores(scorer, lists, progress, f"{dataset.name}: {model_name}")
             for size in (size for size in config.shortlists if size > 0):
                 stage(f"{dataset.name}: {model_name} re-ranking, shortlist {size}")
@@ -233,24 +239,30 @@ def _metric_name(dataset: RetrievalDataset) -> str:
 def extract_dataset(
     dataset: RetrievalDataset, config: EvaluateConfig, progress: ProgressCallback | None = None
 ) -> tuple[FeatureStore, FeatureStore]:
-    """Query (cropped with `config.query_crops`) and gallery features, extracted once per
-    backbone and reused. Truncated images are decoded as far as they go, as the authors'
-    extraction does, with a warning: the ground truth needs every image."""
-    backbone = create_backbone(config.backbone, **config.backbone_options)
-    # the file format is in the key: features of another format are extracted anew
-    key = _settings_key({**backbone.settings(), "format": FORMAT})
-    folder = (config.features_dir or dataset.root / "features") / key
+    """Query (cropped with `config.query_crops`, at `config.query_image_size`) and gallery
+    features, extracted once per backbone setting and reused. Truncated images are decoded as
+    far as they go, as the authors' extraction does, with a warning: the ground truth needs
+    every image."""
+    gallery_backbone = create_backbone(config.backbone, **config.backbone_options)
+    query_backbone = gallery_backbone
+    if config.query_image_size is not None:
+        query_backbone = create_backbone(config.backbone, **{
+            **config.backbone_options, "image_size": config.query_image_size})
     extract_config = ExtractConfig(backbone=config.backbone,
                                    backbone_options=dict(config.backbone_options),
                                    device=config.device, decode_truncated=True)
     stores = []
     root = dataset.root / "jpg"  # stored names are relative to it
-    for split, paths, boxes in (
+    for split, paths, boxes, backbone in (
         ("query-crops" if config.query_crops else "query", dataset.query_paths(),
-         dataset.query_boxes() if config.query_crops else None),
-        ("gallery", dataset.gallery_paths(), None),
+         dataset.query_boxes() if config.query_crops else None, query_backbone),
+        ("gallery", dataset.gallery_paths(), None, gallery_backbone),
     ):
-        output = folder / f"{split}.h5"
+        # each split in the folder of its own settings, the file format among them: features
+        # of another format or image size are extracted anew, queries at the gallery's size
+        # are shared with a symmetric run
+        key = _settings_key({**backbone.settings(), "format": FORMAT})
+        output = (config.features_dir or dataset.root / "features") / key / f"{split}.h5"
         report = extract_features(
             paths, output, extract_config, boxes=boxes, backbone=backbone, root=root,
             progress=with_detail(progress, f"{dataset.name}: {split}"))

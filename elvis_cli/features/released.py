@@ -135,6 +135,10 @@ class ShortlistedGallery(DescriptorStore):
                 "later images into its head)")
         return self._store.read_local(rows, num_local, dtype, check_finite)
 
+    @property
+    def local_row_bytes(self) -> int:
+        return self._store.local_row_bytes
+
     def close(self) -> None:
         super().close()
         self._store.close()

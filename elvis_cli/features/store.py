@@ -74,6 +74,17 @@ class DescriptorStore(ABC):
         """What the rows depend on, for caches keyed by it."""
 
     @property
+    @abstractmethod
+    def local_row_bytes(self) -> int:
+        """Bytes one local row (metadata and descriptor) takes as stored."""
+
+    @property
+    def global_bytes(self) -> int:
+        """Bytes of one image's "cls" global descriptor as stored; 0 where there is none."""
+        stored = self._globals.get(CLASS_GLOBAL)
+        return 0 if stored is None else stored.dtype.itemsize * int(stored.shape[1])
+
+    @property
     def global_types(self) -> list[str]:
         """The global descriptor types this store holds ("cls" first where it has one)."""
         return list(self._globals)
@@ -239,6 +250,13 @@ class FeatureStore(DescriptorStore):
                                      unique, "local")
         in_order = len(unique) == len(wanted) and np.array_equal(unique, wanted)
         return rows if in_order else rows[inverse]
+
+    @property
+    def local_row_bytes(self) -> int:
+        """Float rows (N, K, 5 + D) and packed binarised ones, one record per image (N,) or
+        per row (N, K), alike: the bytes after the image axis over its K rows."""
+        shape = self._features.shape
+        return round(self._features.dtype.itemsize * int(np.prod(shape[1:])) / self.num_local)
 
     def _read_rows_into(self, out: np.ndarray, start: int, stop: int) -> None:
         """Images start..stop-1 into `out` (n, count, 5 + D); straight from HDF5, without an

@@ -1,9 +1,16 @@
 """The global ranking as a re-ranker that re-ranks nothing: the baseline row of every table."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
 
 from elvis_cli.model.reranker import Embedded, Fusion, Reranker
 from elvis_cli.util.errors import InputError
+
+if TYPE_CHECKING:
+    from elvis_cli.features.store import DescriptorStore
 
 
 class GlobalRanking(Reranker):
@@ -25,3 +32,7 @@ class GlobalRanking(Reranker):
 
     def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
         return 0
+
+    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> int:
+        """The global descriptor only: no local row is read."""
+        return store.global_bytes

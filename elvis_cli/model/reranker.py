@@ -22,7 +22,7 @@ from torch import nn
 from elvis_cli.model.fusion import Fusion
 
 if TYPE_CHECKING:
-    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.features.store import DescriptorStore, FeatureStore
     from elvis_cli.model.checkpoints import Checkpoint
 
 
@@ -66,6 +66,14 @@ class Reranker(nn.Module, ABC):
     def fuse(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
         """The final score of a pair from its global similarity and raw score."""
         return self.fusion(global_score, raw_score)
+
+    def bytes_per_image(self, store: DescriptorStore, num_local: int | None = None) -> int:
+        """Bytes per gallery image this method needs, as stored in `store`: the global
+        descriptor (every method shortlists with it) and the first `num_local` local rows it
+        reads (None: all stored), metadata included. An embedding cache comes on top
+        (`bytes_per_descriptor`)."""
+        used = store.num_local if num_local is None else min(num_local, store.num_local)
+        return store.global_bytes + used * store.local_row_bytes
 
     @abstractmethod
     def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:

@@ -104,10 +104,12 @@ def fill_embedding_cache(features: str | Path, folder: Path, checkpoint: str | P
 
 @contextmanager
 def open_pair(features: str | Path | None = None, queries: str | Path | None = None,
-              gallery: str | Path | None = None, allow_external_sources: bool = False
+              gallery: str | Path | None = None, allow_external_sources: bool = False,
+              asymmetric: bool = False
               ) -> Iterator[tuple[FeatureStore, FeatureStore, bool]]:
     """(queries, gallery, same file): one features file all-vs-all, or a query/gallery pair
-    (ours or released local files) whose descriptors can be compared, closed afterwards."""
+    (ours or released local files) whose descriptors can be compared, closed afterwards;
+    `asymmetric` lets the queries be extracted at a smaller image size than the gallery."""
     from elvis_cli.features.released import open_local
 
     if (queries is None) != (gallery is None):
@@ -115,6 +117,9 @@ def open_pair(features: str | Path | None = None, queries: str | Path | None = N
     if queries is None:
         if features is None:
             raise InputError("name a features file, or --queries and --gallery")
+        if asymmetric:
+            raise InputError("--asymmetric needs --queries and --gallery: one features file "
+                             "has one image size")
         queries = gallery = features
     with ExitStack() as stack:
         query_store = stack.enter_context(open_local(queries, allow_external_sources))
@@ -123,26 +128,52 @@ def open_pair(features: str | Path | None = None, queries: str | Path | None = N
             gallery_store = query_store
         else:
             gallery_store = stack.enter_context(open_local(gallery, allow_external_sources))
-            _check_alike(query_store, gallery_store)
+            _check_alike(query_store, gallery_store, asymmetric)
         yield query_store, gallery_store, same
 
 
-def _check_alike(queries: DescriptorStore, gallery: DescriptorStore) -> None:
+ASYMMETRIC_SETTING = "image_size"  # the one backbone setting asymmetric queries may change
+
+
+def _check_alike(queries: DescriptorStore, gallery: DescriptorStore,
+                 asymmetric: bool = False) -> None:
     """Refuse queries and a gallery extracted differently: descriptors of other backbone
     settings are not comparable, and those of other dimensions not even multipliable. Files
-    without settings (the authors' releases) are compared by their dimensions."""
+    without settings (the authors' releases) are compared by their dimensions.
+
+    `asymmetric` (asked for, never guessed) accepts exactly one difference, queries extracted
+    at a smaller image size (RAML's low-resolution queries); any other difference, or queries
+    larger than the gallery (files swapped?), is still refused."""
     mine, wanted = queries.backbone_settings, gallery.backbone_settings
+    if asymmetric and (mine is None or wanted is None):
+        raise InputError(f"--asymmetric: {queries.path if mine is None else gallery.path} "
+                         "records no backbone settings, so its image size is unknown")
     if mine is not None and wanted is not None and mine != wanted:
+        differing = sorted(key for key in {*mine, *wanted} if mine.get(key) != wanted.get(key))
         differences = ", ".join(f"{key} {mine.get(key, '-')} vs {wanted.get(key, '-')}"
-                                for key in sorted({*mine, *wanted})
-                                if mine.get(key) != wanted.get(key))
-        raise InputError(f"{queries.path} and {gallery.path} were extracted with different "
-                         f"backbone settings ({differences}): extract the queries as the "
-                         "gallery was")
+                                for key in differing)
+        only_size = differing == [ASYMMETRIC_SETTING]
+        smaller = only_size and _smaller(mine.get(ASYMMETRIC_SETTING),
+                                         wanted.get(ASYMMETRIC_SETTING))
+        if not (asymmetric and smaller):
+            remedy = "extract the queries as the gallery was"
+            if asymmetric and only_size:
+                remedy = "--asymmetric takes queries extracted smaller than the gallery"
+            elif asymmetric:
+                remedy += " (--asymmetric allows only the image size to differ)"
+            elif smaller:
+                remedy += ", or pass --asymmetric for queries made smaller on purpose"
+            raise InputError(f"{queries.path} and {gallery.path} were extracted with different "
+                             f"backbone settings ({differences}): {remedy}")
     if queries.binarised == gallery.binarised and queries.local_dim != gallery.local_dim:
         raise InputError(f"{queries.path} holds {queries.local_dim}-d local descriptors and "
                          f"{gallery.path} {gallery.local_dim}-d: they come from different "
                          "backbones")
+
+
+def _smaller(query_size: object, gallery_size: object) -> bool:
+    return (isinstance(query_size, int) and isinstance(gallery_size, int)
+            and query_size < gallery_size)
 
 
 def _check_features_exist(features: str | Path | None, queries: str | Path | None) -> None:
@@ -168,14 +199,14 @@ def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: b
 def shortlist_files(
     features: str | Path | None = None, *, queries: str | Path | None = None,
     gallery: str | Path | None = None, k: int = 100, output: str | Path | None = None,
-    global_type: str = "cls", allow_external_sources: bool = False,
+    global_type: str = "cls", allow_external_sources: bool = False, asymmetric: bool = False,
 ) -> Shortlist:
     """`elvis shortlist`: the global top `k` of every query, written to `output` (.npz) when
-    given."""
+    given; `asymmetric`: queries extracted smaller than the gallery (open_pair)."""
     _check_features_exist(features, queries)
     if output is not None:
         output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
-    with open_pair(features, queries, gallery, allow_external_sources) as (
+    with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
         result = global_shortlist(query_store, gallery_store, same, k, global_type)
     if output is not None:
@@ -189,18 +220,19 @@ def rerank_files(
     model: str = "elvis", checkpoint: str | Path | None = None, lam: float | None = None,
     temperature: float | None = None, config: RerankConfig | None = None,
     output: str | Path | None = None, allow_external_sources: bool = False,
-    progress: ProgressCallback | None = None,
+    asymmetric: bool = False, progress: ProgressCallback | None = None,
 ) -> RerankRun:
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
     to `output` (.csv, .parquet or .jsonl, see result_files) when given, its image paths
     openable from the current folder. Released files get their image names from the ground
-    truth beside them. `progress` hears the queries re-ranked ("re-ranking")."""
+    truth beside them. `asymmetric` accepts queries extracted smaller than the gallery
+    (open_pair). `progress` hears the queries re-ranked ("re-ranking")."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
     _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
-    with open_pair(features, queries, gallery, allow_external_sources) as (
+    with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
         from elvis_cli.features.released import released_gallery
         from elvis_cli.model.registry import load_reranker

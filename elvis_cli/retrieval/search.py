@@ -62,18 +62,23 @@ def search_images(
     checkpoint: str | Path | None = None, lam: float | None = None,
     temperature: float | None = None, config: RerankConfig | None = None,
     output: str | Path | None = None, allow_external_sources: bool = False,
-    progress: ProgressCallback | None = None,
+    query_image_size: int | None = None, progress: ProgressCallback | None = None,
 ) -> SearchRun:
     """Search photos (`queries`: image paths, folders or glob patterns) in `gallery`, a
     features file of `elvis extract`: extract them with its backbone settings, shortlist the
     top `config.shortlist` (exact global k-NN) and re-rank them with `model`, as `rerank_files`
     does; write the table to `output` (.csv or .parquet) when given. Photos that cannot be
-    read are skipped and listed in `SearchRun.skipped`; none readable is an error. `progress`
-    hears the photos extracted ("extracting") and the queries re-ranked ("re-ranking")."""
+    read are skipped and listed in `SearchRun.skipped`; none readable is an error.
+    `query_image_size` extracts the photos at that longer side (px) instead of the gallery's,
+    its other settings kept: asymmetric low-resolution queries, cheaper to extract and to
+    re-rank (BENCHMARKS.md). `progress` hears the photos extracted ("extracting") and the
+    queries re-ranked ("re-ranking")."""
     from elvis_cli.features.released import open_local
 
     config = config or RerankConfig()
     check_fusion(lam, temperature)
+    if query_image_size is not None and query_image_size <= 0:
+        raise InputError(f"query image size must be positive, got {query_image_size}")
     output = None if output is None else checked_output(output)  # checked before any work
     photos = _query_photos(queries)
     with open_local(gallery, allow_external_sources) as gallery_store:
@@ -83,6 +88,8 @@ def search_images(
                              "extract`, e.g. released descriptors), so photos cannot be "
                              "extracted to match it; extract them yourself and run `elvis "
                              f"rerank --queries Q --gallery {gallery}`")
+        if query_image_size is not None:
+            settings = {**settings, "image_size": query_image_size}
         # the heavy modules only now that the inputs passed their checks
         from elvis_cli.model.registry import load_reranker
         from elvis_cli.retrieval.files import global_shortlist
