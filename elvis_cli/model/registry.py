@@ -47,6 +47,7 @@ RERANKERS: Mapping[str, type[Reranker]] = _ClassesByName({
     "elvis": "elvis_cli.model.elvis_reranker:ElvisReranker",
     "ames": "elvis_cli.model.elvis_reranker:AmesReranker",
     "chamfer": "elvis_cli.model.chamfer:Chamfer",
+    "sv": "elvis_cli.model.spatial_verification:SpatialVerification",
 })
 
 

@@ -3,8 +3,9 @@
 A re-ranker prepares each image once (`embed`: the engine keeps the result for every pair the
 image takes part in, and on disk with an embedding cache), scores (query, gallery) pairs of
 prepared images (`score`), and fuses its raw score with the global similarity (`fuse`). Global
-ranking, ELViS and chamfer are implementations (registry.RERANKERS); a new one needs no change
-to the engine.
+ranking, ELViS, chamfer and spatial verification are implementations (registry.RERANKERS); a
+new one needs no change to the engine. One that needs where its descriptors lie (spatial
+verification) says so with `uses_positions`, and `score` then gets the stored positions too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Embedded:
     descriptors: torch.Tensor  # (B, m, d), e.g. ELViS's projection, rows L2-normalised
     gains: torch.Tensor  # (B, m) per-descriptor values (ELViS: dustbin gains in [-1, 1])
     mask: torch.Tensor | None = None  # (B, m) True where the slot is padding
+    # (B, m, 2) each slot's stored row, column (features/layout.py), set by the engine for
+    # re-rankers that use positions; None for the others
+    positions: torch.Tensor | None = None
 
 
 class Reranker(nn.Module, ABC):
@@ -42,6 +46,10 @@ class Reranker(nn.Module, ABC):
     scores_pairs: ClassVar[bool] = True  # False: the global ranking is kept as it is
     tunable_fusion: ClassVar[bool] = False  # lam/temp overrides and the fusion grid apply
     worth_caching: ClassVar[bool] = True  # its embeddings are worth an embedding cache
+    # True: the engine hands `score` each slot's stored position beside its embedding
+    # (Embedded.positions); the embedding cache keeps no positions, so such a re-ranker is
+    # not worth_caching
+    uses_positions: ClassVar[bool] = False
 
     def __init__(self, fusion: Fusion, label: str | None = None) -> None:
         super().__init__()

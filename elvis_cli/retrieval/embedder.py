@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elvis_cli.features.layout import META_PADDING, NUM_META
+from elvis_cli.features.layout import META_COL, META_PADDING, META_ROW, NUM_META
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.reranker import Embedded, Reranker
 from elvis_cli.retrieval.embedding_cache import EmbeddingCache
@@ -31,15 +31,15 @@ _BUFFERS = threading.local()  # each worker thread's conversion buffer, shared b
 class EmbeddedImages:
     """Embedded images; slot i is the i-th image of the rows asked for."""
 
-    embedded: Embedded  # descriptors (N, K, d), gains (N, K), mask (N, K)
+    embedded: Embedded  # descriptors (N, K, d), gains (N, K), mask (N, K), positions or None
     padded: np.ndarray  # (N,) whether an image has any padding, known without a device sync
 
     @staticmethod
     def of(descriptors: torch.Tensor, gains: torch.Tensor, padding: np.ndarray,
-           device: torch.device) -> "EmbeddedImages":
+           device: torch.device, positions: torch.Tensor | None = None) -> "EmbeddedImages":
         """From embeddings and the host's (N, K) padding flags, sent along as the mask."""
-        return EmbeddedImages(Embedded(descriptors, gains, torch.from_numpy(padding).to(device)),
-                              padding.any(axis=1))
+        return EmbeddedImages(Embedded(descriptors, gains, torch.from_numpy(padding).to(device),
+                                       positions), padding.any(axis=1))
 
     def take(self, slots: np.ndarray, device: torch.device) -> Embedded:
         if len(slots) == 1:  # the CPU case: views, no copies
@@ -48,20 +48,25 @@ class EmbeddedImages:
             index = torch.from_numpy(slots).to(device)
         embedded = self.embedded
         mask = embedded.mask[index] if self.padded[slots].any() else None
-        return Embedded(embedded.descriptors[index], embedded.gains[index], mask)
+        return Embedded(embedded.descriptors[index], embedded.gains[index], mask,
+                        _indexed(embedded.positions, index))
 
     def subset(self, slots: np.ndarray) -> "EmbeddedImages":
         index = torch.from_numpy(slots).to(self.embedded.descriptors.device)
         embedded = self.embedded
         return EmbeddedImages(Embedded(embedded.descriptors[index], embedded.gains[index],
-                                       embedded.mask[index]), self.padded[slots])
+                                       embedded.mask[index], _indexed(embedded.positions, index)),
+                              self.padded[slots])
 
     @staticmethod
     def join(parts: list["EmbeddedImages"]) -> "EmbeddedImages":
         if len(parts) == 1:
             return parts[0]
+        names = ("descriptors", "gains", "mask")
+        if parts[0].embedded.positions is not None:
+            names += ("positions",)
         return EmbeddedImages(Embedded(*(torch.cat([getattr(p.embedded, name) for p in parts])
-                                         for name in ("descriptors", "gains", "mask"))),
+                                         for name in names)),
                               np.concatenate([p.padded for p in parts]))
 
 
@@ -190,19 +195,23 @@ class ImageEmbedder:
         if not parts:
             empty = torch.empty(0)
             return EmbeddedImages(Embedded(empty, empty, empty), np.zeros(0, dtype=bool))
+        positions = (torch.cat([part.positions for part in parts])
+                     if self.reranker.uses_positions else None)
         return EmbeddedImages.of(torch.cat([part.descriptors for part in parts]),
                                  torch.cat([part.gains for part in parts]),
-                                 np.concatenate(masks), self.device)
+                                 np.concatenate(masks), self.device, positions)
 
     @torch.inference_mode()  # grad mode is per thread: workers need their own
     def _embed_part(self, read: _Read, span: tuple[int, int]) -> Embedded:
         """Embed images span[0]..span[1]-1 of a read, padding zeroed (released files may hold
         anything there). A NaN or inf descriptor leaves its image's embedding non-finite, which
-        is checked here, on 6x fewer numbers than the stored rows."""
+        is checked here, on 6x fewer numbers than the stored rows. Re-rankers that use
+        positions get each slot's stored row and column beside its embedding."""
         start, stop = span
         if self.device.type == "cpu":
-            stored = read.stored[start:stop, :, NUM_META:]
-            descriptors = self._float32_buffer(stored.shape).copy_(stored)
+            stored = read.stored[start:stop]
+            descriptors = self._float32_buffer(stored[..., NUM_META:].shape).copy_(
+                stored[..., NUM_META:])
         else:  # the contiguous pinned rows travel as stored; sliced and converted on the GPU
             stored = read.stored[start:stop].to(self.device, non_blocking=True)
             descriptors = stored[..., NUM_META:].float()
@@ -213,7 +222,9 @@ class ImageEmbedder:
         bad = ~embedded.descriptors.sum(dim=(1, 2)).isfinite()
         if bad.any():
             self.store.raise_if_not_finite(bad.cpu().numpy(), read.rows[start:stop])
-        return Embedded(embedded.descriptors.to(self.dtype), embedded.gains)
+        positions = (stored[..., META_ROW : META_COL + 1].float()
+                     if self.reranker.uses_positions else None)
+        return Embedded(embedded.descriptors.to(self.dtype), embedded.gains, positions=positions)
 
     @staticmethod
     def _float32_buffer(shape: torch.Size) -> torch.Tensor:
@@ -224,6 +235,11 @@ class ImageEmbedder:
         if buffer is None or buffer.numel() < size:
             buffer = _BUFFERS.float32 = torch.empty(size)
         return buffer[:size].view(shape)
+
+
+def _indexed(values: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
+    """values[index], or None for a re-ranker that keeps none (positions)."""
+    return None if values is None else values[index]
 
 
 def _merged(rows: list[np.ndarray], parts: list[EmbeddedImages | None]) -> EmbeddedImages:

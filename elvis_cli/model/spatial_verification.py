@@ -1,0 +1,160 @@
+"""Spatial verification: the classic re-ranker, RANSAC on the matches between two images.
+
+Each pair's descriptors are matched by mutual nearest neighbours (cosine, padding never
+matches); RANSAC (OpenCV, chosen by measurement: BENCHMARKS.md) fits an affine map or a
+homography from the query's stored positions to the gallery image's, and the raw score is its
+inlier count. The shortlist is re-sorted by inliers, equal counts by global similarity (DELG's
+"inliers, then global").
+
+Positions are the stored metadata columns (features/layout.py): the patch centre's row and
+column as fractions of the image's height and width. The inlier threshold is given in cells of
+the feature grid, so one setting suits every backbone: a features file's cell, in those
+fractions, is the spacing of its stored positions (1/16 for EfficientNet-Lite0 at 512 px, about
+1/55 for DINOv2 at 768 px).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from elvis_cli.features.layout import META_COL, META_PADDING, META_ROW
+from elvis_cli.model.reranker import Embedded, Fusion, Reranker
+
+if TYPE_CHECKING:
+    from elvis_cli.features.store import DescriptorStore
+    from elvis_cli.model.checkpoints import Checkpoint
+
+# the fewest matches each model is fitted from
+MIN_SAMPLE = {"affine": 3, "homography": 4}
+# stored positions closer than this are one grid line (float16 keeps them to about 5e-4)
+_SAME_LINE = 2e-3
+_SPACING_IMAGES = 8  # images whose positions give a file's grid spacing
+DEFAULT_CELL = 1 / 16  # EfficientNet-Lite0's at 512 px, where no spacing can be seen
+
+
+@dataclass(frozen=True)
+class SpatialVerificationConfig:
+    """RANSAC's settings; the defaults were chosen on the demo (BENCHMARKS.md)."""
+
+    model: Literal["affine", "homography"] = "affine"
+    threshold_cells: float = 1.5  # inlier threshold, in cells of the feature grid
+    max_iterations: int = 1000
+    confidence: float = 0.999
+    min_inliers: int = 8  # fewer inliers than this count as none: the pair is not verified
+
+
+class SpatialVerification(Reranker):
+    name = "sv"
+    uses_positions = True
+    # its embedding is a normalisation, and the embedding cache keeps no positions
+    worth_caching = False
+
+    def __init__(self, config: SpatialVerificationConfig | None = None,
+                 cell: float = DEFAULT_CELL) -> None:
+        """`cell`: the grid spacing in stored position units (a fraction of the image side)."""
+        super().__init__(Fusion(lam=0.0, temperature=1.0))
+        self.config = config or SpatialVerificationConfig()
+        self.threshold = self.config.threshold_cells * cell
+
+    @classmethod
+    def load(cls, features: DescriptorStore,
+             checkpoint: str | Path | Checkpoint | None = None, lam: float | None = None,
+             temperature: float | None = None) -> SpatialVerification:
+        return cls(cell=grid_spacing(features))
+
+    def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
+        """L2-normalised (B, m, D) descriptors; nothing learned, so no gains (zeros)."""
+        normalised = F.normalize(descriptors.float(), dim=-1)
+        return Embedded(normalised, normalised.new_zeros(normalised.shape[:2]), mask)
+
+    def score(self, src: Embedded, tgt: Embedded) -> torch.Tensor:
+        """(B,) inlier counts, pair by pair on the CPU; a (1, m, D) query broadcasts."""
+        if src.positions is None or tgt.positions is None:
+            raise ValueError("spatial verification needs the positions of both images "
+                             "(Embedded.positions)")
+        similarities = torch.matmul(src.descriptors.float(),
+                                    tgt.descriptors.float().transpose(-1, -2)).cpu().numpy()
+        count = similarities.shape[0]
+        src_padding, tgt_padding = _padding(src, count), _padding(tgt, count)
+        src_positions = src.positions.float().cpu().numpy()
+        tgt_positions = tgt.positions.float().cpu().numpy()
+        inliers = [
+            self.inliers(*matched_positions(
+                similarities[pair], src_padding[pair], tgt_padding[pair],
+                src_positions[pair % len(src_positions)], tgt_positions[pair]))
+            for pair in range(count)
+        ]
+        return torch.tensor(inliers, dtype=torch.float32)
+
+    def inliers(self, src_points: np.ndarray, tgt_points: np.ndarray) -> int:
+        """RANSAC's inlier count of the (n, 2) matched positions; below min_inliers, 0."""
+        config = self.config
+        if len(src_points) < MIN_SAMPLE[config.model]:
+            return 0
+        if config.model == "homography":
+            _, inliers = cv2.findHomography(
+                src_points, tgt_points, cv2.RANSAC, self.threshold,
+                maxIters=config.max_iterations, confidence=config.confidence)
+        else:
+            _, inliers = cv2.estimateAffine2D(
+                src_points, tgt_points, method=cv2.RANSAC,
+                ransacReprojThreshold=self.threshold, maxIters=config.max_iterations,
+                confidence=config.confidence, refineIters=0)
+        found = 0 if inliers is None else int(inliers.sum())
+        return found if found >= config.min_inliers else 0
+
+    def fuse(self, global_score: torch.Tensor, raw_score: torch.Tensor) -> torch.Tensor:
+        """inliers + (1 + global) / 2: more inliers always rank higher, and the global
+        similarity, mapped into [0, 1], orders equal counts."""
+        return raw_score + (1 + global_score) / 2
+
+    def bytes_per_descriptor(self, descriptor_dim: int, dtype: torch.dtype) -> int:
+        """The normalised descriptor, a (zero) gain, a padding flag and a float32 position."""
+        return descriptor_dim * dtype.itemsize + 4 + 1 + 8
+
+
+def matched_positions(similarity: np.ndarray, src_padding: np.ndarray,
+                      tgt_padding: np.ndarray, src_positions: np.ndarray,
+                      tgt_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2) positions of the mutual nearest neighbours of an (m, m') similarity matrix,
+    query side then gallery side; padded slots (True) on either side never match."""
+    similarity = np.where(src_padding[:, None] | tgt_padding[None, :], -np.inf, similarity)
+    if not np.isfinite(similarity).any():
+        return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    best_target = similarity.argmax(axis=1)
+    best_source = similarity.argmax(axis=0)
+    sources = np.flatnonzero((best_source[best_target] == np.arange(len(similarity)))
+                             & ~src_padding)
+    targets = best_target[sources]
+    return (np.ascontiguousarray(src_positions[sources], dtype=np.float32),
+            np.ascontiguousarray(tgt_positions[targets], dtype=np.float32))
+
+
+def grid_spacing(features: DescriptorStore) -> float:
+    """The features' grid cell in stored position units: the finest spacing between one
+    image's stored rows or columns (that of its longer side), the median over the first
+    images of the file."""
+    spacings = []
+    for rows in features.read_local(np.arange(min(features.num_images, _SPACING_IMAGES))):
+        kept = rows[rows[:, META_PADDING] < 0.5]
+        gaps = np.concatenate([np.diff(np.unique(kept[:, column]))
+                               for column in (META_ROW, META_COL)])
+        gaps = gaps[gaps > _SAME_LINE]
+        if len(gaps):
+            spacings.append(gaps.min())
+    return float(np.median(spacings)) if spacings else DEFAULT_CELL  # none: no grid to see
+
+
+def _padding(embedded: Embedded, count: int) -> np.ndarray:
+    """(count, m) padding flags of a side, broadcast from a single query; none if no mask."""
+    slots = embedded.descriptors.shape[1]
+    if embedded.mask is None:
+        return np.zeros((count, slots), dtype=bool)
+    return np.broadcast_to(embedded.mask.cpu().numpy(), (count, slots))
