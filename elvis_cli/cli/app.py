@@ -341,7 +341,8 @@ def rerank(
     shortlist_size: Annotated[int | None, typer.Option(
         "--shortlist", min=1, help="Top entries re-ranked per query.")] = None,
     model: Annotated[str, typer.Option(
-        help="Re-ranker: elvis, ames, chamfer (training-free) or global (no re-ranking).")
+        help="Re-ranker: elvis, ames, chamfer (training-free), sv (spatial verification) or "
+             "global (no re-ranking).")
     ] = "elvis",
     preset: PresetOption = None,
     checkpoint: Annotated[str | None, typer.Option(
@@ -400,7 +401,8 @@ def search(
     shortlist_size: Annotated[int | None, typer.Option(
         "--shortlist", min=1, help="Global neighbours re-ranked per photo.")] = None,
     model: Annotated[str, typer.Option(
-        help="Re-ranker: elvis, ames, chamfer (training-free) or global (no re-ranking).")
+        help="Re-ranker: elvis, ames, chamfer (training-free), sv (spatial verification) or "
+             "global (no re-ranking).")
     ] = "elvis",
     checkpoint: Annotated[str | None, typer.Option(
         help="Checkpoint name or path; default: the one matching the gallery's backbone.")
@@ -454,7 +456,7 @@ def evaluate(
     all_datasets: Annotated[bool, typer.Option(
         "--all-datasets", help="Every ready dataset under the data root.")] = False,
     model: Annotated[list[str] | None, typer.Option(
-        help="Re-rankers side by side: global, elvis, ames, chamfer.")] = None,
+        help="Re-rankers side by side: global, elvis, ames, chamfer, sv.")] = None,
     preset: PresetOption = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone for extraction.")] = None,
     backbone_option: BackboneOptions = None,
