@@ -65,8 +65,9 @@ def random_checkpoint(path: Path, dim: int, backbone: dict) -> Path:
 
 
 def reference_pair_scores(model, queries: FeatureStore, gallery: FeatureStore, candidates,
-                          num_local) -> np.ndarray:
-    """The plain reference's raw score of every (query, candidate) pair; NaN where row < 0."""
+                          num_local, reference=reference_score) -> np.ndarray:
+    """The plain reference's raw score of every (query, candidate) pair; NaN where row < 0.
+    `reference(state, src, tgt, src_pad, tgt_pad)`: ELViS's, or another model's."""
     state = model.state_dict()
     expected = np.full(candidates.shape, np.nan)
     src_local, tgt_local = (min(num_local or store.num_local, store.num_local)
@@ -78,8 +79,8 @@ def reference_pair_scores(model, queries: FeatureStore, gallery: FeatureStore, c
             src, tgt = torch.from_numpy(src[0]), torch.from_numpy(tgt[0])
             src[src_pad[0]] = 0.0
             tgt[tgt_pad[0]] = 0.0
-            expected[q, position] = reference_score(state, src, tgt, torch.from_numpy(src_pad[0]),
-                                                    torch.from_numpy(tgt_pad[0]))
+            expected[q, position] = reference(state, src, tgt, torch.from_numpy(src_pad[0]),
+                                              torch.from_numpy(tgt_pad[0]))
     return expected
 
 

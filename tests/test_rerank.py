@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from elvis_cli.features.store import FeatureStore
+from elvis_cli.model.ames import Ames, AmesConfig
 from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis import uses_log_domain
 from elvis_cli.model.elvis_reranker import ElvisReranker
@@ -151,8 +152,10 @@ def test_every_registered_reranker_runs_through_the_engine(stores):
     checkpoint = Checkpoint(random_model(dim=STORE_DIM, seed=37), "random", None, Fusion())
     shortlist = Shortlist(np.array([[3, 1, 8], [0, 2, 4], [5, 6, 7], [7, 6, 5]]),
                           np.tile(np.array([0.9, 0.5, 0.1], dtype=np.float32), (4, 1)))
+    ames = Checkpoint(Ames(AmesConfig(descriptor_dim=STORE_DIM, layers=1)).eval(), "random",
+                      None, Fusion())
     for name in RERANKERS:
-        reranker = load_reranker(name, gallery, checkpoint, lam=0.3)
+        reranker = load_reranker(name, gallery, ames if name == "ames" else checkpoint, lam=0.3)
         result = rerank(reranker, queries, gallery, shortlist,
                         RerankConfig(shortlist=2, device="cpu"))
         assert np.isnan(result.scores).all() == (not reranker.scores_pairs), name

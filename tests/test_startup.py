@@ -85,4 +85,5 @@ def test_each_reranker_name_is_its_class_name():
     """The registry names re-rankers without importing their classes (torch modules), so that
     `--model` is checked early; each name must still load the class that bears it."""
     assert "elvs" not in RERANKERS
-    assert [RERANKERS[name].name for name in RERANKERS] == ["global", "elvis", "chamfer", "sv"]
+    assert [RERANKERS[name].name for name in RERANKERS] == ["global", "elvis", "ames", "chamfer",
+                                                             "sv"]

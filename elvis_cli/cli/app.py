@@ -97,7 +97,8 @@ LIBRARY_DEFAULTS = {
        for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
                       "gss_epochs", "gss_lr", "gss_seed")},
     **{("train", option): ("TrainConfig", field) for option, field in (
-        ("backbone", "backbone"), ("rounds", "rounds"), ("steps", "steps_per_round"),
+        ("model", "model"), ("backbone", "backbone"), ("rounds", "rounds"),
+        ("steps", "steps_per_round"),
         ("views", "views_per_image"), ("batch_pairs", "batch_pairs"), ("lr", "lr"),
         ("seed", "seed"), ("device", "device"))},
 }
@@ -444,7 +445,7 @@ def rerank(
                            post_config=post_config)
     _print_post(run.post)
     _print_top(run.table, show)
-    console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
+    console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
                   f"{len(run.table)} rows -> {run.output}")
 
@@ -496,7 +497,7 @@ def search(
                             allow_external_sources=allow_external_sources,
                             query_image_size=query_image_size, progress=bars)
     _print_search(run, top)
-    console.print(f"{'checkpoint' if model == 'elvis' else 'model'} {run.label} "
+    console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature})"
                   + (f"; results -> {run.output}" if run.output else ""))
     for photo, reason in run.skipped:
@@ -660,6 +661,7 @@ def train(
     labels: Annotated[Path | None, typer.Option(
         help="CSV of path,instance_id for supervised training.")] = None,
     preset: PresetOption = None,
+    model: Annotated[str | None, typer.Option(help="Model to train: elvis or ames.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Longer image side in pixels.")] = None,
     keep_local: KeepLocalOption = None,
@@ -673,7 +675,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: DeviceOption = None,
 ) -> None:
-    """Train ELViS with binary cross-entropy, self-supervised from photos or from labels.
+    """Train ELViS (or AMES: --model ames) with binary cross-entropy, self-supervised from
+    photos or from labels.
 
     Example: `elvis train photos/train --val photos/val -o my_elvis.pt`
     """
@@ -681,9 +684,9 @@ def train(
     from elvis_cli import train as run_train
 
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
-    config = _config("TrainConfig", backbone=name, backbone_options=options, rounds=rounds,
-                     steps_per_round=steps, views_per_image=views, batch_pairs=batch_pairs,
-                     lr=lr, seed=seed, device=device)
+    config = _config("TrainConfig", model=model, backbone=name, backbone_options=options,
+                     rounds=rounds, steps_per_round=steps, views_per_image=views,
+                     batch_pairs=batch_pairs, lr=lr, seed=seed, device=device)
 
     def show_round(event: RoundFinished) -> None:
         bars.print(_round_line(event.entry))

@@ -1,5 +1,6 @@
-"""ELViS checkpoints: official ones by name (downloaded once into the cache), the bundled one
-of the offline backbone, or any file in the official format (ELVIS_SPEC §2).
+"""ELViS and AMES checkpoints: official ones by name (downloaded once into the cache), the
+bundled one of the offline backbone, or any file in the official format (ELVIS_SPEC §2). Which
+model a file holds is read from its state dict (AMES has a match token, `mtc_token`).
 
 Checkpoints are loaded weights-only: a file from the internet can hold tensors and plain
 containers, never code.
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from elvis_cli.model.ames import Ames, AmesConfig
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.util.atomic import atomic_path
@@ -20,15 +22,35 @@ from elvis_cli.util.download import cache_dir, download_to_cache
 from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name
 from elvis_cli.util.file_kind import FileKind, describe_file, file_kind
 
-OFFICIAL_CHECKPOINT_URL = "http://ptak.felk.cvut.cz/personal/sumapave/public/elvis/networks/{name}.pt"
+# the authors' server: elvis/networks/ for ELViS, ames/networks/ for AMES
+OFFICIAL_CHECKPOINT_URL = ("http://ptak.felk.cvut.cz/personal/sumapave/public/{architecture}/"
+                           "networks/{name}.pt")
 
-# official name -> backbone whose features it was trained on
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    backbone: str  # the backbone whose features it was trained on
+    architecture: str = "elvis"  # the re-ranker (registry name) whose weights it holds
+    lam: float = 0.5  # the authors' fusion for it: the ELViS paper's 0.5/0.5, AMES's README's
+    temperature: float = 0.5  # values tuned on GLDv2's public test split
+
+
+# official name -> what it is; the "dist" AMES take binarised input (ITQ, 128 bits) and hold
+# their own fine-tuned ITQ projection (remap_local.0.W), so itq_<backbone>_D128.pt, the
+# projection they started from, is not needed to use them
 OFFICIAL_CHECKPOINTS = {
-    "dinov2_elvis_gld": "dinov2",
-    "dinov3_elvis_gld": "dinov3",
-    "siglip2_elvis_gld": "siglip2",
-    "dinov2_elvis_sop": "dinov2",
+    "dinov2_elvis_gld": OfficialCheckpoint("dinov2"),
+    "dinov3_elvis_gld": OfficialCheckpoint("dinov3"),
+    "siglip2_elvis_gld": OfficialCheckpoint("siglip2"),
+    "dinov2_elvis_sop": OfficialCheckpoint("dinov2"),
+    "dinov2_ames": OfficialCheckpoint("dinov2", "ames", 0.55, 0.30),
+    "dinov2_ames_dist": OfficialCheckpoint("dinov2", "ames", 0.35, 0.10),
+    "cvnet_ames": OfficialCheckpoint("cvnet", "ames", 0.85, 0.80),
+    "cvnet_ames_dist": OfficialCheckpoint("cvnet", "ames", 0.65, 0.20),
 }
+
+# architecture (registry name) -> how messages name it
+MODEL_NAMES = {"elvis": "ELViS", "ames": "AMES"}
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
@@ -41,7 +63,7 @@ _DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer")
 
 @dataclass
 class Checkpoint:
-    model: Elvis
+    model: Elvis | Ames
     name: str
     backbone: dict[str, Any] | None  # settings of the backbone it was trained on, when known
     fusion: Fusion = field(default_factory=Fusion)
@@ -51,13 +73,20 @@ class Checkpoint:
     def descriptor_dim(self) -> int:
         return self.model.config.descriptor_dim
 
+    @property
+    def architecture(self) -> str:
+        """The re-ranker (registry name) whose weights it holds."""
+        return "ames" if isinstance(self.model, Ames) else "elvis"
+
 
 def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
     """A checkpoint by official name, bundled backbone name, or path."""
     text = str(name_or_path)
-    if text in OFFICIAL_CHECKPOINTS:
-        path = _download_official(text)
-        return _from_file(path, text, {"name": OFFICIAL_CHECKPOINTS[text]})
+    official = OFFICIAL_CHECKPOINTS.get(text)
+    if official is not None:
+        path = _download_official(text, official.architecture)
+        return _from_file(path, text, {"name": official.backbone},
+                          Fusion(official.lam, official.temperature))
     if text in BUNDLED_CHECKPOINTS:
         return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
     path = Path(text).expanduser()
@@ -66,26 +95,32 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
     return _from_file(path, path.stem, None)
 
 
-def default_checkpoint_for(backbone: dict[str, Any] | None) -> str:
-    """The checkpoint that matches a features file's backbone."""
+def default_checkpoint_for(backbone: dict[str, Any] | None, architecture: str = "elvis") -> str:
+    """The `architecture` checkpoint that matches a features file's backbone (the first
+    official one listed for it: float input, not "dist")."""
     name = (backbone or {}).get("name")
-    if name in BUNDLED_CHECKPOINTS:
+    if name in BUNDLED_CHECKPOINTS and architecture == "elvis":
         return name
-    for checkpoint, trained_on in OFFICIAL_CHECKPOINTS.items():
-        if trained_on == name:
+    for checkpoint, official in OFFICIAL_CHECKPOINTS.items():
+        if official.backbone == name and official.architecture == architecture:
             return checkpoint
-    raise InputError(
-        f"no default checkpoint for features of backbone {name!r}: pass --checkpoint NAME|PATH"
-    )
+    model = "" if architecture == "elvis" else f"{MODEL_NAMES[architecture]} "
+    raise InputError(f"no default {model}checkpoint for features of backbone {name!r}: pass "
+                     "--checkpoint NAME|PATH")
 
 
 def checkpoint_for_features(checkpoint: "str | Path | Checkpoint | None",
                             backbone: dict[str, Any] | None, dim: int,
-                            binarised: bool = False) -> Checkpoint:
-    """A checkpoint (loaded, or by name or path; None: the one matching the features'
-    backbone), checked against the features."""
+                            binarised: bool = False, architecture: str = "elvis") -> Checkpoint:
+    """An `architecture` checkpoint (loaded, or by name or path; None: the one matching the
+    features' backbone), checked against the features."""
     if not isinstance(checkpoint, Checkpoint):
-        checkpoint = load_checkpoint(checkpoint or default_checkpoint_for(backbone))
+        checkpoint = load_checkpoint(checkpoint or default_checkpoint_for(backbone, architecture))
+    if checkpoint.architecture != architecture:
+        raise ModelMismatchError(
+            f"checkpoint {checkpoint.name!r} holds {MODEL_NAMES[checkpoint.architecture]} "
+            f"weights, not {MODEL_NAMES[architecture]}'s: use --model {checkpoint.architecture} "
+            "or another --checkpoint")
     check_compatible(checkpoint, backbone, dim, binarised)
     return checkpoint
 
@@ -134,7 +169,7 @@ def describe_backbone(settings: dict[str, Any] | None) -> str:
 
 def save_checkpoint(
     path: Path,
-    model: Elvis,
+    model: Elvis | Ames,
     backbone: dict[str, Any] | None,
     fusion: Fusion,
     info: dict[str, Any] | None = None,
@@ -145,7 +180,8 @@ def save_checkpoint(
         "elvis_cli": {
             "backbone": backbone,
             "fusion": asdict(fusion),
-            "sinkhorn_iterations": model.config.sinkhorn_iterations,
+            **({"sinkhorn_iterations": model.config.sinkhorn_iterations}
+               if isinstance(model, Elvis) else {}),
             "info": info or {},
         },
     }
@@ -157,8 +193,8 @@ def _descriptor_space(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: settings[key] for key in _DESCRIPTOR_SPACE_KEYS if key in settings}
 
 
-def _download_official(name: str) -> Path:
-    return download_to_cache(OFFICIAL_CHECKPOINT_URL.format(name=name),
+def _download_official(name: str, architecture: str) -> Path:
+    return download_to_cache(OFFICIAL_CHECKPOINT_URL.format(architecture=architecture, name=name),
                              cache_dir() / "checkpoints" / f"{name}.pt", f"checkpoint {name!r}",
                              "pass --checkpoint PATH")
 
@@ -184,7 +220,10 @@ def _reason(error: BaseException) -> str:
     return lines[0][:120] if lines else type(error).__name__
 
 
-def _from_file(path: Path, name: str, backbone: dict[str, Any] | None) -> Checkpoint:
+def _from_file(path: Path, name: str, backbone: dict[str, Any] | None,
+               fusion: Fusion | None = None) -> Checkpoint:
+    """The checkpoint in `path`; `fusion`: the fusion of a file that stores none (default:
+    the ELViS paper's)."""
     # torch's unpickler, given an image or a text file, fails with "pop from empty list"
     kind = file_kind(path)
     if kind is FileKind.ZIP_DAMAGED:  # torch files are zip archives: a download cut short?
@@ -210,29 +249,37 @@ def _from_file(path: Path, name: str, backbone: dict[str, Any] | None) -> Checkp
     model = _model_for_state(state, path)
     extra = payload.get("elvis_cli") or {}
     try:
-        fusion = Fusion(**extra["fusion"]) if "fusion" in extra else Fusion()
+        fusion = Fusion(**extra["fusion"]) if "fusion" in extra else fusion or Fusion()
     except (InputError, TypeError) as error:
         raise InputError(f"checkpoint {path} stores an unusable fusion: {error}") from None
     return Checkpoint(model.eval(), name, extra.get("backbone", backbone), fusion,
                       extra.get("info", {}))
 
 
-def _config_for_state(state: dict[str, Any], path: Path) -> ElvisConfig:
-    """Plain (remap_local.0 is the Linear) or binarised (remap_local.0.W is the ITQ
-    projection (D, 128), the authors' Matcher(binarized=True)), read from the state dict."""
+def _config_for_state(state: dict[str, Any], path: Path) -> ElvisConfig | AmesConfig:
+    """The model's sizes, read from the state dict: a match token makes it AMES, whose layers
+    and feed-forward width are counted; the projection is plain (remap_local.0 is the Linear)
+    or binarised (remap_local.0.W is the ITQ projection (D, 128), the authors'
+    Matcher(binarized=True)) for both."""
     itq = state.get("remap_local.0.W")
     key = "remap_local.0.W" if itq is not None else "remap_local.0.weight"
     weight = state.get(key)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise InputError(f"checkpoint {path} has no 2-d '{key}'")
-    if itq is not None:
-        return ElvisConfig(descriptor_dim=weight.shape[0], model_dim=weight.shape[1],
-                           binarised=True)
-    return ElvisConfig(descriptor_dim=weight.shape[1], model_dim=weight.shape[0])
+    dims, model_dim = weight.shape if itq is not None else weight.shape[::-1]
+    sizes = {"descriptor_dim": dims, "model_dim": model_dim, "binarised": itq is not None}
+    if "mtc_token" not in state:
+        return ElvisConfig(**sizes)
+    feedforward = state.get("decoder.layers.0.linear1.weight")
+    if not isinstance(feedforward, torch.Tensor) or feedforward.ndim != 2:
+        raise InputError(f"checkpoint {path} has no 2-d 'decoder.layers.0.linear1.weight'")
+    layers = {key.split(".")[2] for key in state if key.startswith("decoder.layers.")}
+    return AmesConfig(**sizes, layers=len(layers), feedforward_dim=feedforward.shape[0])
 
 
-def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
-    model = Elvis(_config_for_state(state, path))
+def _model_for_state(state: dict[str, Any], path: Path) -> Elvis | Ames:
+    config = _config_for_state(state, path)
+    model = Ames(config) if isinstance(config, AmesConfig) else Elvis(config)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -240,7 +287,8 @@ def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
         parts = [f"missing {', '.join(missing[:4])}" if missing else "",
                  f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""]
         details = "; ".join(part for part in parts if part)
-        raise InputError(f"checkpoint {path} does not fit ELViS: {details}")
+        what = MODEL_NAMES["ames" if isinstance(model, Ames) else "elvis"]
+        raise InputError(f"checkpoint {path} does not fit {what}: {details}")
     wrong = [key for key, value in expected.items() if state[key].shape != value.shape]
     if wrong:
         raise InputError(
@@ -248,6 +296,6 @@ def _model_for_state(state: dict[str, Any], path: Path) -> Elvis:
             f"{tuple(state[wrong[0]].shape)} instead of {tuple(expected[wrong[0]].shape)}"
         )
     model.load_state_dict({key: value.float() for key, value in state.items()})
-    if not math.isfinite(model.dust_bin.item()):
+    if isinstance(model, Elvis) and not math.isfinite(model.dust_bin.item()):
         raise InputError(f"checkpoint {path} has a non-finite dust_bin")
     return model

@@ -103,14 +103,20 @@ class ItqBinarisation(nn.Module):
         return torch.sign(F.normalize(descriptors, dim=-1) @ self.W.to(descriptors.dtype))
 
 
+def local_projection(descriptor_dim: int, model_dim: int, binarised: bool) -> nn.Sequential:
+    """The authors' Matcher.remap_local, shared by ELViS and AMES: Linear and LayerNorm, or
+    (binarised) ITQ sign bits, Linear(model_dim, model_dim) and LayerNorm."""
+    projection = ([ItqBinarisation(descriptor_dim, model_dim), nn.Linear(model_dim, model_dim)]
+                  if binarised else [nn.Linear(descriptor_dim, model_dim)])
+    return nn.Sequential(*projection, nn.LayerNorm(model_dim, eps=1e-5))
+
+
 class Elvis(nn.Module):
     def __init__(self, config: ElvisConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or ElvisConfig()
         dim = config.model_dim
-        projection = ([ItqBinarisation(config.descriptor_dim, dim), nn.Linear(dim, dim)]
-                      if config.binarised else [nn.Linear(config.descriptor_dim, dim)])
-        self.remap_local = nn.Sequential(*projection, nn.LayerNorm(dim, eps=1e-5))
+        self.remap_local = local_projection(config.descriptor_dim, dim, config.binarised)
         self.dust_bin_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
         self.f = nn.Sequential(

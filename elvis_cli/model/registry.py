@@ -45,6 +45,7 @@ class _ClassesByName(Mapping[str, "type[Reranker]"]):
 RERANKERS: Mapping[str, type[Reranker]] = _ClassesByName({
     "global": "elvis_cli.model.global_ranking:GlobalRanking",
     "elvis": "elvis_cli.model.elvis_reranker:ElvisReranker",
+    "ames": "elvis_cli.model.elvis_reranker:AmesReranker",
     "chamfer": "elvis_cli.model.chamfer:Chamfer",
     "sv": "elvis_cli.model.spatial_verification:SpatialVerification",
 })

@@ -14,8 +14,13 @@ from elvis_cli.util.errors import InputError
 TRAIN_VIEWS, VAL_VIEWS, TRAIN_PAIRS, VAL_PAIRS, SPLIT = range(5)
 
 
+# the re-rankers `train` can fit (registry names)
+TRAINABLE_MODELS = ("elvis", "ames")
+
+
 @dataclass
 class TrainConfig:
+    model: str = "elvis"  # which of TRAINABLE_MODELS to train
     backbone: str = DEFAULT_BACKBONE
     backbone_options: dict[str, Any] = field(default_factory=dict)
     views_per_image: int = 6  # per photo and round; the first is the photo itself
@@ -42,6 +47,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_backbone_name(self.backbone)
+        if self.model not in TRAINABLE_MODELS:
+            raise InputError(f"train fits {' or '.join(TRAINABLE_MODELS)}, not {self.model!r}")
         positive = ("views_per_image", "rounds", "steps_per_round", "hard_negative_pool",
                     "val_pairs", "rerank_top", "extract_batch")
         for name in positive:

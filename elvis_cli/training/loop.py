@@ -1,4 +1,4 @@
-"""`elvis train`: fit ELViS on the local descriptors of a frozen backbone, on a CPU.
+"""`elvis train`: fit ELViS (or AMES) on the local descriptors of a frozen backbone, on a CPU.
 
 The backbone never changes, so each round renders a pool of views once, extracts their features
 once (batched, no autograd) and keeps them in memory; every step of the round then samples pairs
@@ -63,7 +63,8 @@ def train(
     labels: Path | None = None,
     progress: Callable[[TrainEvent], None] | None = None,
 ) -> TrainReport:
-    """Train ELViS on a backbone's features and save the best round as a checkpoint.
+    """Train ELViS (`config.model`: or AMES) on a backbone's features and save the best round
+    as a checkpoint.
 
     `train_source`: photos (folder, .txt list or glob); with `labels` (a `path,instance_id`
     CSV) the listed photos get instance ids, and `train_source` may be None to train on exactly

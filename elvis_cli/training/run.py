@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from elvis_cli.backbones import create_backbone
+from elvis_cli.model.ames import Ames, AmesConfig
 from elvis_cli.model.elvis import Elvis, ElvisConfig, uses_log_domain
 from elvis_cli.training.augment import render_views
 from elvis_cli.training.config import TRAIN_PAIRS, TrainConfig
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def _train_step(
-    model: Elvis, optimizer: torch.optim.Optimizer, pool: ViewPool,
+    model: Elvis | Ames, optimizer: torch.optim.Optimizer, pool: ViewPool,
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device, grad_clip: float,
 ) -> float | None:
     """One AdamW step on BCE(g(raw), label); None when the gradient was not finite (skipped)."""
@@ -67,8 +68,11 @@ class TrainingRun:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = Elvis(ElvisConfig(descriptor_dim=self.backbone.local_dim))
-        init_vote_counting(self.model)
+            dim = self.backbone.local_dim
+            self.model = (Elvis(ElvisConfig(descriptor_dim=dim)) if config.model == "elvis"
+                          else Ames(AmesConfig(descriptor_dim=dim)))
+        if isinstance(self.model, Elvis):
+            init_vote_counting(self.model)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
@@ -96,7 +100,7 @@ class TrainingRun:
         config = self.config
         sampler = PairSampler(pool, config.hard_negative_pool)
         rng = np.random.default_rng([config.seed, TRAIN_PAIRS, round_index])
-        if round_index == 0:
+        if round_index == 0 and isinstance(self.model, Elvis):
             half = config.val_pairs // 2
             src, tgt, _ = sampler.sample(rng, half, half, config.hard_negative_fraction)
             calibrate_logit(self.model, torch.from_numpy(
@@ -110,7 +114,8 @@ class TrainingRun:
             pairs = sampler.sample(rng, positives, config.batch_pairs - positives,
                                    config.hard_negative_fraction)
             model = self.model
-            log_domain_steps += uses_log_domain(model.dust_bin, model.config.regularisation)
+            log_domain_steps += isinstance(model, Elvis) and uses_log_domain(
+                model.dust_bin, model.config.regularisation)
             loss = _train_step(self.model, self.optimizer, pool, pairs, self.device,
                                config.grad_clip)
             self.schedule.step()
