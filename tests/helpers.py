@@ -1,6 +1,6 @@
 """Functions shared by several test files. Test files import only from here, `conftest`
-(constants and fixtures), `reference_elvis` (the plain reference of the spec) and
-`kill_runner` (a subprocess entry point); never from one another."""
+(constants and fixtures), `reference_elvis` and `reference_ames` (the plain references of
+the two models) and `kill_runner` (a subprocess entry point); never from one another."""
 
 import contextlib
 import io

@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 # what test files may import from tests/: shared functions, constants and fixtures, the plain
 # reference of the spec, and the entry point of killed subprocesses; never another test file
-SHARED = {"tests.helpers", "tests.conftest", "tests.reference_elvis", "tests.kill_runner"}
+SHARED = {"tests.helpers", "tests.conftest", "tests.reference_elvis", "tests.reference_ames",
+          "tests.kill_runner"}
 
 
 def imported_modules(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
