@@ -215,7 +215,7 @@ def test_post_refuses_given_candidates_and_unknown_names(extracted):
                     cwd=extracted.cwd)
     one_line_error(result, "--post aqe searches again", "leave out --candidates")
     result = cli_in("shortlist", "--features", "f.h5", "--post", "dqe", cwd=extracted.cwd)
-    one_line_error(result, "unknown post-processing 'dqe'; use none, aqe, gss, rerank-aqe")
+    one_line_error(result, "unknown post-processing 'dqe'; use none, aqe, gss, gss-v, rerank-aqe")
     result = cli_in("rerank", "--features", "f.h5", "--post", "rerank-aqe", cwd=extracted.cwd)
     one_line_error(result, "--post rerank-aqe is offered by `elvis evaluate` only")
     result = cli_in("shortlist", "--features", "f.h5", "--post", "aqe", "--aqe-n", "0",
@@ -296,3 +296,103 @@ def test_runtime_curve_starts_each_post_processed_model_at_its_global_ranking(be
                                     "chamfer+rerank-aqe"}
     # the plot reads the headline rows again: naming them twice must not change them
     pd.testing.assert_frame_equal(runtime_curve(headline_rows(table)), curve)
+
+
+def chamfer_fused(store, query: int, row: int) -> float:
+    """Chamfer's fused score by hand: sigmoid of the mean best cosine (its lam 0, temp 1)."""
+    descriptors, padding = store.local_descriptors([query, row])
+    q, g = (d[~p] / np.linalg.norm(d[~p], axis=1, keepdims=True)
+            for d, p in zip(descriptors, padding, strict=True))
+    return 1 / (1 + math.exp(-float((q @ g.T).max(axis=1).mean())))
+
+
+def test_gss_v_drops_exactly_the_edges_the_verifier_scores_below_the_threshold(extracted):
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.retrieval.gss_verification import reranker_edge_filter
+
+    with FeatureStore.open(extracted.features) as store:
+        descriptors = store.global_descriptors()
+        similarity = descriptors @ descriptors.T
+        top = np.argsort(-similarity, axis=1, kind="stable")[:, :3]
+        edges = [(i, int(j)) for i in range(len(top)) for j in top[i]]
+        scores = {edge: chamfer_fused(store, *edge) for edge in edges}
+        # halfway between two middle scores: some edges stay, some go, none sits on the line
+        ordered = sorted(scores.values())
+        threshold = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+        edge_filter = reranker_edge_filter(store, store, PostConfig(
+            gss_verifier="chamfer", gss_verify_threshold=threshold))
+        for of_queries in (False, True):
+            kept = edge_filter(top, np.take_along_axis(similarity, top, axis=1), of_queries)
+            expected = [[scores[(i, int(j))] >= threshold and (of_queries or i != j)
+                         for j in top[i]] for i in range(len(top))]
+            assert kept.tolist() == expected
+        assert 0 < np.sum(expected) < len(edges) - len(top)
+        graph = knn_adjacency(similarity, 3, symmetric=True,
+                              verify=lambda t, v: edge_filter(t, v, False))
+    by_hand = np.zeros_like(graph)
+    for i, j in edges:
+        if i != j and scores[(i, j)] >= threshold:
+            by_hand[i, j] = by_hand[j, i] = similarity[i, j]
+    np.testing.assert_array_equal(graph, by_hand)
+
+
+def test_gss_v_keeping_every_edge_is_gss_bit_for_bit(extracted):
+    from elvis_cli.features.store import FeatureStore
+    from elvis_cli.retrieval.gss_verification import reranker_edge_filter
+
+    config = PostConfig(gss_k=3, gss_query_k=2, gss_epochs=3, gss_lr=1e-2, gss_init_std=0.1,
+                        gss_verifier="chamfer", gss_verify_threshold=0.0)
+    with FeatureStore.open(extracted.features) as store:
+        descriptors = store.global_descriptors()
+        verified = guided_similarity_separation(descriptors, descriptors, config, None,
+                                                reranker_edge_filter(store, store, config))
+    plain = guided_similarity_separation(descriptors, descriptors, config)
+    np.testing.assert_array_equal(verified.queries, plain.queries)
+    np.testing.assert_array_equal(verified.gallery, plain.gallery)
+    assert verified.losses == plain.losses
+    options = {"k": 3, "post_config": config}
+    gss_v = shortlist_files(extracted.features, post="gss-v", **options)
+    gss = shortlist_files(extracted.features, post="gss", **options)
+    np.testing.assert_array_equal(gss_v.indices, gss.indices)
+    np.testing.assert_array_equal(gss_v.similarities, gss.similarities)
+    # no edge verified: a different graph, so different descriptors
+    strict = shortlist_files(extracted.features, post="gss-v", k=3, post_config=PostConfig(
+        gss_k=3, gss_epochs=3, gss_verifier="chamfer", gss_verify_threshold=2.0))
+    assert not np.array_equal(strict.similarities, gss.similarities)
+
+
+def test_elvis_shortlist_post_gss_v_is_shortlist_files(extracted):
+    result = cli_in("shortlist", "--features", "f.h5", "-k", "3", "-o", "v.npz", "--post",
+                    "gss-v", "--gss-epochs", "3", "--gss-k", "3", "--gss-verifier", "chamfer",
+                    "--gss-verify-threshold", "0.68", cwd=extracted.cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("post gss-v: ")
+    library = shortlist_files(extracted.features, k=3, post="gss-v", post_config=PostConfig(
+        gss_epochs=3, gss_k=3, gss_verifier="chamfer", gss_verify_threshold=0.68))
+    np.testing.assert_array_equal(load_shortlist(extracted.cwd / "v.npz").indices,
+                                  library.indices)
+    np.testing.assert_array_equal(load_shortlist(extracted.cwd / "v.npz").similarities,
+                                  library.similarities)
+
+
+def test_gss_v_refuses_a_verifier_that_scores_no_pairs(extracted):
+    result = cli_in("shortlist", "--features", "f.h5", "--post", "gss-v", "--gss-verifier",
+                    "chamfr", cwd=extracted.cwd)
+    one_line_error(result, "unknown gss verifier 'chamfr' (did you mean 'chamfer'?)")
+    result = cli_in("shortlist", "--features", "f.h5", "--post", "gss-v", "--gss-verifier",
+                    "global", cwd=extracted.cwd)
+    one_line_error(result, "--gss-verifier global scores no pairs; name a local re-ranker")
+
+
+def test_elvis_evaluate_post_gss_v_gives_its_rows(benchmark):
+    result = cli_in("evaluate", "--data-root", "data", "--dataset", "mini", *SMALL,
+                    "--model", "global,chamfer", "--shortlist", "0,2", "--post", "gss,gss-v",
+                    "--gss-epochs", "3", "--gss-k", "2", "--gss-verifier", "chamfer",
+                    "--device", "cpu", "--quiet", "--out-dir", "gssv", cwd=benchmark.cwd)
+    assert result.returncode == 0, result.stderr
+    written = pd.read_csv(benchmark.cwd / "gssv" / "results.csv")
+    assert written[["model", "shortlist", "post"]].values.tolist() == [
+        ["global", 0, "gss"], ["chamfer", 2, "gss"], ["global", 0, "gss-v"],
+        ["chamfer", 2, "gss-v"]]
+    for label in ("global+gss-v", "chamfer@2+gss-v"):
+        assert label in result.stdout

@@ -95,7 +95,8 @@ LIBRARY_DEFAULTS = {
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
     **{(command, option): ("PostConfig", option) for command in ("shortlist", "rerank", "evaluate")
        for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
-                      "gss_epochs", "gss_lr", "gss_seed")},
+                      "gss_epochs", "gss_lr", "gss_seed", "gss_verifier",
+                      "gss_verify_threshold")},
     **{("train", option): ("TrainConfig", field) for option, field in (
         ("model", "model"), ("backbone", "backbone"), ("rounds", "rounds"),
         ("steps", "steps_per_round"),
@@ -165,8 +166,9 @@ QueryImageSizeOption = Annotated[int | None, typer.Option(
                 "kept: low-resolution queries, cheaper to extract and re-rank; default: as "
                 "the gallery.")]
 PostOption = Annotated[str, typer.Option(
-    help="Global post-processing before re-ranking: none, aqe (alpha query expansion) or gss "
-         "(guided similarity separation, a GCN trained on the gallery).")]
+    help="Global post-processing before re-ranking: none, aqe (alpha query expansion), gss "
+         "(guided similarity separation, a GCN trained on the gallery) or gss-v (gss on "
+         "the k-NN edges a local re-ranker verifies).")]
 AqeNOption = Annotated[int | None, typer.Option(min=1, help="aqe: neighbours added per query.")]
 AqeAlphaOption = Annotated[float | None, typer.Option(
     min=0, help="aqe: neighbour weight = similarity^alpha.")]
@@ -179,10 +181,17 @@ GssBetaPercentileOption = Annotated[float | None, typer.Option(
 GssEpochsOption = Annotated[int | None, typer.Option(help="gss: training epochs.")]
 GssLrOption = Annotated[float | None, typer.Option(help="gss: Adam learning rate.")]
 GssSeedOption = Annotated[int | None, typer.Option(help="gss: seed of the initial weights.")]
+GssVerifierOption = Annotated[str | None, typer.Option(
+    help="gss-v: the re-ranker that verifies each k-NN edge (elvis, ames, chamfer, sv).")]
+GssVerifyThresholdOption = Annotated[float | None, typer.Option(
+    help="gss-v: an edge stays where the verifier's fused score reaches this (sv: n + 0.5 "
+         "keeps n inliers or more).")]
 POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
                 "gss_query_k": GssQueryKOption, "gss_beta": GssBetaOption,
                 "gss_beta_percentile": GssBetaPercentileOption, "gss_epochs": GssEpochsOption,
-                "gss_lr": GssLrOption, "gss_seed": GssSeedOption}
+                "gss_lr": GssLrOption, "gss_seed": GssSeedOption,
+                "gss_verifier": GssVerifierOption,
+                "gss_verify_threshold": GssVerifyThresholdOption}
 
 
 def _with_post_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -559,7 +568,7 @@ def evaluate(
         help="No progress display (bars on a terminal, else lines on stderr every "
              "$ELVIS_PROGRESS_INTERVAL seconds, default 10).")] = False,
     post: Annotated[list[str] | None, typer.Option(
-        help="Global post-processings side by side: none, aqe, gss (each re-ranked by every "
+        help="Global post-processings side by side: none, aqe, gss, gss-v (each re-ranked by every "
              "model), rerank-aqe (aqe with the re-ranked top n, after re-ranking); e.g. "
              "`--post none,aqe`, shown as elvis@100+aqe.")] = None,
     post_config: Any = None,

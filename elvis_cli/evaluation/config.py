@@ -37,10 +37,10 @@ class EvaluateConfig:
     # queries extracted at this longer side (px), the gallery at the backbone's own: asymmetric
     # low-resolution queries (RAML), cheaper at search time; None: as the gallery
     query_image_size: int | None = None
-    # global post-processings side by side (none, aqe, gss, rerank-aqe), each a row dimension:
-    # none, aqe and gss make the global ranking every model re-ranks; rerank-aqe expands each
-    # re-ranked list (of the plain ranking) with αQE and searches again; parameters in
-    # post_config
+    # global post-processings side by side (none, aqe, gss, gss-v, rerank-aqe), each a row
+    # dimension: none, aqe, gss and gss-v make the global ranking every model re-ranks;
+    # rerank-aqe expands each re-ranked list (of the plain ranking) with αQE and searches
+    # again; parameters in post_config
     post: Sequence[str] = ("none",)
     post_config: PostConfig = field(default_factory=PostConfig)
 
@@ -61,7 +61,7 @@ class EvaluateConfig:
         for name in self.models:
             check_reranker_name(name)
         if not self.post:
-            raise InputError("no post-processing given; use none, aqe or gss")
+            raise InputError("no post-processing given; use none, aqe, gss or gss-v")
         self.post = list(dict.fromkeys(self.post))
         check_post_methods(self.post)
 

@@ -154,13 +154,20 @@ def evaluate_dataset(
                 ranking, report = post_processed_shortlist(
                     features.queries.global_descriptors(), features.gallery.global_descriptors(),
                     features.gallery.num_images, features.queries is features.gallery, post,
-                    config.post_config, with_detail(progress, dataset.name))
+                    config.post_config, with_detail(progress, dataset.name),
+                    (features.queries, features.gallery), _scoring(config))
                 post_seconds = report.seconds / max(len(dataset.queries), 1)
             rows += _ranking_rows(dataset, features, ranking, config, per_query, stage,
                                   common, post if post in config.post else None,
                                   after and post == "none", post_seconds, checkpoint, progress,
                                   grid if post == "none" else None)
     return DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
+
+
+def _scoring(config: EvaluateConfig) -> RerankConfig:
+    """Where and how a run's pairs are scored: by its re-rankers, and by gss-v's verifier."""
+    return RerankConfig(num_local=config.num_local, batch_size=config.batch_size,
+                        device=config.device, embedding_cache=config.embedding_cache)
 
 
 def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking: Shortlist,
@@ -199,9 +206,7 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
         reranker = load_reranker(model_name, features.gallery, checkpoint or config.checkpoint,
                                  config.lam, config.temperature)
         fusion, label = reranker.fusion, reranker.label
-        scorer = PairScorer(reranker, features.queries, features.gallery, RerankConfig(
-            num_local=config.num_local, batch_size=config.batch_size, device=config.device,
-            embedding_cache=config.embedding_cache))
+        scorer = PairScorer(reranker, features.queries, features.gallery, _scoring(config))
         scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
         model = {**common, "model": model_name, "checkpoint": label, "lam": fusion.lam,
                  "temperature": fusion.temperature,

@@ -3,10 +3,11 @@ so that building one, which the CLI does before any input is checked, imports no
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from elvis_cli.util.errors import InputError
+from elvis_cli.util.errors import InputError, unknown_name
 
 
 @dataclass
@@ -44,7 +45,7 @@ class RerankConfig:
 # global post-processing: before re-ranking (post.py), or αQE with each query's re-ranked top n
 # as its neighbours, searched again after re-ranking (evaluate only: query_expansion.py)
 AFTER_RERANKING = "rerank-aqe"
-POST_METHODS = ("none", "aqe", "gss", AFTER_RERANKING)
+POST_METHODS = ("none", "aqe", "gss", "gss-v", AFTER_RERANKING)
 
 
 def check_post_methods(methods: list[str]) -> None:
@@ -66,7 +67,13 @@ class PostConfig:
     k-NN graph (`gss_k` gallery, `gss_query_k` query neighbours), trained on the gallery for
     `gss_epochs` full-batch Adam steps; β is the `gss_beta_percentile` percentile of the
     untrained embeddings' similarities unless `gss_beta` fixes it. The hidden size is the
-    descriptor's own: each layer starts as the identity (`gss_init_std` off the diagonal)."""
+    descriptor's own: each layer starts as the identity (`gss_init_std` off the diagonal).
+    GSS_V (gss-v) keeps only the k-NN edges whose score by re-ranker `gss_verifier`, fused
+    with the edge's global similarity by the re-ranker's own fusion (the scale its ranking
+    uses), reaches `gss_verify_threshold`. 0.5 is where ELViS's fusion 0.5 g + 0.5
+    sigmoid(0.5 raw) stands for an undecided re-ranker (raw 0) on a pair of global similarity
+    0.5: a match it is sure of stays at any g >= 0, a pair it rejects needs g near 1. For sv
+    (inliers + (1 + g) / 2) the threshold reads as inliers: n + 0.5 keeps n inliers or more."""
 
     aqe_n: int = 2
     aqe_alpha: float = 3.0
@@ -81,6 +88,8 @@ class PostConfig:
     gss_regularizer: float = 1e-5  # L2 on the layers' weights
     gss_init_std: float = 1e-5
     gss_seed: int = 0
+    gss_verifier: str = "elvis"
+    gss_verify_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("aqe_n", "gss_k", "gss_query_k", "gss_epochs", "gss_layers"):
@@ -94,3 +103,10 @@ class PostConfig:
                              f"{self.gss_beta_percentile}")
         if self.gss_lr <= 0:
             raise InputError(f"gss lr must be positive, got {self.gss_lr}")
+        from elvis_cli.model.registry import RERANKERS
+
+        if self.gss_verifier not in RERANKERS:
+            raise unknown_name("gss verifier", self.gss_verifier, RERANKERS)
+        if not math.isfinite(self.gss_verify_threshold):
+            raise InputError("gss verify threshold must be a finite number, got "
+                             f"{self.gss_verify_threshold}")

@@ -200,17 +200,20 @@ def _check_features_exist(features: str | Path | None, queries: str | Path | Non
 def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: bool, k: int,
                      global_type: str = "cls", post: str = "none",
                      post_config: PostConfig | None = None,
-                     progress: ProgressCallback | None = None) -> ShortlistRun:
+                     progress: ProgressCallback | None = None,
+                     rerank_config: RerankConfig | None = None) -> ShortlistRun:
     """Exact global k-NN of the queries in the gallery, after global post-processing `post`
-    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS); the same file
-    excludes each image from its own list."""
+    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS) and gss-v's edges
+    scored as `rerank_config` places them; the same file excludes each image from its own
+    list."""
     query_descriptors = queries.global_descriptors(global_type)
     gallery_descriptors = gallery.global_descriptors(global_type)
     if post == "none":
         return ShortlistRun(**vars(build_shortlist(query_descriptors, gallery_descriptors, k,
                                                    exclude_self=same)))
     shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
-                                                 same, post, post_config, progress)
+                                                 same, post, post_config, progress,
+                                                 (queries, gallery), rerank_config)
     return ShortlistRun(**vars(shortlist), post=report)
 
 
@@ -222,9 +225,9 @@ def shortlist_files(
     progress: ProgressCallback | None = None,
 ) -> ShortlistRun:
     """`elvis shortlist`: the global top `k` of every query, after global post-processing
-    `post` (none, aqe, gss; parameters in `post_config`; `progress` hears GSS's training
-    epochs), written to `output` (.npz) when given; `asymmetric`: queries extracted smaller
-    than the gallery (open_pair)."""
+    `post` (none, aqe, gss, gss-v; parameters in `post_config`; `progress` hears GSS's
+    training epochs), written to `output` (.npz) when given; `asymmetric`: queries extracted
+    smaller than the gallery (open_pair)."""
     check_global_post(post)
     _check_features_exist(features, queries)
     if output is not None:
@@ -253,7 +256,7 @@ def rerank_files(
     openable from the current folder. Released files get their image names from the ground
     truth beside them. `asymmetric` accepts queries extracted smaller than the gallery
     (open_pair). `progress` hears the queries re-ranked ("re-ranking"). `post` (none, aqe,
-    gss) post-processes the global search first: the post-processed ranking and its
+    gss, gss-v) post-processes the global search first: the post-processed ranking and its
     similarities are what is re-ranked and fused."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
@@ -277,7 +280,7 @@ def rerank_files(
         else:
             candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist,
                                               post=post, post_config=post_config,
-                                              progress=progress)
+                                              progress=progress, rerank_config=config)
             post_report = candidate_list.post
         result = rerank(reranker, query_store, gallery_store, candidate_list, config,
                         progress=track(progress, "re-ranking", query_store.num_images))

@@ -7,11 +7,14 @@ The network follows the paper's code (layer6ai-labs/GSS): residual layers
 elu(Â x W + b) whose weights start as the identity, Â = D^-½ (A + I) D^-½ with A the
 similarity-weighted k-NN graph (symmetric for the gallery; queries only look at the gallery),
 full-batch Adam on the gallery graph, then one pass over queries and gallery together.
+GSS_V is the same network on a graph whose edges an `EdgeFilter` has verified
+(gss_verification.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +28,10 @@ from elvis_cli.util.progress import ProgressCallback, track
 # 20,000 images take a few GB of them
 MAX_GSS_IMAGES = 20_000
 
+# which proposed k-NN edges stay: given each row's top-k gallery columns (N, k), their global
+# similarities (N, k) and whether the rows are queries, True where the edge is kept (GSS_V)
+EdgeFilter = Callable[[np.ndarray, np.ndarray, bool], np.ndarray]
+
 
 @dataclass
 class GssResult:
@@ -37,17 +44,24 @@ class GssResult:
     seconds: float = 0.0  # training and the final pass
 
 
-def knn_adjacency(similarity: np.ndarray, k: int, symmetric: bool) -> np.ndarray:
+def knn_adjacency(similarity: np.ndarray, k: int, symmetric: bool,
+                  verify: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                  ) -> np.ndarray:
     """Each row's top-`k` columns weighted by their similarity, the rest 0. `symmetric` (a
-    gallery with itself) also adds each edge the other way and drops self-edges."""
+    gallery with itself) also adds each edge the other way and drops self-edges. `verify`,
+    given the top columns (N, k) and their similarities, says which of those edges stay."""
     k = min(k, similarity.shape[1])
     top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     rows = np.repeat(np.arange(similarity.shape[0]), k)
-    values = similarity[rows, top.ravel()]
+    columns = top.ravel()
+    values = similarity[rows, columns]
+    if verify is not None:
+        kept = verify(top, values.reshape(top.shape)).ravel()
+        rows, columns, values = rows[kept], columns[kept], values[kept]
     adjacency = np.zeros(similarity.shape, dtype=np.float32)
-    adjacency[rows, top.ravel()] = values
+    adjacency[rows, columns] = values
     if symmetric:
-        adjacency[top.ravel(), rows] = values
+        adjacency[columns, rows] = values
         np.fill_diagonal(adjacency, 0.0)
     return adjacency
 
@@ -100,17 +114,19 @@ def gss_loss(embeddings: torch.Tensor, beta: float) -> torch.Tensor:
 
 def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray,
                                  config: PostConfig | None = None,
-                                 progress: ProgressCallback | None = None) -> GssResult:
+                                 progress: ProgressCallback | None = None,
+                                 edge_filter: EdgeFilter | None = None) -> GssResult:
     """Train GSS on `gallery` and return both sets' new descriptors; `queries` None means the
     queries are the gallery itself (one file all-vs-all). `progress` hears each epoch
-    ("training GSS")."""
+    ("training GSS"). `edge_filter` keeps only the k-NN edges it verifies (GSS_V)."""
     config = config or PostConfig()
     if not 2 <= gallery.shape[0] <= MAX_GSS_IMAGES:
         raise InputError(f"GSS needs a gallery of 2 to {MAX_GSS_IMAGES} images (it holds "
                          f"gallery x gallery matrices), got {gallery.shape[0]}")
     started = time.perf_counter()
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    gallery_graph = knn_adjacency(gallery @ gallery.T, config.gss_k, symmetric=True)
+    gallery_graph = knn_adjacency(gallery @ gallery.T, config.gss_k, symmetric=True,
+                                  verify=_side(edge_filter, of_queries=False))
     network = GssNetwork(gallery.shape[1], config.gss_layers, config.gss_layer_decay,
                          config.gss_init_std, config.gss_seed)
     features = torch.from_numpy(gallery)
@@ -136,7 +152,8 @@ def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray
             out_queries = out_gallery
         else:
             everything = _with_queries(np.ascontiguousarray(queries, dtype=np.float32), gallery,
-                                       gallery_graph, config.gss_query_k)
+                                       gallery_graph, config.gss_query_k,
+                                       _side(edge_filter, of_queries=True))
             out = network(torch.from_numpy(np.concatenate([queries, gallery]).astype(
                 np.float32)), _sparse(everything)).numpy()
             out_queries, out_gallery = out[:len(queries)], out[len(queries):]
@@ -144,14 +161,25 @@ def guided_similarity_separation(queries: np.ndarray | None, gallery: np.ndarray
 
 
 def _with_queries(queries: np.ndarray, gallery: np.ndarray, gallery_graph: np.ndarray,
-                  query_k: int) -> np.ndarray:
+                  query_k: int, verify: Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+                  ) -> np.ndarray:
     """The propagation matrix of queries and gallery together: queries take their top
-    `query_k` gallery images as neighbours, nothing takes a query as one (the paper's code)."""
+    `query_k` gallery images (those `verify` keeps) as neighbours, nothing takes a query as one
+    (the paper's code)."""
     count = len(queries)
     graph = np.zeros((count + len(gallery),) * 2, dtype=np.float32)
-    graph[:count, count:] = knn_adjacency(queries @ gallery.T, query_k, symmetric=False)
+    graph[:count, count:] = knn_adjacency(queries @ gallery.T, query_k, symmetric=False,
+                                              verify=verify)
     graph[count:, count:] = gallery_graph
     return normalised_adjacency(graph)
+
+
+def _side(edge_filter: EdgeFilter | None, of_queries: bool
+          ) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """`edge_filter` for the rows of one side: the gallery's or the queries'."""
+    if edge_filter is None:
+        return None
+    return lambda top, values: edge_filter(top, values, of_queries)
 
 
 def _sparse(matrix: np.ndarray) -> torch.Tensor:

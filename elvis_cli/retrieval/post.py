@@ -1,18 +1,28 @@
 """Global post-processing of a shortlist, before any local re-ranking: the global search done
-again on descriptors that αQE (query_expansion.py) or GSS (gss.py) have improved. The
+again on descriptors that αQE (query_expansion.py) or GSS (gss.py; GSS_V on a graph verified
+by a local re-ranker, gss_verification.py) have improved. The
 re-rankers then see the post-processed ranking, and its similarities as the global score."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from elvis_cli.retrieval.config import AFTER_RERANKING, PostConfig, check_post_methods
+from elvis_cli.retrieval.config import (
+    AFTER_RERANKING,
+    PostConfig,
+    RerankConfig,
+    check_post_methods,
+)
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from elvis_cli.features.store import DescriptorStore
 
 
 @dataclass
@@ -29,17 +39,20 @@ def check_global_post(method: str) -> None:
     check_post_methods([method])
     if method == AFTER_RERANKING:
         raise InputError(f"--post {method} is offered by `elvis evaluate` only; here use none, "
-                         "aqe or gss")
+                         "aqe, gss or gss-v")
 
 
 def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
                              exclude_self: bool, method: str = "none",
                              config: PostConfig | None = None,
-                             progress: ProgressCallback | None = None
+                             progress: ProgressCallback | None = None,
+                             stores: tuple[DescriptorStore, DescriptorStore] | None = None,
+                             rerank_config: RerankConfig | None = None
                              ) -> tuple[Shortlist, PostReport]:
-    """The global top `k` of every query after post-processing `method` (none, aqe, gss);
-    `exclude_self` (queries are the gallery) keeps each image out of its own list. `progress`
-    hears GSS's training epochs."""
+    """The global top `k` of every query after post-processing `method` (none, aqe, gss,
+    gss-v); `exclude_self` (queries are the gallery) keeps each image out of its own list.
+    `progress` hears GSS's training epochs. gss-v verifies GSS's edges with the local features
+    of `stores` (the queries', the gallery's), scored as `rerank_config` places them."""
     check_global_post(method)
     config = config or PostConfig()
     started = time.perf_counter()
@@ -50,11 +63,19 @@ def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
 
         queries = alpha_query_expansion(queries, gallery, first.indices, first.similarities,
                                         config.aqe_alpha)
-    elif method == "gss":
+    elif method in ("gss", "gss-v"):
         from elvis_cli.retrieval.gss import guided_similarity_separation
 
+        edge_filter = None
+        if method == "gss-v":
+            if stores is None:
+                raise InputError("--post gss-v verifies edges with local features, and none "
+                                 "were given")
+            from elvis_cli.retrieval.gss_verification import reranker_edge_filter
+
+            edge_filter = reranker_edge_filter(*stores, config, rerank_config, progress)
         result = guided_similarity_separation(None if exclude_self else queries, gallery, config,
-                                              progress)
+                                              progress, edge_filter)
         queries, gallery, losses = result.queries, result.gallery, result.losses
     shortlist = build_shortlist(queries, gallery, k, exclude_self)
     return shortlist, PostReport(method, time.perf_counter() - started, losses)
