@@ -169,7 +169,7 @@ def _with_queries(queries: np.ndarray, gallery: np.ndarray, gallery_graph: np.nd
     count = len(queries)
     graph = np.zeros((count + len(gallery),) * 2, dtype=np.float32)
     graph[:count, count:] = knn_adjacency(queries @ gallery.T, query_k, symmetric=False,
-                                              verify=verify)
+                                          verify=verify)
     graph[count:, count:] = gallery_graph
     return normalised_adjacency(graph)
 

@@ -1,7 +1,7 @@
 """Global post-processing of a shortlist, before any local re-ranking: the global search done
 again on descriptors that αQE (query_expansion.py) or GSS (gss.py; GSS_V on a graph verified
-by a local re-ranker, gss_verification.py) have improved. The
-re-rankers then see the post-processed ranking, and its similarities as the global score."""
+by a local re-ranker, gss_verification.py) have improved. The re-rankers then see the
+post-processed ranking, and its similarities as the global score."""
 
 from __future__ import annotations
 
