@@ -28,9 +28,10 @@ from elvis_cli import (
 )
 from elvis_cli.evaluation.report import headline_rows, runtime_curve
 from elvis_cli.retrieval.gss import GssNetwork, gss_loss, knn_adjacency, normalised_adjacency
+from elvis_cli.retrieval.post import LocalFeatures
 from elvis_cli.retrieval.query_expansion import expand_reranked
 from tests.conftest import SMALL
-from tests.helpers import cli_in, one_line_error, write_views
+from tests.helpers import cli_in, one_line_error, random_checkpoint, write_views
 
 SMALL_OPTIONS = {"image_size": 64, "num_local": 16}
 # four gallery images on the unit circle and a query at angle 0
@@ -319,7 +320,7 @@ def test_gss_v_drops_exactly_the_edges_the_verifier_scores_below_the_threshold(e
         # halfway between two middle scores: some edges stay, some go, none sits on the line
         ordered = sorted(scores.values())
         threshold = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-        edge_filter = reranker_edge_filter(store, store, PostConfig(
+        edge_filter = reranker_edge_filter(LocalFeatures(store, store), PostConfig(
             gss_verifier="chamfer", gss_verify_threshold=threshold))
         for of_queries in (False, True):
             kept = edge_filter(top, np.take_along_axis(similarity, top, axis=1), of_queries)
@@ -345,7 +346,8 @@ def test_gss_v_keeping_every_edge_is_gss_bit_for_bit(extracted):
     with FeatureStore.open(extracted.features) as store:
         descriptors = store.global_descriptors()
         verified = guided_similarity_separation(descriptors, descriptors, config, None,
-                                                reranker_edge_filter(store, store, config))
+                                                reranker_edge_filter(LocalFeatures(store, store),
+                                                                     config))
     plain = guided_similarity_separation(descriptors, descriptors, config)
     np.testing.assert_array_equal(verified.queries, plain.queries)
     np.testing.assert_array_equal(verified.gallery, plain.gallery)
@@ -396,3 +398,22 @@ def test_elvis_evaluate_post_gss_v_gives_its_rows(benchmark):
         ["chamfer", 2, "gss-v"]]
     for label in ("global+gss-v", "chamfer@2+gss-v"):
         assert label in result.stdout
+
+
+def test_elvis_rerank_post_gss_v_is_rerank_files(extracted):
+    from elvis_cli import RerankConfig
+    from elvis_cli.features.store import FeatureStore
+
+    with FeatureStore.open(extracted.features) as store:
+        random_checkpoint(extracted.cwd / "c.pt", store.local_dim, store.backbone_settings)
+    result = cli_in("rerank", "--features", "f.h5", "--checkpoint", "c.pt", "--shortlist", "2",
+                    "--post", "gss-v", "--gss-epochs", "2", "--gss-k", "3", "-o", "v.csv",
+                    cwd=extracted.cwd)
+    assert result.returncode == 0, result.stderr
+    run = rerank_files(extracted.features, checkpoint=extracted.cwd / "c.pt", post="gss-v",
+                       post_config=PostConfig(gss_epochs=2, gss_k=3),
+                       config=RerankConfig(shortlist=2))
+    numbers = ["query_index", "rank", "gallery_index", "global_score", "raw_score", "score"]
+    pd.testing.assert_frame_equal(pd.read_csv(extracted.cwd / "v.csv")[numbers],
+                                  run.table[numbers], check_dtype=False)
+    assert run.post.method == "gss-v"

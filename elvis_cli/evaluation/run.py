@@ -44,7 +44,7 @@ from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import fuse_and_sort
 from elvis_cli.retrieval.config import AFTER_RERANKING
-from elvis_cli.retrieval.post import post_processed_shortlist
+from elvis_cli.retrieval.post import LocalFeatures, post_processed_shortlist
 from elvis_cli.retrieval.query_expansion import expand_reranked
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
@@ -155,7 +155,8 @@ def evaluate_dataset(
                     features.queries.global_descriptors(), features.gallery.global_descriptors(),
                     features.gallery.num_images, features.queries is features.gallery, post,
                     config.post_config, with_detail(progress, dataset.name),
-                    (features.queries, features.gallery), _scoring(config))
+                    LocalFeatures(features.queries, features.gallery, _scoring(config),
+                                  checkpoint or config.checkpoint))
                 post_seconds = report.seconds / max(len(dataset.queries), 1)
             rows += _ranking_rows(dataset, features, ranking, config, per_query, stage,
                                   common, post if post in config.post else None,

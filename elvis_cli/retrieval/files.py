@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.retrieval.config import PostConfig, RerankConfig
-from elvis_cli.retrieval.post import PostReport, check_global_post, post_processed_shortlist
+from elvis_cli.retrieval.post import (
+    LocalFeatures,
+    PostReport,
+    check_global_post,
+    post_processed_shortlist,
+)
 from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
@@ -201,11 +206,12 @@ def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: b
                      global_type: str = "cls", post: str = "none",
                      post_config: PostConfig | None = None,
                      progress: ProgressCallback | None = None,
-                     rerank_config: RerankConfig | None = None) -> ShortlistRun:
+                     rerank_config: RerankConfig | None = None,
+                     checkpoint: str | Path | None = None) -> ShortlistRun:
     """Exact global k-NN of the queries in the gallery, after global post-processing `post`
     (retrieval/post.py) if not none, `progress` hearing its epochs (GSS) and gss-v's edges
-    scored as `rerank_config` places them; the same file excludes each image from its own
-    list."""
+    scored as `rerank_config` places them, with `checkpoint`; the same file excludes each
+    image from its own list."""
     query_descriptors = queries.global_descriptors(global_type)
     gallery_descriptors = gallery.global_descriptors(global_type)
     if post == "none":
@@ -213,7 +219,8 @@ def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: b
                                                    exclude_self=same)))
     shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
                                                  same, post, post_config, progress,
-                                                 (queries, gallery), rerank_config)
+                                                 LocalFeatures(queries, gallery, rerank_config,
+                                                               checkpoint))
     return ShortlistRun(**vars(shortlist), post=report)
 
 
@@ -280,7 +287,8 @@ def rerank_files(
         else:
             candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist,
                                               post=post, post_config=post_config,
-                                              progress=progress, rerank_config=config)
+                                              progress=progress, rerank_config=config,
+                                              checkpoint=checkpoint)
             post_report = candidate_list.post
         result = rerank(reranker, query_store, gallery_store, candidate_list, config,
                         progress=track(progress, "re-ranking", query_store.num_images))

@@ -18,16 +18,14 @@ from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
 
 if TYPE_CHECKING:
-    from elvis_cli.features.store import DescriptorStore
+    from elvis_cli.retrieval.post import LocalFeatures
 
 
-def reranker_edge_filter(queries: DescriptorStore, gallery: DescriptorStore,
-                         config: PostConfig | None = None,
-                         rerank_config: RerankConfig | None = None,
+def reranker_edge_filter(local: LocalFeatures, config: PostConfig | None = None,
                          progress: ProgressCallback | None = None) -> EdgeFilter:
     """The edges of GSS's k-NN graph that re-ranker `config.gss_verifier` verifies, for rows of
-    `queries` or of `gallery` against `gallery`; `rerank_config` places the scoring (device,
-    batch, local rows). `progress` hears each row verified ("verifying GSS edges")."""
+    `local.queries` or of `local.gallery` against `local.gallery`. `progress` hears each row
+    verified ("verifying GSS edges")."""
     from elvis_cli.model.registry import load_reranker, reranker_class
     from elvis_cli.retrieval.rerank import rerank
 
@@ -35,7 +33,8 @@ def reranker_edge_filter(queries: DescriptorStore, gallery: DescriptorStore,
     if not reranker_class(config.gss_verifier).scores_pairs:
         raise InputError(f"--gss-verifier {config.gss_verifier} scores no pairs; name a local "
                          "re-ranker (elvis, ames, chamfer, sv)")
-    reranker = load_reranker(config.gss_verifier, gallery)
+    queries, gallery = local.queries, local.gallery
+    reranker = load_reranker(config.gss_verifier, gallery, local.checkpoint)
 
     def verified(neighbours: np.ndarray, similarities: np.ndarray, of_queries: bool
                  ) -> np.ndarray:
@@ -43,7 +42,7 @@ def reranker_edge_filter(queries: DescriptorStore, gallery: DescriptorStore,
         if not of_queries:  # an image is no edge of its own: not scored, dropped
             candidates[candidates == np.arange(len(candidates))[:, None]] = -1
         shortlist = Shortlist(candidates, similarities.astype(np.float32))
-        scoring = replace(rerank_config or RerankConfig(), shortlist=candidates.shape[1])
+        scoring = replace(local.scoring or RerankConfig(), shortlist=candidates.shape[1])
         result = rerank(reranker, queries if of_queries else gallery, gallery, shortlist,
                         scoring, track(progress, "verifying GSS edges", len(candidates)))
         with np.errstate(invalid="ignore"):

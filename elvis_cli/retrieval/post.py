@@ -22,7 +22,10 @@ from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from elvis_cli.features.store import DescriptorStore
+    from elvis_cli.model.checkpoints import Checkpoint
 
 
 @dataclass
@@ -32,6 +35,18 @@ class PostReport:
     method: str
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LocalFeatures:
+    """What gss-v's verifier reads and how it scores, as the run's own re-ranking would: the
+    queries' and gallery's stores, the engine's placement (device, batch, local rows) and the
+    run's checkpoint (None: the one matching the features; re-rankers without one ignore it)."""
+
+    queries: DescriptorStore
+    gallery: DescriptorStore
+    scoring: RerankConfig | None = None
+    checkpoint: str | Path | Checkpoint | None = None
 
 
 def check_global_post(method: str) -> None:
@@ -46,13 +61,11 @@ def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
                              exclude_self: bool, method: str = "none",
                              config: PostConfig | None = None,
                              progress: ProgressCallback | None = None,
-                             stores: tuple[DescriptorStore, DescriptorStore] | None = None,
-                             rerank_config: RerankConfig | None = None
+                             local: LocalFeatures | None = None
                              ) -> tuple[Shortlist, PostReport]:
     """The global top `k` of every query after post-processing `method` (none, aqe, gss,
     gss-v); `exclude_self` (queries are the gallery) keeps each image out of its own list.
-    `progress` hears GSS's training epochs. gss-v verifies GSS's edges with the local features
-    of `stores` (the queries', the gallery's), scored as `rerank_config` places them."""
+    `progress` hears GSS's training epochs. gss-v verifies GSS's edges with `local`."""
     check_global_post(method)
     config = config or PostConfig()
     started = time.perf_counter()
@@ -68,12 +81,12 @@ def post_processed_shortlist(queries: np.ndarray, gallery: np.ndarray, k: int,
 
         edge_filter = None
         if method == "gss-v":
-            if stores is None:
+            if local is None:
                 raise InputError("--post gss-v verifies edges with local features, and none "
                                  "were given")
             from elvis_cli.retrieval.gss_verification import reranker_edge_filter
 
-            edge_filter = reranker_edge_filter(*stores, config, rerank_config, progress)
+            edge_filter = reranker_edge_filter(local, config, progress)
         result = guided_similarity_separation(None if exclude_self else queries, gallery, config,
                                               progress, edge_filter)
         queries, gallery, losses = result.queries, result.gallery, result.losses
