@@ -68,14 +68,14 @@ class PostConfig:
     `gss_epochs` full-batch Adam steps; β is the `gss_beta_percentile` percentile of the
     untrained embeddings' similarities unless `gss_beta` fixes it. The hidden size is the
     descriptor's own: each layer starts as the identity (`gss_init_std` off the diagonal).
-    GSS_V (gss-v) keeps only the k-NN edges whose score by re-ranker `gss_verifier`, fused
-    with the edge's global similarity by the re-ranker's own fusion (the scale its ranking
-    uses), reaches `gss_verify_threshold`. With a learned re-ranker's fusion lam g + (1 - lam)
-    sigmoid(t raw), 0.5 drops only what the verifier rejects: an undecided pair (sigmoid 0.5)
-    stays where g >= 0.5 whatever lam, an accepted one (sigmoid near 1) at any g >= 0, and a
-    rejected one (sigmoid near 0) needs lam g >= 0.5, never for lam <= 0.5 (ELViS's 0.5, the
-    demo checkpoint's 0.25). For sv (inliers + (1 + g) / 2) it reads as inliers: n + 0.5 keeps
-    edges of n inliers or more."""
+    GSS_V (gss-v) keeps only the k-NN edges whose score by re-ranker `gss_verifier` (with the
+    run's checkpoint), fused with the edge's global similarity by the re-ranker's own fusion
+    (the scale its ranking uses), reaches `gss_verify_threshold`. With a learned re-ranker's
+    fusion lam g + (1 - lam) sigmoid(t raw), 0.5 drops only what the verifier rejects: an
+    undecided pair (sigmoid 0.5) stays where g >= 0.5 whatever lam, an accepted one (sigmoid
+    near 1) at any g >= 0, and a rejected one (sigmoid near 0) needs lam g >= 0.5, never for
+    lam <= 0.5 (ELViS's 0.5, the demo checkpoint's 0.25). For sv (inliers + (1 + g) / 2) it
+    reads as inliers: n + 0.5 keeps edges of n inliers or more."""
 
     aqe_n: int = 2
     aqe_alpha: float = 3.0
