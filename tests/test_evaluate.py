@@ -14,7 +14,12 @@ from PIL import Image
 
 from elvis_cli import TaskProgress, evaluate_datasets
 from elvis_cli.evaluation.datasets import RetrievalDataset, load_dataset
-from elvis_cli.evaluation.report import grid_best, results_table, summary_table
+from elvis_cli.evaluation.report import (
+    grid_best,
+    reranking_changes,
+    results_table,
+    summary_table,
+)
 from elvis_cli.evaluation.run import (
     DatasetFeatures,
     DatasetResult,
@@ -245,3 +250,14 @@ def test_a_missing_image_is_named_with_the_path_evaluate_tried(mini):
     result = cli_in("evaluate", "--data-root", "data", "--dataset", "gone", *SMALL,
                     "--model", "global", "--shortlist", "0", "--quiet", cwd=mini.cwd)
     one_line_error(result, f"first {root / 'jpg' / 'lost.jpg'}: ", f"ground truth in {root} ")
+
+
+def test_no_changes_are_counted_without_the_plain_global_ranking():
+    """`--post gss` alone scores no plain global ranking: there is nothing to compare with."""
+    rows = [{"dataset": "d", "model": model, "shortlist": size, "protocol": "ok",
+             "query_index": query, "query": f"q{query}", "ap": ap}
+            for model, size in (("global+gss", 0), ("elvis+gss", 5))
+            for query, ap in enumerate((50.0, 100.0))]
+    assert reranking_changes(pd.DataFrame(rows)).empty
+    plain = [{**row, "model": "global"} for row in rows if row["model"] == "global+gss"]
+    assert len(reranking_changes(pd.DataFrame(rows + plain))) == 2

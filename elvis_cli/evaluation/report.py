@@ -52,7 +52,8 @@ def per_query_table(results: Sequence[DatasetResult]) -> pd.DataFrame:
 def reranking_changes(per_query: pd.DataFrame) -> pd.DataFrame:
     """Per dataset and re-ranker, at its largest shortlist size: how many queries it ranks
     better, worse or the same as the global ranking (AP averaged over the protocols), and the
-    query it helped most and the one it hurt most, with the change in AP (None: no such)."""
+    query it helped most and the one it hurt most, with the change in AP (None: no such); none
+    where the plain global ranking was not evaluated."""
     by_query = (per_query.groupby(["dataset", "model", "shortlist", "query_index"], sort=False)
                 .agg(query=("query", "first"), ap=("ap", "mean")).reset_index())
     rows = []
@@ -61,6 +62,8 @@ def reranking_changes(per_query: pd.DataFrame) -> pd.DataFrame:
             continue
         deepest = group[group["shortlist"] == group["shortlist"].max()].set_index("query_index")
         base = by_query[(by_query["dataset"] == dataset) & (by_query["model"] == "global")]
+        if base.empty:  # no plain global ranking evaluated (e.g. only --post gss): no baseline
+            continue
         change = (deepest["ap"] - base.set_index("query_index")["ap"]).dropna()
         helped, hurt = change[change > 0], change[change < 0]
         rows.append({
