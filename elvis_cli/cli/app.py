@@ -75,7 +75,7 @@ app = typer.Typer(
 )
 console = Console()
 # Tables are written whole when the output is a file or a pipe, not cut to 80 columns.
-wide_console = console if console.is_terminal else Console(width=160)
+wide_console = console if console.is_terminal else Console(width=1000)
 
 # (command, option) -> (config dataclass, field): an option left unset takes that field's
 # default, inside the library; `--help` looks it up there to show it
