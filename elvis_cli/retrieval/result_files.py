@@ -74,10 +74,12 @@ def openable_paths(store: DescriptorStore) -> list[str]:
     folder (relative to it when under it, else absolute); released files keep their names."""
     if store.root is None:
         return list(store.paths)
-    return [openable_path(store.root, name) for name in store.paths]
+    here = Path.cwd()  # once, not once per image of a large gallery
+    return [openable_path(store.root, name, here) for name in store.paths]
 
 
-def openable_path(root: Path, name: str) -> str:
-    """An image stored as `name` under `root`, as a path that opens from the current folder."""
-    image, here = root / name, Path.cwd()
+def openable_path(root: Path, name: str, here: Path | None = None) -> str:
+    """An image stored as `name` under `root`, as a path that opens from `here` (default: the
+    current folder)."""
+    image, here = root / name, here or Path.cwd()
     return str(image.relative_to(here) if image.is_relative_to(here) else image)
