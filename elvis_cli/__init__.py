@@ -29,6 +29,9 @@ _PUBLIC = {
     "SearchRun": "elvis_cli.retrieval.search",
     "evaluate_datasets": "elvis_cli.evaluation.benchmarks",  # elvis evaluate
     "EvaluationRun": "elvis_cli.evaluation.benchmarks",
+    "report_results": "elvis_cli.reporting.report",  # elvis report
+    "ReportRun": "elvis_cli.reporting.report",
+    "ReportConfig": "elvis_cli.reporting.config",
     "list_datasets": "elvis_cli.evaluation.prepare",  # elvis datasets list
     "DatasetStatus": "elvis_cli.evaluation.prepare",
     "prepare_dataset": "elvis_cli.evaluation.prepare",  # elvis datasets prepare

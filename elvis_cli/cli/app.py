@@ -97,6 +97,9 @@ LIBRARY_DEFAULTS = {
        for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
                       "gss_epochs", "gss_lr", "gss_seed", "gss_verifier",
                       "gss_verify_threshold")},
+    **{("report", option): ("ReportConfig", field) for option, field in (
+        ("top", "top_k"), ("per_page", "queries_per_page"), ("max_thumbnails", "max_thumbnails"),
+        ("explain_top", "explain_top"))},
     **{("train", option): ("TrainConfig", field) for option, field in (
         ("model", "model"), ("backbone", "backbone"), ("rounds", "rounds"),
         ("steps", "steps_per_round"),
@@ -608,6 +611,51 @@ def evaluate(
                            f"{status.detail}")
     console.print(f"results -> {run.outputs['json']}, {run.outputs['csv']}, "
                   f"{run.outputs['per_query']}, {run.outputs['plot']}", soft_wrap=True)
+
+
+@app.command(cls=_Command)
+def report(
+    results: Annotated[Path, typer.Argument(
+        metavar="RESULTS", help="A re-ranking output: .csv, .parquet or .jsonl from "
+                                "`elvis rerank -o` (or `elvis search -o`).")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Folder of the page (index.html, page-N.html, thumbs/); an "
+                               "earlier report there is replaced.")] = Path("elvis-report"),
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder of datasets, for --dataset; default $ELVIS_DATA_ROOT.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="The benchmark the results were made on: its ground truth colours them "
+             "(Medium protocol for revisitop sets).")] = None,
+    evaluation: Annotated[Path | None, typer.Option(
+        help="Folder of `elvis evaluate --out-dir` (results.csv, runtime.png), summarised at "
+             "the top; default: the results' folder.")] = None,
+    top: Annotated[int | None, typer.Option(
+        min=1, help="Results shown per query, before and after re-ranking.")] = None,
+    per_page: Annotated[int | None, typer.Option(min=1, help="Queries per page.")] = None,
+    max_thumbnails: Annotated[int | None, typer.Option(
+        min=0, help="Thumbnails made in all; further images are shown by name.")] = None,
+    explain_top: Annotated[int | None, typer.Option(
+        min=0, help="Pairs per query (the best re-ranked) drawn by `elvis explain`.")] = None,
+) -> None:
+    """Write a results page of a re-ranking output: per query, the top results before and after
+    re-ranking side by side; one folder, opens from disk (no server, no network).
+
+    Example: `elvis report demo-run/reranked.csv -o demo-run/report`
+    """
+    from elvis_cli import report_results
+
+    config = _config("ReportConfig", top_k=top, queries_per_page=per_page,
+                     max_thumbnails=max_thumbnails, explain_top=explain_top)
+    with _Progress(transient=True) as bars:
+        run = report_results(results, output, data_root=data_root, dataset=dataset,
+                             evaluation_dir=evaluation, config=config, progress=bars)
+    colours = (f"coloured by {run.ground_truth}" if run.ground_truth
+               else "no ground truth: not coloured")
+    console.print(f"{run.queries} queries on {run.pages} page(s), {run.thumbnails} thumbnails, "
+                  f"{run.explained} explain pictures ({colours}) -> {run.folder / 'index.html'}",
+                  soft_wrap=True)
+    for image in run.unreadable:
+        print(f"elvis: no thumbnail of {image}: not readable", file=sys.stderr)
 
 
 datasets_app = typer.Typer(cls=_Group, help="The paper's benchmarks: status and preparation.",
