@@ -575,6 +575,9 @@ def evaluate(
              "model), rerank-aqe (aqe with the re-ranked top n, after re-ranking); e.g. "
              "`--post none,aqe`, shown as elvis@100+aqe.")] = None,
     post_config: Any = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also write a results page per dataset (`elvis report`) into "
+                         "OUT_DIR/report/DATASET.")] = False,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
@@ -603,7 +606,7 @@ def evaluate(
                "plot_path": plot_path, "per_query_path": per_query_path}
     with _Progress(enabled=not quiet, transient=True) as bars:
         run = evaluate_datasets(data_root, None if all_datasets else dataset, config, sweep,
-                                progress=bars,
+                                progress=bars, results_page=report,
                                 **{key: value for key, value in outputs.items() if value})
     _print_results(run)
     for status in run.not_ready:
@@ -611,6 +614,9 @@ def evaluate(
                            f"{status.detail}")
     console.print(f"results -> {run.outputs['json']}, {run.outputs['csv']}, "
                   f"{run.outputs['per_query']}, {run.outputs['plot']}", soft_wrap=True)
+    for key, folder in run.outputs.items():
+        if key.startswith("report "):
+            console.print(f"results page -> {folder / 'index.html'}", soft_wrap=True)
 
 
 @app.command(cls=_Command)

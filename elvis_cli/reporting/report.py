@@ -78,25 +78,30 @@ def report_results(
         root = Path(data_root) if data_root is not None else default_data_root()
         ground_truth = load_dataset(root, dataset)
     evaluation = Path(evaluation_dir) if evaluation_dir is not None else Path(results).parent
+    evaluation_table = evaluation / EVALUATION_TABLE
+    if evaluation_dir is None and not _is_evaluation_table(evaluation_table):
+        evaluation_table = None  # e.g. a re-ranking output itself called results.csv
     return write_report(table, output, source=str(results), ground_truth=ground_truth,
-                        evaluation_dir=evaluation, config=config, explain=explain,
-                        progress=progress)
+                        evaluation_table=evaluation_table,
+                        runtime_plot=evaluation / RUNTIME_PLOT, config=config,
+                        explain=explain, progress=progress)
 
 
 def write_report(
     table: pd.DataFrame, output_dir: str | Path, *, source: str,
-    ground_truth: RetrievalDataset | None = None, evaluation_dir: Path | None = None,
-    config: ReportConfig | None = None, explain: ExplainPair | None = None,
-    progress: ProgressCallback | None = None,
+    ground_truth: RetrievalDataset | None = None, evaluation_table: Path | None = None,
+    runtime_plot: Path | None = None, config: ReportConfig | None = None,
+    explain: ExplainPair | None = None, progress: ProgressCallback | None = None,
 ) -> ReportRun:
     """The results page of a ranking table (`rerank_table`'s columns) in `output_dir`; see
-    `report_results`. `source` names the results on the page."""
+    `report_results`. `source` names the results on the page; `evaluation_table` (evaluate's
+    results.csv) and `runtime_plot` are shown where they exist."""
     config = config or ReportConfig()
     output = checked_report_folder(output_dir)
     rankings = query_rankings(table, config.top_k)
     labels = (ground_truth_labels(ground_truth, [query.query_path for query in rankings])
               if ground_truth is not None else None)
-    summary = _evaluation_table(evaluation_dir)
+    summary = _evaluation_table(evaluation_table)
     with atomic_folder(output) as folder:
         images = list(dict.fromkeys(
             path for query in rankings
@@ -107,9 +112,9 @@ def write_report(
         explained = _explain_pictures(rankings, output, folder, config.explain_top, explain,
                                       progress)
         curve = None
-        if evaluation_dir is not None and (evaluation_dir / RUNTIME_PLOT).is_file():
+        if runtime_plot is not None and runtime_plot.is_file():
             curve = RUNTIME_PLOT
-            shutil.copyfile(evaluation_dir / RUNTIME_PLOT, folder / RUNTIME_PLOT)
+            shutil.copyfile(runtime_plot, folder / RUNTIME_PLOT)
         pages = max(math.ceil(len(rankings) / config.queries_per_page), 1)
         content = PageContent(
             title=f"Re-ranking results: {Path(source).name}", source=source, labels=labels,
@@ -157,15 +162,24 @@ def _first_page(folder: Path) -> str:
         return ""
 
 
-def _evaluation_table(evaluation_dir: Path | None) -> str | None:
-    """The evaluate table (summary_table) of the results.csv in `evaluation_dir`, as HTML."""
-    if evaluation_dir is None or not (evaluation_dir / EVALUATION_TABLE).is_file():
+def _is_evaluation_table(path: Path) -> bool:
+    """Whether `path` is a results.csv of `elvis evaluate` (by its header)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as table:
+            header = table.readline().strip().split(",")
+    except OSError:
+        return False
+    return {"dataset", "model", "shortlist", "map"} <= set(header)
+
+
+def _evaluation_table(path: Path | None) -> str | None:
+    """The evaluate table (summary_table) of an evaluation's results.csv, as HTML."""
+    if path is None or not path.is_file():
         return None
     import pandas as pd
 
     from elvis_cli.evaluation.report import summary_table
 
-    path = evaluation_dir / EVALUATION_TABLE
     try:
         summary = summary_table(pd.read_csv(path))
     except (OSError, ValueError, KeyError) as error:
