@@ -238,8 +238,8 @@ def test_evaluate_report_writes_a_coloured_page_per_dataset(tmp_path):
 def test_page_renders_in_headless_chromium_with_every_image_loaded(bench, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("no chromium: `make install` installs Debian's package where apt-get "
-                    "runs as root")
+        pytest.skip("no chromium: `make test` installs Debian's package where apt-get runs "
+                    "as root")
     assert report(bench, "--data-root", "data", "--dataset", "toy").returncode == 0
     page = bench.cwd / "page" / "index.html"
     assert loaded_images_in_chromium(page, browser) == (26, 26)
@@ -252,6 +252,3 @@ def test_page_renders_in_headless_chromium_with_every_image_loaded(bench, tmp_pa
     assert pixels.shape == (900, 1200, 3)
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     assert colours > 1000  # photos, text and borders, not a blank page
-    # thumbnails gone: the browser counts them as not loaded
-    shutil.rmtree(bench.cwd / "page" / "thumbs")
-    assert loaded_images_in_chromium(page, browser) == (0, 26)

@@ -29,15 +29,15 @@ h3 { font-size: .85em; margin: .2em 0; color: #555; font-weight: normal; }
 table.summary { border-collapse: collapse; font-size: .8em; margin: .6em 0; }
 table.summary td, table.summary th { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 table.summary td:first-child, table.summary th:first-child { text-align: left; white-space: pre; }
-img.curve { max-width: 640px; width: 100%; }
+img.curve { max-width: 520px; width: 100%; }
 nav { margin: 1em 0; } nav a, nav span { margin-right: .5em; } nav span { font-weight: bold; }
 section.query { border-top: 1px solid #ddd; padding: .8em 0; }
 .row { display: flex; gap: 1em; align-items: flex-start; }
-figure.query { margin: 0; width: 170px; flex: none; font-size: .75em; word-break: break-all; }
+figure.query { margin: 0; width: 130px; flex: none; font-size: .75em; }
 ol.strip { list-style: none; display: flex; gap: 6px; padding: 0; margin: 0; overflow-x: auto; }
-ol.strip li { flex: none; width: 104px; font-size: .72em; border: 3px solid transparent;
+ol.strip li { flex: none; width: 86px; font-size: .72em; border: 3px solid transparent;
   padding: 2px; background: #f6f6f6; }
-ol.strip img, figure.query img { display: block; max-width: 100%; max-height: 96px; margin: auto; }
+ol.strip img, figure.query img { display: block; max-width: 100%; max-height: 80px; margin: auto; }
 li.positive { border-color: #1a9641 !important; } li.negative { border-color: #d7191c !important; }
 li.junk { border-color: #999 !important; border-style: dashed !important; }
 .up { color: #1a9641; } .down { color: #d7191c; } .name { color: #666; word-break: break-all; }
