@@ -179,6 +179,16 @@ def test_evaluation_table_and_curve_are_summarised_at_the_top(bench):
     assert "<h2>Evaluation</h2>" not in (bench.cwd / "page" / "index.html").read_text()
 
 
+def test_an_unreadable_image_is_named_and_shown_by_name(bench):
+    (bench.cwd / "data" / "toy" / "jpg" / "rocket_1.jpg").write_bytes(b"not an image")
+    result = report(bench)
+    assert result.returncode == 0
+    assert result.stderr == "elvis: no thumbnail of data/toy/jpg/rocket_1.jpg: not readable\n"
+    assert "7 thumbnails" in result.stdout
+    html = (bench.cwd / "page" / "index.html").read_text()
+    assert html.count('<div class="missing">rocket_1.jpg</div>') == 2 * 2  # both lists, both
+
+
 @pytest.mark.parametrize(("content", "fragment"), [
     ("", "cannot read results results.csv"),
     ("query_index,query_path,rank,gallery_index,gallery_path,global_score,raw_score,score\n",

@@ -799,7 +799,7 @@ class _Progress:
 
 # units of the library's tasks, found by the task's last word: "round 2 views" counts views
 _UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps",
-          "GSS": "epochs"}
+          "GSS": "epochs", "thumbnails": "img", "explaining": "pairs"}
 PROGRESS_INTERVAL_VARIABLE = "ELVIS_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between progress lines outside a terminal
 

@@ -10,9 +10,7 @@ and "explaining" (pairs).
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from elvis_cli.reporting.page import (
 )
 from elvis_cli.reporting.rankings import QueryRanking, query_rankings, read_ranking_table
 from elvis_cli.reporting.thumbnails import write_thumbnails
-from elvis_cli.util.atomic import atomic_folder
+from elvis_cli.util.atomic import atomic_folder, check_writable_place
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
 
@@ -141,16 +139,7 @@ def checked_report_folder(output_dir: str | Path) -> Path:
     if path.is_dir() and any(path.iterdir()) and GENERATOR not in _first_page(path):
         raise InputError(f"{path} is not empty and holds no earlier report: name a new folder "
                          "(a report replaces only an earlier one)")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"cannot write {path}: {folder} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".elvis-report-", dir=folder))
-    except OSError as error:
-        raise InputError(f"cannot write {path}: {folder} is not writable ({error.strerror})"
-                         ) from None
+    check_writable_place(path)
     return path
 
 

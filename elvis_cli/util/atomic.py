@@ -76,6 +76,14 @@ def writable_output(output: str | Path, suffixes: Sequence[str]) -> Path:
         raise InputError(f"output {path} is a folder; name a file ending in {expected}")
     if path.suffix not in suffixes:
         raise InputError(f"output must end in {expected}, got {path.name}")
+    check_writable_place(path)
+    return path
+
+
+def check_writable_place(path: Path) -> None:
+    """Refuse (InputError) unless something new can be created where `path` (a file or a
+    folder) would go: a file is created and removed in its folder, or in the nearest folder
+    that exists when the folders to create are missing."""
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -87,7 +95,6 @@ def writable_output(output: str | Path, suffixes: Sequence[str]) -> Path:
         where = "the current folder" if folder == Path(".") else str(folder)
         raise InputError(f"cannot write {path}: {where} is not writable ({error.strerror})"
                          ) from None
-    return path
 
 
 @contextmanager
