@@ -21,6 +21,7 @@ from tests.helpers import (
     cli_in,
     loaded_images_in_chromium,
     one_line_error,
+    run_cli,
     write_revisitop,
     write_views,
 )
@@ -74,6 +75,12 @@ def items(html: str, heading: str) -> list[tuple[str, str]]:
     for block in re.findall(rf"<h3>{heading}:.*?</ol>", html, flags=re.S):
         found += re.findall(r'<li class="([a-z]*)">(.*?)</li>', block, flags=re.S)
     return found
+
+
+def test_help_has_an_example_and_sizes_are_checked():
+    code, out, _ = run_cli("report", "--help")
+    assert code == 0 and "Example: elvis report demo-run/reranked.csv" in out
+    assert run_cli("report", "x.csv", "--top", "0")[0] == 2  # usage error
 
 
 def test_page_shows_both_rankings_with_ground_truth_colours_and_rank_changes(bench):
@@ -221,6 +228,19 @@ def test_a_failed_run_leaves_the_earlier_report_and_never_replaces_other_folders
     one_line_error(cli_in("report", "results.csv", "-o", "mine", cwd=bench.cwd),
                    "mine is not empty and holds no earlier report")
     assert (bench.cwd / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_run_failing_halfway_leaves_no_partial_folder(bench):
+    assert report(bench).returncode == 0
+    before = sorted(path.name for path in (bench.cwd / "page").rglob("*"))
+
+    def broken(query: str, gallery: str, png: Path) -> Path:
+        raise RuntimeError("drawing failed")
+
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        report_results(bench.results, bench.cwd / "page", explain=broken)
+    assert sorted(path.name for path in (bench.cwd / "page").rglob("*")) == before
+    assert not [path for path in bench.cwd.iterdir() if path.name.startswith(".")]
 
 
 def test_evaluate_report_writes_a_coloured_page_per_dataset(tmp_path):
