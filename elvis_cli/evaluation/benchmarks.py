@@ -78,8 +78,10 @@ def evaluate_datasets(
     if results_page:
         from elvis_cli.reporting.report import checked_report_folder
 
-        for name in names:
-            outputs[f"report {name}"] = checked_report_folder(out_dir / "report" / name)
+        for dataset in loaded:
+            dataset.gallery_paths()  # a page shows the images: refused now if not located
+            outputs[f"report {dataset.name}"] = checked_report_folder(
+                out_dir / "report" / dataset.name)
     # only now the heavy part: torch (run.py), pandas and matplotlib (report.py)
     from elvis_cli.evaluation import report
     from elvis_cli.evaluation.run import evaluate_dataset
