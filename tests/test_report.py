@@ -209,6 +209,12 @@ def test_unreadable_or_empty_results_are_one_line_and_write_nothing(bench, conte
     assert [path.name for path in bench.cwd.iterdir() if path.name.startswith(".")] == []
 
 
+def test_json_lines_that_are_not_a_reranking_output_name_the_line(bench):
+    (bench.cwd / "results.jsonl").write_text('\n{"query_index": 0, "query_path": "q.jpg"}\n')
+    one_line_error(cli_in("report", "results.jsonl", "-o", "page", cwd=bench.cwd),
+                   "results.jsonl: line 2 is not a query of a re-ranking output (no ranking)")
+
+
 def test_results_made_on_other_queries_than_the_ground_truth_are_refused(bench):
     write_revisitop(bench.cwd / "data" / "toy", ["coffee_1", "cat_0"], GALLERY, GND)
     one_line_error(report(bench, "--data-root", "data", "--dataset", "toy"),

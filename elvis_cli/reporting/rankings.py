@@ -76,8 +76,15 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     rows = []
     with open(path, encoding="utf-8") as lines:
-        for line in filter(str.strip, lines):
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             query = json.loads(line)
+            missing = ([key for key in (*QUERY_COLUMNS, "ranking") if key not in query]
+                       if isinstance(query, dict) else ["object"])
+            if missing:
+                raise InputError(f"{path}: line {number} is not a query of a re-ranking output "
+                                 f"(no {missing[0]})")
             rows += [{**{key: query[key] for key in QUERY_COLUMNS}, **entry}
                      for entry in query["ranking"]]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(COLUMNS))
