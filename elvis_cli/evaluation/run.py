@@ -251,7 +251,7 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             if page is not None and not page and size == max(config.shortlists):
                 page.append((_fused(*lists[protocols[0]], raw_scores(size)[protocols[0]],
                                     reranker.fuse),
-                             f"{model_name}{suffix}@{size}, {protocols[0]} protocol"))
+                             f"{model_name}@{size}{suffix}, {protocols[0]} protocol"))
             if post is not None:
                 rows.append({**model, "shortlist": size,
                              **scored(model_name, size, rankings, post),
