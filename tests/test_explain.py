@@ -20,6 +20,7 @@ from elvis_cli import (
     explain_checkpoint,
     explain_pair,
     extract_images,
+    load_checkpoint,
     rerank_files,
     save_checkpoint,
     search_images,
@@ -37,22 +38,12 @@ def extract(source, output) -> None:
     extract_images(source, output, ExtractConfig(backbone_options=OPTIONS))
 
 
-def random_elvis(dim: int) -> Elvis:
-    """Weights spread enough that votes and their contributions vary (no saturated ties)."""
-    torch.manual_seed(3)
-    model = Elvis(ElvisConfig(descriptor_dim=dim)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.4)
-        model.dust_bin.fill_(0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> SimpleNamespace:
     """A labelled benchmark `tiny` (two views of four photos; the first views are the queries,
-    the second ones their matches) extracted small as `elvis evaluate` keeps it, and an ELViS
-    checkpoint of random weights for its features."""
+    the second ones their matches) extracted small as `elvis evaluate` keeps it, and the
+    bundled model saved as a checkpoint of its own fusion (its votes are spread apart: no near
+    ties among the strongest)."""
     cwd = tmp_path_factory.mktemp("explain")
     root = cwd / "tiny"
     names = write_views(root / "jpg")
@@ -68,8 +59,8 @@ def files(tmp_path_factory) -> SimpleNamespace:
     extract([root / "jpg" / f"{name}.jpg" for name in gallery], settings / "gallery.h5")
     extract([root / "jpg" / f"{n}.jpg" for n in queries], settings / "query.h5")
     with FeatureStore.open(settings / "gallery.h5") as store:
-        save_checkpoint(cwd / "c.pt", random_elvis(store.local_dim), store.backbone_settings,
-                        Fusion(0.3, 0.2))
+        save_checkpoint(cwd / "c.pt", load_checkpoint("efficientnet-lite0").model,
+                        store.backbone_settings, Fusion(0.3, 0.2))
         padded = int((store.read_local(range(store.num_images))[..., 3] > 0.5).sum())
     assert padded, "the test wants padding slots"
     return SimpleNamespace(cwd=cwd, root=root, gallery=settings / "gallery.h5",
@@ -168,8 +159,7 @@ def test_the_contributions_add_up_to_the_raw_score_of_elvis_rerank(files, tmp_pa
     for query, gallery in (("cat_1", "cat_0"), ("coffee_1", "rocket_1")):
         rows = table[table["query_path"].str.endswith(f"{query}.jpg")
                      & table["gallery_path"].str.endswith(f"{gallery}.jpg")]
-        if rows.empty:
-            continue
+        assert len(rows) == 1  # every other image is in the shortlist of 5
         explanation = explained(files, f"{query}.jpg", f"{gallery}.jpg")
         reranked = rows.iloc[0]
         assert explanation.raw_score == pytest.approx(reranked["raw_score"], abs=1e-4)
@@ -181,8 +171,6 @@ def test_the_contributions_add_up_to_the_raw_score_of_elvis_rerank(files, tmp_pa
         assert sum(part.votes for part in parts) == explanation.counted_votes
         assert sum(part.total for part in parts) == pytest.approx(explanation.raw_score,
                                                                   abs=1e-4)
-    assert (table["query_path"].str.endswith("cat_1.jpg")
-            & table["gallery_path"].str.endswith("cat_0.jpg")).any()
 
 
 def test_a_photo_not_in_the_file_is_extracted_as_search_would(files, monkeypatch, tmp_path):

@@ -196,8 +196,6 @@ def explain_pair(query: str | int | Path, gallery: str | int | Path, *,
     from elvis_cli.explanation.embedding import embed_row
     from elvis_cli.features.released import open_local
     from elvis_cli.model.registry import load_reranker
-    from elvis_cli.retrieval.result_files import openable_path
-    from elvis_cli.retrieval.search import extracted_photos
     from elvis_cli.util.devices import resolve_device
 
     check_fusion(lam, temperature)
@@ -205,45 +203,59 @@ def explain_pair(query: str | int | Path, gallery: str | int | Path, *,
         raise InputError(f"correspondences drawn must be positive, got {top}")
     files = [features, gallery_features if gallery_features is not None else features]
     with ExitStack() as stack:
-        stores: list[FeatureStore | None] = [
-            None if path is None else stack.enter_context(open_local(path,
-                                                                      allow_external_sources))
-            for path in files]
-        sides = []
-        for item, store in zip((query, gallery), stores, strict=True):
-            row = None if store is None else _row_of(store, item)
-            if row is None:
-                settings = _extraction_settings(store, item)
-                store, _ = stack.enter_context(
-                    extracted_photos([Path(str(item))], settings, device, None))
-                row = 0
-            path = store.paths[row] if store.root is None else openable_path(store.root,
-                                                                            store.paths[row])
-            in_file = None if store.temporary else str(store.path)
-            sides.append((store, row, path, in_file))
-        (query_store, query_row, *_), (gallery_store, gallery_row, *_) = sides
-        reranker = load_reranker("elvis", gallery_store, checkpoint, lam, temperature)
+        sides = [_located(item, None if path is None else stack.enter_context(
+                     open_local(path, allow_external_sources)), device, stack)
+                 for item, path in zip((query, gallery), files, strict=True)]
+        reranker = load_reranker("elvis", sides[1].store, checkpoint, lam, temperature)
         model = reranker.model.to(resolve_device(device)).eval()
-        src, tgt = (embed_row(model, store, row, num_local, model.dust_bin.device)
-                    for store, row, *_ in sides)
+        src, tgt = (embed_row(model, side.store, side.row, num_local, model.dust_bin.device)
+                    for side in sides)
         with torch.inference_mode():
             raw_score = float(model.score(src.embedded, tgt.embedded)[0])
             transport = model.transport(src.embedded, tgt.embedded)
-        global_score = float(query_store.global_descriptors()[query_row]
-                             @ gallery_store.global_descriptors()[gallery_row])
-    images = [ExplainedImage(path, in_file, None if in_file is None else row,
-                             image.positions, image.gains, image.padding)
-              for (_, row, path, in_file), image in zip(sides, (src, tgt), strict=True)]
+        global_score = float(sides[0].store.global_descriptors()[sides[0].row]
+                             @ sides[1].store.global_descriptors()[sides[1].row])
+    query_image, gallery_image = (
+        ExplainedImage(side.path, side.features, None if side.features is None else side.row,
+                       image.positions, image.gains, image.padding)
+        for side, image in zip(sides, (src, tgt), strict=True))
     plan = transport.plan.float().cpu().numpy()
     targets = np.concatenate([plan.argmax(axis=1), plan.argmax(axis=0)])
     votes = transport.votes.float().cpu().numpy()
     contributions = transport.confidences.float().cpu().numpy()
     return PairExplanation(
-        images[0], images[1], reranker.label, reranker.fusion, global_score, raw_score,
+        query_image, gallery_image, reranker.label, reranker.fusion, global_score, raw_score,
         votes, targets, contributions,
         strongest_similarities(transport.similarity.float().cpu().numpy(), top),
-        strongest_votes(votes, contributions, targets, images[0].padding, images[1].padding,
-                        top))
+        strongest_votes(votes, contributions, targets, query_image.padding,
+                        gallery_image.padding, top))
+
+
+@dataclass
+class _Side:
+    """Where one image of the pair is read from."""
+
+    store: FeatureStore
+    row: int
+    path: str  # the photo, as it opens from the current folder
+    features: str | None  # the features file named; None: extracted for this call
+
+
+def _located(item: str | int | Path, store: FeatureStore | None, device: str,
+             stack: ExitStack) -> _Side:
+    """`item` in `store`, or extracted (for as long as `stack` lasts) to be compared with it."""
+    from elvis_cli.retrieval.result_files import openable_path
+    from elvis_cli.retrieval.search import extracted_photos
+
+    row = None if store is None else _row_of(store, item)
+    if row is None:
+        settings = _extraction_settings(store, item)
+        store, _ = stack.enter_context(extracted_photos([Path(str(item))], settings, device,
+                                                        None))
+        row = 0
+    name = store.paths[row]
+    return _Side(store, row, name if store.root is None else openable_path(store.root, name),
+                 None if store.temporary else str(store.path))
 
 
 def strongest_similarities(similarity: np.ndarray, top: int) -> list[Correspondence]:
