@@ -138,8 +138,8 @@ class PairExplanation:
         """What the raw score is made of, and the fused score: the picture's text panel and
         what `elvis explain` prints."""
         fusion = self.fusion
-        where = [f"{image.path}" + (f" (row {image.index} of {image.features})"
-                                    if image.features else "")
+        where = [image.path + (f" (row {image.index} of {image.features})" if image.features
+                               else " (extracted for this run)")
                  for image in (self.query, self.gallery)]
         lines = [f"query   {where[0]}", f"gallery {where[1]}",
                  f"checkpoint {self.checkpoint}: raw score {self.raw_score:.2f} = the sum of "
