@@ -39,6 +39,14 @@ _PUBLIC = {
     "TrainConfig": "elvis_cli.training.config",
     "TrainReport": "elvis_cli.training.loop",
     "RoundFinished": "elvis_cli.training.loop",
+    "explain_files": "elvis_cli.explanation.files",  # elvis explain
+    "ExplainRun": "elvis_cli.explanation.files",
+    "explain_pair": "elvis_cli.explanation.pair",
+    "PairExplanation": "elvis_cli.explanation.pair",
+    "draw_pair_explanation": "elvis_cli.explanation.pair",
+    "explain_checkpoint": "elvis_cli.explanation.curves",
+    "CheckpointCurves": "elvis_cli.explanation.curves",
+    "draw_checkpoint_curves": "elvis_cli.explanation.curves",
     # (elvis export: export_official)
     # named settings
     "Preset": "elvis_cli.model.presets",

@@ -86,6 +86,7 @@ LIBRARY_DEFAULTS = {
     **{("rerank", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"),
         ("batch_size", "batch_size"), ("precision", "precision"))},
+    ("explain", "use_local"): ("RerankConfig", "num_local"),
     **{("search", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
@@ -516,6 +517,73 @@ def search(
         print(f"elvis: skipped {photo}: {reason}", file=sys.stderr)
     if run.skipped:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command(cls=_Command)
+def explain(
+    query: Annotated[str | None, typer.Argument(
+        show_default=False, help="Query image: a photo, or with --features a row index, stored "
+                                 "name or path of that file.")] = None,
+    gallery: Annotated[str | None, typer.Argument(
+        show_default=False, help="Gallery image, likewise (in --gallery-features if given).")
+    ] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="Features file the images are taken from (photos not in it are extracted with "
+             "its backbone settings). Without images: a benchmark's features file as `elvis "
+             "evaluate` keeps it (DATASET/features/SETTINGS/gallery.h5), whose matching and "
+             "non-matching pairs' votes are drawn beneath f and g.")] = None,
+    gallery_features: Annotated[Path | None, typer.Option(
+        help="Features file of the gallery image; default: --features.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint name or path; default: the one matching the features' backbone (the "
+             "bundled one without features).")] = None,
+    lam: Annotated[float | None, typer.Option(
+        help="Fusion weight of the global score; default: the checkpoint's.")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temp", help="Fusion temperature on the raw score; default: the checkpoint's.")] = None,
+    use_local: UseLocalOption = None,
+    device: DeviceOption = None,
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="The picture (.png); checked before any work.")
+    ] = Path("explain.png"),
+    svg: Annotated[bool, typer.Option("--svg", help="Also write the picture as SVG beside it.")
+                   ] = False,
+    json_output: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the numbers drawn as JSON.")] = None,
+    allow_external_sources: ExternalOption = False,
+) -> None:
+    """Why an image matched: the strongest correspondences before and after optimal transport,
+    the dustbin gains and the raw score taken apart, as a picture. Without images: the
+    checkpoint's learned f and g.
+
+    Examples: `elvis explain q.jpg g.jpg`, `elvis explain 3 g0095.jpg --features feats.h5`,
+    `elvis explain --checkpoint efficientnet-lite0`
+    """
+    from elvis_cli import explain_files
+
+    options = {"device": device} if device else {}
+    if use_local is not None:
+        options["num_local"] = use_local
+    run = explain_files(query, gallery, features=features, gallery_features=gallery_features,
+                        checkpoint=checkpoint, lam=lam, temperature=temperature, output=output,
+                        svg=svg, json_output=json_output,
+                        allow_external_sources=allow_external_sources, **options)
+    if run.pair is not None:
+        for line in run.pair.breakdown():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        curves = run.curves
+        console.print(f"checkpoint {curves.checkpoint} (lam={curves.fusion.lam}, "
+                      f"temp={curves.fusion.temperature}): f and g", highlight=False)
+        labelled = curves.labelled
+        if labelled is not None:
+            console.print(
+                f"{labelled.dataset}: {len(labelled.matching_scores)} matching pairs (mean raw "
+                f"score {labelled.matching_scores.mean():.2f}), {len(labelled.other_scores)} "
+                f"non-matching (mean {labelled.other_scores.mean():.2f})", highlight=False)
+    written = [path for path in (run.picture, run.svg, run.json) if path is not None]
+    console.print("-> " + ", ".join(map(str, written)), markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command(cls=_Command)
