@@ -3,8 +3,12 @@
     apt-get download kphotoalbum libjxl-testdata gimp-help-en stellarium-data \
         visp-images-data tuxpaint-stamps-default
     for f in *.deb; do dpkg -x "$f" heldout-sources; done
-    python examples/make_heldout.py --sources heldout-sources --wallpapers wallpapers \
-        --out ~/.cache/elvis/data/heldout
+    python examples/make_heldout.py --sources heldout-sources --wallpapers WALLPAPERS \
+        [--opencv-data DIR] [--out ~/.cache/elvis/data/heldout]
+
+WALLPAPERS is where the training wallpaper packages were unpacked (see
+collect_training_photos.py) and --opencv-data the demo's sources (opencv-doc); the README
+("Held-out benchmark") has every command.
 
 Its photos come from six Debian packages that neither the demo (make_demo.py: opencv-doc and
 scikit-image's motorcycle pair) nor training (collect_training_photos.py) uses: KPhotoAlbum's
