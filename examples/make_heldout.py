@@ -60,7 +60,10 @@ from make_demo import (
 
 SEED = 1517
 DEFAULT_OUT = Path.home() / ".cache" / "elvis" / "data" / "heldout"
-RESERVED_PACKAGES = ("plasma-workspace-wallpapers", "gnome-backgrounds", "gcompris-qt-data")
+# packages reserved for an independent check, and where they install their images
+RESERVED_PACKAGES = {"plasma-workspace-wallpapers": "usr/share/wallpapers",
+                     "gnome-backgrounds": "usr/share/backgrounds/gnome",
+                     "gcompris-qt-data": "usr/share/gcompris-qt"}
 OBJECT_BACKDROP = (236, 236, 232)  # behind cut-out objects (Tux Paint stamps)
 SKY_BACKDROP = (150, 185, 225)  # behind the transparent sky of Stellarium's landscapes
 
@@ -162,11 +165,12 @@ def _sha256(path: Path) -> str:
 
 def check_disjoint(sources: list[Path], forbidden: list[Path]) -> None:
     """Refuse (SystemExit) if a source has the bytes of a forbidden file (a demo or training
-    source) or of another source, or lies under a reserved package's folder name."""
+    source) or of another source, or lies in a reserved package (a folder named after it, or
+    where it installs its images)."""
     for path in sources:
-        reserved = [p for p in RESERVED_PACKAGES if p in path.parts]
-        if reserved:
-            raise SystemExit(f"{path} is from {reserved[0]}, reserved for an independent check")
+        for package, folder in RESERVED_PACKAGES.items():
+            if package in path.parts or f"/{folder}/" in f"/{path.as_posix()}":
+                raise SystemExit(f"{path} is from {package}, reserved for an independent check")
     taken = {_sha256(path): path for path in forbidden}
     for path in sources:
         digest = _sha256(path)

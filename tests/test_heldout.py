@@ -43,10 +43,13 @@ def test_two_sources_with_the_same_bytes_are_refused(tmp_path):
         make_heldout.check_disjoint([first, second], [])
 
 
-def test_a_source_from_a_reserved_package_is_refused_before_any_is_read(tmp_path):
-    reserved = tmp_path / "gnome-backgrounds" / "usr" / "share" / "x.jpg"  # never created
-    with pytest.raises(SystemExit, match="from gnome-backgrounds, reserved"):
-        make_heldout.check_disjoint([reserved], [])
+@pytest.mark.parametrize(("where", "package"), [
+    ("gnome-backgrounds/usr/share/x.jpg", "gnome-backgrounds"),  # unpacked into its own folder
+    ("all/usr/share/wallpapers/Next/contents/images/1.jpg", "plasma-workspace-wallpapers"),
+    ("all/usr/share/gcompris-qt/rcc/a.jpg", "gcompris-qt-data")])
+def test_a_source_from_a_reserved_package_is_refused_before_any_is_read(tmp_path, where, package):
+    with pytest.raises(SystemExit, match=f"from {package}, reserved"):  # the file is never made
+        make_heldout.check_disjoint([tmp_path / where], [])
 
 
 def test_every_listed_source_is_used_once():
