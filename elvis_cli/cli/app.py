@@ -709,7 +709,17 @@ def report(
     max_thumbnails: Annotated[int | None, typer.Option(
         min=0, help="Thumbnails made in all; further images are shown by name.")] = None,
     explain_top: Annotated[int | None, typer.Option(
-        min=0, help="Pairs per query (the best re-ranked) drawn by `elvis explain`.")] = None,
+        min=0, help="Pairs per query (the best re-ranked) drawn by `elvis explain`, with "
+                    "--features.")] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="Features file the results were made from (the queries', with --gallery-features)"
+             ": its best pairs get explain pictures.")] = None,
+    gallery_features: Annotated[Path | None, typer.Option(
+        help="Features file of the gallery; default: --features.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint of the explain pictures; default: the one matching the features.")
+    ] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Write a results page of a re-ranking output: per query, the top results before and after
     re-ranking side by side; one folder, opens from disk (no server, no network).
@@ -722,7 +732,9 @@ def report(
                      max_thumbnails=max_thumbnails, explain_top=explain_top)
     with _Progress(transient=True) as bars:
         run = report_results(results, output, data_root=data_root, dataset=dataset,
-                             evaluation_dir=evaluation, config=config, progress=bars)
+                             evaluation_dir=evaluation, config=config, features=features,
+                             gallery_features=gallery_features, checkpoint=checkpoint,
+                             device=device or "cpu", progress=bars)
     colours = (f"coloured by {run.ground_truth}" if run.ground_truth
                else "no ground truth: not coloured")
     console.print(f"{run.queries} queries on {run.pages} page(s), {run.thumbnails} thumbnails, "

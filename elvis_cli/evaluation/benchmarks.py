@@ -96,13 +96,16 @@ def evaluate_datasets(
     report.write_results(per_query, None, outputs["per_query"])
     report.plot_runtime(table, outputs["plot"])
     if results_page:
-        from elvis_cli.reporting.report import write_report
+        from elvis_cli.reporting.report import pair_pictures, write_report
 
         for dataset, result in zip(loaded, results, strict=True):
+            # explain pictures show ELViS's view: only of a ranking ELViS made
+            explain = (pair_pictures(*result.features_files, config.checkpoint, config.device)
+                       if result.ranking_label.startswith("elvis") else None)
             write_report(result.ranking, outputs[f"report {dataset.name}"],
                          source=f"elvis evaluate: {dataset.name}, {result.ranking_label}",
                          ground_truth=dataset, evaluation_table=outputs["csv"],
-                         runtime_plot=outputs["plot"], progress=progress)
+                         runtime_plot=outputs["plot"], explain=explain, progress=progress)
     return EvaluationRun(table, report.summary_table(table), report.runtime_curve(table),
                          report.grid_best(table), per_query, report.reranking_changes(per_query),
                          outputs, not_ready)

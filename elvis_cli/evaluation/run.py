@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss  # noqa: F401  (loaded with this module: the timed global search must not pay for it)
@@ -88,6 +89,7 @@ class DatasetResult:
     # made it, e.g. "elvis@100, medium protocol"
     ranking: Any = None  # pd.DataFrame
     ranking_label: str = ""
+    features_files: tuple[Path, Path] | None = None  # the ranking's queries' and gallery's
 
 
 # a kept ranking holds each query's first PAGE_DEPTH entries (or its shortlist, if longer): a
@@ -176,6 +178,7 @@ def evaluate_dataset(
                                   after and post == "none", post_seconds, checkpoint, progress,
                                   grid if post == "none" else None,
                                   page if keep_ranking and position == 0 else None)
+        files = (Path(features.queries.path), Path(features.gallery.path))
         if keep_ranking and not page:  # nothing re-ranked: the global ranking
             nothing = np.full(features.ranking.indices.shape, np.nan, dtype=np.float32)
             page.append((RerankResult(features.ranking.indices, features.ranking.similarities,
@@ -189,7 +192,7 @@ def evaluate_dataset(
                                                           kept.raw_scores, kept.scores))),
             [str(path) for path in dataset.query_paths()],
             [str(path) for path in dataset.gallery_paths()])
-        result.ranking_label = label
+        result.ranking_label, result.features_files = label, files
     return result
 
 

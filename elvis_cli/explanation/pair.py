@@ -344,6 +344,13 @@ def draw_pair_explanation(explanation: PairExplanation, output: Path, *,
     return save_figure(pair_figure(explanation), output, svg)
 
 
+def write_pair_picture(query: str | int | Path, gallery: str | int | Path, output: Path,
+                       **options: Any) -> Path:
+    """`explain_pair` (with `options`) drawn into `output`: the picture a results page links
+    to for one of its pairs."""
+    return draw_pair_explanation(explain_pair(query, gallery, **options), output)
+
+
 def pair_figure(explanation: PairExplanation) -> Figure:
     """The picture: correspondences before and after optimal transport over the two photos
     side by side, each coloured by its value; the dustbin gains painted over the photos; the

@@ -13,6 +13,7 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,8 @@ def report_results(
     results: str | Path, output_dir: str | Path = DEFAULT_REPORT_DIR, *,
     data_root: str | Path | None = None, dataset: str | None = None,
     evaluation_dir: str | Path | None = None, config: ReportConfig | None = None,
+    features: str | Path | None = None, gallery_features: str | Path | None = None,
+    checkpoint: str | Path | None = None, device: str = "cpu",
     explain: ExplainPair | None = None, progress: ProgressCallback | None = None,
 ) -> ReportRun:
     """Write the results page of `results` (a table from `elvis rerank -o`) into `output_dir`.
@@ -67,9 +70,13 @@ def report_results(
     With `dataset` (under `data_root`, default `$ELVIS_DATA_ROOT`) the results are coloured by
     its ground truth, which must hold every query of the results. The evaluate table and
     runtime curve are read from `evaluation_dir` (default: the results' folder) where they
-    exist. `explain`, when given, draws the best `config.explain_top` pairs of each query.
+    exist. The best `config.explain_top` pairs of each query are drawn by `explain`, by default
+    `elvis explain` on the run's `features` (`gallery_features`) and `checkpoint`: without
+    features, none (the page's images alone cannot say how they were extracted).
     """
     output = checked_report_folder(output_dir)
+    if explain is None and features is not None:
+        explain = pair_pictures(features, gallery_features, checkpoint, device)
     table = read_ranking_table(results)
     ground_truth = None
     if dataset is not None:
@@ -175,6 +182,15 @@ def _evaluation_table(path: Path | None) -> str | None:
         raise InputError(f"cannot read the evaluation results {path}: {error}") from None
     return summary.to_html(index=False, na_rep="-", float_format="%.2f", border=0,
                            classes="summary")
+
+
+def pair_pictures(features: str | Path, gallery_features: str | Path | None = None,
+                  checkpoint: str | Path | None = None, device: str = "cpu") -> ExplainPair:
+    """`elvis explain` of a results page's pairs, whose images are in these features files."""
+    from elvis_cli.explanation.pair import write_pair_picture
+
+    return partial(write_pair_picture, features=features, gallery_features=gallery_features,
+                   checkpoint=checkpoint, device=device)
 
 
 def _explain_pictures(rankings: list[QueryRanking], output: Path, folder: Path, top: int,
