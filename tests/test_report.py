@@ -166,6 +166,21 @@ def test_explain_pictures_of_the_best_pairs_are_linked(bench):
     assert report_results(bench.results, bench.cwd / "page").explained == 4
 
 
+def test_with_its_features_the_best_pairs_get_elvis_explain_pictures(bench):
+    assert cli_in("extract", "data/toy/jpg", "-o", "feats.h5", *SMALL,
+                  cwd=bench.cwd).returncode == 0
+    result = report(bench, "--features", "feats.h5", "--explain-top", "1")
+    assert result.returncode == 0, result.stderr
+    assert "2 explain pictures" in result.stdout
+    pictures = {f"explain/{picture.name}" for picture in (bench.cwd / "page" / "explain").iterdir()}
+    assert pictures == {"explain/astronaut_0__astronaut_1.png", "explain/cat_0__cat_1.png"}
+    for picture in pictures:  # elvis explain's picture: photos, correspondences, text
+        with Image.open(bench.cwd / "page" / picture) as image:
+            assert image.width > 400 and image.height > 400
+    html = (bench.cwd / "page" / "index.html").read_text()
+    assert set(re.findall(r'<a class="explain" href="([^"]+)">', html)) == pictures
+
+
 def test_evaluation_table_and_curve_are_summarised_at_the_top(bench):
     (bench.cwd / "eval").mkdir()
     shutil.copyfile(Path(__file__).parent.parent / "docs" / "demo" / "runtime.png",
