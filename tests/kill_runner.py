@@ -2,9 +2,10 @@
 
     python -m tests.kill_runner POINT NTH ACTION [elvis arguments...]
 
-POINT names a moment of extraction or re-ranking, NTH picks its n-th occurrence, ACTION is `kill` (SIGKILL
-ourselves, as `kill -9` or the OOM killer would) or `pause` (write `$ELVIS_PAUSED`, then sleep
-until killed). The library is not modified: the hooks wrap real functions from outside.
+POINT names a moment of extraction or re-ranking, NTH picks its n-th occurrence, ACTION is
+`kill` (SIGKILL ourselves, as `kill -9` or the OOM killer would) or `pause` (write
+`$ELVIS_PAUSED`, then sleep until killed). The library is not modified: the hooks wrap real
+functions from outside.
 """
 
 import os

@@ -15,16 +15,20 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from elvis_cli import RerankConfig, TaskProgress, rerank_files
+from elvis_cli.evaluation.datasets import RetrievalDataset
+from elvis_cli.evaluation.run import DatasetFeatures, EvaluateConfig, evaluate_dataset
 from elvis_cli.features.store import FeatureStore
-from elvis_cli.model.checkpoints import save_checkpoint
+from elvis_cli.model.checkpoints import Checkpoint, save_checkpoint
+from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.retrieval.job import parts_folder
-from elvis_cli.retrieval.rerank import BlockReranker
+from elvis_cli.retrieval.rerank import BlockReranker, PairScorer
 from elvis_cli.retrieval.result_files import write_results
-from elvis_cli.retrieval.shortlist import build_shortlist
+from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.lock import exclusive_lock
 from tests.helpers import REPO, cli_in, random_checkpoint, random_model, write_store
@@ -232,3 +236,62 @@ def test_killed_then_the_same_command_writes_the_same_bytes(folder, point, nth, 
     assert f"resumed: {kept} of 4 blocks kept" in resumed.stdout
     assert (folder / "r.csv").read_bytes() == (folder / "reference.csv").read_bytes()
     assert not list(parts_folder(folder / "r.csv").glob(".*.tmp"))
+
+
+# --- evaluate: each re-ranking run's scores in parts -------------------------------------------
+
+
+QUERIES, GALLERY = 5, 10
+GROUND_TRUTH = [{"ok": np.array([query + 1]), "junk": np.array([query + 2])}
+                for query in range(QUERIES)]
+
+
+def evaluate_toy(folder: Path, parts: Path, block_size: int = 2) -> list[dict]:
+    """The rows of `evaluate_dataset` on 5 queries and 10 gallery images (ok/junk ground
+    truth), an ELViS of random weights at shortlist sizes 2 and 4, parts in `parts`."""
+    rng = np.random.default_rng(3)
+    for name, count in (("q.h5", QUERIES), ("g.h5", GALLERY)):
+        if not (folder / name).exists():
+            write_store(folder / name, rng, count, 6, [6] * count, dim=16).close()
+    dataset = RetrievalDataset("toy", folder, [f"g{i}" for i in range(GALLERY)],
+                               [f"q{i}" for i in range(QUERIES)], GROUND_TRUTH, "ok-junk",
+                               map_k=4)
+    ranking = Shortlist(np.tile(np.arange(GALLERY), (QUERIES, 1)),
+                        np.tile(np.linspace(0.9, 0.1, GALLERY, dtype=np.float32), (QUERIES, 1)))
+
+    def source(dataset, config, progress):
+        return DatasetFeatures(FeatureStore.open(folder / "q.h5"),
+                               FeatureStore.open(folder / "g.h5"), ranking, 0.0, "test")
+
+    torch.manual_seed(0)
+    checkpoint = Checkpoint(Elvis(ElvisConfig(descriptor_dim=16)), "random", None,
+                            Fusion(0.0, 2.0))
+    config = EvaluateConfig(shortlists=(0, 2, 4), models=("elvis",), device="cpu",
+                            block_size=block_size)
+    rows = evaluate_dataset(dataset, config, checkpoint, source=source, parts=parts).rows
+    return [{key: value for key, value in row.items() if key != "seconds_per_query"}
+            for row in rows]
+
+
+def test_an_interrupted_evaluation_resumes_from_its_parts(tmp_path, monkeypatch):
+    uninterrupted = evaluate_toy(tmp_path, tmp_path / "fresh")
+    score, calls = PairScorer.score, []
+
+    def interrupted(self, candidates, progress=None, first_query=0):
+        if len(calls) == 3:  # the warm-up, two blocks of shortlist 2, then Ctrl-C
+            raise KeyboardInterrupt
+        calls.append(first_query)
+        return score(self, candidates, progress, first_query)
+
+    monkeypatch.setattr(PairScorer, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_toy(tmp_path, tmp_path / "parts")
+    folder = tmp_path / "parts" / "toy" / "elvis@2"
+    assert len(list(folder.glob("part-*.npz"))) == 2
+    calls.clear()
+    monkeypatch.setattr(PairScorer, "score", lambda self, *args, **kwargs: (
+        calls.append(kwargs.get("first_query", 0)), score(self, *args, **kwargs))[1])
+    assert evaluate_toy(tmp_path, tmp_path / "parts") == uninterrupted
+    assert calls == [0, 4, 0, 2, 4]  # warm-up, the last block of 2, every block of 4
+    assert evaluate_toy(tmp_path, tmp_path / "parts", block_size=3) == uninterrupted
+    assert len(list(folder.glob("part-*.npz"))) == 2  # another block size: started over

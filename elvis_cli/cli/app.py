@@ -90,7 +90,8 @@ LIBRARY_DEFAULTS = {
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
         ("backbone", "backbone"), ("shortlist_sizes", "shortlists"), ("model", "models"),
-        ("use_local", "num_local"), ("device", "device"), ("post", "post"))},
+        ("use_local", "num_local"), ("device", "device"), ("post", "post"),
+        ("block_size", "block_size"))},
     **{("evaluate", option): ("FusionGrid", field) for option, field in (
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
     **{(command, option): ("PostConfig", option) for command in ("shortlist", "rerank", "evaluate")
@@ -561,8 +562,12 @@ def evaluate(
     query_image_size: QueryImageSizeOption = None,
     device: DeviceOption = None,
     embedding_cache: EmbeddingCacheOption = None,
+    block_size: Annotated[int | None, typer.Option(
+        min=1, help="Queries per part of each re-ranking run's scores, kept in OUT_DIR/parts/: "
+                    "the same command, re-run after a kill, skips the parts done.")] = None,
     out_dir: Annotated[Path | None, typer.Option(
-        help="Where results.json/.csv and runtime.png go; default elvis-results.")] = None,
+        help="Where results.json/.csv, runtime.png and parts/ go; default elvis-results.")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="JSON results path.")] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV results path.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
@@ -598,7 +603,8 @@ def evaluate(
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
                      num_local=use_local, device=device, descriptors=descriptors,
                      embedding_cache=embedding_cache, query_crops=query_crops,
-                     query_image_size=query_image_size, post=post, post_config=post_config)
+                     query_image_size=query_image_size, post=post, post_config=post_config,
+                     block_size=block_size)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,

@@ -300,7 +300,7 @@ def rerank_files(
             query_store, gallery_store, same):
         from elvis_cli.features.released import released_gallery
         from elvis_cli.model.registry import load_reranker
-        from elvis_cli.retrieval.job import Block, open_job, run_blocks
+        from elvis_cli.retrieval.job import Block, RerankJob, held, run_blocks
         from elvis_cli.retrieval.rerank import BlockReranker, rerank_table
 
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
@@ -320,15 +320,15 @@ def rerank_files(
         num_queries, job = query_store.num_images, None
         if output is None:
             results: list[RerankResult] = []
-            run_blocks(rerank_block, [Block(0, 0, num_queries)],
-                       lambda _, result: results.append(result), num_queries, progress)
+            run_blocks(rerank_block, rerank_block.pairs_per_query(), [Block(0, 0, num_queries)],
+                       lambda _, result: results.append(result), progress)
             table = rerank_table(results[0], *paths)
             tables, rows = (lambda: iter([table])), len(table)
         else:
-            with open_job(output, rerank_block.identity(), num_queries,
-                          config.block_size) as (parts, job):
-                run_blocks(rerank_block, parts.todo(), parts.write, num_queries, progress,
-                           job.summary())
+            parts = RerankJob(output, rerank_block.identity(), num_queries, config.block_size)
+            with held(parts, output) as job:
+                run_blocks(rerank_block, rerank_block.pairs_per_query(), parts.todo(),
+                           parts.write_result, progress, job.summary())
                 rows = write_results_streamed(parts.tables(*paths), output)
             tables = partial(parts.tables, *paths)
     return RerankRun(tables, rows, model, reranker.label, reranker.fusion, output, post_report,

@@ -1,17 +1,19 @@
-"""Re-ranking runs that resume: results written in parts, one per block of queries, in a
-folder beside the output (`OUTPUT.parts/`), with a manifest of what the run is.
+"""Re-ranking runs that resume: results written in parts, one per block of queries, with a
+manifest of what the run is. `elvis rerank -o OUTPUT` keeps its parts beside the output
+(`OUTPUT.parts/`: each block's fused ranking, RerankJob); `elvis evaluate` keeps each
+re-ranking run's raw scores in its out dir (evaluation/run.py).
 
-A part (`part-NNNNN.npz`: the block's fused ranking as arrays, and the digest of the run it
-belongs to) is written atomically once its block is done, so a killed run loses at most the
-block it was in. The manifest, replaced atomically, records everything the results depend on
-(`BlockReranker.identity`: the features files, the shortlist's contents, the model's weights
-and fusion, the settings that change scores) and the block size: the same command finds its
-parts and skips their blocks; a run with other inputs or settings deletes them, starts over
-and says what differed. The output is assembled from the parts in query order, one block in
-memory at a time. A block is a pure function of the features, its rows of the shortlist and
-the config, and its part is named by its block alone, so any process can compute any block.
+A part (`part-NNNNN.npz`: the block's arrays, and the digest of the run it belongs to) is
+written atomically once its block is done, so a killed run loses at most the block it was in.
+The manifest, replaced atomically, records everything the results depend on (for rerank
+`BlockReranker.identity`: the features files, the candidate lists' contents, the model's
+weights and fusion, the settings that change scores) and the block size: the same command
+finds its parts and skips their blocks; a run with other inputs or settings deletes them,
+starts over and says what differed. rerank's output is assembled from the parts in query
+order, one block in memory at a time. A block is a pure function of the features, its rows
+of the candidate lists and the config, and its part is named by its block alone, so any
+process can compute any block (`run_blocks` does them in turn, here).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -35,11 +37,10 @@ from elvis_cli.util.progress import ProgressCallback, TaskProgress
 if TYPE_CHECKING:
     import pandas as pd
 
-    from elvis_cli.retrieval.rerank import BlockReranker
-
+T = TypeVar("T")
 FORMAT = "elvis-cli-rerank-parts/1"
 MANIFEST = "manifest.json"
-ARRAYS = ("indices", "global_scores", "raw_scores", "scores")  # RerankResult's, in a part
+RANKING = ("indices", "global_scores", "raw_scores", "scores")  # RerankResult's arrays
 
 
 def parts_folder(output: Path) -> Path:
@@ -76,12 +77,13 @@ class JobReport:
         return ""
 
 
-class RerankJob:
-    """The parts folder of one run: which blocks are done, writing and reading their parts."""
+class Job:
+    """The parts folder of one run: which blocks are done, writing and reading their parts,
+    each holding `arrays` (named arrays of one row per query of its block)."""
 
     def __init__(self, folder: Path, identity: dict[str, Any], num_queries: int,
-                 block_size: int) -> None:
-        self.folder = folder
+                 block_size: int, arrays: Sequence[str]) -> None:
+        self.folder, self.arrays = folder, tuple(arrays)
         # normalised as JSON stores it (tuples become lists), to compare with a manifest
         self.record = json.loads(json.dumps({"format": FORMAT, "queries": num_queries,
                                              "block_size": block_size, **identity},
@@ -90,6 +92,7 @@ class RerankJob:
                                      ).hexdigest()
         self.blocks = [Block(number, start, min(start + block_size, num_queries))
                        for number, start in enumerate(range(0, num_queries, block_size))]
+        self._done: set[int] = set()
 
     def prepare(self) -> JobReport:
         """Keep the parts of this same run, delete those of another (the manifest goes first,
@@ -105,24 +108,51 @@ class RerankJob:
             for stale in [*self.folder.glob("part-*.npz"), *self.folder.glob(".part-*.tmp")]:
                 stale.unlink()
             write_text_atomic(manifest, json.dumps(self.record, indent=1, sort_keys=True))
-        kept = len(self.blocks) - len(self.todo())
-        return JobReport(self.folder, len(self.blocks), kept, started_over)
+        self._done = {block.number for block in self.blocks if self._read(block) is not None}
+        return JobReport(self.folder, len(self.blocks), len(self._done), started_over)
 
     def todo(self) -> list[Block]:
         """Blocks without an intact part of this run (a damaged part is done again)."""
-        return [block for block in self.blocks if self._read(block) is None]
+        return [block for block in self.blocks if block.number not in self._done]
 
-    def write(self, block: Block, result: RerankResult) -> None:
+    def write(self, block: Block, arrays: dict[str, np.ndarray]) -> None:
         with atomic_path(self._path(block)) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, job=np.array(self.digest),
-                     **{name: getattr(result, name) for name in ARRAYS})
+                     **{name: arrays[name] for name in self.arrays})
+        self._done.add(block.number)
 
-    def read(self, block: Block) -> RerankResult:
-        result = self._read(block)
-        if result is None:
+    def read(self, block: Block) -> dict[str, np.ndarray]:
+        arrays = self._read(block)
+        if arrays is None:
             raise InputError(f"{self._path(block)} went missing or was damaged while the "
-                             "run was writing its output: run the same command again")
-        return result
+                             "run was using it: run the same command again")
+        return arrays
+
+    def _path(self, block: Block) -> Path:
+        return self.folder / f"part-{block.number:05d}.npz"
+
+    def _read(self, block: Block) -> dict[str, np.ndarray] | None:
+        """A block's part, if it is intact and of this run (zip checksums, names, rows)."""
+        try:
+            with np.load(self._path(block), allow_pickle=False) as part:
+                if str(part["job"]) != self.digest:
+                    return None
+                arrays = {name: part[name] for name in self.arrays}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, torn
+            return None
+        rows = block.stop - block.start
+        return arrays if all(len(array) == rows for array in arrays.values()) else None
+
+
+class RerankJob(Job):
+    """The parts of an `elvis rerank` run: each block's fused ranking (RerankResult)."""
+
+    def __init__(self, output: Path, identity: dict[str, Any], num_queries: int,
+                 block_size: int) -> None:
+        super().__init__(parts_folder(output), identity, num_queries, block_size, RANKING)
+
+    def write_result(self, block: Block, result: RerankResult) -> None:
+        self.write(block, {name: getattr(result, name) for name in RANKING})
 
     def tables(self, query_paths: Sequence[str], gallery_paths: Sequence[str]
                ) -> Iterator[pd.DataFrame]:
@@ -132,49 +162,31 @@ class RerankJob:
         queries, gallery = (np.asarray(paths, dtype=object)
                             for paths in (query_paths, gallery_paths))
         for block in self.blocks:
-            yield rerank_table(self.read(block), queries, gallery, block.start)
-
-    def _path(self, block: Block) -> Path:
-        return self.folder / f"part-{block.number:05d}.npz"
-
-    def _read(self, block: Block) -> RerankResult | None:
-        """A block's part, if it is intact and of this run (zip checksums, names, shapes)."""
-        try:
-            with np.load(self._path(block), allow_pickle=False) as part:
-                if str(part["job"]) != self.digest:
-                    return None
-                result = RerankResult(*(part[name] for name in ARRAYS))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, torn
-            return None
-        rows = block.stop - block.start
-        shapes = {getattr(result, name).shape for name in ARRAYS}
-        return result if len(shapes) == 1 and next(iter(shapes))[0] == rows else None
+            yield rerank_table(RerankResult(**self.read(block)), queries, gallery, block.start)
 
 
 @contextmanager
-def open_job(output: Path, identity: dict[str, Any], num_queries: int, block_size: int
-             ) -> Iterator[tuple[RerankJob, JobReport]]:
-    """The job of a run writing `output`, prepared (RerankJob.prepare), and held by this
-    process for the block: a second writer of the same output is refused."""
-    job = RerankJob(parts_folder(output), identity, num_queries, block_size)
+def held(job: Job, output: Path) -> Iterator[JobReport]:
+    """`job` prepared (Job.prepare) and held by this process for the block: a second run
+    writing the same `output` is refused."""
     with exclusive_lock(job.folder / "lock", str(output)):
-        yield job, job.prepare()
+        yield job.prepare()
 
 
-def run_blocks(rerank_block: BlockReranker, blocks: Sequence[Block],
-               write: Callable[[Block, RerankResult], None], num_queries: int,
+def run_blocks(work: Callable[[int, int, Callable[[], None]], T], pairs: np.ndarray,
+               blocks: Sequence[Block], write: Callable[[Block, T], None],
                progress: ProgressCallback | None = None, detail: str = "") -> None:
-    """Re-rank `blocks` of a run of `num_queries` queries in turn, each written by `write` as
-    soon as it is done; `progress` hears the queries ("re-ranking"), those of other blocks
-    (kept from an earlier run) as done already."""
-    pairs = rerank_block.pairs_per_query()
-    left = np.zeros(num_queries, dtype=bool)
+    """Do `blocks` of a run in turn (`work(start, stop, progress)`: queries start..stop-1,
+    `progress` called as each is scored), each result written by `write` as soon as it is
+    done. `pairs`: how many pairs each query of the run scores; `progress` hears the queries
+    ("re-ranking"), those of other blocks (kept from an earlier run) as done already."""
+    left = np.zeros(len(pairs), dtype=bool)
     for block in blocks:
         left[block.start:block.stop] = True
-    meter = Throughput(progress, "re-ranking", num_queries, int((~left).sum()),
+    meter = Throughput(progress, "re-ranking", len(pairs), int((~left).sum()),
                        int(pairs[left].sum()), detail)
     for block in blocks:
-        write(block, rerank_block(block.start, block.stop, meter.counter(pairs, block.start)))
+        write(block, work(block.start, block.stop, meter.counter(pairs, block.start)))
 
 
 class Throughput:

@@ -63,6 +63,11 @@ class PairScorer:
         # scores several shortlist sizes); a changed model needs a new PairScorer
         self.gallery = embedder(gallery, keep=True)
 
+    def identity(self) -> dict[str, Any]:
+        """What its scores depend on (`scoring_identity`)."""
+        return scoring_identity(self.reranker, self.queries.store, self.gallery.store,
+                                self.config)
+
     @torch.inference_mode()
     def score(self, candidates: np.ndarray, progress: Callable[[], None] | None = None,
               first_query: int = 0) -> np.ndarray:
@@ -260,28 +265,42 @@ class BlockReranker:
         return (self.shortlist.indices[:, :self.head] >= 0).sum(axis=1)
 
     def identity(self) -> dict[str, Any]:
-        """Everything a block's bits depend on: the features files, the shortlist's contents,
-        the re-ranker's weights and fusion, and the settings that change scores (CPU scores
-        are the same for any workers, batch, read and cache sizes)."""
-        device, dtype, _ = _placement(self.config)
-        shortlist = hashlib.sha256()
-        for array in (self.shortlist.indices, self.shortlist.similarities):
-            shortlist.update(f"{array.dtype}{array.shape}".encode())
-            shortlist.update(np.ascontiguousarray(array).tobytes())
-        weights = hashlib.sha256()
-        update_with_weights(weights, self.reranker)
-        return {
-            "queries": self.queries.identity(), "gallery": self.gallery.identity(),
-            "candidate lists": shortlist.hexdigest(),
-            "model": {"name": self.reranker.name, "label": self.reranker.label,
-                      "lam": self.reranker.fusion.lam,
-                      "temperature": self.reranker.fusion.temperature,
-                      "weights": weights.hexdigest()},
-            "settings": {"shortlist": self.head, "num_local": self.config.num_local,
-                         "device": device.type, "precision": str(dtype),
-                         **({} if device.type == "cpu" else
-                            {"batch_size": self.config.batch_size})},
-        }
+        """Everything a block's bits depend on: what its pairs' scores depend on
+        (`scoring_identity`), the candidate lists' contents, how many of each are scored,
+        and the fusion."""
+        identity = scoring_identity(self.reranker, self.queries, self.gallery, self.config)
+        identity["settings"]["shortlist"] = self.head
+        identity["model"].update(lam=self.reranker.fusion.lam,
+                                 temperature=self.reranker.fusion.temperature)
+        return {**identity, "candidate lists": digest_of(self.shortlist.indices,
+                                                         self.shortlist.similarities)}
+
+
+def scoring_identity(reranker: Reranker, queries: FeatureStore, gallery: FeatureStore,
+                     config: RerankConfig) -> dict[str, Any]:
+    """Everything the raw score of a pair depends on: the features files, the re-ranker and
+    its weights, and the settings that change scores (CPU scores are the same for any
+    workers, batch, read and cache sizes)."""
+    device, dtype, _ = _placement(config)
+    weights = hashlib.sha256()
+    update_with_weights(weights, reranker)
+    return {
+        "queries": queries.identity(), "gallery": gallery.identity(),
+        "model": {"name": reranker.name, "label": reranker.label,
+                  "weights": weights.hexdigest()},
+        "settings": {"num_local": config.num_local, "device": device.type,
+                     "precision": str(dtype),
+                     **({} if device.type == "cpu" else {"batch_size": config.batch_size})},
+    }
+
+
+def digest_of(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' types, shapes and contents."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def rerank(
