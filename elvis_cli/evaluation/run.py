@@ -418,7 +418,7 @@ class _RawScores:
         with held(job, job.folder) as report:
             todo = job.todo()
             run_blocks(partial(_timed, score), per_query, todo, job.write,
-                       self.progress, f"{detail}; {report.summary()}".rstrip("; "))
+                       self.progress, "; ".join(filter(None, (detail, report.summary()))))
             stored = [job.read(block) for block in job.blocks]
         earlier = sum(float(part["seconds"].sum()) for block, part in
                       zip(job.blocks, stored, strict=True) if block not in todo)

@@ -255,8 +255,8 @@ class BlockReranker:
         indices = self.shortlist.indices[start:stop]
         candidates = indices.copy()
         candidates[:, self.head:] = -1
-        raw = (self.scorer.score(candidates, progress, start) if self.scorer is not None
-               else np.full(candidates.shape, np.nan, dtype=np.float32))
+        raw = (np.full(candidates.shape, np.nan, dtype=np.float32) if self.scorer is None
+               else self.scorer.score(candidates, progress, first_query=start))
         return fuse_and_sort(indices, self.shortlist.similarities[start:stop], raw, self.head,
                              partial(_fused_in_whole_vectors, self.reranker.fuse))
 
