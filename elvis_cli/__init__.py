@@ -29,6 +29,9 @@ _PUBLIC = {
     "SearchRun": "elvis_cli.retrieval.search",
     "evaluate_datasets": "elvis_cli.evaluation.benchmarks",  # elvis evaluate
     "EvaluationRun": "elvis_cli.evaluation.benchmarks",
+    "report_results": "elvis_cli.reporting.report",  # elvis report
+    "ReportRun": "elvis_cli.reporting.report",
+    "ReportConfig": "elvis_cli.reporting.config",
     "list_datasets": "elvis_cli.evaluation.prepare",  # elvis datasets list
     "DatasetStatus": "elvis_cli.evaluation.prepare",
     "prepare_dataset": "elvis_cli.evaluation.prepare",  # elvis datasets prepare
@@ -36,6 +39,14 @@ _PUBLIC = {
     "TrainConfig": "elvis_cli.training.config",
     "TrainReport": "elvis_cli.training.loop",
     "RoundFinished": "elvis_cli.training.loop",
+    "explain_files": "elvis_cli.explanation.files",  # elvis explain
+    "ExplainRun": "elvis_cli.explanation.files",
+    "explain_pair": "elvis_cli.explanation.pair",
+    "PairExplanation": "elvis_cli.explanation.pair",
+    "draw_pair_explanation": "elvis_cli.explanation.pair",
+    "explain_checkpoint": "elvis_cli.explanation.curves",
+    "CheckpointCurves": "elvis_cli.explanation.curves",
+    "draw_checkpoint_curves": "elvis_cli.explanation.curves",
     # (elvis export: export_official)
     # named settings
     "Preset": "elvis_cli.model.presets",

@@ -96,13 +96,13 @@ def _open(name: str, opencv_data: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _fit(image: Image.Image, side: int) -> Image.Image:
+def fit(image: Image.Image, side: int) -> Image.Image:
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _crop_fraction(
+def crop_fraction(
     image: Image.Image, fraction: float, rng: np.random.Generator, region: Box | None = None
 ) -> Image.Image:
     """A random crop covering `fraction` of `region` (default: the whole image)."""
@@ -116,7 +116,7 @@ def _crop_fraction(
     return image.crop((round(left), round(top), round(left + cw), round(top + ch)))
 
 
-def _rotate_inside(image: Image.Image, degrees: float) -> Image.Image:
+def rotate_inside(image: Image.Image, degrees: float) -> Image.Image:
     """Rotate, then keep the largest centred rectangle of the same shape with no empty corner."""
     w, h = image.size
     c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
@@ -128,23 +128,26 @@ def _rotate_inside(image: Image.Image, degrees: float) -> Image.Image:
     )
 
 
-def _jitter_colour(image: Image.Image, rng: np.random.Generator, spread: float) -> Image.Image:
+def jitter_colour(image: Image.Image, rng: np.random.Generator, spread: float) -> Image.Image:
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         image = enhancer(image).enhance(rng.uniform(1 - spread, 1 + spread))
     return image
 
 
-def _shift_hue(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def shift_hue(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     hsv = np.asarray(image.convert("HSV")).copy()
     hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(50, 200))) % 256
-    return _jitter_colour(Image.fromarray(hsv, "HSV").convert("RGB"), rng, 0.3)
+    return jitter_colour(Image.fromarray(hsv, "HSV").convert("RGB"), rng, 0.3)
 
 
-def _perspective(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Show the whole photo as if seen from the side: each corner moves inwards by 5-25%."""
+def warp_perspective(
+    image: Image.Image, rng: np.random.Generator, inward_range: tuple[float, float] = (0.05, 0.25)
+) -> Image.Image:
+    """Show the whole photo as if seen from the side: each corner moves inwards by a random
+    fraction in `inward_range` of the side (the demo's 5-25%)."""
     w, h = image.size
     src = [(0, 0), (w, 0), (w, h), (0, h)]
-    inward = rng.uniform(0.05, 0.25, size=(4, 2)) * (w, h) * ((1, 1), (-1, 1), (-1, -1), (1, -1))
+    inward = rng.uniform(*inward_range, size=(4, 2)) * (w, h) * ((1, 1), (-1, 1), (-1, -1), (1, -1))
     dst = np.asarray(src, dtype=np.float64) + inward
     # PIL maps each output pixel to an input pixel: solve the homography dst -> src.
     rows, rhs = [], []
@@ -162,7 +165,7 @@ def _perspective(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     )
 
 
-def _random_box(
+def random_box(
     canvas: Image.Image,
     patch: Image.Image,
     area: tuple[float, float],
@@ -182,7 +185,7 @@ def _random_box(
 
 
 @dataclass
-class _Views:
+class Views:
     """Synthetic view makers for one photo; `region` keeps zoom-ins on the object."""
 
     image: Image.Image
@@ -190,43 +193,43 @@ class _Views:
     others: list[Image.Image]  # photos of other scenes: occluders and backgrounds
 
     def easy(self, rng: np.random.Generator) -> Image.Image:
-        view = _crop_fraction(self.image, rng.uniform(0.72, 0.95), rng)
-        view = _rotate_inside(view, rng.uniform(-5, 5))
-        view = _jitter_colour(view, rng, 0.15)
-        return _fit(view, round(VIEW_SIDE * rng.uniform(0.7, 1.3)))
+        view = crop_fraction(self.image, rng.uniform(0.72, 0.95), rng)
+        view = rotate_inside(view, rng.uniform(-5, 5))
+        view = jitter_colour(view, rng, 0.15)
+        return fit(view, round(VIEW_SIDE * rng.uniform(0.7, 1.3)))
 
     def zoom(self, rng: np.random.Generator) -> Image.Image:
-        view = _crop_fraction(self.image, rng.uniform(0.08, 0.2), rng, self.region)
-        return _fit(_jitter_colour(view, rng, 0.25), VIEW_SIDE)
+        view = crop_fraction(self.image, rng.uniform(0.08, 0.2), rng, self.region)
+        return fit(jitter_colour(view, rng, 0.25), VIEW_SIDE)
 
     def inset(self, rng: np.random.Generator) -> Image.Image:
         """The object seen small inside another scene: what makes a global descriptor miss it."""
-        part = _crop_fraction(self.image, rng.uniform(0.5, 0.9), rng, self.region)
-        part = _perspective(part, rng)
+        part = crop_fraction(self.image, rng.uniform(0.5, 0.9), rng, self.region)
+        part = warp_perspective(part, rng)
         background = self.others[int(rng.integers(len(self.others)))]
-        scene = _jitter_colour(_fit(background, VIEW_SIDE), rng, 0.2)
-        size, corner = _random_box(scene, part, (0.15, 0.3), 0.8, rng)
-        scene.paste(_jitter_colour(part, rng, 0.2).resize(size, Image.Resampling.LANCZOS), corner)
+        scene = jitter_colour(fit(background, VIEW_SIDE), rng, 0.2)
+        size, corner = random_box(scene, part, (0.15, 0.3), 0.8, rng)
+        scene.paste(jitter_colour(part, rng, 0.2).resize(size, Image.Resampling.LANCZOS), corner)
         return scene
 
     def perspective(self, rng: np.random.Generator) -> Image.Image:
-        return _fit(_jitter_colour(_perspective(self.image, rng), rng, 0.25), VIEW_SIDE)
+        return fit(jitter_colour(warp_perspective(self.image, rng), rng, 0.25), VIEW_SIDE)
 
     def rotate(self, rng: np.random.Generator) -> Image.Image:
         degrees = rng.uniform(20, 30) * rng.choice([-1, 1])
-        return _fit(_jitter_colour(_rotate_inside(self.image, degrees), rng, 0.25), VIEW_SIDE)
+        return fit(jitter_colour(rotate_inside(self.image, degrees), rng, 0.25), VIEW_SIDE)
 
     def occlude(self, rng: np.random.Generator) -> Image.Image:
         view = self.image.copy()
-        patch = _crop_fraction(self.others[int(rng.integers(len(self.others)))], 0.3, rng)
-        size, corner = _random_box(view, patch, (0.18, 0.28), 0.7, rng)
+        patch = crop_fraction(self.others[int(rng.integers(len(self.others)))], 0.3, rng)
+        size, corner = random_box(view, patch, (0.18, 0.28), 0.7, rng)
         view.paste(patch.resize(size, Image.Resampling.LANCZOS), corner)
-        return _fit(_shift_hue(view, rng), VIEW_SIDE)
+        return fit(shift_hue(view, rng), VIEW_SIDE)
 
     def junk(self, rng: np.random.Generator, tiny: bool) -> Image.Image:
         if tiny:
-            return _fit(_crop_fraction(self.image, rng.uniform(0.03, 0.06), rng), 320)
-        small = _fit(self.image, VIEW_SIDE)
+            return fit(crop_fraction(self.image, rng.uniform(0.03, 0.06), rng), 320)
+        small = fit(self.image, VIEW_SIDE)
         return small.filter(ImageFilter.GaussianBlur(radius=0.035 * VIEW_SIDE))
 
     def hard_makers(self) -> list[Callable[[np.random.Generator], Image.Image]]:
@@ -234,7 +237,7 @@ class _Views:
 
 
 @dataclass
-class _GalleryImage:
+class GalleryImage:
     image: Image.Image
     query: int | None  # the query it belongs to, None for distractors
     role: str  # easy | hard | junk | distractor
@@ -246,62 +249,50 @@ def _query_views(
     second: Image.Image | None,
     region: Box | None,
     others: list[Image.Image],
-) -> list[_GalleryImage]:
+) -> list[GalleryImage]:
     """2 easy; 5 hard: two insets, a zoom-in, the real second view where there is one and
     synthetic views to make up the number; 1 junk."""
-    views = _Views(photo, region, others)
+    views = Views(photo, region, others)
     rng = np.random.default_rng([SEED, q])
-    out = [_GalleryImage(views.easy(rng), q, "easy") for _ in range(2)]
+    out = [GalleryImage(views.easy(rng), q, "easy") for _ in range(2)]
     makers = [views.inset, views.inset, views.zoom]
     warps = [views.perspective, views.rotate, views.occlude]
     if second is not None:
-        out.append(_GalleryImage(_fit(second, VIEW_SIDE), q, "hard"))
+        out.append(GalleryImage(fit(second, VIEW_SIDE), q, "hard"))
     picked = sorted(rng.choice(len(warps), 1 if second is not None else 2, replace=False))
-    out += [_GalleryImage(make(rng), q, "hard") for make in makers + [warps[i] for i in picked]]
-    out.append(_GalleryImage(views.junk(rng, tiny=q % 2 == 0), q, "junk"))
+    out += [GalleryImage(make(rng), q, "hard") for make in makers + [warps[i] for i in picked]]
+    out.append(GalleryImage(views.junk(rng, tiny=q % 2 == 0), q, "junk"))
     return out
 
 
 def _distractor_views(
     index: int, photo: Image.Image, others: list[Image.Image]
 ) -> list[Image.Image]:
-    views = _Views(photo, None, others)
+    views = Views(photo, None, others)
     rng = np.random.default_rng([SEED, 1000 + index])
     hard = views.hard_makers()[int(rng.integers(4))]
-    return [_fit(photo, VIEW_SIDE), views.easy(rng), hard(rng)]
+    return [fit(photo, VIEW_SIDE), views.easy(rng), hard(rng)]
 
 
-def _save_jpeg(image: Image.Image, path: Path) -> None:
+def save_jpeg(image: Image.Image, path: Path) -> None:
     image.save(path, "JPEG", quality=JPEG_QUALITY)
 
 
-def build(opencv_data: Path, out: Path) -> dict:
-    """Write the demo into a temporary folder next to `out`, then swap it in."""
-    missing = [str(p) for p in demo_sources(opencv_data) if not p.is_file()]
-    if missing:
-        raise SystemExit(f"missing source photos (install opencv-doc?): {', '.join(missing)}")
-    distractor_photos = [_open(n, opencv_data) for n in DISTRACTORS]
-    gallery: list[_GalleryImage] = []
-    queries: list[tuple[Image.Image, Box]] = []
-    for q, (name, second_name, box) in enumerate(QUERIES):
-        photo = _open(name, opencv_data)
-        second = _open(second_name, opencv_data) if second_name else None
-        gallery += _query_views(q, photo, second, box, distractor_photos)
-        query = _fit(photo, min(QUERY_SIDE, max(photo.size)))
-        scale = query.width / photo.width
-        query_box = (0, 0, query.width, query.height) if box is None else [v * scale for v in box]
-        queries.append((query, tuple(query_box)))
-    for i, photo in enumerate(distractor_photos):
-        others = distractor_photos[:i] + distractor_photos[i + 1 :]
-        gallery += [
-            _GalleryImage(v, None, "distractor") for v in _distractor_views(i, photo, others)
-        ]
-    gallery += [
-        _GalleryImage(_fit(_open(n, opencv_data), VIEW_SIDE), None, "distractor")
-        for n in RAW_DISTRACTORS
-    ]
+def query_image(photo: Image.Image, box: Box | None) -> tuple[Image.Image, Box]:
+    """The query as stored (longer side at most QUERY_SIDE) and its box in those pixels."""
+    query = fit(photo, min(QUERY_SIDE, max(photo.size)))
+    scale = query.width / photo.width
+    query_box = (0, 0, query.width, query.height) if box is None else [v * scale for v in box]
+    return query, tuple(query_box)
 
-    order = np.random.default_rng(SEED).permutation(len(gallery))
+
+def write_benchmark(
+    gallery: list[GalleryImage], queries: list[tuple[Image.Image, Box]], out: Path, seed: int
+) -> dict:
+    """Shuffle the gallery (names must not reveal the query), then write jpg/ and
+    gnd_<out name>.pkl (revisitop layout) into a temporary folder next to `out` and swap it in,
+    so that a reader never sees half a benchmark."""
+    order = np.random.default_rng(seed).permutation(len(gallery))
     gallery = [gallery[i] for i in order]
     imlist = [f"g{i + 1:04d}" for i in range(len(gallery))]
     qimlist = [f"q{q + 1:02d}" for q in range(len(queries))]
@@ -321,10 +312,10 @@ def build(opencv_data: Path, out: Path) -> dict:
     staging.chmod(0o755)  # mkdtemp makes it private; the result is a normal folder
     (staging / "jpg").mkdir()
     for name, item in zip(imlist, gallery, strict=True):
-        _save_jpeg(item.image, staging / "jpg" / f"{name}.jpg")
+        save_jpeg(item.image, staging / "jpg" / f"{name}.jpg")
     for name, (image, _) in zip(qimlist, queries, strict=True):
-        _save_jpeg(image, staging / "jpg" / f"{name}.jpg")
-    with (staging / "gnd_demo.pkl").open("wb") as handle:
+        save_jpeg(image, staging / "jpg" / f"{name}.jpg")
+    with (staging / f"gnd_{out.name}.pkl").open("wb") as handle:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, handle, protocol=4)
     readme = out / "README.md"
     if readme.is_file():
@@ -333,6 +324,32 @@ def build(opencv_data: Path, out: Path) -> dict:
         shutil.rmtree(out)
     os.replace(staging, out)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+
+
+def build(opencv_data: Path, out: Path) -> dict:
+    """Write the demo into a temporary folder next to `out`, then swap it in."""
+    missing = [str(p) for p in demo_sources(opencv_data) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing source photos (install opencv-doc?): {', '.join(missing)}")
+    distractor_photos = [_open(n, opencv_data) for n in DISTRACTORS]
+    gallery: list[GalleryImage] = []
+    queries: list[tuple[Image.Image, Box]] = []
+    for q, (name, second_name, box) in enumerate(QUERIES):
+        photo = _open(name, opencv_data)
+        second = _open(second_name, opencv_data) if second_name else None
+        gallery += _query_views(q, photo, second, box, distractor_photos)
+        queries.append(query_image(photo, box))
+    for i, photo in enumerate(distractor_photos):
+        others = distractor_photos[:i] + distractor_photos[i + 1 :]
+        gallery += [
+            GalleryImage(v, None, "distractor") for v in _distractor_views(i, photo, others)
+        ]
+    gallery += [
+        GalleryImage(fit(_open(n, opencv_data), VIEW_SIDE), None, "distractor")
+        for n in RAW_DISTRACTORS
+    ]
+
+    return write_benchmark(gallery, queries, out, SEED)
 
 
 def main() -> None:

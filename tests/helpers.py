@@ -176,3 +176,28 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+# --- benchmarks and results pages -------------------------------------------------------------
+
+
+def write_revisitop(root: Path, queries: list[str], gallery: list[str], gnd: list[dict]) -> None:
+    """A benchmark in the revisitop layout: `gnd_<name>.pkl` in `root` (images in root/jpg)."""
+    import pickle
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"gnd_{root.name}.pkl", "wb") as handle:
+        pickle.dump({"imlist": gallery, "qimlist": queries, "gnd": gnd}, handle)
+
+
+def loaded_images_in_chromium(page: Path, browser: str) -> tuple[int, int]:
+    """(images loaded, images on the page) as headless Chromium counts them after loading
+    `page` from disk (the page's own script writes them into #images-loaded)."""
+    import re
+
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    found = re.search(r'id="images-loaded" data-loaded="(\d+)" data-total="(\d+)"', dom)
+    assert found, dom[-2000:]
+    return int(found.group(1)), int(found.group(2))

@@ -86,6 +86,7 @@ LIBRARY_DEFAULTS = {
     **{("rerank", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"),
         ("batch_size", "batch_size"), ("precision", "precision"), ("block_size", "block_size"))},
+    ("explain", "use_local"): ("RerankConfig", "num_local"),
     **{("search", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
@@ -98,6 +99,9 @@ LIBRARY_DEFAULTS = {
        for option in ("aqe_n", "aqe_alpha", "gss_k", "gss_query_k", "gss_beta_percentile",
                       "gss_epochs", "gss_lr", "gss_seed", "gss_verifier",
                       "gss_verify_threshold")},
+    **{("report", option): ("ReportConfig", field) for option, field in (
+        ("top", "top_k"), ("per_page", "queries_per_page"), ("max_thumbnails", "max_thumbnails"),
+        ("explain_top", "explain_top"))},
     **{("train", option): ("TrainConfig", field) for option, field in (
         ("model", "model"), ("backbone", "backbone"), ("rounds", "rounds"),
         ("steps", "steps_per_round"),
@@ -522,6 +526,73 @@ def search(
 
 
 @app.command(cls=_Command)
+def explain(
+    query: Annotated[str | None, typer.Argument(
+        show_default=False, help="Query image: a photo, or with --features a row index, stored "
+                                 "name or path of that file.")] = None,
+    gallery: Annotated[str | None, typer.Argument(
+        show_default=False, help="Gallery image, likewise (in --gallery-features if given).")
+    ] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="Features file the images are taken from (photos not in it are extracted with "
+             "its backbone settings). Without images: a benchmark's features file as `elvis "
+             "evaluate` keeps it (DATASET/features/SETTINGS/gallery.h5), whose matching and "
+             "non-matching pairs' votes are drawn beneath f and g.")] = None,
+    gallery_features: Annotated[Path | None, typer.Option(
+        help="Features file of the gallery image; default: --features.")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint name or path; default: the one matching the features' backbone (the "
+             "bundled one without features).")] = None,
+    lam: Annotated[float | None, typer.Option(
+        help="Fusion weight of the global score; default: the checkpoint's.")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temp", help="Fusion temperature on the raw score; default: the checkpoint's.")] = None,
+    use_local: UseLocalOption = None,
+    device: DeviceOption = None,
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="The picture (.png); checked before any work.")
+    ] = Path("explain.png"),
+    svg: Annotated[bool, typer.Option("--svg", help="Also write the picture as SVG beside it.")
+                   ] = False,
+    json_output: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the numbers drawn as JSON.")] = None,
+    allow_external_sources: ExternalOption = False,
+) -> None:
+    """Why an image matched: the strongest correspondences before and after optimal transport,
+    the dustbin gains and the raw score taken apart, as a picture. Without images: the
+    checkpoint's learned f and g.
+
+    Examples: `elvis explain q.jpg g.jpg`, `elvis explain 3 g0095.jpg --features feats.h5`,
+    `elvis explain --checkpoint efficientnet-lite0`
+    """
+    from elvis_cli import explain_files
+
+    options = {"device": device} if device else {}
+    if use_local is not None:
+        options["num_local"] = use_local
+    run = explain_files(query, gallery, features=features, gallery_features=gallery_features,
+                        checkpoint=checkpoint, lam=lam, temperature=temperature, output=output,
+                        svg=svg, json_output=json_output,
+                        allow_external_sources=allow_external_sources, **options)
+    if run.pair is not None:
+        for line in run.pair.breakdown():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        curves = run.curves
+        console.print(f"checkpoint {curves.checkpoint} (lam={curves.fusion.lam}, "
+                      f"temp={curves.fusion.temperature}): f and g", highlight=False)
+        labelled = curves.labelled
+        if labelled is not None:
+            console.print(
+                f"{labelled.dataset}: {len(labelled.matching_scores)} matching pairs (mean raw "
+                f"score {labelled.matching_scores.mean():.2f}), {len(labelled.other_scores)} "
+                f"non-matching (mean {labelled.other_scores.mean():.2f})", highlight=False)
+    written = [path for path in (run.picture, run.svg, run.json) if path is not None]
+    console.print("-> " + ", ".join(map(str, written)), markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+@app.command(cls=_Command)
 @_with_post_options
 def evaluate(
     data_root: Annotated[Path | None, typer.Option(
@@ -582,6 +653,9 @@ def evaluate(
              "model), rerank-aqe (aqe with the re-ranked top n, after re-ranking); e.g. "
              "`--post none,aqe`, shown as elvis@100+aqe.")] = None,
     post_config: Any = None,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also write a results page per dataset (`elvis report`) into "
+                         "OUT_DIR/report/DATASET.")] = False,
 ) -> None:
     """Global and re-ranked mAP per dataset, model and shortlist size, with runtime per query.
 
@@ -611,7 +685,7 @@ def evaluate(
                "plot_path": plot_path, "per_query_path": per_query_path}
     with _Progress(enabled=not quiet, transient=True) as bars:
         run = evaluate_datasets(data_root, None if all_datasets else dataset, config, sweep,
-                                progress=bars,
+                                progress=bars, results_page=report,
                                 **{key: value for key, value in outputs.items() if value})
     _print_results(run)
     for status in run.not_ready:
@@ -619,6 +693,54 @@ def evaluate(
                            f"{status.detail}")
     console.print(f"results -> {run.outputs['json']}, {run.outputs['csv']}, "
                   f"{run.outputs['per_query']}, {run.outputs['plot']}", soft_wrap=True)
+    for key, folder in run.outputs.items():
+        if key.startswith("report "):
+            console.print(f"results page -> {folder / 'index.html'}", soft_wrap=True)
+
+
+@app.command(cls=_Command)
+def report(
+    results: Annotated[Path, typer.Argument(
+        metavar="RESULTS", help="A re-ranking output: .csv, .parquet or .jsonl from "
+                                "`elvis rerank -o` (or `elvis search -o`).")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Folder of the page (index.html, page-N.html, thumbs/); an "
+                               "earlier report there is replaced.")] = Path("elvis-report"),
+    data_root: Annotated[Path | None, typer.Option(
+        help="Folder of datasets, for --dataset; default $ELVIS_DATA_ROOT.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="The benchmark the results were made on: its ground truth colours them "
+             "(Medium protocol for revisitop sets).")] = None,
+    evaluation: Annotated[Path | None, typer.Option(
+        help="Folder of `elvis evaluate --out-dir` (results.csv, runtime.png), summarised at "
+             "the top; default: the results' folder.")] = None,
+    top: Annotated[int | None, typer.Option(
+        min=1, help="Results shown per query, before and after re-ranking.")] = None,
+    per_page: Annotated[int | None, typer.Option(min=1, help="Queries per page.")] = None,
+    max_thumbnails: Annotated[int | None, typer.Option(
+        min=0, help="Thumbnails made in all; further images are shown by name.")] = None,
+    explain_top: Annotated[int | None, typer.Option(
+        min=0, help="Pairs per query (the best re-ranked) drawn by `elvis explain`.")] = None,
+) -> None:
+    """Write a results page of a re-ranking output: per query, the top results before and after
+    re-ranking side by side; one folder, opens from disk (no server, no network).
+
+    Example: `elvis report demo-run/reranked.csv -o demo-run/report`
+    """
+    from elvis_cli import report_results
+
+    config = _config("ReportConfig", top_k=top, queries_per_page=per_page,
+                     max_thumbnails=max_thumbnails, explain_top=explain_top)
+    with _Progress(transient=True) as bars:
+        run = report_results(results, output, data_root=data_root, dataset=dataset,
+                             evaluation_dir=evaluation, config=config, progress=bars)
+    colours = (f"coloured by {run.ground_truth}" if run.ground_truth
+               else "no ground truth: not coloured")
+    console.print(f"{run.queries} queries on {run.pages} page(s), {run.thumbnails} thumbnails, "
+                  f"{run.explained} explain pictures ({colours}) -> {run.folder / 'index.html'}",
+                  soft_wrap=True)
+    for image in run.unreadable:
+        print(f"elvis: no thumbnail of {image}: not readable", file=sys.stderr)
 
 
 datasets_app = typer.Typer(cls=_Group, help="The paper's benchmarks: status and preparation.",
@@ -756,7 +878,7 @@ class _Progress:
 
 # units of the library's tasks, found by the task's last word: "round 2 views" counts views
 _UNITS = {"extracting": "img", "re-ranking": "queries", "views": "views", "steps": "steps",
-          "GSS": "epochs"}
+          "GSS": "epochs", "thumbnails": "img", "explaining": "pairs"}
 PROGRESS_INTERVAL_VARIABLE = "ELVIS_PROGRESS_INTERVAL"
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between progress lines outside a terminal
 

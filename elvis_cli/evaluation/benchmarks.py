@@ -40,7 +40,7 @@ class EvaluationRun:
     grid_best: pd.DataFrame  # the grid's best setting per dataset and model (empty: no grid)
     per_query: pd.DataFrame  # each query's AP per dataset, model, shortlist, protocol
     changes: pd.DataFrame  # where re-ranking helped and hurt (report.reranking_changes)
-    outputs: dict[str, Path]  # json, csv, per_query, plot
+    outputs: dict[str, Path]  # json, csv, per_query, plot; "report NAME": a dataset's page
     not_ready: list[DatasetStatus] = field(default_factory=list)  # left out by all datasets
 
 
@@ -49,11 +49,13 @@ def evaluate_datasets(
     config: EvaluateConfig | None = None, grid: FusionGrid | None = None, *,
     out_dir: str | Path = DEFAULT_OUT_DIR, json_path: str | Path | None = None,
     csv_path: str | Path | None = None, plot_path: str | Path | None = None,
-    per_query_path: str | Path | None = None, progress: ProgressCallback | None = None,
+    per_query_path: str | Path | None = None, results_page: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> EvaluationRun:
     """Evaluate `datasets` under `data_root` (None: `$ELVIS_DATA_ROOT`, else the default
     cache), or every ready one when `datasets` is None; write results.json, results.csv,
     per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables;
+    with `results_page`, a results page per dataset in `out_dir/report/<dataset>` (elvis report);
     each re-ranking run's scores are kept in `out_dir`/parts/, so that the same call after a
     kill skips what was scored (evaluate_dataset).
     Every dataset is read and checked before the first is evaluated: a missing one costs no
@@ -77,6 +79,13 @@ def evaluate_datasets(
         "csv": writable_output(csv_path or out_dir / "results.csv", (".csv",)),
         "per_query": writable_output(per_query_path or out_dir / "per_query.csv", (".csv",)),
         "plot": writable_output(plot_path or out_dir / "runtime.png", (".png",))}
+    if results_page:
+        from elvis_cli.reporting.report import checked_report_folder
+
+        for dataset in loaded:
+            dataset.gallery_paths()  # a page shows the images: refused now if not located
+            outputs[f"report {dataset.name}"] = checked_report_folder(
+                out_dir / "report" / dataset.name)
     # only now the heavy part: torch (run.py), pandas and matplotlib (report.py)
     from elvis_cli.evaluation import report
     from elvis_cli.evaluation.run import evaluate_dataset
@@ -84,12 +93,21 @@ def evaluate_datasets(
     total = len(loaded) * (config.num_stages() + (grid.num_stages(config) if grid else 0))
     stages = _Stages(progress, total)
     results = [evaluate_dataset(dataset, config, progress=progress, on_stage=stages, grid=grid,
-                                parts=out_dir / PARTS_FOLDER) for dataset in loaded]
+                                keep_ranking=results_page, parts=out_dir / PARTS_FOLDER)
+               for dataset in loaded]
     stages("finished")
     table, per_query = report.results_table(results), report.per_query_table(results)
     report.write_results(table, outputs["json"], outputs["csv"])
     report.write_results(per_query, None, outputs["per_query"])
     report.plot_runtime(table, outputs["plot"])
+    if results_page:
+        from elvis_cli.reporting.report import write_report
+
+        for dataset, result in zip(loaded, results, strict=True):
+            write_report(result.ranking, outputs[f"report {dataset.name}"],
+                         source=f"elvis evaluate: {dataset.name}, {result.ranking_label}",
+                         ground_truth=dataset, evaluation_table=outputs["csv"],
+                         runtime_plot=outputs["plot"], progress=progress)
     return EvaluationRun(table, report.summary_table(table), report.runtime_curve(table),
                          report.grid_best(table), per_query, report.reranking_changes(per_query),
                          outputs, not_ready)

@@ -44,12 +44,12 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
-from elvis_cli.model.reranker import fuse_and_sort
+from elvis_cli.model.reranker import RerankResult, fuse_and_sort
 from elvis_cli.retrieval.config import AFTER_RERANKING
 from elvis_cli.retrieval.job import Block, Job, held, run_blocks
 from elvis_cli.retrieval.post import LocalFeatures, post_processed_shortlist
 from elvis_cli.retrieval.query_expansion import expand_reranked
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, digest_of
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, digest_of, rerank_table
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
 from elvis_cli.util.progress import ProgressCallback, with_detail
@@ -87,6 +87,15 @@ class DatasetResult:
     # one per (model, shortlist size, protocol, query) of the headline rows: the query's AP,
     # the values each row's mAP is the mean of (report.per_query_table)
     per_query: list[dict[str, Any]] = field(default_factory=list)
+    # with `keep_ranking`: the ranking a results page shows (rerank_table's columns) and what
+    # made it, e.g. "elvis@100, medium protocol"
+    ranking: Any = None  # pd.DataFrame
+    ranking_label: str = ""
+
+
+# a kept ranking holds each query's first PAGE_DEPTH entries (or its shortlist, if longer): a
+# page shows the top of each list, and a gallery of millions is never copied whole
+PAGE_DEPTH = 100
 
 
 def extracted_source(dataset: RetrievalDataset, config: EvaluateConfig,
@@ -128,6 +137,7 @@ def evaluate_dataset(
     on_stage: Callable[[str], None] | None = None,
     source: FeatureSource | None = None,
     grid: FusionGrid | None = None,
+    keep_ranking: bool = False,
     parts: Path | None = None,
 ) -> DatasetResult:
     """Evaluate one dataset; `on_stage` hears a short label as each stage starts, `progress`
@@ -141,6 +151,8 @@ def evaluate_dataset(
     result's `per_query` holds each query's AP behind the rows of the default settings. Each
     of `config.post` (column `post`) makes a global ranking of its own, re-ranked by every
     model; its global row's time includes the post-processing's (GSS: training).
+    `keep_ranking` keeps, for a results page, the first re-ranker's ranking at the largest
+    shortlist size (of the first protocol and global ranking; none: the global ranking).
     """
     stage = on_stage or (lambda _label: None)
     stage(f"{dataset.name}: features and global ranking")
@@ -152,8 +164,9 @@ def evaluate_dataset(
                   "best": False}
         per_query: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
+        page: list[tuple[RerankResult, str]] = []
         after = AFTER_RERANKING in config.post
-        for post in config.global_posts:
+        for position, post in enumerate(config.global_posts):
             ranking, post_seconds = features.ranking, 0.0
             if post != "none":
                 stage(f"{dataset.name}: {post} post-processing")
@@ -168,8 +181,23 @@ def evaluate_dataset(
                                   common, post if post in config.post else None,
                                   after and post == "none", post_seconds, checkpoint, progress,
                                   grid if post == "none" else None,
+                                  page if keep_ranking and position == 0 else None,
                                   None if parts is None else parts / dataset.name)
-    return DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
+        if keep_ranking and not page:  # nothing re-ranked: the global ranking
+            nothing = np.full(features.ranking.indices.shape, np.nan, dtype=np.float32)
+            page.append((RerankResult(features.ranking.indices, features.ranking.similarities,
+                                      nothing, nothing), "global"))
+    result = DatasetResult(dataset.name, "/".join(protocols), rows, per_query)
+    if page:
+        (kept, label), = page
+        depth = max(PAGE_DEPTH, max(config.shortlists))
+        result.ranking = rerank_table(
+            RerankResult(*(array[:, :depth] for array in (kept.indices, kept.global_scores,
+                                                          kept.raw_scores, kept.scores))),
+            [str(path) for path in dataset.query_paths()],
+            [str(path) for path in dataset.gallery_paths()])
+        result.ranking_label = label
+    return result
 
 
 def _scoring(config: EvaluateConfig) -> RerankConfig:
@@ -184,12 +212,14 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
                   stage: Callable[[str], None], common: dict[str, Any], post: str | None,
                   after: bool, post_seconds: float, checkpoint: Checkpoint | None,
                   progress: ProgressCallback | None, grid: FusionGrid | None,
+                  page: list[tuple[RerankResult, str]] | None = None,
                   parts: Path | None = None) -> list[dict[str, Any]]:
     """The rows of one global ranking, made by `post` (None: the plain ranking, wanted only
     for `after`): the global row, then each model at each shortlist size (and the grid's);
     with `after`, also each re-ranked list expanded by αQE and searched again (post
     AFTER_RERANKING), from the same pair scores. Each query's AP goes to `per_query`, under
-    the model's name with `+post` where a post-processing made the ranking."""
+    the model's name with `+post` where a post-processing made the ranking. An empty `page`
+    receives the first model's ranking at the largest size (first protocol) and its label."""
     protocols = protocols_of(dataset.ground_truth_kind)
     lists = {name: _junk_last(ranking.indices, ranking.similarities, dataset, name)
              for name in protocols}
@@ -229,6 +259,10 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
             seconds = ((time.perf_counter() - started + raw_scores.earlier_seconds[size])
                        / max(len(dataset.queries), 1))
+            if page is not None and not page and size == max(config.shortlists):
+                page.append((_fused(*lists[protocols[0]], raw_scores(size)[protocols[0]],
+                                    reranker.fuse),
+                             f"{model_name}@{size}{suffix}, {protocols[0]} protocol"))
             if post is not None:
                 rows.append({**model, "shortlist": size,
                              **scored(model_name, size, rankings, post),
@@ -440,13 +474,17 @@ def _fused_rankings(lists: dict[str, tuple[np.ndarray, np.ndarray]],
                     fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                     ) -> dict[str, np.ndarray]:
     """Final ranking per protocol: the scored head fused and re-sorted, the rest as listed."""
-    rankings = {}
-    for name, (indices, similarities) in lists.items():
-        size = raw_heads[name].shape[1]
-        full_raw = np.full(indices.shape, np.nan, dtype=np.float32)
-        full_raw[:, :size] = raw_heads[name]
-        rankings[name] = fuse_and_sort(indices, similarities, full_raw, size, fuse).indices
-    return rankings
+    return {name: _fused(indices, similarities, raw_heads[name], fuse).indices
+            for name, (indices, similarities) in lists.items()}
+
+
+def _fused(indices: np.ndarray, similarities: np.ndarray, raw_head: np.ndarray,
+           fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RerankResult:
+    """One list re-ranked: its head, scored `raw_head`, fused and re-sorted."""
+    size = raw_head.shape[1]
+    full_raw = np.full(indices.shape, np.nan, dtype=np.float32)
+    full_raw[:, :size] = raw_head
+    return fuse_and_sort(indices, similarities, full_raw, size, fuse)
 
 
 def _distinct_per_query(heads: np.ndarray) -> np.ndarray:

@@ -84,6 +84,18 @@ class Transport:
         return log_a, log_b
 
 
+@dataclass
+class PairTransport:
+    """Everything one pair's raw score is made of (steps 3-9), as plain tensors: what
+    `elvis explain` shows, kept apart from scoring, which needs only the votes."""
+
+    similarity: torch.Tensor  # (m, n) S; -inf where either descriptor is padding
+    plan: torch.Tensor  # (m, n) P', dustbins dropped
+    votes: torch.Tensor  # (m + n,) row maxima of P' (query descriptors), then column maxima
+    confidences: torch.Tensor  # (m + n,) sigmoid(f(vote)), 0 for padding: their sum is the
+    # raw score
+
+
 class ItqBinarisation(nn.Module):
     """ITQ sign bits of L2-normalised descriptors (the authors' BinarizationLayer in eval mode).
 
@@ -203,6 +215,22 @@ class Elvis(nn.Module):
             scores[pair] = self.aggregate(row_votes, col_votes, src_mask, tgt_mask)[0]
         return scores
 
+    def transport(self, src: Embedded, tgt: Embedded) -> PairTransport:
+        """Steps 3-9 of one pair, embedded as (1, m, d) and (1, n, d), by the torch transport
+        (the path of CUDA and training), with S, P' and every vote kept."""
+        regularisation = self.config.regularisation
+        problem = Transport(self.rows(src, query=True), self.rows(tgt, query=False),
+                            src.mask, tgt.mask, regularisation, self.config.sinkhorn_iterations)
+        plan = transport_plan(problem, uses_log_domain(self.dust_bin, regularisation))
+        similarity = src.descriptors[0].float() @ tgt.descriptors[0].float().T
+        if src.mask is not None or tgt.mask is not None:
+            similarity.masked_fill_(_pair_mask(src.mask, tgt.mask, similarity[None])[0],
+                                    -math.inf)
+        votes = torch.cat([plan.amax(dim=2), plan.amax(dim=1)], dim=1)
+        confidences = torch.sigmoid(self.f(votes.unsqueeze(-1)).squeeze(-1))
+        valid = torch.cat([_valid(src.mask, plan[:, :, 0]), _valid(tgt.mask, plan[:, 0])], dim=1)
+        return PairTransport(similarity, plan[0], votes[0], (confidences * valid)[0])
+
     def rows(self, embedded: Embedded, query: bool) -> torch.Tensor:
         """Per-image rows (B, m + 1, d + 2) whose products are the augmented matrix of step 4.
 
@@ -278,8 +306,26 @@ def uses_log_domain(dust_bin: torch.Tensor, regularisation: float) -> bool:
     return (dust_bin.detach().abs().item() + 1.0) / regularisation > _LINEAR_DOMAIN_MAX_EXPONENT
 
 
+def transport_plan(problem: Transport, log_domain: bool) -> torch.Tensor:
+    """Steps 6-7 alone: the rescaled transport plan P' (B, m, n), whose row and column maxima
+    are exactly the votes of transport_votes (a positive factor per row keeps the maxima's
+    bits). For showing why a pair scored as it did; scoring needs only the maxima."""
+    if log_domain:
+        return _log_domain_plan(problem)
+    plan, u = _linear_domain_plan(problem)
+    return _scaled(plan, u[:, :, None])
+
+
 def _linear_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sinkhorn with scaling vectors u = exp(log u), v = exp(log v) on K = exp(M - shift).
+    plan, u = _linear_domain_plan(problem)
+    row_votes = plan.amax(dim=2) * u
+    col_votes = _scaled(plan, u[:, :, None]).amax(dim=1)
+    return row_votes, col_votes
+
+
+def _linear_domain_plan(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinkhorn with scaling vectors u = exp(log u), v = exp(log v) on K = exp(M - shift):
+    P' with its columns scaled (B, m, n) and the row factors u (B, m), N included.
 
     A constant shift of every row of M is absorbed exactly by the first u update, so the
     iterates are those of the log-domain algorithm started from u = v = 0. Each iteration is
@@ -297,10 +343,7 @@ def _linear_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor
     # u here is exp(shift) times the log-domain exp(u), so
     # P'_ij = exp(M_ij + log u_i + log v_j + log N) = kernel_ij * u_i * v_j * N.
     u, v = u[:, :m, 0] * (m + n), v[:, :n, 0]
-    plan = _scaled(kernel[:, :m, :n], v[:, None, :])
-    row_votes = plan.amax(dim=2) * u
-    col_votes = _scaled(plan, u[:, :, None]).amax(dim=1)
-    return row_votes, col_votes
+    return _scaled(kernel[:, :m, :n], v[:, None, :]), u
 
 
 def _scaled(matrix: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -311,7 +354,12 @@ def _scaled(matrix: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _log_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec's log-domain iterations on the augmented (m+1) x (n+1) matrix."""
+    plan = _log_domain_plan(problem)
+    return plan.amax(dim=2), plan.amax(dim=1)
+
+
+def _log_domain_plan(problem: Transport) -> torch.Tensor:
+    """The spec's log-domain iterations on the augmented (m+1) x (n+1) matrix: P' (B, m, n)."""
     m, n = problem.sizes
     augmented = problem.augmented(1.0 / problem.regularisation, 0.0)
     log_a, log_b = problem.log_marginals(augmented)
@@ -319,8 +367,7 @@ def _log_domain_votes(problem: Transport) -> tuple[torch.Tensor, torch.Tensor]:
     for _ in range(problem.iterations):
         u = log_a - torch.logsumexp(augmented + v[:, None, :], dim=2)
         v = log_b - torch.logsumexp(augmented + u[:, :, None], dim=1)
-    plan = torch.exp(augmented + u[:, :, None] + v[:, None, :] + math.log(m + n))[:, :m, :n]
-    return plan.amax(dim=2), plan.amax(dim=1)
+    return torch.exp(augmented + u[:, :, None] + v[:, None, :] + math.log(m + n))[:, :m, :n]
 
 
 def _pair_mask(

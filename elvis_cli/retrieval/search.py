@@ -96,7 +96,8 @@ def search_images(
         from elvis_cli.retrieval.rerank import rerank
 
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
-        with _extracted(photos, settings, config.device, progress) as (query_store, skipped):
+        with extracted_photos(photos, settings, config.device, progress) as (query_store,
+                                                                             skipped):
             shortlist = global_shortlist(query_store, gallery_store, False, config.shortlist)
             result = rerank(reranker, query_store, gallery_store, shortlist, config,
                             progress=track(progress, "re-ranking", query_store.num_images))
@@ -109,11 +110,12 @@ def search_images(
 
 
 @contextmanager
-def _extracted(photos: list[Path], settings: dict[str, Any], device: str,
-               progress: ProgressCallback | None
-               ) -> Iterator[tuple[FeatureStore, list[tuple[str, str]]]]:
+def extracted_photos(photos: list[Path], settings: dict[str, Any], device: str,
+                     progress: ProgressCallback | None
+                     ) -> Iterator[tuple[FeatureStore, list[tuple[str, str]]]]:
     """The photos extracted by `elvis extract`'s code with backbone `settings`, into a
-    features file that lives for this call only, and those that could not be read."""
+    features file that lives for this call only, and those that could not be read (also
+    `elvis explain`'s photos)."""
     from elvis_cli.backbones import backbone_from_settings
     from elvis_cli.features.extraction import ExtractConfig, extract_features
     from elvis_cli.features.store import FeatureStore

@@ -4,6 +4,7 @@ and the check, made before any work, that an output can be written where it is a
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,14 @@ def writable_output(output: str | Path, suffixes: Sequence[str]) -> Path:
         raise InputError(f"output {path} is a folder; name a file ending in {expected}")
     if path.suffix not in suffixes:
         raise InputError(f"output must end in {expected}, got {path.name}")
+    check_writable_place(path)
+    return path
+
+
+def check_writable_place(path: Path) -> None:
+    """Refuse (InputError) unless something new can be created where `path` (a file or a
+    folder) would go: a file is created and removed in its folder, or in the nearest folder
+    that exists when the folders to create are missing."""
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -86,4 +95,29 @@ def writable_output(output: str | Path, suffixes: Sequence[str]) -> Path:
         where = "the current folder" if folder == Path(".") else str(folder)
         raise InputError(f"cannot write {path}: {where} is not writable ({error.strerror})"
                          ) from None
-    return path
+
+
+@contextmanager
+def atomic_folder(path: Path | str) -> Iterator[Path]:
+    """Yield a new hidden folder beside `path`; it takes the place of `path` (and of a folder
+    there before) only if the block succeeds, so a failed or killed run never leaves a
+    half-written folder under the name, only a hidden `.tmp` one. (Replacing an existing folder
+    takes two renames: for that instant the name is absent, never partial.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    temporary = path.parent / f".{path.name}.{token}.tmp"
+    temporary.mkdir()
+    try:
+        yield temporary
+        old = path.parent / f".{path.name}.{token}.old"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise DiskFullError(f"no space left on the device while writing {path}") from None
+        raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

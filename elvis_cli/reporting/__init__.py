@@ -1,0 +1,1 @@
+"""`elvis report`: a re-ranking output as a static results page that opens from disk."""
