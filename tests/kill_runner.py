@@ -2,9 +2,10 @@
 
     python -m tests.kill_runner POINT NTH ACTION [elvis arguments...]
 
-POINT names a moment of extraction, NTH picks its n-th occurrence, ACTION is `kill` (SIGKILL
-ourselves, as `kill -9` or the OOM killer would) or `pause` (write `$ELVIS_PAUSED`, then sleep
-until killed). The library is not modified: the hooks wrap real functions from outside.
+POINT names a moment of extraction or re-ranking, NTH picks its n-th occurrence, ACTION is
+`kill` (SIGKILL ourselves, as `kill -9` or the OOM killer would) or `pause` (write
+`$ELVIS_PAUSED`, then sleep until killed). The library is not modified: the hooks wrap real
+functions from outside.
 """
 
 import os
@@ -21,6 +22,7 @@ import h5py
 from elvis_cli.backbones.efficientnet_lite import EfficientNetLiteBackbone
 from elvis_cli.cli import app as cli
 from elvis_cli.features import extraction as extract
+from elvis_cli.model import elvis as elvis_model
 
 
 def _destination_is(test: Callable[[str], bool]) -> Callable[..., bool]:
@@ -35,6 +37,10 @@ def _is_output(name: str) -> bool:
     return name.endswith(".h5") and not _is_shard(name)
 
 
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".npz")
+
+
 # point: (owner, attribute, which calls count, stop before (False) or after (True) the call)
 POINTS: dict[str, tuple[Any, str, Callable[..., bool], bool]] = {
     "decode": (extract, "decode_image", lambda *a, **k: True, False),
@@ -46,6 +52,9 @@ POINTS: dict[str, tuple[Any, str, Callable[..., bool], bool]] = {
     "finalize-write": (h5py.Group, "create_virtual_dataset", lambda *a, **k: True, False),
     "finalize-rename": (os, "replace", _destination_is(_is_output), False),
     "finished": (os, "replace", _destination_is(_is_output), True),
+    # re-ranking: ELViS scoring a pair (one call per pair on CPU), a part renamed into place
+    "pair": (elvis_model, "sinkhorn_votes", lambda *a, **k: True, False),
+    "part-renamed": (os, "replace", _destination_is(_is_part), True),
 }
 
 

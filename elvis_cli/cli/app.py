@@ -85,13 +85,14 @@ LIBRARY_DEFAULTS = {
         ("shard_size", "shard_size"))},
     **{("rerank", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"),
-        ("batch_size", "batch_size"), ("precision", "precision"))},
+        ("batch_size", "batch_size"), ("precision", "precision"), ("block_size", "block_size"))},
     ("explain", "use_local"): ("RerankConfig", "num_local"),
     **{("search", option): ("RerankConfig", field) for option, field in (
         ("shortlist_size", "shortlist"), ("use_local", "num_local"), ("device", "device"))},
     **{("evaluate", option): ("EvaluateConfig", field) for option, field in (
         ("backbone", "backbone"), ("shortlist_sizes", "shortlists"), ("model", "models"),
-        ("use_local", "num_local"), ("device", "device"), ("post", "post"))},
+        ("use_local", "num_local"), ("device", "device"), ("post", "post"),
+        ("block_size", "block_size"))},
     **{("evaluate", option): ("FusionGrid", field) for option, field in (
         ("grid_shortlist", "shortlists"), ("grid_lam", "lams"), ("grid_temp", "temperatures"))},
     **{(command, option): ("PostConfig", option) for command in ("shortlist", "rerank", "evaluate")
@@ -430,6 +431,9 @@ def rerank(
     precision: Annotated[str | None, typer.Option(
         help="Similarity products: auto (float16 on CUDA, float32 on CPU), float32, float16.")
     ] = None,
+    block_size: Annotated[int | None, typer.Option(
+        min=1, help="Queries per part kept in OUTPUT.parts/: the same command, re-run after a "
+                    "kill, skips the parts done.")] = None,
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Results: .csv, .parquet, or .jsonl (one line per query with its "
                                "ranking). Image paths open from the current folder; checked "
@@ -448,7 +452,7 @@ def rerank(
 
     config = _config("RerankConfig", shortlist=shortlist_size, num_local=use_local,
                      batch_size=batch_size, device=device, precision=precision,
-                     workers=workers, embedding_cache=embedding_cache)
+                     workers=workers, embedding_cache=embedding_cache, block_size=block_size)
     with _Progress(transient=True) as bars:
         run = rerank_files(features, queries=queries, gallery=gallery, candidates=candidates,
                            model=model, checkpoint=_checkpoint(preset, checkpoint), lam=lam,
@@ -457,10 +461,12 @@ def rerank(
                            asymmetric=asymmetric, progress=bars, post=post,
                            post_config=post_config)
     _print_post(run.post)
-    _print_top(run.table, show)
+    if run.job is not None and run.job.summary():
+        console.print(run.job.summary(), soft_wrap=True)
+    _print_top(run.tables(), show)
     console.print(f"{'checkpoint' if model in ('elvis', 'ames') else 'model'} {run.label} "
                   f"(lam={run.fusion.lam}, temp={run.fusion.temperature}); "
-                  f"{len(run.table)} rows -> {run.output}")
+                  f"{run.rows} rows -> {run.output}")
 
 
 @app.command(cls=_Command)
@@ -627,8 +633,12 @@ def evaluate(
     query_image_size: QueryImageSizeOption = None,
     device: DeviceOption = None,
     embedding_cache: EmbeddingCacheOption = None,
+    block_size: Annotated[int | None, typer.Option(
+        min=1, help="Queries per part of each re-ranking run's scores, kept in OUT_DIR/parts/: "
+                    "the same command, re-run after a kill, skips the parts done.")] = None,
     out_dir: Annotated[Path | None, typer.Option(
-        help="Where results.json/.csv and runtime.png go; default elvis-results.")] = None,
+        help="Where results.json/.csv, runtime.png and parts/ go; default elvis-results.")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="JSON results path.")] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV results path.")] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Runtime/mAP PNG.")] = None,
@@ -667,7 +677,8 @@ def evaluate(
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
                      num_local=use_local, device=device, descriptors=descriptors,
                      embedding_cache=embedding_cache, query_crops=query_crops,
-                     query_image_size=query_image_size, post=post, post_config=post_config)
+                     query_image_size=query_image_size, post=post, post_config=post_config,
+                     block_size=block_size)
     given = {"shortlists": grid_shortlist, "lams": grid_lam, "temperatures": grid_temp}
     sweep = _config("FusionGrid", **given) if grid or any(given.values()) else None
     outputs = {"out_dir": out_dir, "json_path": json_path, "csv_path": csv_path,
@@ -914,12 +925,11 @@ class _Bars:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), _rate_column(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console, transient=transient)
+                            _remaining_column(), console=console, transient=transient)
         self.tasks: dict[str, Any] = {}
         self.start, self.stop = self.bar.start, self.bar.stop
 
@@ -927,26 +937,44 @@ class _Bars:
         total = event.total or None
         description = event.detail or event.task
         task = self.tasks.get(event.task)
-        if task is None:
-            task = self.tasks[event.task] = self.bar.add_task(description, total=total,
-                                                              unit=_unit(event.task))
+        if task is None:  # a resumed task starts where its earlier run stopped
+            task = self.tasks[event.task] = self.bar.add_task(
+                description, total=total, completed=event.done, unit=_unit(event.task))
         elif event.done == 0:
             self.bar.reset(task, total=total)
-        self.bar.update(task, completed=event.done, description=description)
+        self.bar.update(task, completed=event.done, description=description,
+                        pairs_per_second=event.pairs_per_second, eta=event.eta_seconds)
 
 
 def _rate_column():
-    """A column of units done per second, e.g. `12.5 img/s` (empty for tasks of no unit)."""
+    """A column of work done per second: pairs where the task measures them (`310.2
+    pairs/s`), else units (`12.5 img/s`; empty for tasks of no unit)."""
     from rich.progress import ProgressColumn
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            unit = task.fields.get("unit")
-            return Text(f"{task.speed or 0.0:.1f} {unit}/s" if unit else "",
-                        style="progress.data.speed")
+            unit, pairs = task.fields.get("unit"), task.fields.get("pairs_per_second")
+            text = (f"{pairs:.1f} pairs/s" if pairs is not None
+                    else f"{task.speed or 0.0:.1f} {unit}/s" if unit else "")
+            return Text(text, style="progress.data.speed")
 
     return Rate()
+
+
+def _remaining_column():
+    """The time left: the task's own estimate where it makes one, else rich's."""
+    from rich.progress import TimeRemainingColumn
+    from rich.text import Text
+
+    class Remaining(TimeRemainingColumn):
+        def render(self, task) -> Text:
+            eta = task.fields.get("eta")
+            if eta is None:
+                return super().render(task)
+            return Text(_duration(eta), style="progress.remaining")
+
+    return Remaining()
 
 
 class _Lines:
@@ -983,9 +1011,13 @@ def _progress_line(event: TaskProgress, elapsed: float) -> str:
     head = f"{event.task} {count}" + (f" ({event.detail})" if event.detail else "")
     rate = event.done / elapsed if elapsed > 0 else 0.0
     figures = [f"{rate:.1f} {_unit(event.task)}/s"] if _unit(event.task) and rate else []
+    if event.pairs_per_second is not None:  # the task's own measure: this run's work only
+        figures = [f"{event.pairs_per_second:.1f} pairs/s"]
     figures.append(f"{_duration(elapsed)} elapsed")
     if 0 < event.total <= event.done:
         figures.append("done")
+    elif event.eta_seconds is not None:
+        figures.append(f"ETA {_duration(event.eta_seconds)}")
     elif event.total and rate:
         figures.append(f"ETA {_duration((event.total - event.done) / rate)}")
     return f"{head}: {', '.join(figures)}"
@@ -1001,13 +1033,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _print_top(table, show: int, per_query: int = 5) -> None:
-    """The top rows of the first `show` queries."""
-    for query in table["query_index"].unique()[:show]:
-        rows = table[table["query_index"] == query].head(per_query)
-        _print_ranking(f"query {query}: {rows['query_path'].iloc[0]}",
-                       rows[["rank", "gallery_path", "global_score", "raw_score", "score"]]
-                       .itertuples(index=False))
+def _print_top(tables, show: int, per_query: int = 5) -> None:
+    """The top rows of the first `show` queries, read from the ranking's pieces (`tables`)
+    only as far as they are needed."""
+    for table in tables:
+        if show <= 0:
+            return
+        for query in table["query_index"].unique()[:show]:
+            rows = table[table["query_index"] == query].head(per_query)
+            _print_ranking(f"query {query}: {rows['query_path'].iloc[0]}",
+                           rows[["rank", "gallery_path", "global_score", "raw_score", "score"]]
+                           .itertuples(index=False))
+            show -= 1
 
 
 def _print_search(run, top: int) -> None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_OUT_DIR = Path("elvis-results")
+# in the out dir: each re-ranking run's raw scores in parts, which a killed evaluation resumes
+PARTS_FOLDER = "parts"
 
 
 @dataclass
@@ -53,7 +55,9 @@ def evaluate_datasets(
     """Evaluate `datasets` under `data_root` (None: `$ELVIS_DATA_ROOT`, else the default
     cache), or every ready one when `datasets` is None; write results.json, results.csv,
     per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables;
-    with `results_page`, a results page per dataset in `out_dir/report/<dataset>` (elvis report).
+    with `results_page`, a results page per dataset in `out_dir/report/<dataset>` (elvis report);
+    each re-ranking run's scores are kept in `out_dir`/parts/, so that the same call after a
+    kill skips what was scored (evaluate_dataset).
     Every dataset is read and checked before the first is evaluated: a missing one costs no
     work, and answers before torch is imported; so does an output that cannot be written."""
     config = config or EvaluateConfig()
@@ -89,7 +93,8 @@ def evaluate_datasets(
     total = len(loaded) * (config.num_stages() + (grid.num_stages(config) if grid else 0))
     stages = _Stages(progress, total)
     results = [evaluate_dataset(dataset, config, progress=progress, on_stage=stages, grid=grid,
-                                keep_ranking=results_page) for dataset in loaded]
+                                keep_ranking=results_page, parts=out_dir / PARTS_FOLDER)
+               for dataset in loaded]
     stages("finished")
     table, per_query = report.results_table(results), report.per_query_table(results)
     report.write_results(table, outputs["json"], outputs["csv"])

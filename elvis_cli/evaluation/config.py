@@ -43,6 +43,7 @@ class EvaluateConfig:
     # again; parameters in post_config
     post: Sequence[str] = ("none",)
     post_config: PostConfig = field(default_factory=PostConfig)
+    block_size: int = 256  # queries per part of each re-ranking run's scores (retrieval/job.py)
 
     def __post_init__(self) -> None:
         check_backbone_name(self.backbone)
@@ -51,6 +52,8 @@ class EvaluateConfig:
         if self.query_image_size is not None and self.descriptors:
             raise InputError("--query-image-size extracts the queries: it does not apply to "
                              "released descriptors")
+        if self.block_size <= 0:
+            raise InputError(f"block size must be positive, got {self.block_size}")
         if not self.shortlists or any(size < 0 for size in self.shortlists):
             raise InputError("shortlist sizes must be zero (global only) or positive")
         check_fusion(self.lam, self.temperature)

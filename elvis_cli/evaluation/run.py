@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,13 @@ from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import RerankResult, fuse_and_sort
 from elvis_cli.retrieval.config import AFTER_RERANKING
+from elvis_cli.retrieval.job import Block, Job, held, run_blocks
 from elvis_cli.retrieval.post import LocalFeatures, post_processed_shortlist
 from elvis_cli.retrieval.query_expansion import expand_reranked
-from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank_table
+from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, digest_of, rerank_table
 from elvis_cli.retrieval.shortlist import Shortlist, build_shortlist
 from elvis_cli.util.errors import ElvisWarning, InputError
-from elvis_cli.util.progress import ProgressCallback, track, with_detail
+from elvis_cli.util.progress import ProgressCallback, with_detail
 
 
 @dataclass
@@ -137,9 +139,12 @@ def evaluate_dataset(
     source: FeatureSource | None = None,
     grid: FusionGrid | None = None,
     keep_ranking: bool = False,
+    parts: Path | None = None,
 ) -> DatasetResult:
     """Evaluate one dataset; `on_stage` hears a short label as each stage starts, `progress`
-    the images of each features extraction and the queries of each re-ranking run.
+    the images of each features extraction and the queries of each re-ranking run. With
+    `parts`, each re-ranking run keeps its raw scores there in parts of `config.block_size`
+    queries (retrieval/job.py), so that a killed evaluation, run again, skips them.
 
     The global row scores the global ranking as it is (the authors' prepare_topk_global); the
     re-ranked rows score lists whose junk was moved behind every other image first (§5). With
@@ -177,7 +182,8 @@ def evaluate_dataset(
                                   common, post if post in config.post else None,
                                   after and post == "none", post_seconds, checkpoint, progress,
                                   grid if post == "none" else None,
-                                  page if keep_ranking and position == 0 else None)
+                                  page if keep_ranking and position == 0 else None,
+                                  None if parts is None else parts / dataset.name)
         files = (Path(features.queries.path), Path(features.gallery.path))
         if keep_ranking and not page:  # nothing re-ranked: the global ranking
             nothing = np.full(features.ranking.indices.shape, np.nan, dtype=np.float32)
@@ -199,7 +205,8 @@ def evaluate_dataset(
 def _scoring(config: EvaluateConfig) -> RerankConfig:
     """Where and how a run's pairs are scored: by its re-rankers, and by gss-v's verifier."""
     return RerankConfig(num_local=config.num_local, batch_size=config.batch_size,
-                        device=config.device, embedding_cache=config.embedding_cache)
+                        device=config.device, embedding_cache=config.embedding_cache,
+                        block_size=config.block_size)
 
 
 def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking: Shortlist,
@@ -207,7 +214,8 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
                   stage: Callable[[str], None], common: dict[str, Any], post: str | None,
                   after: bool, post_seconds: float, checkpoint: Checkpoint | None,
                   progress: ProgressCallback | None, grid: FusionGrid | None,
-                  page: list[tuple[RerankResult, str]] | None = None) -> list[dict[str, Any]]:
+                  page: list[tuple[RerankResult, str]] | None = None,
+                  parts: Path | None = None) -> list[dict[str, Any]]:
     """The rows of one global ranking, made by `post` (None: the plain ranking, wanted only
     for `after`): the global row, then each model at each shortlist size (and the grid's);
     with `after`, also each re-ranked list expanded by αQE and searched again (post
@@ -245,12 +253,14 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
                  "temperature": fusion.temperature,
                  "bytes_per_image": reranker.bytes_per_image(features.gallery, config.num_local)}
         raw_scores = _RawScores(scorer, lists, progress,
-                                f"{dataset.name}: {model_name}{suffix}")
+                                f"{dataset.name}: {model_name}{suffix}",
+                                None if parts is None else parts / f"{model_name}{suffix}")
         for size in (size for size in config.shortlists if size > 0):
             stage(f"{dataset.name}: {model_name}{suffix} re-ranking, shortlist {size}")
             started = time.perf_counter()
             rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
-            seconds = (time.perf_counter() - started) / max(len(dataset.queries), 1)
+            seconds = ((time.perf_counter() - started + raw_scores.earlier_seconds[size])
+                       / max(len(dataset.queries), 1))
             if page is not None and not page and size == max(config.shortlists):
                 page.append((_fused(*lists[protocols[0]], raw_scores(size)[protocols[0]],
                                     reranker.fuse),
@@ -398,26 +408,67 @@ def _junk_last(indices: np.ndarray, similarities: np.ndarray, dataset: Retrieval
 class _RawScores:
     """Raw pair scores of each protocol's top k, computed once per size k (and timed), so every
     fusion setting of that size reuses them; pairs shared by the protocols are scored once.
-    `progress` hears each size's queries as they are scored ("re-ranking", detail `label`)."""
+    `progress` hears each size's queries as they are scored ("re-ranking", detail `label`).
+    With `parts`, each size's scores are kept there in parts (`parts@k/`), and the blocks an
+    earlier run finished are read, not scored: their time, recorded in the parts, counts
+    (`earlier_seconds`), so a resumed run reports what an uninterrupted one would."""
 
     def __init__(self, scorer: PairScorer, lists: dict[str, tuple[np.ndarray, np.ndarray]],
-                 progress: ProgressCallback | None, label: str):
+                 progress: ProgressCallback | None, label: str, parts: Path | None = None):
         self.scorer, self.lists, self.progress, self.label = scorer, lists, progress, label
+        self.parts = parts
         self.by_size: dict[int, dict[str, np.ndarray]] = {}
         self.seconds_per_query: dict[int, float] = {}
+        self.earlier_seconds: dict[int, float] = {}
 
     def __call__(self, size: int) -> dict[str, np.ndarray]:
         if size not in self.by_size:
             started = time.perf_counter()
             heads = {name: indices[:, :size] for name, (indices, _) in self.lists.items()}
             pairs = _distinct_per_query(np.concatenate(list(heads.values()), axis=1))
-            raw_pairs = self.scorer.score(pairs, track(
-                self.progress, "re-ranking", pairs.shape[0], f"{self.label}, shortlist {size}"))
+            raw_pairs, self.earlier_seconds[size] = self._scored(pairs, size)
             self.by_size[size] = {name: _lookup(pairs, raw_pairs, head)
                                   for name, head in heads.items()}
-            self.seconds_per_query[size] = ((time.perf_counter() - started)
+            self.seconds_per_query[size] = ((time.perf_counter() - started
+                                             + self.earlier_seconds[size])
                                             / max(pairs.shape[0], 1))
         return self.by_size[size]
+
+    def _scored(self, pairs: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+        """Raw scores of `pairs`, and the seconds earlier runs spent on the blocks read."""
+        detail = f"{self.label}, shortlist {size}"
+        per_query = (pairs >= 0).sum(axis=1)
+        if self.parts is None:  # every query in one block
+            scored: list[np.ndarray] = []
+            run_blocks(lambda _start, _stop, progress: self.scorer.score(pairs, progress),
+                       per_query, [Block(0, 0, len(pairs))], lambda _, raw: scored.append(raw),
+                       self.progress, detail)
+            return scored[0], 0.0
+
+        def score(start: int, stop: int, progress: Callable[[], None]) -> np.ndarray:
+            return self.scorer.score(pairs[start:stop], progress, first_query=start)
+
+        job = Job(self.parts.with_name(f"{self.parts.name}@{size}"),
+                  {**self.scorer.identity(), "pairs": digest_of(pairs)}, len(pairs),
+                  self.scorer.config.block_size, ("raw", "seconds"))
+        with held(job, job.folder) as report:
+            todo = job.todo()
+            run_blocks(partial(_timed, score), per_query, todo, job.write,
+                       self.progress, "; ".join(filter(None, (detail, report.summary()))))
+            stored = [job.read(block) for block in job.blocks]
+        earlier = sum(float(part["seconds"].sum()) for block, part in
+                      zip(job.blocks, stored, strict=True) if block not in todo)
+        return (np.concatenate([part["raw"] for part in stored]) if stored
+                else np.zeros(pairs.shape, np.float32)), earlier
+
+
+def _timed(score: Callable[[int, int, Callable[[], None]], np.ndarray], start: int, stop: int,
+           progress: Callable[[], None]) -> dict[str, np.ndarray]:
+    """A part of an evaluation's scores: `score` of queries start..stop-1, and its time."""
+    started = time.perf_counter()
+    raw = score(start, stop, progress)
+    return {"raw": raw, "seconds": np.full(stop - start, (time.perf_counter() - started)
+                                           / (stop - start))}
 
 
 def _fused_rankings(lists: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -28,9 +28,11 @@ class RerankConfig:
     # embeddings are worth it (Reranker.worth_caching)
     precision: str = "auto"  # of the similarity product: float32, or float16 (CUDA only: about
     # 1e-4 off the float32 raw score, spec tolerance 1e-3); auto: float16 on CUDA, else float32
+    block_size: int = 256  # queries per part of a run written to a file (job.py): a killed
+    # run loses at most one block, and one block's results are held in memory
 
     def __post_init__(self) -> None:
-        for name in ("shortlist", "batch_size", "cache_images", "read_images"):
+        for name in ("shortlist", "batch_size", "cache_images", "read_images", "block_size"):
             value = getattr(self, name)
             if value <= 0:
                 raise InputError(f"{name.replace('_', ' ')} must be positive, got {value}")

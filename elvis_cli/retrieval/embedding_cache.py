@@ -136,7 +136,12 @@ def _key(store: FeatureStore, model: nn.Module, num_local: int, dtype: torch.dty
     identity = {**store.identity(), "model": type(model).__name__, "num_local": num_local,
                 "dtype": str(dtype)}
     digest.update(json.dumps(identity, sort_keys=True).encode())
+    update_with_weights(digest, model)
+    return digest.hexdigest()[:24]
+
+
+def update_with_weights(digest: "hashlib._Hash", model: nn.Module) -> None:
+    """Feed `model`'s weights, by name, to `digest`: what keys results to the model."""
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]

@@ -8,9 +8,10 @@ What a command prints is what these return; progress leaves only as events (util
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,11 @@ from elvis_cli.retrieval.post import (
     check_global_post,
     post_processed_shortlist,
 )
-from elvis_cli.retrieval.result_files import checked_output, openable_paths, write_results
+from elvis_cli.retrieval.result_files import (
+    checked_output,
+    openable_paths,
+    write_results_streamed,
+)
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
     Shortlist,
@@ -33,13 +38,15 @@ from elvis_cli.retrieval.shortlist import (
 )
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
-from elvis_cli.util.progress import ProgressCallback, track
+from elvis_cli.util.progress import ProgressCallback
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from elvis_cli.features.store import DescriptorStore, FeatureStore
     from elvis_cli.model.fusion import Fusion
+    from elvis_cli.model.reranker import RerankResult
+    from elvis_cli.retrieval.job import JobReport
 
 
 @dataclass
@@ -62,14 +69,27 @@ class ExtractRun:
 
 @dataclass
 class RerankRun:
-    """`elvis rerank`: the fused ranking (one row per query and rank) and what made it."""
+    """`elvis rerank`: the fused ranking (one row per query and rank) and what made it. The
+    ranking is read a block of queries at a time (`tables`: from the parts of a run written
+    to a file, so that it never needs to fit in memory); `table` holds it whole."""
 
-    table: pd.DataFrame
+    tables: Callable[[], Iterator[pd.DataFrame]]  # the ranking's pieces, in query order
+    rows: int
     model: str
     label: str  # the checkpoint (ELViS) or the model's name
     fusion: Fusion
     output: Path | None
     post: PostReport | None = None  # the global post-processing before re-ranking, if any
+    job: JobReport | None = None  # what a run written to a file kept of an earlier one
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The whole ranking in one table, in memory."""
+        import pandas as pd
+
+        pieces = list(self.tables())
+        pieces = [piece for piece in pieces if len(piece)] or pieces[:1]
+        return pieces[0] if len(pieces) == 1 else pd.concat(pieces, ignore_index=True)
 
 
 @dataclass
@@ -260,9 +280,12 @@ def rerank_files(
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
     to `output` (.csv, .parquet or .jsonl, see result_files) when given, its image paths
-    openable from the current folder. Released files get their image names from the ground
-    truth beside them. `asymmetric` accepts queries extracted smaller than the gallery
-    (open_pair). `progress` hears the queries re-ranked ("re-ranking"). `post` (none, aqe,
+    openable from the current folder. A run with an `output` resumes: it is done in parts of
+    `config.block_size` queries kept in `OUTPUT.parts/` (job.py), and the same call again
+    skips the blocks done (another run's parts are deleted: `RerankRun.job` says which).
+    Released files get their image names from the ground truth beside them. `asymmetric`
+    accepts queries extracted smaller than the gallery (open_pair). `progress` hears the
+    queries re-ranked ("re-ranking", with pairs per second and the time left). `post` (none, aqe,
     gss, gss-v) post-processes the global search first: the post-processed ranking and its
     similarities are what is re-ranked and fused."""
     config = config or RerankConfig()
@@ -277,7 +300,8 @@ def rerank_files(
             query_store, gallery_store, same):
         from elvis_cli.features.released import released_gallery
         from elvis_cli.model.registry import load_reranker
-        from elvis_cli.retrieval.rerank import rerank, rerank_table
+        from elvis_cli.retrieval.job import Block, RerankJob, held, run_blocks
+        from elvis_cli.retrieval.rerank import BlockReranker, rerank_table
 
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
         post_report = None
@@ -290,9 +314,22 @@ def rerank_files(
                                               progress=progress, rerank_config=config,
                                               checkpoint=checkpoint)
             post_report = candidate_list.post
-        result = rerank(reranker, query_store, gallery_store, candidate_list, config,
-                        progress=track(progress, "re-ranking", query_store.num_images))
-        table = rerank_table(result, openable_paths(query_store), openable_paths(gallery_store))
-    if output is not None:
-        write_results(table, output)
-    return RerankRun(table, model, reranker.label, reranker.fusion, output, post_report)
+        rerank_block = BlockReranker(reranker, query_store, gallery_store, candidate_list,
+                                     config)
+        paths = openable_paths(query_store), openable_paths(gallery_store)
+        num_queries, job = query_store.num_images, None
+        if output is None:
+            results: list[RerankResult] = []
+            run_blocks(rerank_block, rerank_block.pairs_per_query(), [Block(0, 0, num_queries)],
+                       lambda _, result: results.append(result), progress)
+            table = rerank_table(results[0], *paths)
+            tables, rows = (lambda: iter([table])), len(table)
+        else:
+            parts = RerankJob(output, rerank_block.identity(), num_queries, config.block_size)
+            with held(parts, output) as job:
+                run_blocks(rerank_block, rerank_block.pairs_per_query(), parts.todo(),
+                           parts.write_result, progress, job.summary())
+                rows = write_results_streamed(parts.tables(*paths), output)
+            tables = partial(parts.tables, *paths)
+    return RerankRun(tables, rows, model, reranker.label, reranker.fusion, output, post_report,
+                     job)

@@ -9,12 +9,13 @@ gallery size.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.reranker import Reranker, RerankResult, fuse_and_sort
 from elvis_cli.retrieval.config import RerankConfig
 from elvis_cli.retrieval.embedder import EmbeddedImages, ImageEmbedder
+from elvis_cli.retrieval.embedding_cache import update_with_weights
 from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.devices import resolve_device
 from elvis_cli.util.errors import InputError
@@ -61,15 +63,22 @@ class PairScorer:
         # scores several shortlist sizes); a changed model needs a new PairScorer
         self.gallery = embedder(gallery, keep=True)
 
+    def identity(self) -> dict[str, Any]:
+        """What its scores depend on (`scoring_identity`)."""
+        return scoring_identity(self.reranker, self.queries.store, self.gallery.store,
+                                self.config)
+
     @torch.inference_mode()
-    def score(self, candidates: np.ndarray, progress: Callable[[], None] | None = None
-              ) -> np.ndarray:
-        """Raw scores (Q, L) for gallery rows `candidates` (Q, L) of queries 0..Q-1; -1 → NaN."""
+    def score(self, candidates: np.ndarray, progress: Callable[[], None] | None = None,
+              first_query: int = 0) -> np.ndarray:
+        """Raw scores (Q, L) for gallery rows `candidates` (Q, L) of the queries from
+        `first_query` on (a block of a longer list); -1 → NaN."""
         raw = np.full(candidates.shape, np.nan, dtype=np.float32)
         blocks = list(self._query_blocks(candidates))
         needed = [_gallery_rows(candidates[queries]) for queries in blocks]
         with _workers(self.workers) as pool, \
-                self.queries.blocks(blocks, pool) as query_blocks, \
+                self.queries.blocks([first_query + queries for queries in blocks],
+                                    pool) as query_blocks, \
                 self.gallery.blocks(needed, pool) as gallery_blocks:
             for queries, rows in zip(blocks, needed, strict=True):
                 started = time.perf_counter()
@@ -158,6 +167,29 @@ def _embedder(reranker: Reranker, store: FeatureStore, *, config: RerankConfig,
                          workers=workers, cache_root=config.embedding_cache, keep=keep)
 
 
+# Scores fused per call: whole vectors of every x86 CPU's widest unrolled loop (64 floats), and
+# fewer than torch splits among threads (its grain size, 32768), so that each call runs every
+# element through the same vector code.
+FUSED_PER_CALL = 16384
+VECTOR_FLOATS = 64
+
+
+def _fused_in_whole_vectors(fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                            global_scores: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """`fuse` of (Q, L) scores, each element's bits independent of Q and of its place:
+    torch's vectorised sigmoid rounds otherwise than its scalar loop over an array's last
+    elements, which would make a score depend on how the queries were split into blocks (or
+    among threads). The scores are padded to whole vectors and fused a slice at a time."""
+    count = global_scores.numel()
+    padded = -(-count // VECTOR_FLOATS) * VECTOR_FLOATS
+    flat = [torch.zeros(padded, dtype=values.dtype) for values in (global_scores, raw)]
+    for whole, values in zip(flat, (global_scores, raw), strict=True):
+        whole[:count] = values.reshape(-1)
+    fused = [fuse(flat[0][start : start + FUSED_PER_CALL], flat[1][start : start + FUSED_PER_CALL])
+             for start in range(0, padded, FUSED_PER_CALL)]
+    return torch.cat(fused)[:count].reshape(global_scores.shape) if fused else global_scores.clone()
+
+
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
     """Call progress once per query in [reported, finished); returns the new count."""
     for _ in range(reported, finished):
@@ -196,6 +228,81 @@ def _workers(count: int) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(threads)
 
 
+class BlockReranker:
+    """Re-ranks any block of consecutive queries of one shortlist, on its own: a block's result
+    depends only on the features, its rows of the shortlist and the config (the scores are
+    the same bits however the queries are split), so blocks can be computed in any order, by
+    any process, and written as parts of a job (job.py)."""
+
+    def __init__(self, reranker: Reranker, queries: FeatureStore, gallery: FeatureStore,
+                 shortlist: Shortlist, config: RerankConfig | None = None) -> None:
+        self.config = config = config or RerankConfig()
+        if shortlist.indices.shape[0] != queries.num_images:
+            raise InputError(
+                f"shortlist has {shortlist.indices.shape[0]} queries but the query features "
+                f"hold {queries.num_images} images"
+            )
+        if shortlist.indices.max(initial=-1) >= gallery.num_images:
+            raise InputError("shortlist refers to gallery rows beyond the gallery features")
+        self.reranker, self.queries, self.gallery, self.shortlist = (reranker, queries, gallery,
+                                                                     shortlist)
+        self.head = min(config.shortlist, shortlist.length) if reranker.scores_pairs else 0
+        self.scorer = PairScorer(reranker, queries, gallery, config) if self.head else None
+
+    def __call__(self, start: int, stop: int, progress: Callable[[], None] | None = None
+                 ) -> RerankResult:
+        """The fused ranking of queries start..stop-1; `progress` hears each query scored."""
+        indices = self.shortlist.indices[start:stop]
+        candidates = indices.copy()
+        candidates[:, self.head:] = -1
+        raw = (np.full(candidates.shape, np.nan, dtype=np.float32) if self.scorer is None
+               else self.scorer.score(candidates, progress, first_query=start))
+        return fuse_and_sort(indices, self.shortlist.similarities[start:stop], raw, self.head,
+                             partial(_fused_in_whole_vectors, self.reranker.fuse))
+
+    def pairs_per_query(self) -> np.ndarray:
+        """How many pairs each query's re-ranking scores: its work, for throughput and ETA."""
+        return (self.shortlist.indices[:, :self.head] >= 0).sum(axis=1)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything a block's bits depend on: what its pairs' scores depend on
+        (`scoring_identity`), the candidate lists' contents, how many of each are scored,
+        and the fusion."""
+        identity = scoring_identity(self.reranker, self.queries, self.gallery, self.config)
+        identity["settings"]["shortlist"] = self.head
+        identity["model"].update(lam=self.reranker.fusion.lam,
+                                 temperature=self.reranker.fusion.temperature)
+        return {**identity, "candidate lists": digest_of(self.shortlist.indices,
+                                                         self.shortlist.similarities)}
+
+
+def scoring_identity(reranker: Reranker, queries: FeatureStore, gallery: FeatureStore,
+                     config: RerankConfig) -> dict[str, Any]:
+    """Everything the raw score of a pair depends on: the features files, the re-ranker and
+    its weights, and the settings that change scores (CPU scores are the same for any
+    workers, batch, read and cache sizes)."""
+    device, dtype, _ = _placement(config)
+    weights = hashlib.sha256()
+    update_with_weights(weights, reranker)
+    return {
+        "queries": queries.identity(), "gallery": gallery.identity(),
+        "model": {"name": reranker.name, "label": reranker.label,
+                  "weights": weights.hexdigest()},
+        "settings": {"num_local": config.num_local, "device": device.type,
+                     "precision": str(dtype),
+                     **({} if device.type == "cpu" else {"batch_size": config.batch_size})},
+    }
+
+
+def digest_of(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' types, shapes and contents."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def rerank(
     reranker: Reranker,
     queries: FeatureStore,
@@ -206,36 +313,26 @@ def rerank(
 ) -> RerankResult:
     """Re-rank the top `config.shortlist` of every query's list and fuse the scores with the
     global similarity by `reranker.fuse` (ELVIS_SPEC §5); the global ranking re-ranks none."""
-    config = config or RerankConfig()
-    if shortlist.indices.shape[0] != queries.num_images:
-        raise InputError(
-            f"shortlist has {shortlist.indices.shape[0]} queries but the query features hold "
-            f"{queries.num_images} images"
-        )
-    if shortlist.indices.max(initial=-1) >= gallery.num_images:
-        raise InputError("shortlist refers to gallery rows beyond the gallery features")
-    head = min(config.shortlist, shortlist.length) if reranker.scores_pairs else 0
-    candidates = shortlist.indices.copy()
-    candidates[:, head:] = -1
-    raw = (PairScorer(reranker, queries, gallery, config).score(candidates, progress) if head
-           else np.full(candidates.shape, np.nan, dtype=np.float32))
-    return fuse_and_sort(shortlist.indices, shortlist.similarities, raw, head, reranker.fuse)
+    return BlockReranker(reranker, queries, gallery, shortlist, config)(
+        0, queries.num_images, progress)
 
 
-def rerank_table(result: RerankResult, query_paths: list[str], gallery_paths: list[str]
-                 ) -> pd.DataFrame:
-    """One row per (query, rank): the output format of `elvis rerank`."""
+def rerank_table(result: RerankResult, query_paths: Sequence[str], gallery_paths: Sequence[str],
+                 first_query: int = 0) -> pd.DataFrame:
+    """One row per (query, rank): the output format of `elvis rerank`. `result` holds the
+    queries from `first_query` on (a block of a longer run); paths given as object arrays
+    are used as they are, not copied per block."""
     import pandas as pd
 
-    queries, ranks = np.nonzero(result.indices >= 0)
-    gallery = result.indices[queries, ranks]
+    rows, ranks = np.nonzero(result.indices >= 0)
+    gallery = result.indices[rows, ranks]
     return pd.DataFrame({
-        "query_index": queries,
-        "query_path": np.asarray(query_paths, dtype=object)[queries],
+        "query_index": rows + first_query,
+        "query_path": np.asarray(query_paths, dtype=object)[rows + first_query],
         "rank": ranks + 1,
         "gallery_index": gallery,
         "gallery_path": np.asarray(gallery_paths, dtype=object)[gallery],
-        "global_score": result.global_scores[queries, ranks],
-        "raw_score": result.raw_scores[queries, ranks],
-        "score": result.scores[queries, ranks],
+        "global_score": result.global_scores[rows, ranks],
+        "raw_score": result.raw_scores[rows, ranks],
+        "score": result.scores[rows, ranks],
     })

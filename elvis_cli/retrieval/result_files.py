@@ -21,6 +21,7 @@ from elvis_cli.util.atomic import atomic_path, writable_output
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
     from elvis_cli.features.store import DescriptorStore
 
@@ -36,14 +37,46 @@ def checked_output(output: str | Path) -> Path:
 
 def write_results(table: pd.DataFrame, path: Path) -> None:
     """A table in the format of the suffix of `path`, written atomically."""
+    write_results_streamed(iter([table]), path)
+
+
+def write_results_streamed(tables: Iterator[pd.DataFrame], path: Path) -> int:
+    """The rows of `tables` (consecutive pieces of one table, each holding whole queries)
+    written as one table in the format of the suffix of `path`, atomically, one piece in
+    memory at a time; returns the rows written. A Parquet file gets a row group per piece."""
+    rows = 0
     with atomic_path(path) as temporary:
-        if path.suffix == ".csv":
-            table.to_csv(temporary, index=False)
-        elif path.suffix == ".parquet":
-            table.to_parquet(temporary, index=False)
-        else:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in _json_lines(table))
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            for table in tables:
+                if writer is None:
+                    schema = pa.Schema.from_pandas(table, preserve_index=False)
+                    writer = pq.ParquetWriter(temporary, _typed(schema))
+                writer.write_table(pa.Table.from_pandas(table, writer.schema,
+                                                        preserve_index=False))
+                rows += len(table)
+            if writer is not None:
+                writer.close()
+            return rows
+        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+            for number, table in enumerate(tables):
+                if path.suffix == ".csv":
+                    table.to_csv(handle, index=False, header=number == 0)
+                else:
+                    handle.writelines(line + "\n" for line in _json_lines(table))
+                rows += len(table)
+    return rows
+
+
+def _typed(schema: pa.Schema) -> pa.Schema:
+    """`schema` with text for the columns of no type (text columns of a piece without rows)."""
+    import pyarrow as pa
+
+    return pa.schema([field.with_type(pa.string()) if pa.types.is_null(field.type) else field
+                      for field in schema], metadata=schema.metadata)
 
 
 def _json_lines(table: pd.DataFrame) -> Iterator[str]:

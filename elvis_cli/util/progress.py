@@ -19,6 +19,10 @@ class TaskProgress:
     done: int
     total: int  # 0: not known in advance
     detail: str = ""  # what the task is doing now, e.g. the stage of an evaluation
+    # measured by the task itself where its units differ in cost (re-ranking: queries of
+    # other shortlist lengths, blocks kept from an earlier run); None: not measured
+    pairs_per_second: float | None = None
+    eta_seconds: float | None = None  # time left at that rate
 
 
 ProgressCallback = Callable[[TaskProgress], None]
