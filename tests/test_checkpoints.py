@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elvis_cli.model.checkpoints import (
+    BUNDLED_CHECKPOINTS,
     Fusion,
     check_compatible,
     default_checkpoint_for,
@@ -122,9 +123,23 @@ def test_mismatches_name_both_sides(tmp_path):
 
 def test_default_checkpoint_follows_the_backbone():
     assert default_checkpoint_for({"name": "dinov2"}) == "dinov2_elvis_gld"
-    assert default_checkpoint_for({"name": "efficientnet-lite0"}) == "efficientnet-lite0"
+    lite0 = {"name": "efficientnet-lite0", "local_layer": 7, "image_size": 512}
+    assert default_checkpoint_for(lite0) == "efficientnet-lite0"
+    assert default_checkpoint_for(lite0, "ames") == "efficientnet-lite0-ames"
     with pytest.raises(InputError, match="pass --checkpoint"):
         default_checkpoint_for(None)
+    with pytest.raises(InputError, match=r"of efficientnet-lite0 local_layer=5: pass"):
+        default_checkpoint_for({**lite0, "local_layer": 5})
+
+
+@pytest.mark.parametrize("name", list(BUNDLED_CHECKPOINTS))
+def test_each_bundled_checkpoint_holds_what_its_entry_says(name):
+    """The entry decides which features get it by default; the file must agree."""
+    bundled = BUNDLED_CHECKPOINTS[name]
+    checkpoint = load_checkpoint(name)
+    assert checkpoint.architecture == bundled.architecture
+    assert {key: checkpoint.backbone[key] for key in bundled.backbone} == bundled.backbone
+    assert checkpoint.info["rounds"] >= 1  # trained by `elvis train`, which records its run
 
 
 def test_wrongly_shaped_and_non_finite_weights_are_one_line_errors(tmp_path):

@@ -18,7 +18,7 @@ from elvis_cli.training.loop import train
 from elvis_cli.training.pairs import PairSampler
 from elvis_cli.training.photos import photo_set, read_labels, split_by_instance
 from elvis_cli.training.pool import extract_pool, raw_scores
-from elvis_cli.training.run import _train_step
+from elvis_cli.training.run import _schedule, _train_step
 from elvis_cli.training.validation import FUSION_GRID, ValidationSet
 from elvis_cli.util.errors import InputError
 
@@ -27,13 +27,15 @@ SMALL_VIEWS = ViewConfig(max_side=192, inset_prob=0.5)
 CPU = torch.device("cpu")
 
 
+SMALL_RUN = {
+    "backbone_options": BACKBONE_OPTIONS, "views_per_image": 3, "rounds": 2,
+    "steps_per_round": 4, "batch_pairs": 8, "val_pairs": 32, "views": SMALL_VIEWS,
+    "device": "cpu",
+}
+
+
 def _small_config(**changes) -> TrainConfig:
-    settings = {
-        "backbone_options": BACKBONE_OPTIONS, "views_per_image": 3, "rounds": 2,
-        "steps_per_round": 4, "batch_pairs": 8, "val_pairs": 32, "views": SMALL_VIEWS,
-        "device": "cpu", **changes,
-    }
-    return TrainConfig(**settings)
+    return TrainConfig(**{**SMALL_RUN, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,54 @@ def test_pairs_are_what_they_claim(photos, backbone):
     # a view pasted into another photo is never a negative of that photo's views
     assert (pool.backdrop >= 0).any()
     assert not pool.related(src[labels == 0], tgt[labels == 0]).any()
+
+
+def test_ranked_pairs_come_from_the_anchors_global_ranking(photos, backbone):
+    pool_photos = photo_set(collect_images(photos)[1], None)
+    pool = extract_pool(backbone, render_views(pool_photos, 3, SMALL_VIEWS, [1], {}),
+                        pool_photos, 32, 8, CPU)
+    src, tgt, labels = PairSampler(pool, 4).sample_ranked(np.random.default_rng(0), 30, 6)
+    np.testing.assert_array_equal(labels, [1] * 30 + [0] * 30)
+    np.testing.assert_array_equal(src[:30], src[30:])  # one positive and one negative per anchor
+    np.testing.assert_array_equal(pool.instance[src] == pool.instance[tgt], labels == 1)
+    assert not pool.related(src[labels == 0], tgt[labels == 0]).any()
+    similarity = (pool.global_desc @ pool.global_desc.T).numpy()
+    np.fill_diagonal(similarity, -np.inf)
+    sixth = np.sort(similarity, axis=1)[:, -6]
+    chosen = similarity[src, tgt]
+    assert np.all(chosen >= sixth[src]) and np.all(chosen > 0)  # within the 6 nearest
+
+
+def test_warm_up_then_cosine():
+    """The authors' "warmcos": from a third of the rate up to it over the first tenth, then
+    down along a cosine to zero."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=0.3)
+    schedule = _schedule(optimizer, 100, 0.1)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(0.3)
+    assert rates[5] == pytest.approx(0.2)
+    assert rates[55] == pytest.approx(0.15)  # half-way down the cosine
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+
+
+def test_the_authors_recipe_trains_and_is_recorded(photos, tmp_path):
+    config = TrainConfig.for_recipe("authors", **{
+        **SMALL_RUN, "descriptors_per_side": (8, 24), "rounds": 1})
+    report = train(photos, tmp_path / "authors.pt", config, progress=False)
+    info = load_checkpoint(report.checkpoint).info
+    assert (info["sampling"], info["lr"], info["weight_decay"], info["warmup_fraction"]) == (
+        "ranked", 5e-4, 5e-4, 0.1)
+    assert list(info["descriptors_per_side"]) == [8, 24] and "ranked_candidates" in info
+    assert math.isfinite(report.history[0]["loss"])
+    with pytest.raises(InputError, match="recipe must be ours or authors, not 'theirs'"):
+        TrainConfig.for_recipe("theirs")
+    with pytest.raises(InputError, match="descriptors per side must be a range"):
+        TrainConfig(descriptors_per_side=(50, 50))
 
 
 def test_insets_record_their_backdrop_and_are_junk_in_validation(photos, backbone):

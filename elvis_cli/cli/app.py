@@ -126,12 +126,14 @@ class _Command(typer.core.TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-def _config(name: str, **given: Any) -> Any:
+def _config(name: str, constructor: str | None = None, *args: Any, **given: Any) -> Any:
     """Config dataclass `name` (a public name of elvis_cli) with the options that were given;
-    the rest keep its defaults. Only that one is loaded, and no config's module imports torch
-    (tests/test_startup.py): the argument errors it raises must not wait for heavy imports."""
+    the rest keep its defaults (or those of `constructor`, a classmethod taking `args`). Only
+    that one is loaded, and no config's module imports torch (tests/test_startup.py): the
+    argument errors it raises must not wait for heavy imports."""
     config_class = getattr(importlib.import_module("elvis_cli"), name)
-    return config_class(**{key: value for key, value in given.items()
+    build = getattr(config_class, constructor) if constructor else config_class
+    return build(*args, **{key: value for key, value in given.items()
                            if value is not None and value != []})
 
 
@@ -826,6 +828,9 @@ def train(
     views: Annotated[int | None, typer.Option(min=2, help="Views per photo per round.")] = None,
     batch_pairs: Annotated[int | None, typer.Option(min=2, help="Pairs per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="ours, or authors: pairs from the global ranking, 100-399 descriptors per side, "
+             "AdamW 5e-4/5e-4, warm-up then cosine (the options above override it).")] = "ours",
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     device: DeviceOption = None,
 ) -> None:
@@ -838,7 +843,8 @@ def train(
     from elvis_cli import train as run_train
 
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
-    config = _config("TrainConfig", model=model, backbone=name, backbone_options=options,
+    config = _config("TrainConfig", "for_recipe", recipe, model=model, backbone=name,
+                     backbone_options=options,
                      rounds=rounds, steps_per_round=steps, views_per_image=views,
                      batch_pairs=batch_pairs, lr=lr, seed=seed, device=device)
 

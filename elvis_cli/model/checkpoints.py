@@ -54,8 +54,22 @@ MODEL_NAMES = {"elvis": "ELViS", "ames": "AMES"}
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
-# backbone name -> checkpoint bundled inside the package (trained with `elvis train`)
-BUNDLED_CHECKPOINTS = {"efficientnet-lite0": "efficientnet_lite0_elvis.pt"}
+
+@dataclass(frozen=True)
+class BundledCheckpoint:
+    """A checkpoint shipped inside the package, trained with `elvis train`."""
+
+    file: str  # in WEIGHTS_DIR
+    backbone: dict[str, Any]  # the descriptor space (_DESCRIPTOR_SPACE_KEYS) it was trained on
+    architecture: str = "elvis"
+
+
+_LITE0 = {"name": "efficientnet-lite0", "local_layer": 7}
+# name -> checkpoint; a features file's default is the first one of its descriptor space
+BUNDLED_CHECKPOINTS = {
+    "efficientnet-lite0": BundledCheckpoint("efficientnet_lite0_elvis.pt", _LITE0),
+    "efficientnet-lite0-ames": BundledCheckpoint("efficientnet_lite0_ames.pt", _LITE0, "ames"),
+}
 
 # settings keys that change the descriptor space; the rest (image size, K) do not
 _DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer")
@@ -87,8 +101,9 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
         path = _download_official(text, official.architecture)
         return _from_file(path, text, {"name": official.backbone},
                           Fusion(official.lam, official.temperature))
-    if text in BUNDLED_CHECKPOINTS:
-        return _from_file(WEIGHTS_DIR / BUNDLED_CHECKPOINTS[text], text, None)
+    bundled = BUNDLED_CHECKPOINTS.get(text)
+    if bundled is not None:
+        return _from_file(WEIGHTS_DIR / bundled.file, text, bundled.backbone)
     path = Path(text).expanduser()
     if not path.exists():
         raise unknown_name("checkpoint (no such file either)", text, _checkpoint_names())
@@ -96,17 +111,20 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
 
 
 def default_checkpoint_for(backbone: dict[str, Any] | None, architecture: str = "elvis") -> str:
-    """The `architecture` checkpoint that matches a features file's backbone (the first
-    official one listed for it: float input, not "dist")."""
+    """The `architecture` checkpoint that matches a features file's backbone: the bundled one
+    of its descriptor space, else the first official one listed for it (float input, not
+    "dist")."""
     name = (backbone or {}).get("name")
-    if name in BUNDLED_CHECKPOINTS and architecture == "elvis":
-        return name
+    for checkpoint, bundled in BUNDLED_CHECKPOINTS.items():
+        if bundled.architecture == architecture and backbone is not None \
+                and _same_space(bundled.backbone, backbone):
+            return checkpoint
     for checkpoint, official in OFFICIAL_CHECKPOINTS.items():
         if official.backbone == name and official.architecture == architecture:
             return checkpoint
     model = "" if architecture == "elvis" else f"{MODEL_NAMES[architecture]} "
-    raise InputError(f"no default {model}checkpoint for features of backbone {name!r}: pass "
-                     "--checkpoint NAME|PATH")
+    raise InputError(f"no default {model}checkpoint for features of "
+                     f"{describe_backbone(backbone)}: pass --checkpoint NAME|PATH")
 
 
 def checkpoint_for_features(checkpoint: "str | Path | Checkpoint | None",
@@ -150,9 +168,7 @@ def check_compatible(checkpoint: Checkpoint, backbone: dict[str, Any] | None, di
         )
     if backbone is None or checkpoint.backbone is None:
         return  # official descriptor files do not record their backbone
-    ours, theirs = _descriptor_space(checkpoint.backbone), _descriptor_space(backbone)
-    shared = ours.keys() & theirs.keys()
-    if any(ours[key] != theirs[key] for key in shared):
+    if not _same_space(checkpoint.backbone, backbone):
         raise ModelMismatchError(
             f"checkpoint {checkpoint.name!r} was trained on "
             f"{describe_backbone(checkpoint.backbone)} features, but these features come from "
@@ -191,6 +207,12 @@ def save_checkpoint(
 
 def _descriptor_space(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: settings[key] for key in _DESCRIPTOR_SPACE_KEYS if key in settings}
+
+
+def _same_space(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether two backbones' settings agree on every descriptor-space key both record."""
+    ours, theirs = _descriptor_space(ours), _descriptor_space(theirs)
+    return all(ours[key] == theirs[key] for key in ours.keys() & theirs.keys())
 
 
 def _download_official(name: str, architecture: str) -> Path:

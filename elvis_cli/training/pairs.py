@@ -1,13 +1,44 @@
-"""Training pairs from a pool of views: positives share an instance, negatives do not, and a
-share of the negatives are the views the global descriptor confuses most."""
+"""Training pairs from a pool of views: positives share an instance, negatives do not. Either a
+share of the negatives are the views the global descriptor confuses most (ours), or both are
+drawn from the anchor's global ranking (the authors')."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from elvis_cli.training.pool import ViewPool
 from elvis_cli.util.errors import InputError
+
+
+@dataclass(frozen=True)
+class RankedNeighbours:
+    """Each view's globally nearest other views, what each is to it, and the views that can
+    anchor a ranked pair."""
+
+    candidates: int
+    neighbours: np.ndarray  # (N, c) view rows, nearest first
+    similarities: np.ndarray  # (N, c) float64
+    kinds: np.ndarray  # (N, c) 1 positive, 0 negative, -1 neither (backdrop-related or sim <= 0)
+    anchors: np.ndarray  # views with at least one positive and one negative neighbour
+
+    @classmethod
+    def of(cls, pool: ViewPool, candidates: int) -> RankedNeighbours:
+        similarity = pool.global_desc @ pool.global_desc.T
+        similarity.fill_diagonal_(-torch.inf)
+        top = similarity.topk(min(candidates, len(pool) - 1), dim=1)
+        neighbours, similarities = top.indices.numpy(), top.values.double().numpy()
+        rows = np.arange(len(pool))[:, None]
+        same = pool.instance[neighbours] == pool.instance[rows]
+        kinds = np.where(same, 1, np.where(pool.related(rows, neighbours), -1, 0))
+        kinds = np.where(similarities > 0, kinds, -1)
+        anchors = np.flatnonzero((kinds == 1).any(axis=1) & (kinds == 0).any(axis=1))
+        if len(anchors) == 0:
+            raise InputError("no view has both a positive and a negative among its nearest "
+                             "views: use more views per image or more photos")
+        return cls(candidates, neighbours, similarities, kinds, anchors)
 
 
 class PairSampler:
@@ -26,6 +57,7 @@ class PairSampler:
         if len(np.unique(self.instance)) < 2:
             raise InputError("no negative pairs: all readable photos are one instance")
         self.hard = _hardest_negatives(pool, hard_pool)
+        self.ranked: RankedNeighbours | None = None  # made on first use
 
     def sample(
         self, rng: np.random.Generator, positives: int, negatives: int, hard_fraction: float
@@ -40,6 +72,27 @@ class PairSampler:
         neg_tgt[hard:] = self._other_instance(rng, neg_src[hard:])
         labels = np.concatenate([np.ones(positives), np.zeros(negatives)]).astype(np.float32)
         return np.concatenate([pos_src, neg_src]), np.concatenate([pos_tgt, neg_tgt]), labels
+
+    def sample_ranked(
+        self, rng: np.random.Generator, anchors: int, candidates: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The authors' mining: per anchor, one positive and one negative among its
+        `candidates` globally nearest views with positive similarity, each drawn with weight
+        similarity^3, so the pairs the shortlist holds high are seen most. `anchors` pairs of
+        each kind, positives first."""
+        if self.ranked is None or self.ranked.candidates != candidates:
+            self.ranked = RankedNeighbours.of(self.pool, candidates)
+        ranked = self.ranked
+        src = rng.choice(ranked.anchors, size=anchors)
+        positive, negative = np.empty(anchors, np.int64), np.empty(anchors, np.int64)
+        for pair, anchor in enumerate(src):
+            for chosen, kind in ((positive, ranked.kinds[anchor] == 1),
+                                 (negative, ranked.kinds[anchor] == 0)):
+                weights = ranked.similarities[anchor][kind] ** 3
+                chosen[pair] = rng.choice(ranked.neighbours[anchor][kind],
+                                          p=weights / weights.sum())
+        labels = np.concatenate([np.ones(anchors), np.zeros(anchors)]).astype(np.float32)
+        return np.concatenate([src, src]), np.concatenate([positive, negative]), labels
 
     def _other_instance(self, rng: np.random.Generator, sources: np.ndarray) -> np.ndarray:
         targets = rng.integers(0, len(self.instance), size=len(sources))

@@ -35,11 +35,16 @@ if TYPE_CHECKING:
 def _train_step(
     model: Elvis | Ames, optimizer: torch.optim.Optimizer, pool: ViewPool,
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device, grad_clip: float,
+    kept: tuple[int, int] | None = None,
 ) -> float | None:
-    """One AdamW step on BCE(g(raw), label); None when the gradient was not finite (skipped)."""
+    """One AdamW step on BCE(g(raw), label); None when the gradient was not finite (skipped).
+    `kept`: how many of their strongest descriptors the sources and the targets keep."""
     src, tgt, labels = pairs
     src_desc, src_mask = pool.local(src, device)
     tgt_desc, tgt_mask = pool.local(tgt, device)
+    if kept is not None:
+        src_desc, src_mask = src_desc[:, : kept[0]], src_mask[:, : kept[0]]
+        tgt_desc, tgt_mask = tgt_desc[:, : kept[1]], tgt_mask[:, : kept[1]]
     logits = model.logit(model(src_desc, tgt_desc, src_mask, tgt_mask))
     loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(device))
     optimizer.zero_grad(set_to_none=True)
@@ -50,6 +55,20 @@ def _train_step(
         return None
     optimizer.step()
     return float(loss.detach())
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float
+              ) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay over all steps, after a linear warm-up over the first `warmup_fraction`
+    (torch's LinearLR from a third of the rate, as the authors' "warmcos")."""
+    warmup = int(warmup_fraction * steps)
+    if warmup == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=warmup),
+         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps - warmup)],
+        milestones=[warmup])
 
 
 class TrainingRun:
@@ -76,9 +95,8 @@ class TrainingRun:
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, config.rounds * config.steps_per_round
-        )
+        self.schedule = _schedule(self.optimizer, config.rounds * config.steps_per_round,
+                                  config.warmup_fraction)
         self.skipped: dict[Path, str] = {}
         self.seconds = {"extract": 0.0, "train": 0.0, "validate": 0.0}
         self.views_extracted = 0
@@ -111,13 +129,18 @@ class TrainingRun:
         self.model.train()
         for _ in range(config.steps_per_round):
             positives = config.batch_pairs // 2
-            pairs = sampler.sample(rng, positives, config.batch_pairs - positives,
-                                   config.hard_negative_fraction)
+            if config.sampling == "ranked":
+                pairs = sampler.sample_ranked(rng, positives, config.ranked_candidates)
+            else:
+                pairs = sampler.sample(rng, positives, config.batch_pairs - positives,
+                                       config.hard_negative_fraction)
+            kept = None if config.descriptors_per_side is None else (
+                tuple(int(count) for count in rng.integers(*config.descriptors_per_side, size=2)))
             model = self.model
             log_domain_steps += isinstance(model, Elvis) and uses_log_domain(
                 model.dust_bin, model.config.regularisation)
             loss = _train_step(self.model, self.optimizer, pool, pairs, self.device,
-                               config.grad_clip)
+                               config.grad_clip, kept)
             self.schedule.step()
             if loss is not None:
                 losses.append(loss)
