@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from elvis_cli.backbones import create_backbone
+from elvis_cli.backbones.base import batch_inputs
 from elvis_cli.evaluation.metrics import ok_junk_scores
 from elvis_cli.features.images import collect_images, load_image
 from elvis_cli.training.augment import ViewConfig, inset_view, random_view
@@ -76,7 +77,7 @@ def measure(images: list[np.ndarray], labels: np.ndarray, backdrops: np.ndarray,
     global_rows, local_sets = [], []
     elapsed = 0.0
     for image in images:
-        batch = backbone.preprocess(image)[None]
+        batch = batch_inputs([backbone.preprocess(image)])
         started = time.perf_counter()
         features = backbone(batch)
         elapsed += time.perf_counter() - started

@@ -1,11 +1,16 @@
 """Extraction speed of the offline backbone on CPU: images/s and where the time goes.
 
 Times each stage of `elvis extract` separately on real photos (decode: read + JPEG decode +
-EXIF; resize: the backbone's preprocessing; model: forward passes in batches of same-shaped
-images, as extraction batches them; write: the HDF5 shard), then the real extraction end to end.
+EXIF; preprocess: the backbone's resizing, and RootSIFT where asked; model: forward passes in
+batches of same-shaped images, as extraction batches them; write: the HDF5 shard), then the
+real extraction end to end (where preprocessing runs in the loader threads beside the model).
+Each variant (backbone options on top of --option) is measured in turn in one run, by default
+today's offline default and its RootSIFT local descriptors side by side.
 
-    PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~1-2 min
+    PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~2-4 min
     PYTHONPATH=$PWD python benchmarks/extract_speed.py IMAGES --limit 50 --option image_size=512
+    PYTHONPATH=$PWD python benchmarks/extract_speed.py --variant "" --variant \
+        "local_descriptors=rootsift,sift_side=512" --repeats 3
 """
 
 import argparse
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from elvis_cli.backbones import create_backbone
+from elvis_cli.backbones.base import batch_inputs, input_shape
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.images import collect_images, load_image
 from elvis_cli.features.layout import shard_path
@@ -30,23 +36,23 @@ DEMO = Path(__file__).resolve().parent.parent / "examples" / "data" / "demo" / "
 def stage_times(backbone, paths: list[Path], batch_size: int) -> dict[str, float]:
     """Seconds spent per stage over all images, one stage at a time on the main thread."""
     seconds: dict[str, float] = defaultdict(float)
-    tensors = []
+    inputs = []
     for path in paths:
         started = time.perf_counter()
         image = load_image(path)
         seconds["decode"] += time.perf_counter() - started
         started = time.perf_counter()
-        tensors.append(backbone.preprocess(image))
-        seconds["resize"] += time.perf_counter() - started
+        inputs.append(backbone.preprocess(image))
+        seconds["preprocess"] += time.perf_counter() - started
     by_shape = defaultdict(list)
-    for tensor in tensors:
-        by_shape[tuple(tensor.shape)].append(tensor)
+    for one in inputs:
+        by_shape[input_shape(one)].append(one)
     rows, globals_ = [], []
     with torch.inference_mode():
         for group in by_shape.values():
             for start in range(0, len(group), batch_size):
                 started = time.perf_counter()
-                features = backbone(torch.stack(group[start : start + batch_size]))
+                features = backbone(batch_inputs(group[start : start + batch_size]))
                 seconds["model"] += time.perf_counter() - started
                 rows.append(torch.cat([features.metadata, features.local_desc], -1).numpy())
                 globals_.append(features.global_desc.numpy())
@@ -59,32 +65,27 @@ def stage_times(backbone, paths: list[Path], batch_size: int) -> dict[str, float
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="?", type=Path, default=DEMO)
-    parser.add_argument("--backbone", default="efficientnet-lite0")
-    parser.add_argument("--option", action="append", default=[], help="backbone KEY=VALUE")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N images")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
-    args = parser.parse_args()
-    options = {}
-    for option in args.option:
-        key, value = option.split("=", 1)
+def options_of(items: list[str]) -> dict[str, int | str]:
+    """KEY=VALUE backbone options; whole numbers as int."""
+    options: dict[str, int | str] = {}
+    for item in items:
+        key, value = item.split("=", 1)
         options[key] = int(value) if value.isdigit() else value
+    return options
 
-    _, paths = collect_images(args.images)
-    paths = paths[: args.limit]
-    backbone = create_backbone(args.backbone, **options).eval()
-    print(f"{len(paths)} images from {args.images}; {args.backbone} {backbone.settings()}; "
-          f"torch threads {torch.get_num_threads()}")
+
+def measure(name: str, options: dict[str, int | str], paths: list[Path],
+            args: argparse.Namespace) -> None:
+    """Print the stage times and the end-to-end images/s of one backbone setting."""
+    backbone = create_backbone(name, **options).eval()
+    print(f"{name} {backbone.settings()}; torch threads {torch.get_num_threads()}")
     stage_times(backbone, paths, args.batch_size)  # warm up: oneDNN prepares each new shape
     runs = [stage_times(backbone, paths, args.batch_size) for _ in range(args.repeats)]
-    stages = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    stages = {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]}
     total = sum(stages.values())
-    for name, seconds in stages.items():
+    for stage, seconds in stages.items():
         share = 100 * seconds / total
-        print(f"  {name:7s} {1e3 * seconds / len(paths):7.2f} ms/image  {share:5.1f}%")
+        print(f"  {stage:10s} {1e3 * seconds / len(paths):7.2f} ms/image  {share:5.1f}%")
     print(f"  stages in sequence: {len(paths) / total:.1f} images/s")
 
     times = []
@@ -92,11 +93,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
             extract_features(paths, Path(folder) / "f.h5", ExtractConfig(
-                backbone=args.backbone, backbone_options=options, batch_size=args.batch_size,
+                backbone=name, backbone_options=options, batch_size=args.batch_size,
                 device="cpu"), backbone=backbone)
             times.append(time.perf_counter() - started)
-    print(f"extract_features end to end (decode in threads, median of {args.repeats}): "
+    print(f"  extract_features end to end (preprocessing in threads, median of {args.repeats}): "
           f"{len(paths) / statistics.median(times):.1f} images/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="?", type=Path, default=DEMO)
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--option", action="append", default=[], help="backbone KEY=VALUE")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="comma-separated KEY=VALUE options of one variant, '' for none "
+                             "(repeat; default: '' and local_descriptors=rootsift)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
+    args = parser.parse_args()
+    _, paths = collect_images(args.images)
+    paths = paths[: args.limit]
+    print(f"{len(paths)} images from {args.images}")
+    for variant in args.variant or ["", "local_descriptors=rootsift"]:
+        options = options_of([*args.option, *filter(None, variant.split(","))])
+        measure(args.backbone, options, paths, args)
 
 
 if __name__ == "__main__":

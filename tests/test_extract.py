@@ -289,13 +289,13 @@ def watch_pending(monkeypatch) -> list[int]:
     def watched_in_order(*args, **kwargs):
         for item in in_order(*args, **kwargs):
             seen.append(handed[0] - encoded[0])
-            handed[0] += item.tensor is not None
+            handed[0] += item.inputs is not None
             yield item
         seen.append(handed[0] - encoded[0])
 
-    def watched_encode(backbone, batch):
-        encoded[0] += len(batch)
-        return encode(backbone, batch)
+    def watched_encode(backbone, inputs, device):
+        encoded[0] += len(inputs)
+        return encode(backbone, inputs, device)
 
     monkeypatch.setattr(extract_module, "in_order", watched_in_order)
     monkeypatch.setattr(extract_module, "_encode", watched_encode)

@@ -14,6 +14,7 @@ from elvis_cli import ExtractConfig, FeatureStore, RerankConfig, extract_images,
 from elvis_cli.features.layout import META_COL, META_PADDING, META_ROW, NUM_META
 from elvis_cli.model.reranker import Embedded
 from elvis_cli.model.spatial_verification import (
+    KEYPOINT_CONFIG,
     SpatialVerification,
     SpatialVerificationConfig,
     grid_spacing,
@@ -175,3 +176,66 @@ def test_same_inliers_on_the_avx2_code_path(views, tmp_path):
 def test_grid_spacing_is_the_stored_cell(views):
     with FeatureStore.open(views) as store:
         assert grid_spacing(store) == pytest.approx(1 / 8, rel=0.02)
+
+
+# --- keypoint features (RootSIFT): Lowe's ratio test, a homography, a threshold in pixels -----
+
+
+def test_the_ratio_test_drops_ambiguous_matches_that_are_mutual():
+    """A query descriptor with two almost equally near gallery descriptors is a mutual nearest
+    neighbour of one of them, but fails the ratio test; distinct ones pass both."""
+    rng = np.random.default_rng(3)
+    query = rng.standard_normal((20, DIM))
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    noise = 0.05 * rng.standard_normal(query.shape)
+    twins = query[:5] - noise[:5]  # as near to the first 5 as their own copies
+    gallery = np.r_[query + noise, twins]
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    positions = rng.uniform(0, 1, (len(gallery), 2))
+    sides = (np.zeros(len(query), bool), np.zeros(len(gallery), bool), positions[:20], positions)
+    mutual, _ = matched_positions(query @ gallery.T, *sides)
+    ratio, _ = matched_positions(query @ gallery.T, *sides, ratio=0.85)
+    assert len(mutual) == 20
+    np.testing.assert_array_equal(ratio, positions[5:20].astype(np.float32))
+
+
+def test_the_keypoint_recipe_finds_the_homographys_inliers():
+    """With a cell of one pixel of a 640 px image the threshold is 8 px (0.0125): the designed
+    inliers pass, the outliers 0.3 away do not."""
+    (query, query_xy), (gallery, gallery_xy) = _pair(HOMOGRAPHY, seed=4)
+    reranker = SpatialVerification(KEYPOINT_CONFIG, cell=1 / 640)
+    assert reranker.threshold == pytest.approx(8 / 640)
+    assert _score(reranker, _embedded(query, query_xy), _embedded(gallery, gallery_xy)) == INLIERS
+    shifted = gallery_xy + np.where(np.arange(len(gallery_xy))[:, None] % 2, 0.03, 0.0)
+    assert _score(reranker, _embedded(query, query_xy),
+                  _embedded(gallery, shifted)) < INLIERS  # 0.03 = 19 px: out
+
+
+@pytest.fixture(scope="module")
+def keypoint_views(tmp_path_factory):
+    """The four photos' two crops each, extracted with RootSIFT at 320 px."""
+    folder = tmp_path_factory.mktemp("sv-sift")
+    write_views(folder / "imgs")
+    extract_images(folder / "imgs", folder / "views.h5", ExtractConfig(backbone_options={
+        "image_size": 256, "local_descriptors": "rootsift", "sift_side": 320, "num_local": 300}))
+    return folder / "views.h5"
+
+
+def test_keypoint_files_get_the_keypoint_recipe(views, keypoint_views):
+    with FeatureStore.open(keypoint_views) as store:
+        reranker = SpatialVerification.load(store)
+    assert reranker.config == KEYPOINT_CONFIG and reranker.threshold == pytest.approx(8 / 320)
+    with FeatureStore.open(views) as store:
+        assert SpatialVerification.load(store).config == SpatialVerificationConfig()
+
+
+def test_rerank_files_verifies_keypoint_views_of_one_photo(keypoint_views):
+    """Each image's other view has more inliers than any other image (a homography at 8 px
+    also fits a few chance matches of unrelated photos, above the floor of 8 at times)."""
+    table = rerank_files(keypoint_views, model="sv", config=RerankConfig(shortlist=7)).table
+    same_photo = (table["query_path"].str.split("_").str[0]
+                  == table["gallery_path"].str.split("_").str[0])
+    assert same_photo[table["rank"] == 1].all()
+    true_inliers = table[same_photo].set_index("query_index")["raw_score"]
+    most_false = table[~same_photo].groupby("query_index")["raw_score"].max()
+    assert (true_inliers >= 15).all() and (true_inliers > most_false).all()

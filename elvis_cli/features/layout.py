@@ -5,7 +5,11 @@ names.
 Backbones write rows in this layout and every store reads it, so it lives apart from both.
 The metadata columns are identical to the official files' (ELVIS_SPEC §3): the patch centre's
 row (vertical) then column (horizontal) position as fractions of the grid, the scale index,
-the padding flag (1 = padding) and the weight; the D descriptor values follow.
+the padding flag (1 = padding) and the weight; the D descriptor values follow. Keypoint
+descriptors (RootSIFT, backbones/rootsift.py) fill them alike: the keypoint's row and column
+as fractions of the resized image's height and width ((y + 0.5) / h, pixel centres as the grid
+centres), in the scale column the keypoint's size (its diameter in px of the image resized to
+`sift_side`), and as weight its SIFT response.
 """
 
 from __future__ import annotations

@@ -1,16 +1,22 @@
 """Spatial verification: the classic re-ranker, RANSAC on the matches between two images.
 
-Each pair's descriptors are matched by mutual nearest neighbours (cosine, padding never
-matches); RANSAC (OpenCV, chosen by measurement: BENCHMARKS.md) fits an affine map or a
-homography from the query's stored positions to the gallery image's, and the raw score is its
-inlier count. The shortlist is re-sorted by inliers, equal counts by global similarity (DELG's
-"inliers, then global").
+Each pair's descriptors are matched (cosine, padding never matches), by mutual nearest
+neighbours or by Lowe's ratio test; RANSAC (OpenCV, chosen by measurement: BENCHMARKS.md) fits
+an affine map or a homography from the query's stored positions to the gallery image's, and
+the raw score is its inlier count. The shortlist is re-sorted by inliers, equal counts by global
+similarity (DELG's "inliers, then global").
 
-Positions are the stored metadata columns (features/layout.py): the patch centre's row and
-column as fractions of the image's height and width. The inlier threshold is given in cells of
-the feature grid, so one setting suits every backbone: a features file's cell, in those
-fractions, is the spacing of its stored positions (1/16 for EfficientNet-Lite0 at 512 px, about
-1/55 for DINOv2 at 768 px).
+Positions are the stored metadata columns (features/layout.py): the patch centre's or
+keypoint's row and column as fractions of the image's height and width. The inlier threshold
+is given in cells, so one setting suits every backbone. For grid features a cell is the grid's
+spacing in those fractions (1/16 for EfficientNet-Lite0 at 512 px, about 1/55 for DINOv2 at
+768 px), read from the file; mutual nearest neighbours and an affine map measured best there.
+For keypoint features (RootSIFT, backbones/rootsift.py) a cell is one pixel of the image SIFT
+ran on, 1 / sift_side of its longer side, and the defaults are the classical recipe
+(KEYPOINT_CONFIG): ratio test 0.85, a homography, 8 px. A threshold in fractions is isotropic
+in fractions, so along an image's shorter side it is that many pixels times the aspect ratio
+(8 px across a 640 px side, 6 px across a 480 px one): the engine hands positions, not image
+sizes.
 """
 
 from __future__ import annotations
@@ -41,13 +47,23 @@ DEFAULT_CELL = 1 / 16  # EfficientNet-Lite0's at 512 px, where no spacing can be
 
 @dataclass(frozen=True)
 class SpatialVerificationConfig:
-    """RANSAC's settings; the defaults were chosen on the demo (BENCHMARKS.md)."""
+    """Matching's and RANSAC's settings; the defaults, for grid features, were chosen on the
+    demo (BENCHMARKS.md); KEYPOINT_CONFIG holds those for keypoint features."""
 
     model: Literal["affine", "homography"] = "affine"
-    threshold_cells: float = 1.5  # inlier threshold, in cells of the feature grid
+    threshold_cells: float = 1.5  # inlier threshold, in cells (grid spacing, or pixels)
     max_iterations: int = 1000
     confidence: float = 0.999
     min_inliers: int = 8  # fewer inliers than this count as none: the pair is not verified
+    # "mutual": mutual nearest neighbours; "ratio": Lowe's ratio test, each query descriptor's
+    # nearest gallery descriptor kept where its distance is below `ratio` times the second's
+    matching: Literal["mutual", "ratio"] = "mutual"
+    ratio: float = 0.85
+
+
+# the classical RootSIFT + RANSAC recipe (issue 15): ratio test, a homography, 8 px
+KEYPOINT_CONFIG = SpatialVerificationConfig(model="homography", threshold_cells=8.0,
+                                            matching="ratio")
 
 
 class SpatialVerification(Reranker):
@@ -67,6 +83,9 @@ class SpatialVerification(Reranker):
     def load(cls, features: DescriptorStore,
              checkpoint: str | Path | Checkpoint | None = None, lam: float | None = None,
              temperature: float | None = None) -> SpatialVerification:
+        settings = features.backbone_settings or {}
+        if settings.get("local_descriptors") == "rootsift":  # keypoints: a cell is a pixel
+            return cls(KEYPOINT_CONFIG, cell=1 / settings["sift_side"])
         return cls(cell=grid_spacing(features))
 
     def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
@@ -85,10 +104,11 @@ class SpatialVerification(Reranker):
         src_padding, tgt_padding = _padding(src, count), _padding(tgt, count)
         src_positions = src.positions.float().cpu().numpy()
         tgt_positions = tgt.positions.float().cpu().numpy()
+        ratio = self.config.ratio if self.config.matching == "ratio" else None
         inliers = [
             self.inliers(*matched_positions(
                 similarities[pair], src_padding[pair], tgt_padding[pair],
-                src_positions[pair % len(src_positions)], tgt_positions[pair]))
+                src_positions[pair % len(src_positions)], tgt_positions[pair], ratio))
             for pair in range(count)
         ]
         return torch.tensor(inliers, dtype=torch.float32)
@@ -122,19 +142,35 @@ class SpatialVerification(Reranker):
 
 def matched_positions(similarity: np.ndarray, src_padding: np.ndarray,
                       tgt_padding: np.ndarray, src_positions: np.ndarray,
-                      tgt_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 2) positions of the mutual nearest neighbours of an (m, m') similarity matrix,
-    query side then gallery side; padded slots (True) on either side never match."""
+                      tgt_positions: np.ndarray, ratio: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2) positions of the matches of an (m, m') similarity matrix of unit descriptors,
+    query side then gallery side: mutual nearest neighbours, or with `ratio` each query row's
+    nearest gallery row where its distance is below ratio times the second nearest's (Lowe's
+    test). Padded slots (True) on either side never match."""
     similarity = np.where(src_padding[:, None] | tgt_padding[None, :], -np.inf, similarity)
     if not np.isfinite(similarity).any():
         return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
     best_target = similarity.argmax(axis=1)
-    best_source = similarity.argmax(axis=0)
-    sources = np.flatnonzero((best_source[best_target] == np.arange(len(similarity)))
-                             & ~src_padding)
+    if ratio is None:
+        best_source = similarity.argmax(axis=0)
+        matched = best_source[best_target] == np.arange(len(similarity))
+    else:
+        matched = _passes_ratio_test(similarity, ratio)
+    sources = np.flatnonzero(matched & ~src_padding)
     targets = best_target[sources]
     return (np.ascontiguousarray(src_positions[sources], dtype=np.float32),
             np.ascontiguousarray(tgt_positions[targets], dtype=np.float32))
+
+
+def _passes_ratio_test(similarity: np.ndarray, ratio: float) -> np.ndarray:
+    """(m,) whether each row's nearest column is nearer than `ratio` times the second nearest,
+    in Euclidean distance between unit vectors, sqrt(2 - 2 cos); one column alone passes."""
+    if similarity.shape[1] < 2:
+        return np.ones(len(similarity), bool)
+    top_two = -np.partition(-similarity, 1, axis=1)[:, :2]
+    nearest, second = np.sqrt(np.maximum(2.0 - 2.0 * top_two, 0.0)).T
+    return nearest < ratio * second
 
 
 def grid_spacing(features: DescriptorStore) -> float:

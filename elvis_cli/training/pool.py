@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from elvis_cli.backbones import Backbone
+from elvis_cli.backbones.base import Inputs, batch_inputs, input_shape
 from elvis_cli.features.layout import META_PADDING
 from elvis_cli.model.elvis import Elvis
 from elvis_cli.training.photos import PhotoSet
@@ -63,22 +64,22 @@ def extract_pool(
     results: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     photo_of, backdrop_of = [], []
 
-    def run(items: list[tuple[int, torch.Tensor]]) -> None:
-        features = backbone(torch.stack([tensor for _, tensor in items]).to(device))
+    def run(items: list[tuple[int, Inputs]]) -> None:
+        features = backbone(batch_inputs([inputs for _, inputs in items], device))
         local = features.local_desc[:, :num_local].to("cpu", torch.float16)
         padding = features.metadata[:, :num_local, META_PADDING].cpu() > 0.5
         global_desc = features.global_desc.float().cpu()
         for row, (order, _) in enumerate(items):
             results[order] = (global_desc[row], local[row], padding[row])
 
-    def preprocessed() -> Iterator[tuple[int, torch.Tensor]]:
+    def preprocessed() -> Iterator[tuple[int, Inputs]]:
         for order, (photo, image, backdrop) in enumerate(views):
             photo_of.append(photo)
             backdrop_of.append(backdrop)
             yield order, backbone.preprocess(image)
             advance()
 
-    for batch in batches_by_shape(preprocessed(), lambda item: tuple(item[1].shape), batch_size):
+    for batch in batches_by_shape(preprocessed(), lambda item: input_shape(item[1]), batch_size):
         run(batch)
     if not results:
         raise InputError("none of the photos could be read")
