@@ -282,6 +282,7 @@ def test_evaluate_report_writes_a_coloured_page_per_dataset(tmp_path):
     assert len(labels) == 4 * 4 and labels.count("positive") == 4  # each query's one positive
     assert labels.count("junk") == 1  # query 0's junk, moved behind the re-ranked slots
     assert "<th>chamfer@3</th>" in html and 'src="runtime.png"' in html
+    assert not (tmp_path / "out" / "parts").exists()  # kept for a resume only until done
 
 
 @pytest.mark.slow

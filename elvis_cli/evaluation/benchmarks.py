@@ -10,6 +10,7 @@ known in advance: "extracting" (images of a dataset's queries or gallery) and "r
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,8 @@ def evaluate_datasets(
     cache), or every ready one when `datasets` is None; write results.json, results.csv,
     per_query.csv and runtime.png into `out_dir` (or the paths given) and return the tables;
     with `results_page`, a results page per dataset in `out_dir/report/<dataset>` (elvis report);
-    each re-ranking run's scores are kept in `out_dir`/parts/, so that the same call after a
-    kill skips what was scored (evaluate_dataset).
+    each re-ranking run's scores are kept in `out_dir`/parts/ until everything is written, so
+    that the same call after a kill skips what was scored (evaluate_dataset).
     Every dataset is read and checked before the first is evaluated: a missing one costs no
     work, and answers before torch is imported; so does an output that cannot be written."""
     config = config or EvaluateConfig()
@@ -111,6 +112,7 @@ def evaluate_datasets(
                          source=f"elvis evaluate: {dataset.name}, {result.ranking_label}",
                          ground_truth=dataset, evaluation_table=outputs["csv"],
                          runtime_plot=outputs["plot"], explain=explain, progress=progress)
+    shutil.rmtree(out_dir / PARTS_FOLDER, ignore_errors=True)  # done: nothing left to resume
     return EvaluationRun(table, report.summary_table(table), report.runtime_curve(table),
                          report.grid_best(table), per_query, report.reranking_changes(per_query),
                          outputs, not_ready)
