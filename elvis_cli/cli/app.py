@@ -191,8 +191,8 @@ IndexOption = Annotated[str, typer.Option(
          "5M), flat (exact), ivf, hnsw, ivfpq, or a faiss factory string (e.g. IVF4096,SQ8). "
          "An approximate index is saved beside the features (FILE.h5.index/) and reused.")]
 NprobeOption = Annotated[int | None, typer.Option(
-    min=1, help="IVF lists searched per query (more: slower, higher recall); default 1/32 of "
-                "the lists.")]
+    min=1, help="IVF lists searched per query (more: slower, higher recall); default 1/64 of "
+                "the lists, at least 8.")]
 EfSearchOption = Annotated[int | None, typer.Option(
     min=1, help="HNSW candidates kept per query (more: slower, higher recall); default 128.")]
 POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
