@@ -9,13 +9,15 @@ centres ("places") drawn around PLACES_PER_REGION-times fewer random region dire
 100 is then its place's images and the nearest ones of the places around it, not chance: in
 a mixture of unrelated centres the images beyond a query's own place are all equally far,
 and their order is noise no index could reproduce. The queries are new draws of the same
-mixture (other photos of gallery places). Vectors are
-generated in seeded chunks, again for each index, so the gallery never exists whole outside
-the index being built.
+mixture (other photos of gallery places). The gallery is
+generated once, in seeded chunks, into a scratch file (as `elvis extract` writes features),
+and each index reads it back in chunks (as `elvis shortlist` reads them): it never exists
+whole in memory outside the index being built.
 
-For each index: build time (training included), peak resident memory above the start of the
-build (the index plus at most one chunk being added; sampled every 20 ms), queries/s of one
-batched search of all queries, and recall@K against the exact flat index's top K.
+For each index: build time (reading the chunks and training included), peak resident memory
+above the start of the build (the index, its training sample and one chunk; sampled every
+20 ms), queries/s of one batched search of all queries, and recall@K against the exact flat
+index's top K.
 faiss' OpenMP threads are pinned to the machine's cores (printed).
 
     PYTHONPATH=$PWD python benchmarks/shortlist_scale.py --sizes 100000          # minutes
@@ -25,9 +27,11 @@ faiss' OpenMP threads are pinned to the machine's cores (printed).
 import argparse
 import gc
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -64,15 +68,26 @@ class Mixture:
     def _draw(self, count: int, rng: np.random.Generator) -> np.ndarray:
         picked = self.centres[rng.integers(len(self.centres), size=count)]
         noise = rng.standard_normal((count, self.dim), dtype=np.float32)
-        return _normalised(picked + IMAGE_NOISE * noise / np.sqrt(self.dim))
+        return _normalised(picked + IMAGE_NOISE * noise / np.sqrt(self.dim)).astype(np.float32)
 
-    def gallery(self) -> Iterator[np.ndarray]:
-        for number, start in enumerate(range(0, self.size, CHUNK)):
-            yield self._draw(min(CHUNK, self.size - start),
-                             np.random.default_rng([self.seed, self.dim, 1, number]))
+    def write_gallery(self, path: Path) -> None:
+        """The gallery, chunk by chunk, as raw float32 rows."""
+        with open(path, "wb") as handle:
+            for number, start in enumerate(range(0, self.size, CHUNK)):
+                self._draw(min(CHUNK, self.size - start),
+                           np.random.default_rng([self.seed, self.dim, 1, number])
+                           ).tofile(handle)
 
     def queries(self, count: int) -> np.ndarray:
         return self._draw(count, np.random.default_rng([self.seed, self.dim, 2]))
+
+
+def read_chunks(path: Path, dim: int) -> Iterator[np.ndarray]:
+    """The rows of `path`, CHUNK at a time, each a fresh array (not a mapping of the file,
+    whose pages would count as the index's memory)."""
+    with open(path, "rb") as handle:
+        while (chunk := np.fromfile(handle, np.float32, CHUNK * dim)).size:
+            yield chunk.reshape(-1, dim)
 
 
 def _normalised(rows: np.ndarray) -> np.ndarray:
@@ -108,11 +123,16 @@ def _resident() -> int:
         return int(handle.read().split()[1]) * PAGE
 
 
-def run_size(size: int, dim: int, names: list[str], num_queries: int, k: int) -> None:
+def run_size(size: int, dim: int, names: list[str], num_queries: int, k: int,
+             scratch: Path) -> None:
     data = Mixture(size, dim)
     queries = data.queries(num_queries)
+    gallery = scratch / f"gallery-{size}-{dim}.f32"
+    started = time.perf_counter()
+    data.write_gallery(gallery)
     print(f"\nN = {size:,}, D = {dim}, {num_queries:,} queries, recall@{k} vs flat, "
-          f"{len(data.centres):,} centres", flush=True)
+          f"{len(data.centres):,} centres (generated in {time.perf_counter() - started:.0f} s)",
+          flush=True)
     print(f"{'index':<26} {'settings':<13} {'build s':>8} {'peak GB':>8} {'queries/s':>10} "
           f"{'speed-up':>8} {f'recall@{k}':>10}", flush=True)
     truth, flat_qps = None, None
@@ -121,7 +141,7 @@ def run_size(size: int, dim: int, names: list[str], num_queries: int, k: int) ->
         plan = plan_index(IndexConfig(name), size, dim)
         with PeakMemory() as memory:
             started = time.perf_counter()
-            index = build_index(plan, data.gallery, size, dim)
+            index = build_index(plan, lambda: read_chunks(gallery, dim), size, dim)
             built = time.perf_counter() - started
         for knobs in SETTINGS[name]:
             searched = configure_search(index, plan_index(IndexConfig(name, **knobs), size, dim),
@@ -139,6 +159,7 @@ def run_size(size: int, dim: int, names: list[str], num_queries: int, k: int) ->
                   f"{memory.gigabytes:>8.2f} {qps:>10.0f} {qps / flat_qps:>7.1f}x {recall:>10.3f}",
                   flush=True)
         del index
+    gallery.unlink()
 
 
 def main() -> None:
@@ -153,16 +174,20 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("-k", type=int, default=100)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="folder for the generated gallery (N x D x 4 bytes); default: a "
+                             "temporary one")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__} ({faiss.get_compile_options()}), "
           f"{faiss.omp_get_max_threads()} OpenMP threads on {os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    for size in args.sizes:
-        for dim in args.dims:
-            names = [name for name in args.indexes
-                     if name != "hnsw" or size <= args.hnsw_up_to]
-            run_size(size, dim, names, args.queries, args.k)
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        for size in args.sizes:
+            for dim in args.dims:
+                names = [name for name in args.indexes
+                         if name != "hnsw" or size <= args.hnsw_up_to]
+                run_size(size, dim, names, args.queries, args.k, Path(scratch))
 
 
 if __name__ == "__main__":

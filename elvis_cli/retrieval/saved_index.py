@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from elvis_cli.retrieval.faiss_index import CHUNK_ROWS, build_index
 from elvis_cli.retrieval.index_choice import IndexPlan
 from elvis_cli.util.atomic import atomic_path, write_text_atomic
-from elvis_cli.util.errors import ElvisError
+from elvis_cli.util.errors import DiskFullError
 from elvis_cli.util.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def gallery_index(store: DescriptorStore, plan: IndexPlan, global_type: str,
     seconds = time.perf_counter() - started
     try:
         _save(path, index, record)
-    except (OSError, ElvisError) as error:
+    except (OSError, DiskFullError) as error:
         return GalleryIndex(index, plan, None, True, seconds,
                             getattr(error, "strerror", None) or str(error))
     return GalleryIndex(index, plan, path, True, seconds)
