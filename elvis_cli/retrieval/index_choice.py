@@ -131,8 +131,9 @@ def inverted_lists(num_images: int) -> int:
 
 
 def default_nprobe(lists: int) -> int:
-    """Lists searched by default: 16 of 1,024 at 1M images, where that reached recall@100 0.99
-    at 13x flat's speed (BENCHMARKS.md, "Approximate shortlists")."""
+    """Lists searched by default: 16 of 1,024 at 1M images, twice the 8 that already found
+    the exact top 100 on benchmarks/shortlist_scale.py's mixture (BENCHMARKS.md, "Approximate
+    shortlists"): a margin for real descriptors, whose neighbourhoods are less tidy."""
     return min(lists, max(MIN_NPROBE, round(lists * PROBED_FRACTION)))
 
 
