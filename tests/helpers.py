@@ -201,3 +201,23 @@ def loaded_images_in_chromium(page: Path, browser: str) -> tuple[int, int]:
     found = re.search(r'id="images-loaded" data-loaded="(\d+)" data-total="(\d+)"', dom)
     assert found, dom[-2000:]
     return int(found.group(1)), int(found.group(2))
+
+
+def write_globals(path: Path, global_desc: np.ndarray) -> Path:
+    """A joined features file whose images have these global descriptors (one local row each,
+    not read by global search): galleries of thousands, written in milliseconds."""
+    count = len(global_desc)
+    names = [f"img{i}.jpg" for i in range(count)]
+    write_shard(shard_path(path, 0), np.zeros((count, 1, 9), np.float32), global_desc, names,
+                names, np.ones((count, 2), np.int32))
+    finalize(path, [shard_path(path, 0)], {"name": "test"}, path.parent)
+    return path
+
+
+def clustered_rows(count: int, dim: int, seed: int, clusters: int = 50) -> np.ndarray:
+    """L2-normalised rows around `clusters` random centres: what global descriptors of a
+    gallery of a few landmarks look like to an index."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    rows = centres[rng.integers(clusters, size=count)] + 0.6 * rng.standard_normal((count, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)

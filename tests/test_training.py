@@ -1,3 +1,4 @@
+import itertools
 import math
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_warm_up_then_cosine():
     assert rates[0] == pytest.approx(0.1) and rates[10] == pytest.approx(0.3)
     assert rates[5] == pytest.approx(0.2)
     assert rates[55] == pytest.approx(0.15)  # half-way down the cosine
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
 
 
 def test_the_authors_recipe_trains_and_is_recorded(photos, tmp_path):

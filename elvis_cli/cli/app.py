@@ -193,6 +193,15 @@ GssVerifierOption = Annotated[str | None, typer.Option(
 GssVerifyThresholdOption = Annotated[float | None, typer.Option(
     help="gss-v: an edge stays where the verifier's fused score reaches this (sv: n + 0.5 "
          "keeps n inliers or more).")]
+IndexOption = Annotated[str, typer.Option(
+    help="Global search index: auto (flat up to 200,000 gallery images, then ivf, ivfpq from "
+         "5M), flat (exact), ivf, hnsw, ivfpq, or a faiss factory string (e.g. IVF4096,SQ8). "
+         "An approximate index is saved beside the features (FILE.h5.index/) and reused.")]
+NprobeOption = Annotated[int | None, typer.Option(
+    min=1, help="IVF lists searched per query (more: slower, higher recall); default 1/64 of "
+                "the lists, at least 8.")]
+EfSearchOption = Annotated[int | None, typer.Option(
+    min=1, help="HNSW candidates kept per query (more: slower, higher recall); default 128.")]
 POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
                 "gss_query_k": GssQueryKOption, "gss_beta": GssBetaOption,
                 "gss_beta_percentile": GssBetaPercentileOption, "gss_epochs": GssEpochsOption,
@@ -383,11 +392,15 @@ def shortlist(
     allow_external_sources: ExternalOption = False,
     asymmetric: AsymmetricOption = False,
     post: PostOption = "none",
+    index: IndexOption = "auto",
+    nprobe: NprobeOption = None,
+    ef_search: EfSearchOption = None,
     post_config: Any = None,
 ) -> None:
-    """Exact global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery.
+    """Global k-NN (faiss inner product): all-vs-all in one file, or queries vs gallery;
+    exact, or approximate for large galleries (--index).
 
-    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz --post aqe`
+    Example: `elvis shortlist --features feats.h5 -k 100 -o shortlist.npz --index ivf`
     """
     from elvis_cli import shortlist_files
 
@@ -396,7 +409,8 @@ def shortlist(
                                  global_type=global_type,
                                  allow_external_sources=allow_external_sources,
                                  asymmetric=asymmetric, post=post, post_config=post_config,
-                                 progress=bars)
+                                 progress=bars, index=_index(index, nprobe, ef_search))
+    _print_index(result.index)
     _print_post(result.post)
     console.print(f"{result.indices.shape[0]} queries x {result.length} neighbours -> {output}")
 
@@ -444,6 +458,9 @@ def rerank(
     allow_external_sources: ExternalOption = False,
     asymmetric: AsymmetricOption = False,
     post: PostOption = "none",
+    index: IndexOption = "auto",
+    nprobe: NprobeOption = None,
+    ef_search: EfSearchOption = None,
     post_config: Any = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
@@ -461,7 +478,8 @@ def rerank(
                            temperature=temperature, config=config, output=output,
                            allow_external_sources=allow_external_sources,
                            asymmetric=asymmetric, progress=bars, post=post,
-                           post_config=post_config)
+                           post_config=post_config, index=_index(index, nprobe, ef_search))
+    _print_index(run.index)
     _print_post(run.post)
     if run.job is not None and run.job.summary():
         console.print(run.job.summary(), soft_wrap=True)
@@ -1129,6 +1147,17 @@ def _print_results(run) -> None:
             if isinstance(query, str)]
         wide_console.print(line + ("; " + ", ".join(extremes) if extremes else ""),
                            markup=False, highlight=False, soft_wrap=True)
+
+
+def _index(index: str, nprobe: int | None, ef_search: int | None) -> Any:
+    """The `IndexConfig` of --index, --nprobe and --ef-search."""
+    return _config("IndexConfig", index=index, nprobe=nprobe, ef_search=ef_search)
+
+
+def _print_index(found) -> None:
+    """The one line saying which index made the shortlists, why, and where it is kept."""
+    if found is not None:
+        console.print(found.describe(), markup=False, soft_wrap=True, highlight=False)
 
 
 def _print_post(report) -> None:

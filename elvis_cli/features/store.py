@@ -111,6 +111,22 @@ class DescriptorStore(ABC):
     def global_descriptors(self, kind: str = CLASS_GLOBAL) -> np.ndarray:
         """(N, Dg) float32 L2-normalised global descriptors of one type: "cls" (what shortlists
         use), or "w-avg"/"og-avg" when they were extracted (ExtractConfig.global_types)."""
+        return self._global_rows(self._global_dataset(kind), kind, 0, self.num_images)
+
+    def global_chunks(self, kind: str = CLASS_GLOBAL, rows: int = 65536
+                      ) -> Iterator[np.ndarray]:
+        """The global descriptors of `global_descriptors`, `rows` at a time, in order: a
+        gallery of millions is indexed without holding it whole at float32."""
+        dataset = self._global_dataset(kind)
+        for start in range(0, self.num_images, rows):
+            yield self._global_rows(dataset, kind, start, min(start + rows, self.num_images))
+
+    def global_file(self, kind: str = CLASS_GLOBAL) -> Path:
+        """The file the global descriptors of `kind` are read from: this one, or the authors'
+        file beside it (add_global); what an index built from them depends on."""
+        return Path(self._global_dataset(kind).file.filename)
+
+    def _global_dataset(self, kind: str) -> h5py.Dataset:
         if not self._globals:
             raise InputError(f"{self.path}: has no global descriptors (official local-only file "
                              "with no <desc>_<split>_<type>.hdf5 beside it)")
@@ -121,9 +137,14 @@ class DescriptorStore(ABC):
         if dataset.shape[0] != self.num_images:
             raise InputError(f"{dataset.file.filename}: {dataset.shape[0]} {kind} global "
                              f"descriptors for the {self.num_images} images of {self.path.name}")
+        return dataset
+
+    def _global_rows(self, dataset: h5py.Dataset, kind: str, start: int, stop: int
+                     ) -> np.ndarray:
+        """Rows start..stop-1 as float32, checked finite."""
         with _readable(self.path):
-            values = np.asarray(dataset[()], dtype=np.float32)
-        self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(len(values)),
+            values = np.asarray(dataset[start:stop], dtype=np.float32)
+        self.raise_if_not_finite(~np.isfinite(values).all(axis=1), np.arange(start, stop),
                                  "global" if kind == CLASS_GLOBAL else f"{kind} global")
         return values
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
 from elvis_cli.model.fusion import check_fusion
 from elvis_cli.retrieval.config import PostConfig, RerankConfig
+from elvis_cli.retrieval.index_choice import IndexConfig, check_index, plan_index
 from elvis_cli.retrieval.post import (
     LocalFeatures,
     PostReport,
@@ -32,9 +33,9 @@ from elvis_cli.retrieval.result_files import (
 from elvis_cli.retrieval.shortlist import (
     SHORTLIST_SUFFIXES,
     Shortlist,
-    build_shortlist,
     load_shortlist,
     save_shortlist,
+    store_shortlist,
 )
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from elvis_cli.model.fusion import Fusion
     from elvis_cli.model.reranker import RerankResult
     from elvis_cli.retrieval.job import JobReport
+    from elvis_cli.retrieval.saved_index import GalleryIndex
 
 
 @dataclass
@@ -81,6 +83,7 @@ class RerankRun:
     output: Path | None
     post: PostReport | None = None  # the global post-processing before re-ranking, if any
     job: JobReport | None = None  # what a run written to a file kept of an earlier one
+    index: GalleryIndex | None = None  # the index the shortlists came from (None: given)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -94,9 +97,11 @@ class RerankRun:
 
 @dataclass
 class ShortlistRun(Shortlist):
-    """`elvis shortlist`: the shortlist, and the global post-processing that made it."""
+    """`elvis shortlist`: the shortlist, and the global post-processing and index that made
+    it."""
 
     post: PostReport | None = None
+    index: GalleryIndex | None = None
 
 
 def extract_images(
@@ -227,16 +232,24 @@ def global_shortlist(queries: DescriptorStore, gallery: DescriptorStore, same: b
                      post_config: PostConfig | None = None,
                      progress: ProgressCallback | None = None,
                      rerank_config: RerankConfig | None = None,
-                     checkpoint: str | Path | None = None) -> ShortlistRun:
-    """Exact global k-NN of the queries in the gallery, after global post-processing `post`
-    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS) and gss-v's edges
-    scored as `rerank_config` places them, with `checkpoint`; the same file excludes each
-    image from its own list."""
+                     checkpoint: str | Path | None = None,
+                     index: IndexConfig | None = None) -> ShortlistRun:
+    """Global k-NN of the queries in the gallery by the faiss index `index` names (exact for
+    small galleries by default, index_choice.py), or exact after global post-processing `post`
+    (retrieval/post.py) if not none, `progress` hearing its epochs (GSS), an index's build and
+    gss-v's edges scored as `rerank_config` places them, with `checkpoint`; the same file
+    excludes each image from its own list."""
+    index = index or IndexConfig()
+    if post == "none":
+        shortlist, found = store_shortlist(queries, gallery, same, k, global_type, index,
+                                           progress)
+        return ShortlistRun(**vars(shortlist), index=found)
+    plan = plan_index(index, gallery.num_images, gallery.global_dim or 0)
+    if not plan.exact:
+        raise InputError(f"--post {post} searches the gallery exactly, and index {plan.name} "
+                         f"is approximate ({plan.reason}): pass --index flat")
     query_descriptors = queries.global_descriptors(global_type)
     gallery_descriptors = gallery.global_descriptors(global_type)
-    if post == "none":
-        return ShortlistRun(**vars(build_shortlist(query_descriptors, gallery_descriptors, k,
-                                                   exclude_self=same)))
     shortlist, report = post_processed_shortlist(query_descriptors, gallery_descriptors, k,
                                                  same, post, post_config, progress,
                                                  LocalFeatures(queries, gallery, rerank_config,
@@ -249,20 +262,22 @@ def shortlist_files(
     gallery: str | Path | None = None, k: int = 100, output: str | Path | None = None,
     global_type: str = "cls", allow_external_sources: bool = False, asymmetric: bool = False,
     post: str = "none", post_config: PostConfig | None = None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, index: IndexConfig | None = None,
 ) -> ShortlistRun:
-    """`elvis shortlist`: the global top `k` of every query, after global post-processing
-    `post` (none, aqe, gss, gss-v; parameters in `post_config`; `progress` hears GSS's
-    training epochs), written to `output` (.npz) when given; `asymmetric`: queries extracted
-    smaller than the gallery (open_pair)."""
+    """`elvis shortlist`: the global top `k` of every query by the faiss index `index` names
+    (global_shortlist), or after global post-processing `post` (none, aqe, gss, gss-v;
+    parameters in `post_config`; `progress` hears GSS's training epochs and an index's
+    build), written to `output` (.npz) when given; `asymmetric`: queries extracted smaller
+    than the gallery (open_pair)."""
     check_global_post(post)
+    check_index(index or IndexConfig())
     _check_features_exist(features, queries)
     if output is not None:
         output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
         result = global_shortlist(query_store, gallery_store, same, k, global_type, post,
-                                  post_config, progress)
+                                  post_config, progress, index=index)
     if output is not None:
         save_shortlist(output, result)
     return result
@@ -275,7 +290,7 @@ def rerank_files(
     temperature: float | None = None, config: RerankConfig | None = None,
     output: str | Path | None = None, allow_external_sources: bool = False,
     asymmetric: bool = False, progress: ProgressCallback | None = None, post: str = "none",
-    post_config: PostConfig | None = None,
+    post_config: PostConfig | None = None, index: IndexConfig | None = None,
 ) -> RerankRun:
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
@@ -287,13 +302,18 @@ def rerank_files(
     accepts queries extracted smaller than the gallery (open_pair). `progress` hears the
     queries re-ranked ("re-ranking", with pairs per second and the time left). `post` (none, aqe,
     gss, gss-v) post-processes the global search first: the post-processed ranking and its
-    similarities are what is re-ranked and fused."""
+    similarities are what is re-ranked and fused. Shortlists built here come from the faiss
+    index `index` names (global_shortlist)."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
     check_global_post(post)
+    check_index(index or IndexConfig())
     if post != "none" and candidates is not None:
         raise InputError(f"--post {post} searches again, so it needs the shortlist built here: "
                          "leave out --candidates, or make them with `elvis shortlist --post`")
+    if candidates is not None and (index or IndexConfig()) != IndexConfig():
+        raise InputError("--index, --nprobe and --ef-search make the shortlist built here: "
+                         "leave out --candidates, or make them with `elvis shortlist --index`")
     _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
@@ -304,7 +324,7 @@ def rerank_files(
         from elvis_cli.retrieval.rerank import BlockReranker, rerank_table
 
         reranker = load_reranker(model, gallery_store, checkpoint, lam, temperature)
-        post_report = None
+        post_report = found_index = None
         if candidates is not None:
             candidate_list = load_shortlist(Path(candidates))
             gallery_store = released_gallery(query_store, gallery_store, candidate_list)
@@ -312,8 +332,8 @@ def rerank_files(
             candidate_list = global_shortlist(query_store, gallery_store, same, config.shortlist,
                                               post=post, post_config=post_config,
                                               progress=progress, rerank_config=config,
-                                              checkpoint=checkpoint)
-            post_report = candidate_list.post
+                                              checkpoint=checkpoint, index=index)
+            post_report, found_index = candidate_list.post, candidate_list.index
         rerank_block = BlockReranker(reranker, query_store, gallery_store, candidate_list,
                                      config)
         paths = openable_paths(query_store), openable_paths(gallery_store)
@@ -332,4 +352,4 @@ def rerank_files(
                 rows = write_results_streamed(parts.tables(*paths), output)
             tables = partial(parts.tables, *paths)
     return RerankRun(tables, rows, model, reranker.label, reranker.fusion, output, post_report,
-                     job)
+                     job, found_index)
