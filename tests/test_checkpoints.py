@@ -130,6 +130,10 @@ def test_default_checkpoint_follows_the_backbone():
         default_checkpoint_for(None)
     with pytest.raises(InputError, match=r"of efficientnet-lite0 local_layer=5: pass"):
         default_checkpoint_for({**lite0, "local_layer": 5})
+    rootsift = {**lite0, "local_descriptors": "rootsift", "sift_side": 640}
+    assert default_checkpoint_for(rootsift) == "efficientnet-lite0-rootsift"
+    with pytest.raises(InputError, match=r"no default AMES checkpoint .*=rootsift: pass"):
+        default_checkpoint_for(rootsift, "ames")
 
 
 @pytest.mark.parametrize("name", list(BUNDLED_CHECKPOINTS))

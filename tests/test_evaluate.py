@@ -33,6 +33,7 @@ from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.reranker import Fusion
 from elvis_cli.retrieval.rerank import PairScorer
 from elvis_cli.retrieval.shortlist import Shortlist
+from elvis_cli.util.errors import InputError
 from tests.conftest import SMALL
 from tests.helpers import cli_in, one_line_error, photos, write_store, write_views
 
@@ -80,6 +81,25 @@ def run(toy, grid=None):
     config = EvaluateConfig(shortlists=(0, 2), models=("global", "elvis"), device="cpu")
     return evaluate_dataset(dataset, config, checkpoint, progress=False, source=source,
                             grid=grid).rows
+
+
+def test_a_model_can_use_its_own_number_of_descriptors(toy):
+    dataset, source, checkpoint, _ = toy
+
+    def rows(**given):
+        config = EvaluateConfig(shortlists=(0, 2), models=("global", "elvis", "chamfer"),
+                                device="cpu", **given)
+        found = evaluate_dataset(dataset, config, checkpoint, progress=False,
+                                 source=source).rows
+        return {row["model"]: row for row in found}
+
+    both, fewer = rows(), rows(num_local_of={"chamfer": 1})
+    for row in (both["elvis"], fewer["elvis"]):
+        del row["seconds_per_query"]
+    assert fewer["elvis"] == both["elvis"]
+    assert fewer["chamfer"]["bytes_per_image"] < both["chamfer"]["bytes_per_image"]
+    with pytest.raises(InputError, match="--use-local-of sv=3: give a positive count for one"):
+        EvaluateConfig(models=("global", "elvis"), num_local_of={"sv": 3})
 
 
 def test_ok_junk_leaves_the_reranking_slots_and_global_row_is_cut_then_junk(toy):

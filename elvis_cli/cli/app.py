@@ -268,6 +268,17 @@ def _backbone(preset: str | None, backbone: str | None, image_size: int | None,
     return backbone or (base.backbone if base else None), options or None
 
 
+def _model_counts(items: list[str] | None) -> dict[str, int]:
+    """MODEL=N items as {model: N}."""
+    counts = {}
+    for item in items or []:
+        model, _, count = item.partition("=")
+        if not model or not count.isdigit():
+            raise InputError(f"--use-local-of expects MODEL=N, got {item!r}")
+        counts[model] = int(count)
+    return counts
+
+
 def _checkpoint(preset: str | None, checkpoint: str | None) -> str | None:
     return checkpoint or (get_preset(preset).checkpoint if preset else None)
 
@@ -638,6 +649,9 @@ def evaluate(
     temperature: Annotated[float | None, typer.Option(
         "--temp", help="ELViS fusion temperature; default: the checkpoint's.")] = None,
     use_local: UseLocalOption = None,
+    use_local_of: Annotated[list[str] | None, typer.Option(
+        metavar="MODEL=N", help="A model's own --use-local (a list option), e.g. elvis=300 "
+                                "beside --use-local 1000 for sv.")] = None,
     grid: Annotated[bool, typer.Option(
         "--grid", help="Also score every (shortlist, lam, temp) of a grid for ELViS; the best "
                        "is marked (`best`), the defaults stay the headline.")] = False,
@@ -695,7 +709,8 @@ def evaluate(
     config = _config("EvaluateConfig", backbone=name, backbone_options=options,
                      checkpoint=_checkpoint(preset, checkpoint), models=model,
                      shortlists=shortlist_sizes, lam=lam, temperature=temperature,
-                     num_local=use_local, device=device, descriptors=descriptors,
+                     num_local=use_local, num_local_of=_model_counts(use_local_of),
+                     device=device, descriptors=descriptors,
                      embedding_cache=embedding_cache, query_crops=query_crops,
                      query_image_size=query_image_size, post=post, post_config=post_config,
                      block_size=block_size)

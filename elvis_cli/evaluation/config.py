@@ -26,6 +26,8 @@ class EvaluateConfig:
     lam: float | None = None  # None: the checkpoint's own fusion (trained re-rankers only)
     temperature: float | None = None
     num_local: int | None = 600
+    # re-ranker name -> its own num_local (e.g. ELViS on fewer descriptors than sv in one run)
+    num_local_of: dict[str, int] = field(default_factory=dict)
     batch_size: int = 100
     device: str = "auto"
     features_dir: Path | None = None  # None: <dataset>/features/
@@ -52,6 +54,10 @@ class EvaluateConfig:
         if self.query_image_size is not None and self.descriptors:
             raise InputError("--query-image-size extracts the queries: it does not apply to "
                              "released descriptors")
+        for model, count in self.num_local_of.items():
+            if model not in self.models or count < 1:
+                raise InputError(f"--use-local-of {model}={count}: give a positive count for "
+                                 f"one of the models evaluated ({', '.join(self.models)})")
         if self.block_size <= 0:
             raise InputError(f"block size must be positive, got {self.block_size}")
         if not self.shortlists or any(size < 0 for size in self.shortlists):

@@ -202,9 +202,10 @@ def evaluate_dataset(
     return result
 
 
-def _scoring(config: EvaluateConfig) -> RerankConfig:
-    """Where and how a run's pairs are scored: by its re-rankers, and by gss-v's verifier."""
-    return RerankConfig(num_local=config.num_local, batch_size=config.batch_size,
+def _scoring(config: EvaluateConfig, num_local: int | None = None) -> RerankConfig:
+    """Where and how a run's pairs are scored: by its re-rankers (`num_local`: a model's own
+    count), and by gss-v's verifier."""
+    return RerankConfig(num_local=num_local or config.num_local, batch_size=config.batch_size,
                         device=config.device, embedding_cache=config.embedding_cache,
                         block_size=config.block_size)
 
@@ -247,11 +248,13 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
         reranker = load_reranker(model_name, features.gallery, checkpoint or config.checkpoint,
                                  config.lam, config.temperature)
         fusion, label = reranker.fusion, reranker.label
-        scorer = PairScorer(reranker, features.queries, features.gallery, _scoring(config))
+        num_local = config.num_local_of.get(model_name, config.num_local)
+        scorer = PairScorer(reranker, features.queries, features.gallery,
+                            _scoring(config, num_local))
         scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
         model = {**common, "model": model_name, "checkpoint": label, "lam": fusion.lam,
                  "temperature": fusion.temperature,
-                 "bytes_per_image": reranker.bytes_per_image(features.gallery, config.num_local)}
+                 "bytes_per_image": reranker.bytes_per_image(features.gallery, num_local)}
         raw_scores = _RawScores(scorer, lists, progress,
                                 f"{dataset.name}: {model_name}{suffix}",
                                 None if parts is None else parts / f"{model_name}{suffix}")

@@ -65,14 +65,20 @@ class BundledCheckpoint:
 
 
 _LITE0 = {"name": "efficientnet-lite0", "local_layer": 7}
+_LITE0_ROOTSIFT = {"name": "efficientnet-lite0", "local_descriptors": "rootsift"}
 # name -> checkpoint; a features file's default is the first one of its descriptor space
 BUNDLED_CHECKPOINTS = {
     "efficientnet-lite0": BundledCheckpoint("efficientnet_lite0_elvis.pt", _LITE0),
     "efficientnet-lite0-ames": BundledCheckpoint("efficientnet_lite0_ames.pt", _LITE0, "ames"),
+    "efficientnet-lite0-rootsift": BundledCheckpoint("efficientnet_lite0_rootsift_elvis.pt",
+                                                     _LITE0_ROOTSIFT),
 }
 
 # settings keys that change the descriptor space; the rest (image size, K) do not
-_DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer")
+_DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer", "local_descriptors")
+# what settings that do not record a key have: files from before RootSIFT, and every backbone
+# but EfficientNet-Lite in RootSIFT mode, hold the network's local descriptors
+_SPACE_DEFAULTS = {"local_descriptors": "network"}
 
 
 @dataclass
@@ -210,8 +216,10 @@ def _descriptor_space(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_space(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
-    """Whether two backbones' settings agree on every descriptor-space key both record."""
-    ours, theirs = _descriptor_space(ours), _descriptor_space(theirs)
+    """Whether two backbones' settings agree on every descriptor-space key both record (or
+    imply: _SPACE_DEFAULTS)."""
+    ours, theirs = ({**_SPACE_DEFAULTS, **_descriptor_space(settings)}
+                    for settings in (ours, theirs))
     return all(ours[key] == theirs[key] for key in ours.keys() & theirs.keys())
 
 
