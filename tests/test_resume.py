@@ -54,7 +54,7 @@ def folder(tmp_path) -> Path:
 
 def rerank(folder: Path, output: str, **settings) -> SimpleNamespace:
     """`rerank_files` as ARGS run it, from `folder` (image paths relative to it); the run,
-    the events it reported and the bytes of its output."""
+    the re-ranking's progress events and the bytes of its output."""
     events: list[TaskProgress] = []
     config = RerankConfig(shortlist=settings.pop("shortlist", SHORTLIST), workers=1,
                           block_size=settings.pop("block_size", BLOCK), **settings)
@@ -65,7 +65,8 @@ def rerank(folder: Path, output: str, **settings) -> SimpleNamespace:
                            progress=events.append)
     finally:
         os.chdir(here)
-    return SimpleNamespace(run=run, events=events, bytes=(folder / output).read_bytes())
+    reranking = [event for event in events if event.task == "re-ranking"]  # not "indexing"
+    return SimpleNamespace(run=run, events=reranking, bytes=(folder / output).read_bytes())
 
 
 def part_files(folder: Path, output: str) -> list[Path]:
