@@ -9,6 +9,7 @@ the join, and caches keyed by the joined file's identity see every change of a j
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,9 @@ class JoinReport:
 def join_features(base: str | Path, added: str | Path, output: str | Path) -> JoinReport:
     """Write `output` over `base`'s rows, then `added`'s (virtual datasets, nothing copied).
 
-    Both must be files of elvis extract with the same backbone settings, global descriptors
-    and image folder (the stored paths are relative to it), and lie in `output`'s folder or
-    below it (a features file reads only files there)."""
+    Both must be files of elvis extract with the same backbone settings and global
+    descriptors, and lie in `output`'s folder or below it (a features file reads only files
+    there). Images of both are stored relative to the common folder of their two roots."""
     output = writable_output(output, FEATURES_SUFFIXES)
     sources = [Path(base), Path(added)]
     if any(source.resolve() == output.resolve() for source in sources):
@@ -44,8 +45,11 @@ def join_features(base: str | Path, added: str | Path, output: str | Path) -> Jo
                                  "files can be joined")
         _check_alike(first, second)
         counts = first.num_images, second.num_images
-        settings, root = first.backbone_settings, first.root
-    finalize(output, sources, settings, root)
+        settings = first.backbone_settings
+        root = Path(os.path.commonpath([first.root, second.root]))
+        paths = [os.path.relpath(store.root / path, root)
+                 for store in (first, second) for path in store.paths]
+    finalize(output, sources, settings, root, paths=paths)
     return JoinReport(output, *counts)
 
 
@@ -55,7 +59,6 @@ def _check_alike(base: FeatureStore, added: FeatureStore) -> None:
         "backbone settings": (base.backbone_settings, added.backbone_settings),
         "global descriptors": (base.global_types, added.global_types),
         "local descriptors per image": (base.num_local, added.num_local),
-        "image folder": (base.root, added.root),
     }
     for name, (mine, theirs) in what.items():
         if mine != theirs:
