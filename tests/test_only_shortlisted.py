@@ -11,6 +11,7 @@ import pytest
 
 from elvis_cli.features.head import head_file_rows, head_images
 from elvis_cli.features.images import collect_images
+from elvis_cli.features.joined import join_features
 from elvis_cli.features.layout import shard_path
 from elvis_cli.features.released import extracted_head
 from elvis_cli.features.store import FeatureStore
@@ -160,3 +161,27 @@ def test_files_of_other_settings_are_not_joined(tmp_path):
     assert result.stderr == ("elvis: error: x.h5 differs from base.h5 in its backbone settings "
                              "({'name': 'other'} vs {'name': 'test'}): extract it as the base "
                              "was extracted\n")
+
+
+def test_join_features_writes_what_elvis_join_writes(tmp_path):
+    base, added = _two_files(tmp_path)
+    assert cli_in("join", base, added, "-o", "cli.h5", cwd=tmp_path).returncode == 0
+    report = join_features(base, added, tmp_path / "lib.h5")
+    assert (report.num_base, report.num_added) == (4, 3)
+    with FeatureStore.open(tmp_path / "cli.h5") as cli, FeatureStore.open(report.output) as lib:
+        assert cli.paths == lib.paths
+        assert np.array_equal(cli.read_local(range(7)), lib.read_local(range(7)))
+
+
+def test_a_joined_file_where_it_cannot_read_its_sources_is_refused(tmp_path):
+    base, added = _two_files(tmp_path)
+    result = cli_in("join", base, added, "-o", "below/joined.h5", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "base.h5 is not in below/joined.h5's folder" in result.stderr
+    assert not (tmp_path / "below" / "joined.h5").exists()
+
+
+def test_head_needs_only_shortlisted(tmp_path):
+    result = cli_in("extract", "imgs", "--head", "3", "-o", "x.h5", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (
+        1, "elvis: error: --head goes with --only-shortlisted\n")

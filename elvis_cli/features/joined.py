@@ -38,6 +38,11 @@ def join_features(base: str | Path, added: str | Path, output: str | Path) -> Jo
     if any(source.resolve() == output.resolve() for source in sources):
         raise InputError(f"the joined file {output} must be a new file, not one of the two "
                          "joined")
+    folder = output.parent.resolve()
+    outside = [source for source in sources if not source.resolve().is_relative_to(folder)]
+    if outside:
+        raise InputError(f"{outside[0]} is not in {output}'s folder {folder} or below it, so "
+                         "the joined file could not read it: write the joined file higher up")
     with FeatureStore.open(sources[0]) as first, FeatureStore.open(sources[1]) as second:
         for store in (first, second):
             if store.backbone_settings is None:
