@@ -17,7 +17,7 @@ from elvis_cli.features.released import extracted_head
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.features.verification import verify_features
 from elvis_cli.features.writer import finalize, write_shard
-from elvis_cli.retrieval.shortlist import load_shortlist
+from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist, save_shortlist
 from tests.conftest import SMALL
 from tests.helpers import cli_in, random_checkpoint, write_store, write_views
 
@@ -99,6 +99,20 @@ def test_a_shortlist_of_another_gallery_is_refused(heads):
                     cwd=heads)
     assert result.returncode == 1, result.stderr
     assert "but the images given list 2: give the gallery's images" in result.stderr
+
+
+def test_a_shortlisted_image_that_fails_is_an_error(tmp_path):
+    """Rows after a failed image would shift, and re-rank the wrong images: refused."""
+    write_views(tmp_path / "imgs")
+    (tmp_path / "imgs" / "zz_broken.jpg").write_bytes(b"not a jpeg")  # gallery image 8
+    save_shortlist(tmp_path / "s.npz", Shortlist(np.array([[8, 0]]),
+                                                 np.array([[0.9, 0.8]], np.float32)))
+    result = cli_in("extract", "imgs", "--only-shortlisted", "s.npz", "--head", 1, "-o",
+                    "heads.h5", "--quiet", *SMALL, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("elvis: error: 1 shortlisted images could not be "
+                                    "extracted (zz_broken.jpg: ")
+    assert not (tmp_path / "heads.nn.npz").exists()
 
 
 def _two_files(folder: Path) -> tuple[Path, Path]:
