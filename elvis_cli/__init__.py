@@ -19,6 +19,10 @@ _PUBLIC = {
     "ExtractRun": "elvis_cli.retrieval.files",
     "CachedEmbeddings": "elvis_cli.retrieval.files",
     "fill_embedding_cache": "elvis_cli.retrieval.files",
+    "extract_shortlisted": "elvis_cli.features.shortlisted",  # elvis extract --only-shortlisted
+    "ShortlistedReport": "elvis_cli.features.shortlisted",
+    "join_features": "elvis_cli.features.joined",  # elvis join
+    "JoinReport": "elvis_cli.features.joined",
     "verify_features": "elvis_cli.features.verification",  # elvis verify
     "VerificationReport": "elvis_cli.features.verification",
     "ShardCheck": "elvis_cli.features.verification",

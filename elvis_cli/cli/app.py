@@ -309,6 +309,13 @@ def extract(
     checkpoint: Annotated[str | None, typer.Option(
         help="With --embedding-cache: the checkpoint whose embeddings are stored; default: "
              "the preset's, else the one matching the backbone.")] = None,
+    only_shortlisted: Annotated[Path | None, typer.Option(
+        help="Only the gallery images in some query's head of this shortlist (.npz or nn "
+             "pkl; IMAGES listed as for the features it was built from); writes OUTPUT.nn.npz "
+             "(3-row) for rerank --candidates.")] = None,
+    head: Annotated[int | None, typer.Option(
+        min=1, help="With --only-shortlisted: each query's top N; default: the whole "
+                    "shortlist.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Extract global and local descriptors into sharded HDF5.
@@ -320,13 +327,20 @@ def extract(
     named on stderr, and the exit status is then 3. With --embedding-cache, the images' ELViS
     embeddings are stored too, so that re-ranking does not compute them.
 
-    Example: `elvis extract imgs/ -o feats.h5`, later `elvis verify feats.h5`
+    Example: `elvis extract imgs/ -o feats.h5`, later `elvis verify feats.h5`; for +1M,
+    `elvis extract gallery/ --only-shortlisted shortlist.npz -o heads.h5`
     """
     from elvis_cli import extract_images
 
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
     config = _config("ExtractConfig", backbone=name, backbone_options=options, device=device,
                      batch_size=batch_size, shard_size=shard_size, global_types=global_type)
+    if only_shortlisted is not None:
+        _extract_shortlisted(images, only_shortlisted, output, config, head, force, quiet,
+                             embedding_cache)
+        return
+    if head is not None:
+        raise InputError("--head goes with --only-shortlisted")
     with _Progress(enabled=not quiet) as bars:
         run = extract_images(images, output, config, force=force,
                              embedding_cache=embedding_cache,
@@ -344,6 +358,48 @@ def extract(
                       f"{run.embedded.folder} ({_human_size(run.embedded.size_bytes)})")
     if report.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _extract_shortlisted(images: list[str], shortlist: Path, output: Path, config: Any,
+                         head: int | None, force: bool, quiet: bool,
+                         embedding_cache: Path | None) -> None:
+    """`elvis extract --only-shortlisted`: the images some query will re-rank."""
+    from elvis_cli import extract_shortlisted
+
+    if embedding_cache is not None:
+        raise InputError("--embedding-cache does not go with --only-shortlisted")
+    with _Progress(enabled=not quiet) as bars:
+        run = extract_shortlisted(images if len(images) > 1 else images[0], shortlist, output,
+                                  config, head=head, progress=bars, force=force)
+    report = run.extraction
+    console.print(f"{run.extraction.num_images} of {run.num_gallery} gallery images (in some "
+                  f"query's top {run.head}): {report.num_extracted} extracted, "
+                  f"{report.num_resumed} kept -> {report.output}; re-rank with --candidates "
+                  f"{run.shortlist} --shortlist {run.head} at most", markup=False,
+                  soft_wrap=True)
+
+
+@app.command(cls=_Command)
+def join(
+    base: Annotated[Path, typer.Argument(help="Features file whose rows come first.")],
+    added: Annotated[Path, typer.Argument(help="Features file added after them "
+                                                "(e.g. distractors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Joined features file (.h5), "
+                                                                 "in the same folder.")],
+) -> None:
+    """Join two features files into one gallery, base first, without extracting either again
+    (HDF5 virtual datasets over both): +1M is the base gallery joined with the distractors.
+
+    Both must be extracted with the same settings from the same folder; `elvis verify` on the
+    joined file names a base changed since (re-run the join then).
+
+    Example: `elvis join roxford.h5 distractors.h5 -o roxford+1m.h5`
+    """
+    from elvis_cli import join_features
+
+    report = join_features(base, added, output)
+    console.print(f"{report.num_base} + {report.num_added} images -> {report.output}",
+                  markup=False, soft_wrap=True)
 
 
 @app.command(cls=_Command)

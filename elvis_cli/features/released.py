@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from elvis_cli.evaluation.datasets import read_image_lines
+from elvis_cli.features.head import first_appearance, head_file_rows
 from elvis_cli.features.layout import (
     CLASS_GLOBAL,
     NUM_META,
@@ -155,12 +156,7 @@ def extracted_head(indices: np.ndarray, third_row: np.ndarray, file_size: int
     union has as many images as the file, and the rebuilt third row must equal the stored one.
     """
     num_queries, length = indices.shape
-    rank_major = indices.T.reshape(-1)
-    images, first = np.unique(rank_major, return_index=True)
-    keep = images >= 0  # -1 pads short lists
-    images, first = images[keep], first[keep]
-    order = np.argsort(first, kind="stable")
-    held, first_seen = images[order], first[order]
+    held, first_seen = first_appearance(indices)
     # union of the top h: the images first seen before position h * Q of the rank-major list
     sizes = np.searchsorted(first_seen, np.arange(1, length + 1) * num_queries)
     fits = np.flatnonzero(sizes == file_size)
@@ -169,9 +165,7 @@ def extracted_head(indices: np.ndarray, third_row: np.ndarray, file_size: int
                          f"the lists holds exactly its {file_size} images")
     held = held[:file_size]
     valid = indices >= 0
-    row_of = np.arange(max(int(indices.max(initial=-1)) + 1, 1), dtype=np.int64)  # own index,
-    row_of[held] = np.arange(file_size)  # but the held images' rows (+1M lists are long)
-    expected = np.where(valid, row_of[np.where(valid, indices, 0)], indices)
+    expected = head_file_rows(indices, held)
     if not np.array_equal(expected[valid], third_row[valid]):
         query, rank = np.argwhere(valid & (expected != third_row))[0]
         raise InputError(

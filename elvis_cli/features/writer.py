@@ -124,7 +124,7 @@ def _sources(path: str | Path, shards: Sequence[Path]) -> list[str]:
 def finalize(
     path: str | Path, shards: Sequence[Path], settings: dict[str, Any], root: Path,
     rows: Sequence[tuple[int, int]] | None = None,
-    records: Sequence[dict[str, Any]] | None = None,
+    records: Sequence[dict[str, Any]] | None = None, paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build the joined top-level file over finished shards, atomically; returns its
     file_record.
@@ -133,7 +133,8 @@ def finalize(
     `shards`, row in that shard): images removed from a collection are left out and images are
     put in any order without rewriting a shard. None: every row of every shard, in order.
     `records` are the shards' records as written (write_shard), so that they are not read
-    again; None: computed here.
+    again; None: computed here. `paths`, when given, are stored as the images' paths instead
+    of mapping the shards' (sources stored relative to other roots than `root`).
 
     Virtual sources use paths relative to the joined file, so FILE.h5 and FILE.h5.shards can be
     moved together. Each shard's size and checksum are kept in the `shards` attribute, so a
@@ -160,8 +161,9 @@ def finalize(
         for name in names:
             shape, dtype = first[name]
             full_shape = (len(rows), *shape[1:])
-            if not rows:
-                file.create_dataset(name, shape=full_shape, dtype=dtype)
+            if not rows or (name == "paths" and paths is not None):
+                file.create_dataset(name, shape=full_shape, dtype=dtype,
+                                    data=None if paths is None else list(paths))
                 continue
             layout = h5py.VirtualLayout(shape=full_shape, dtype=dtype)
             for start, index, row, count in runs:

@@ -127,10 +127,11 @@ SHORTLIST_SUFFIXES = (".npz",)
 
 
 def save_shortlist(path: Path, shortlist: Shortlist) -> None:
-    """Write `.npz` (ours), atomically."""
+    """Write `.npz` (ours), atomically; with its file rows when it has them (3-row nn)."""
     path = writable_output(path, SHORTLIST_SUFFIXES)
+    rows = {} if shortlist.file_rows is None else {"file_rows": shortlist.file_rows}
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        np.savez(handle, indices=shortlist.indices, similarities=shortlist.similarities)
+        np.savez(handle, indices=shortlist.indices, similarities=shortlist.similarities, **rows)
 
 
 def load_shortlist(path: Path) -> Shortlist:
@@ -147,8 +148,9 @@ def load_shortlist(path: Path) -> Shortlist:
     if kind is FileKind.NPZ:
         try:
             with np.load(path, allow_pickle=False) as data:
+                rows = data["file_rows"].astype(np.int64) if "file_rows" in data else None
                 return Shortlist(data["indices"].astype(np.int64),
-                                 data["similarities"].astype(np.float32))
+                                 data["similarities"].astype(np.float32), rows)
         except (KeyError, ValueError, OSError) as error:
             raise InputError(f"{path} is not a shortlist file: {error}") from None
     table = load_pickle(path)
