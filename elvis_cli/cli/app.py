@@ -111,6 +111,8 @@ LIBRARY_DEFAULTS = {
 MODEL_NAMES = ", ".join(RERANKERS)  # what --model takes, from the registry
 # list options whose values may hold commas themselves (KEY=VALUE with JSON values)
 NO_COMMA_SPLIT = {"backbone_option"}
+# options that may be given without their value, and the value they then take
+OPTIONAL_VALUES = {"--ray": "local"}
 
 
 class _Command(typer.core.TyperCommand):
@@ -528,6 +530,14 @@ def rerank(
     index: IndexOption = "auto",
     nprobe: NprobeOption = None,
     ef_search: EfSearchOption = None,
+    ray: Annotated[str | None, typer.Option(
+        metavar="[ADDRESS]",
+        help="Run the blocks as Ray tasks: alone or `local` starts a cluster here, `auto` or "
+             "HOST:PORT joins a running one (`ray start --head`). Needs elvis-cli[ray].")
+    ] = None,
+    ray_workers: Annotated[int | None, typer.Option(
+        min=1, help="With --ray and no GPUs: CPU workers side by side; default: one per CPU of "
+                    "the cluster (with GPUs: one per GPU).")] = None,
     post_config: Any = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.
@@ -545,7 +555,8 @@ def rerank(
                            temperature=temperature, config=config, output=output,
                            allow_external_sources=allow_external_sources,
                            asymmetric=asymmetric, progress=bars, post=post,
-                           post_config=post_config, index=_index(index, nprobe, ef_search))
+                           post_config=post_config, index=_index(index, nprobe, ef_search),
+                           executor=_ray(ray, ray_workers))
     _print_index(run.index)
     _print_post(run.post)
     if run.job is not None and run.job.summary():
@@ -1262,6 +1273,20 @@ def _human_size(size: float) -> str:
 _NUMBER = re.compile(r"-\d|-\.\d")
 
 
+def _fill_optional_values(argv: list[str]) -> list[str]:
+    """An option of OPTIONAL_VALUES given alone (last, or before another option) with its
+    value added: typer's parser has no options whose value may be left out."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        out.append(arg)
+        following = argv[index + 1] if index + 1 < len(argv) else "-"
+        if arg in OPTIONAL_VALUES and following.startswith("-"):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def _expand_lists(argv: list[str]) -> list[str]:
     """Every list option (typer's `multiple` options, found on the command being run) as click
     takes it, one value per occurrence: `--shortlist 0 25 50` and `--model global,elvis` become
@@ -1318,6 +1343,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
+def _ray(address: str | None, workers: int | None) -> Any:
+    """The `RayExecutor` of --ray and --ray-workers; None without --ray."""
+    if address is None:
+        if workers is not None:
+            raise InputError("--ray-workers goes with --ray")
+        return None
+    return _config("RayExecutor", address=address, workers=workers)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     warnings.showwarning = _show_warning
@@ -1326,7 +1360,8 @@ def main() -> None:
     atexit.register(gc.freeze)
     try:
         # without standalone mode click returns typer.Exit's code instead of exiting
-        code = app(args=_expand_lists(sys.argv[1:]), prog_name="elvis", standalone_mode=False)
+        code = app(args=_expand_lists(_fill_optional_values(sys.argv[1:])), prog_name="elvis",
+                   standalone_mode=False)
     except ElvisError as error:
         print(f"elvis: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

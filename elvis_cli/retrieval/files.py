@@ -25,6 +25,12 @@ from elvis_cli.retrieval.post import (
     check_global_post,
     post_processed_shortlist,
 )
+from elvis_cli.retrieval.ray_runner import (
+    BlockRecipe,
+    RayExecutor,
+    import_ray,
+    run_blocks_on_ray,
+)
 from elvis_cli.retrieval.result_files import (
     checked_output,
     openable_paths,
@@ -291,6 +297,7 @@ def rerank_files(
     output: str | Path | None = None, allow_external_sources: bool = False,
     asymmetric: bool = False, progress: ProgressCallback | None = None, post: str = "none",
     post_config: PostConfig | None = None, index: IndexConfig | None = None,
+    executor: RayExecutor | None = None,
 ) -> RerankRun:
     """`elvis rerank`: re-rank each query's shortlist (`candidates`: a .npz of ours or an
     official nn_*.pkl; built on the fly when None) with re-ranker `model`, and write the table
@@ -303,7 +310,8 @@ def rerank_files(
     queries re-ranked ("re-ranking", with pairs per second and the time left). `post` (none, aqe,
     gss, gss-v) post-processes the global search first: the post-processed ranking and its
     similarities are what is re-ranked and fused. Shortlists built here come from the faiss
-    index `index` names (global_shortlist)."""
+    index `index` names (global_shortlist). `executor` runs the blocks as tasks on a Ray
+    cluster (ray_runner.py; needs `output`), with the same result to the bit."""
     config = config or RerankConfig()
     check_fusion(lam, temperature)
     check_global_post(post)
@@ -316,6 +324,11 @@ def rerank_files(
                          "leave out --candidates, or make them with `elvis shortlist --index`")
     _check_features_exist(features, queries)
     output = None if output is None else checked_output(output)  # checked before any work
+    if executor is not None:
+        if output is None:
+            raise InputError("--ray: the workers write their parts beside the output, so it "
+                             "needs one (-o)")
+        import_ray()
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
         from elvis_cli.features.released import released_gallery
@@ -347,8 +360,17 @@ def rerank_files(
         else:
             parts = RerankJob(output, rerank_block.identity(), num_queries, config.block_size)
             with held(parts, output) as job:
-                run_blocks(rerank_block, rerank_block.pairs_per_query(), parts.todo(),
-                           parts.write_result, progress, job.summary())
+                if executor is None:
+                    run_blocks(rerank_block, rerank_block.pairs_per_query(), parts.todo(),
+                               parts.write_result, progress, job.summary())
+                else:
+                    recipe = BlockRecipe(
+                        features, queries, gallery, allow_external_sources, asymmetric,
+                        candidates is not None, model, checkpoint, lam, temperature, config,
+                        output, num_queries)
+                    run_blocks_on_ray(executor, recipe, candidate_list, parts,
+                                      rerank_block.pairs_per_query(), parts.todo(), progress,
+                                      job.summary())
                 rows = write_results_streamed(parts.tables(*paths), output)
             tables = partial(parts.tables, *paths)
     return RerankRun(tables, rows, model, reranker.label, reranker.fusion, output, post_report,

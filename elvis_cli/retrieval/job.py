@@ -12,7 +12,8 @@ finds its parts and skips their blocks; a run with other inputs or settings dele
 starts over and says what differed. rerank's output is assembled from the parts in query
 order, one block in memory at a time. A block is a pure function of the features, its rows
 of the candidate lists and the config, and its part is named by its block alone, so any
-process can compute any block (`run_blocks` does them in turn, here).
+process can compute any block (`run_blocks` does them in turn, here; ray_runner.py as Ray
+tasks).
 """
 from __future__ import annotations
 
@@ -180,13 +181,20 @@ def run_blocks(work: Callable[[int, int, Callable[[], None]], T], pairs: np.ndar
     `progress` called as each is scored), each result written by `write` as soon as it is
     done. `pairs`: how many pairs each query of the run scores; `progress` hears the queries
     ("re-ranking"), those of other blocks (kept from an earlier run) as done already."""
+    meter = block_meter(pairs, blocks, progress, detail)
+    for block in blocks:
+        write(block, work(block.start, block.stop, meter.counter(pairs, block.start)))
+
+
+def block_meter(pairs: np.ndarray, blocks: Sequence[Block],
+                progress: ProgressCallback | None = None, detail: str = "") -> Throughput:
+    """The progress of a run doing `blocks` ("re-ranking", in queries), wherever they run:
+    the queries of other blocks count as done already, the pairs of these as work left."""
     left = np.zeros(len(pairs), dtype=bool)
     for block in blocks:
         left[block.start:block.stop] = True
-    meter = Throughput(progress, "re-ranking", len(pairs), int((~left).sum()),
-                       int(pairs[left].sum()), detail)
-    for block in blocks:
-        write(block, work(block.start, block.stop, meter.counter(pairs, block.start)))
+    return Throughput(progress, "re-ranking", len(pairs), int((~left).sum()),
+                      int(pairs[left].sum()), detail)
 
 
 class Throughput:

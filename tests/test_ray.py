@@ -1,0 +1,79 @@
+"""`elvis rerank --ray` (retrieval/ray_runner.py): the blocks of a re-ranking job as tasks of
+a local Ray cluster of 2 workers write the same bytes as one process; a part missing is redone
+on the cluster; without Ray, `--ray` is one line naming the extra."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elvis_cli.retrieval.job import parts_folder
+from tests.helpers import cli_in, random_checkpoint, write_store
+
+NUM_IMAGES, SHORTLIST, BLOCK = 12, 4, 3  # 4 blocks: each of the 2 workers does several
+ARGS = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", str(SHORTLIST),
+        "--block-size", str(BLOCK), "--show", "1"]
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """g.h5 (12 images, some mostly or all padding) and a checkpoint c.pt for it."""
+    real = [14, 14, 3, 14, 0, 14, 9, 14, 14, 5, 14, 14]
+    write_store(tmp_path / "g.h5", np.random.default_rng(0), NUM_IMAGES, 14, real).close()
+    random_checkpoint(tmp_path / "c.pt", 48, {"name": "test"})
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPU workers, which `--ray` finds already started and uses."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'elvis-cli[ray]')")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as error:  # any reason Ray cannot start here skips the test
+        pytest.skip(f"a local Ray cluster cannot start here: {error}")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_ray_run_writes_the_bytes_of_one_process(cluster, folder, suffix):
+    alone = cli_in(*ARGS, "-o", f"alone{suffix}", cwd=folder)
+    assert alone.returncode == 0, alone.stderr
+    on_ray = cli_in(*ARGS, "-o", f"ray{suffix}", "--ray", "--ray-workers", "2", cwd=folder)
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert (folder / f"ray{suffix}").read_bytes() == (folder / f"alone{suffix}").read_bytes()
+    assert len(list(parts_folder(folder / f"ray{suffix}").glob("part-*.npz"))) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ray_run_redoes_only_the_missing_part(cluster, folder):
+    alone = cli_in(*ARGS, "-o", "alone.csv", cwd=folder)
+    assert alone.returncode == 0, alone.stderr
+    first = cli_in(*ARGS, "-o", "ray.csv", "--ray", cwd=folder)
+    assert first.returncode == 0, first.stderr
+    (parts_folder(folder / "ray.csv") / "part-00002.npz").unlink()  # a block's worker killed
+    (folder / "ray.csv").unlink()
+    again = cli_in(*ARGS, "-o", "ray.csv", "--ray", cwd=folder)
+    assert again.returncode == 0, again.stderr
+    assert "resumed: 3 of 4 blocks kept" in again.stdout
+    assert (folder / "ray.csv").read_bytes() == (folder / "alone.csv").read_bytes()
+
+
+def test_ray_without_ray_installed_names_the_extra(folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = cli_in(*ARGS, "-o", "r.csv", "--ray", cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr == ("elvis: error: --ray needs Ray, which is not installed: pip install "
+                             "'elvis-cli[ray]'\n")
+    assert not (folder / "r.csv").exists()
+
+
+def test_ray_workers_go_with_ray(folder):
+    result = cli_in(*ARGS, "-o", "r.csv", "--ray-workers", "2", cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr == "elvis: error: --ray-workers goes with --ray\n"
