@@ -77,3 +77,17 @@ def test_ray_workers_go_with_ray(folder):
     result = cli_in(*ARGS, "-o", "r.csv", "--ray-workers", "2", cwd=folder)
     assert result.returncode == 1
     assert result.stderr == "elvis: error: --ray-workers goes with --ray\n"
+
+
+def test_an_address_where_nothing_answers_is_refused_at_once():
+    """Ray itself retries such an address for minutes."""
+    from types import SimpleNamespace
+
+    from elvis_cli.retrieval.ray_runner import RayExecutor, _connect
+    from elvis_cli.util.errors import InputError
+
+    calls = []
+    ray = SimpleNamespace(init=lambda **options: calls.append(options))
+    with pytest.raises(InputError, match=r"--ray 127\.0\.0\.1:1: no Ray cluster there"):
+        _connect(ray, RayExecutor(address="127.0.0.1:1"))
+    assert calls == []

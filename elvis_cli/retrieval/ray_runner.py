@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from elvis_cli.util.download import reachable
 from elvis_cli.util.errors import ElvisError, InputError
 
 if TYPE_CHECKING:  # job.py imports torch: RayExecutor, which the CLI checks, must not
@@ -117,6 +118,9 @@ def _connect(ray: ModuleType, executor: RayExecutor) -> None:
         if executor.address == LOCAL:
             ray.init(num_cpus=executor.workers, **options)
         else:
+            # Ray retries an address with nothing behind it for minutes: a second's check first
+            if executor.address != "auto" and not reachable(f"tcp://{executor.address}"):
+                raise ConnectionError("nothing answers there")
             ray.init(address=executor.address, **options)
     except ConnectionError as error:
         raise InputError(f"--ray {executor.address}: no Ray cluster there ({error}); start one "
