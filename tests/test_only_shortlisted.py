@@ -145,6 +145,8 @@ def test_a_base_changed_after_the_join_is_named(tmp_path):
     write_store(base, np.random.default_rng(7), 4, 6, [6] * 4).close()  # re-extracted
     report = verify_features(tmp_path / "joined.h5")
     assert [shard.name for shard in report.shards if not shard.ok] == ["base.h5"]
+    assert report.hint == ("a join of added.h5 and base.h5: repair those (`elvis verify` "
+                           "each), then run the same `elvis join` command again")
     assert cli_in("join", base, added, "-o", "joined.h5", cwd=tmp_path).returncode == 0
     with FeatureStore.open(tmp_path / "joined.h5") as joined:
         assert joined.identity() != before

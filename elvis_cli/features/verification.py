@@ -20,7 +20,7 @@ from typing import Any
 
 import h5py
 
-from elvis_cli.features.layout import dataset_names, manifest_path, shard_path
+from elvis_cli.features.layout import dataset_names, manifest_path, shard_path, shards_dir
 from elvis_cli.features.store import HDF5_ERRORS, FeatureStore
 from elvis_cli.features.writer import file_damage
 from elvis_cli.util.errors import InputError
@@ -95,6 +95,10 @@ def verify_features(path: str | Path) -> VerificationReport:
         records, mapped, names = _joined(path)
         report.has_records = bool(records)
         report.hint = report.hint if records else ""  # nothing of ours to repair
+        joins = [name for name in records if (path.parent / name).parent != shards_dir(path)]
+        if manifest is None and records and len(joins) == len(records):  # `elvis join`'s
+            report.hint = (f"a join of {' and '.join(sorted(joins))}: repair those (`elvis "
+                           "verify` each), then run the same `elvis join` command again")
         report.problems += [f"{name}: mapped, but no checksum recorded"
                             for name in sorted(set(mapped) - set(records)) if records]
     report.shards = [_check_shard(path, name, record, mapped, names)
