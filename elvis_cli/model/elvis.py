@@ -226,10 +226,9 @@ class Elvis(nn.Module):
         if src.mask is not None or tgt.mask is not None:
             similarity.masked_fill_(_pair_mask(src.mask, tgt.mask, similarity[None])[0],
                                     -math.inf)
-        votes = torch.cat([plan.amax(dim=2), plan.amax(dim=1)], dim=1)
-        confidences = torch.sigmoid(self.f(votes.unsqueeze(-1)).squeeze(-1))
-        valid = torch.cat([_valid(src.mask, plan[:, :, 0]), _valid(tgt.mask, plan[:, 0])], dim=1)
-        return PairTransport(similarity, plan[0], votes[0], (confidences * valid)[0])
+        votes, contributions = self.vote_contributions(plan.amax(dim=2), plan.amax(dim=1),
+                                                       src.mask, tgt.mask)
+        return PairTransport(similarity, plan[0], votes[0], contributions[0])
 
     def rows(self, embedded: Embedded, query: bool) -> torch.Tensor:
         """Per-image rows (B, m + 1, d + 2) whose products are the augmented matrix of step 4.
@@ -259,10 +258,21 @@ class Elvis(nn.Module):
         tgt_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Steps 8-9: each vote through f and a sigmoid, padding zeroed, summed per pair."""
+        return self.vote_contributions(row_votes, col_votes, src_mask, tgt_mask)[1].sum(dim=1)
+
+    def vote_contributions(
+        self,
+        row_votes: torch.Tensor,
+        col_votes: torch.Tensor,
+        src_mask: torch.Tensor | None,
+        tgt_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 8 per vote: (B, m + n) votes, and each one's sigmoid(f(vote)), padding zeroed;
+        their sum is the raw score (`aggregate`), the parts are what `explain` shows."""
         votes = torch.cat([row_votes, col_votes], dim=1)
         confidences = torch.sigmoid(self.f(votes.unsqueeze(-1)).squeeze(-1))
         valid = torch.cat([_valid(src_mask, row_votes), _valid(tgt_mask, col_votes)], dim=1)
-        return (confidences * valid).sum(dim=1)
+        return votes, confidences * valid
 
     def logit(self, raw_score: torch.Tensor) -> torch.Tensor:
         """Training-time logit g(raw) for the binary cross-entropy loss (step 10)."""
