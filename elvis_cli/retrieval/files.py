@@ -276,7 +276,8 @@ def shortlist_files(
     build), written to `output` (.npz) when given; `asymmetric`: queries extracted smaller
     than the gallery (open_pair)."""
     check_global_post(post)
-    check_index(index or IndexConfig())
+    index = index or IndexConfig()
+    check_index(index)
     _check_features_exist(features, queries)
     if output is not None:
         output = writable_output(output, SHORTLIST_SUFFIXES)  # checked before any work
@@ -315,11 +316,12 @@ def rerank_files(
     config = config or RerankConfig()
     check_fusion(lam, temperature)
     check_global_post(post)
-    check_index(index or IndexConfig())
+    index = index or IndexConfig()
+    check_index(index)
     if post != "none" and candidates is not None:
         raise InputError(f"--post {post} searches again, so it needs the shortlist built here: "
                          "leave out --candidates, or make them with `elvis shortlist --post`")
-    if candidates is not None and (index or IndexConfig()) != IndexConfig():
+    if candidates is not None and index != IndexConfig():
         raise InputError("--index, --nprobe and --ef-search make the shortlist built here: "
                          "leave out --candidates, or make them with `elvis shortlist --index`")
     _check_features_exist(features, queries)

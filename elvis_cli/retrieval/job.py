@@ -23,7 +23,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 FORMAT = "elvis-cli-rerank-parts/1"
 MANIFEST = "manifest.json"
-RANKING = ("indices", "global_scores", "raw_scores", "scores")  # RerankResult's arrays
+RANKING = tuple(field.name for field in fields(RerankResult))  # its arrays, as parts hold them
 
 
 def parts_folder(output: Path) -> Path:

@@ -133,8 +133,9 @@ def _run(ray: ModuleType, executor: RayExecutor, recipe: BlockRecipe, shortlist:
     from elvis_cli.retrieval.job import block_meter
 
     meter = block_meter(pairs, blocks, progress, detail)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    slots = gpus or executor.workers or int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    slots = gpus or executor.workers or int(resources.get("CPU", 1))
     task = ray.remote(_rerank_block).options(num_cpus=1, num_gpus=1 if gpus else 0,
                                              max_retries=RETRIES)
     shared = ray.put(recipe), ray.put(shortlist), job.digest
