@@ -46,6 +46,7 @@ from elvis_cli.model.fusion import Fusion
 from elvis_cli.model.registry import load_reranker
 from elvis_cli.model.reranker import RerankResult, fuse_and_sort
 from elvis_cli.retrieval.config import AFTER_RERANKING
+from elvis_cli.retrieval.files import ASYMMETRIC_SETTING
 from elvis_cli.retrieval.job import Block, Job, held, run_blocks
 from elvis_cli.retrieval.post import LocalFeatures, post_processed_shortlist
 from elvis_cli.retrieval.query_expansion import expand_reranked
@@ -351,7 +352,7 @@ def extract_dataset(
     query_backbone = gallery_backbone
     if config.query_image_size is not None:
         query_backbone = create_backbone(config.backbone, **{
-            **config.backbone_options, "image_size": config.query_image_size})
+            **config.backbone_options, ASYMMETRIC_SETTING: config.query_image_size})
     extract_config = ExtractConfig(backbone=config.backbone,
                                    backbone_options=dict(config.backbone_options),
                                    device=config.device, decode_truncated=True)

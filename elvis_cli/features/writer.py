@@ -163,7 +163,8 @@ def finalize(
             full_shape = (len(rows), *shape[1:])
             if not rows or (name == "paths" and paths is not None):
                 file.create_dataset(name, shape=full_shape, dtype=dtype,
-                                    data=None if paths is None else list(paths))
+                                    data=list(paths) if name == "paths" and paths is not None
+                                    else None)
                 continue
             layout = h5py.VirtualLayout(shape=full_shape, dtype=dtype)
             for start, index, row, count in runs:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elvis_cli.evaluation.datasets import RetrievalDataset
-from elvis_cli.evaluation.metrics import protocol_junk
+from elvis_cli.evaluation.metrics import protocol_junk, protocols_of
 from elvis_cli.features.images import IMAGE_SUFFIXES
 from elvis_cli.util.errors import InputError
 
@@ -65,7 +65,7 @@ def ground_truth_labels(dataset: RetrievalDataset, query_paths: Iterable[str]
     """The labels of `dataset` for the queries of a results file; InputError for a query the
     ground truth does not have (the results were made on other images)."""
     root = dataset.image_root
-    protocol = "medium" if dataset.ground_truth_kind == "revisitop" else "ok"
+    protocol = protocols_of(dataset.ground_truth_kind)[0]  # revisitop: medium
     gallery = [image_key(path, root) for path in dataset.gallery_paths()]
     by_query = {image_key(path, root): entry
                 for path, entry in zip(dataset.query_paths(), dataset.ground_truth, strict=True)}
