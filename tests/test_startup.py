@@ -51,6 +51,8 @@ ANSWERED_EARLY = [
     ["evaluate", "--dataset", "demo", "--data-root", DEMO_ROOT, "--backbone", "dinov9"],
     ["train", "imgs", "-o", "x.pt", "--backbone", "dinov9"],
     ["evaluate", "--dataset", "demo", "--data-root", DEMO_ROOT, "--out-dir", "g.h5/results"],
+    # a folder holding other files is never replaced by a results page
+    ["evaluate", "--dataset", "demo", "--data-root", DEMO_ROOT, "--out-dir", "busy", "--report"],
 ]
 
 PROBE = """
@@ -71,6 +73,8 @@ def test_argument_errors_import_no_heavy_library(tmp_path):
     write_views(tmp_path / "imgs")
     (tmp_path / "g.h5").write_bytes(b"not checked before the other options")
     (tmp_path / "labels.csv").write_text("path,instance_id\nimgs/cat_0.jpg\n")  # no id
+    (tmp_path / "busy" / "report" / "demo").mkdir(parents=True)
+    (tmp_path / "busy" / "report" / "demo" / "notes.txt").write_text("mine")
     result = subprocess.run(
         [sys.executable, "-c", PROBE.format(cases=ANSWERED_EARLY, heavy=HEAVY)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)

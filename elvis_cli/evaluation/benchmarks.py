@@ -81,7 +81,7 @@ def evaluate_datasets(
         "per_query": writable_output(per_query_path or out_dir / "per_query.csv", (".csv",)),
         "plot": writable_output(plot_path or out_dir / "runtime.png", (".png",))}
     if results_page:
-        from elvis_cli.reporting.report import checked_report_folder
+        from elvis_cli.reporting.folder import checked_report_folder
 
         for dataset in loaded:
             dataset.gallery_paths()  # a page shows the images: refused now if not located

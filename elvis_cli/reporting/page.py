@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import PurePath
 
+from elvis_cli.reporting.folder import GENERATOR, page_name
 from elvis_cli.reporting.labels import POSITIVE, GroundTruthLabels
 from elvis_cli.reporting.rankings import Entry, QueryRanking
 
 EXPLAIN_FOLDER = "explain"
-GENERATOR = "elvis report"  # the page's <meta name="generator">: marks a folder as a report
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fff; }
@@ -68,11 +68,6 @@ class PageContent:
     explained: frozenset[str]  # explain pictures that exist in the folder
     pages: int
     summary: str = ""  # HTML of the evaluation summary, shown on the first page
-
-
-def page_name(number: int) -> str:
-    """The file of page `number` (from 1): the first is index.html."""
-    return "index.html" if number == 1 else f"page-{number}.html"
 
 
 def explain_picture_name(query_path: str, gallery_path: str) -> str:

@@ -19,19 +19,18 @@ from typing import TYPE_CHECKING
 
 from elvis_cli.evaluation.datasets import RetrievalDataset, default_data_root, load_dataset
 from elvis_cli.reporting.config import ReportConfig
+from elvis_cli.reporting.folder import checked_report_folder, page_name
 from elvis_cli.reporting.labels import ground_truth_labels
 from elvis_cli.reporting.page import (
     EXPLAIN_FOLDER,
-    GENERATOR,
     PageContent,
     explain_picture_name,
-    page_name,
     render_page,
     summary_html,
 )
 from elvis_cli.reporting.rankings import QueryRanking, query_rankings, read_ranking_table
 from elvis_cli.reporting.thumbnails import write_thumbnails
-from elvis_cli.util.atomic import atomic_folder, check_writable_place
+from elvis_cli.util.atomic import atomic_folder
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback, track
 
@@ -134,28 +133,6 @@ def write_report(
                      labels.description if labels is not None else None,
                      [path for path in images[:config.max_thumbnails]
                       if path not in thumbnails])
-
-
-def checked_report_folder(output_dir: str | Path) -> Path:
-    """`output_dir` as a Path, refused now (before any work) where a report cannot replace it:
-    a file, a folder holding anything but an earlier report (never deleted by a mistyped
-    name), or a place where no folder can be created."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"report folder {path} is a file; name a folder")
-    if path.is_dir() and any(path.iterdir()) and GENERATOR not in _first_page(path):
-        raise InputError(f"{path} is not empty and holds no earlier report: name a new folder "
-                         "(a report replaces only an earlier one)")
-    check_writable_place(path)
-    return path
-
-
-def _first_page(folder: Path) -> str:
-    try:
-        with open(folder / page_name(1), encoding="utf-8", errors="replace") as page:
-            return page.read(4096)
-    except OSError:
-        return ""
 
 
 def _is_evaluation_table(path: Path) -> bool:
