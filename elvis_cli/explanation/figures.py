@@ -40,12 +40,15 @@ def save_figure(figure: Figure, output: Path, svg: bool = False, dpi: int = 90) 
     """`figure` written atomically as the PNG `output` (and as the SVG beside it); returns the
     PNG's path. The PNG is stored with a 256-colour palette: photos keep their look at a third
     of the size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
+    figure.set_dpi(dpi)
+    canvas = FigureCanvasAgg(figure)  # drawn in memory: the PNG is encoded once, as a palette
+    canvas.draw()
+    pixels = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
+    palette = pixels.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
     with atomic_path(output) as temporary:
-        figure.savefig(temporary, format="png", dpi=dpi)
-        with Image.open(temporary) as image:
-            palette = image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
         palette.save(temporary, format="png")
     if svg:
         with atomic_path(output.with_suffix(".svg")) as temporary:
