@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from elvis_cli.features.store import FeatureStore
+    from elvis_cli.model.elvis_reranker import ElvisReranker
 
 TOP_CORRESPONDENCES = 25  # lines drawn per panel, as in the paper's figure
 # lower edges of the contribution ranges the raw score is broken down by
@@ -176,59 +177,95 @@ class PairExplanation:
         }
 
 
-def explain_pair(query: str | int | Path, gallery: str | int | Path, *,
-                 features: str | Path | None = None,
-                 gallery_features: str | Path | None = None,
-                 checkpoint: str | Path | None = None, device: str = "cpu",
-                 lam: float | None = None, temperature: float | None = None,
-                 num_local: int | None = RerankConfig.num_local,
-                 top: int = TOP_CORRESPONDENCES,
-                 allow_external_sources: bool = False) -> PairExplanation:
-    """Explain the ELViS score of `gallery` for `query`.
+class PairExplainer:
+    """Explains pairs of the same features files with the files opened and the checkpoint
+    loaded once (a results page explains dozens of pairs); closed on leaving its `with`.
 
-    Each is an image of its features file (`features` for the query, `gallery_features`,
+    Each image is one of its features file (`features` for the query, `gallery_features`,
     default `features`, for the gallery image) given by row index, stored name or path, or a
     photo file, which is then extracted with that file's backbone settings (with no features
     file: the default backbone). The checkpoint, fusion and `num_local` descriptors used are
     those of `elvis rerank` with the same options, so `raw_score` is the score it gives."""
-    import torch
 
-    from elvis_cli.explanation.embedding import embed_row
-    from elvis_cli.features.released import open_local
-    from elvis_cli.model.registry import load_reranker
-    from elvis_cli.util.devices import resolve_device
+    def __init__(self, *, features: str | Path | None = None,
+                 gallery_features: str | Path | None = None,
+                 checkpoint: str | Path | None = None, device: str = "cpu",
+                 lam: float | None = None, temperature: float | None = None,
+                 num_local: int | None = RerankConfig.num_local,
+                 top: int = TOP_CORRESPONDENCES, allow_external_sources: bool = False) -> None:
+        check_fusion(lam, temperature)
+        if top <= 0:
+            raise InputError(f"correspondences drawn must be positive, got {top}")
+        self.files = [features, gallery_features if gallery_features is not None else features]
+        self.checkpoint, self.device, self.lam, self.temperature = (checkpoint, device, lam,
+                                                                    temperature)
+        self.num_local, self.top = num_local, top
+        self.allow_external_sources = allow_external_sources
+        self._stack = ExitStack()
+        self._stores: list[FeatureStore | None] | None = None
+        self._reranker: ElvisReranker | None = None
 
-    check_fusion(lam, temperature)
-    if top <= 0:
-        raise InputError(f"correspondences drawn must be positive, got {top}")
-    files = [features, gallery_features if gallery_features is not None else features]
-    with ExitStack() as stack:
-        sides = [_located(item, None if path is None else stack.enter_context(
-                     open_local(path, allow_external_sources)), device, stack)
-                 for item, path in zip((query, gallery), files, strict=True)]
-        reranker = load_reranker("elvis", sides[1].store, checkpoint, lam, temperature)
-        model = reranker.model.to(resolve_device(device)).eval()
-        src, tgt = (embed_row(model, side.store, side.row, num_local, model.dust_bin.device)
-                    for side in sides)
-        with torch.inference_mode():
-            raw_score = float(model.score(src.embedded, tgt.embedded)[0])
-            transport = model.transport(src.embedded, tgt.embedded)
-        global_score = float(sides[0].store.global_descriptors()[sides[0].row]
-                             @ sides[1].store.global_descriptors()[sides[1].row])
-    query_image, gallery_image = (
-        ExplainedImage(side.path, side.features, None if side.features is None else side.row,
-                       image.positions, image.gains, image.padding)
-        for side, image in zip(sides, (src, tgt), strict=True))
-    plan = transport.plan.float().cpu().numpy()
-    targets = np.concatenate([plan.argmax(axis=1), plan.argmax(axis=0)])
-    votes = transport.votes.float().cpu().numpy()
-    contributions = transport.confidences.float().cpu().numpy()
-    return PairExplanation(
-        query_image, gallery_image, reranker.label, reranker.fusion, global_score, raw_score,
-        votes, targets, contributions,
-        strongest_similarities(transport.similarity.float().cpu().numpy(), top),
-        strongest_votes(votes, contributions, targets, query_image.padding,
-                        gallery_image.padding, top))
+    def __enter__(self) -> PairExplainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+        self._stores, self._reranker = None, None
+
+    def __call__(self, query: str | int | Path, gallery: str | int | Path, output: Path
+                 ) -> Path:
+        """The pair's picture drawn into `output` (what a results page links to)."""
+        return draw_pair_explanation(self.explain(query, gallery), output)
+
+    def explain(self, query: str | int | Path, gallery: str | int | Path) -> PairExplanation:
+        """Why `gallery` scored as it did for `query`."""
+        import torch
+
+        from elvis_cli.explanation.embedding import embed_row
+        from elvis_cli.features.released import open_local
+        from elvis_cli.model.registry import load_reranker
+        from elvis_cli.util.devices import resolve_device
+
+        if self._stores is None:
+            self._stores = [None if path is None else self._stack.enter_context(
+                open_local(path, self.allow_external_sources)) for path in self.files]
+        with ExitStack() as photos:  # photos extracted for this pair only
+            sides = [_located(item, store, self.device, photos)
+                     for item, store in zip((query, gallery), self._stores, strict=True)]
+            if self._reranker is None:  # every gallery side has one descriptor space
+                self._reranker = load_reranker("elvis", sides[1].store, self.checkpoint,
+                                               self.lam, self.temperature)
+                self._reranker.model.to(resolve_device(self.device)).eval()
+            model = self._reranker.model
+            src, tgt = (embed_row(model, side.store, side.row, self.num_local,
+                                  model.dust_bin.device) for side in sides)
+            with torch.inference_mode():
+                raw_score = float(model.score(src.embedded, tgt.embedded)[0])
+                transport = model.transport(src.embedded, tgt.embedded)
+            global_score = float(sides[0].store.global_row(sides[0].row)
+                                 @ sides[1].store.global_row(sides[1].row))
+        query_image, gallery_image = (
+            ExplainedImage(side.path, side.features, None if side.features is None else side.row,
+                           image.positions, image.gains, image.padding)
+            for side, image in zip(sides, (src, tgt), strict=True))
+        plan = transport.plan.float().cpu().numpy()
+        targets = np.concatenate([plan.argmax(axis=1), plan.argmax(axis=0)])
+        votes = transport.votes.float().cpu().numpy()
+        contributions = transport.confidences.float().cpu().numpy()
+        return PairExplanation(
+            query_image, gallery_image, self._reranker.label, self._reranker.fusion,
+            global_score, raw_score, votes, targets, contributions,
+            strongest_similarities(transport.similarity.float().cpu().numpy(), self.top),
+            strongest_votes(votes, contributions, targets, query_image.padding,
+                            gallery_image.padding, self.top))
+
+
+def explain_pair(query: str | int | Path, gallery: str | int | Path, **options: Any
+                 ) -> PairExplanation:
+    """Explain the ELViS score of `gallery` for `query`; `options` are PairExplainer's (which
+    says how images are named), for one pair."""
+    with PairExplainer(**options) as explainer:
+        return explainer.explain(query, gallery)
 
 
 @dataclass
@@ -342,13 +379,6 @@ def draw_pair_explanation(explanation: PairExplanation, output: Path, *,
     """The picture of an explanation as a PNG (and an SVG beside it), written atomically."""
     output = checked_picture(output)
     return save_figure(pair_figure(explanation), output, svg)
-
-
-def write_pair_picture(query: str | int | Path, gallery: str | int | Path, output: Path,
-                       **options: Any) -> Path:
-    """`explain_pair` (with `options`) drawn into `output`: the picture a results page links
-    to for one of its pairs."""
-    return draw_pair_explanation(explain_pair(query, gallery, **options), output)
 
 
 def pair_figure(explanation: PairExplanation) -> Figure:

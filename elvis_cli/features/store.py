@@ -113,6 +113,11 @@ class DescriptorStore(ABC):
         use), or "w-avg"/"og-avg" when they were extracted (ExtractConfig.global_types)."""
         return self._global_rows(self._global_dataset(kind), kind, 0, self.num_images)
 
+    def global_row(self, row: int, kind: str = CLASS_GLOBAL) -> np.ndarray:
+        """One image's global descriptor, read alone: explaining a pair of a gallery of
+        millions reads two rows, not the gallery."""
+        return self._global_rows(self._global_dataset(kind), kind, row, row + 1)[0]
+
     def global_chunks(self, kind: str = CLASS_GLOBAL, rows: int = 65536
                       ) -> Iterator[np.ndarray]:
         """The global descriptors of `global_descriptors`, `rows` at a time, in order: a

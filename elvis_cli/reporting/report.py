@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DEFAULT_REPORT_DIR = Path("elvis-report")
-# (query image, gallery image, PNG to write) -> the PNG: draws why a pair scored as it did
+# (query image, gallery image, PNG to write) -> the PNG: draws why a pair scored as it did;
+# one that is also a context manager is entered around all the pairs
 ExplainPair = Callable[[str, str, Path], Path]
 EVALUATION_TABLE, RUNTIME_PLOT = "results.csv", "runtime.png"  # as `elvis evaluate` names them
 
@@ -164,10 +165,10 @@ def _evaluation_table(path: Path | None) -> str | None:
 def pair_pictures(features: str | Path, gallery_features: str | Path | None = None,
                   checkpoint: str | Path | None = None, device: str = "cpu") -> ExplainPair:
     """`elvis explain` of a results page's pairs, whose images are in these features files."""
-    from elvis_cli.explanation.pair import write_pair_picture
+    from elvis_cli.explanation.pair import PairExplainer
 
-    return partial(write_pair_picture, features=features, gallery_features=gallery_features,
-                   checkpoint=checkpoint, device=device)
+    return PairExplainer(features=features, gallery_features=gallery_features,
+                         checkpoint=checkpoint, device=device)
 
 
 def _explain_pictures(rankings: list[QueryRanking], output: Path, folder: Path, top: int,
@@ -182,8 +183,10 @@ def _explain_pictures(rankings: list[QueryRanking], output: Path, folder: Path, 
         pairs = [(query.query_path, entry.gallery_path)
                  for query in rankings for entry in query.after[:top]]
         advance = track(progress, "explaining", len(pairs))
-        for query, gallery in pairs:
-            explain(query, gallery, folder / explain_picture_name(query, gallery))
-            advance()
+        # one that is a context manager (PairExplainer) keeps its files open over the pairs
+        with explain if isinstance(explain, AbstractContextManager) else nullcontext():
+            for query, gallery in pairs:
+                explain(query, gallery, folder / explain_picture_name(query, gallery))
+                advance()
     return frozenset(f"{EXPLAIN_FOLDER}/{picture.name}"
                      for picture in (folder / EXPLAIN_FOLDER).glob("*.png"))
