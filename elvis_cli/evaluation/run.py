@@ -245,6 +245,10 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
                      "bytes_per_image": load_reranker("global", features.gallery
                                                       ).bytes_per_image(features.gallery)})
     suffix = "" if post in ("none", None) else f"+{post}"
+    # read once, outside the timed re-rankings: αQE after re-ranking expands with them
+    query_globals, gallery_globals = ((features.queries.global_descriptors(),
+                                       features.gallery.global_descriptors()) if after
+                                      else (None, None))
     for model_name in config.rerankers:
         reranker = load_reranker(model_name, features.gallery, checkpoint or config.checkpoint,
                                  config.lam, config.temperature)
@@ -262,12 +266,12 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
         for size in (size for size in config.shortlists if size > 0):
             stage(f"{dataset.name}: {model_name}{suffix} re-ranking, shortlist {size}")
             started = time.perf_counter()
-            rankings = _fused_rankings(lists, raw_scores(size), reranker.fuse)
+            fused = _fused_lists(lists, raw_scores(size), reranker.fuse)
+            rankings = {name: result.indices for name, result in fused.items()}
             seconds = ((time.perf_counter() - started + raw_scores.earlier_seconds[size])
                        / max(len(dataset.queries), 1))
             if page is not None and not page and size == max(config.shortlists):
-                page.append((_fused(*lists[protocols[0]], raw_scores(size)[protocols[0]],
-                                    reranker.fuse),
+                page.append((fused[protocols[0]],
                              f"{model_name}@{size}{suffix}, {protocols[0]} protocol"))
             if post is not None:
                 rows.append({**model, "shortlist": size,
@@ -278,8 +282,8 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             if after:
                 started = time.perf_counter()
                 expanded = {name: expand_reranked(
-                    features.queries.global_descriptors(), features.gallery.global_descriptors(),
-                    indices, config.post_config.aqe_n, config.post_config.aqe_alpha)
+                    query_globals, gallery_globals, indices, config.post_config.aqe_n,
+                    config.post_config.aqe_alpha)
                     for name, indices in rankings.items()}
                 rows.append({**model, "shortlist": size,
                              **scored(model_name, size, expanded, AFTER_RERANKING),
@@ -289,8 +293,9 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             stage(f"{dataset.name}: {model_name} fusion grid")
             rows += _best_marked([
                 {**model, "grid": True, "shortlist": size, "post": post,
-                 **score_rankings(dataset, _fused_rankings(lists, raw_scores(size),
-                                                           Fusion(lam, temperature))),
+                 **score_rankings(dataset, {name: result.indices for name, result in
+                                            _fused_lists(lists, raw_scores(size),
+                                                         Fusion(lam, temperature)).items()}),
                  "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,
                  "temperature": temperature}
                 for size in grid.shortlists for lam in grid.lams
@@ -475,12 +480,12 @@ def _timed(score: Callable[[int, int, Callable[[], None]], np.ndarray], start: i
                                            / (stop - start))}
 
 
-def _fused_rankings(lists: dict[str, tuple[np.ndarray, np.ndarray]],
-                    raw_heads: dict[str, np.ndarray],
-                    fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                    ) -> dict[str, np.ndarray]:
-    """Final ranking per protocol: the scored head fused and re-sorted, the rest as listed."""
-    return {name: _fused(indices, similarities, raw_heads[name], fuse).indices
+def _fused_lists(lists: dict[str, tuple[np.ndarray, np.ndarray]],
+                 raw_heads: dict[str, np.ndarray],
+                 fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> dict[str, RerankResult]:
+    """Final list per protocol: the scored head fused and re-sorted, the rest as listed."""
+    return {name: _fused(indices, similarities, raw_heads[name], fuse)
             for name, (indices, similarities) in lists.items()}
 
 
