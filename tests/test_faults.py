@@ -20,6 +20,7 @@ from PIL import Image
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.layout import shard_path, shards_dir
 from elvis_cli.features.store import FeatureStore
+from elvis_cli.util.atomic import atomic_folder
 from elvis_cli.util.errors import DiskFullError, InputError
 from elvis_cli.util.lock import exclusive_lock
 from tests.helpers import REPO, elvis
@@ -271,3 +272,14 @@ def test_real_full_disk_ends_with_one_line_and_resumes(images, reference, small_
     assert report.num_resumed == finished  # the shards finished before the disk filled
     assert report.num_extracted + report.num_resumed == NUM_GOOD
     assert_bitwise_equal(output, reference)
+
+
+def test_a_folder_written_whole_names_itself_on_a_full_disk_and_keeps_the_old_one(tmp_path):
+    (tmp_path / "page").mkdir()
+    (tmp_path / "page" / "index.html").write_text("earlier")
+    with (pytest.raises(DiskFullError, match=r"while writing .*page$"),
+          atomic_folder(tmp_path / "page") as folder):
+        (folder / "index.html").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert [path.name for path in tmp_path.iterdir()] == ["page"]
+    assert (tmp_path / "page" / "index.html").read_text() == "earlier"

@@ -28,16 +28,24 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _new_file_beside(path)
     try:
-        yield temporary
-        _flush_to_disk(temporary)
-        os.replace(temporary, path)
+        with _full_disk_named(path):
+            yield temporary
+            _flush_to_disk(temporary)
+            os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+@contextmanager
+def _full_disk_named(path: Path) -> Iterator[None]:
+    """A full disk inside the block as a DiskFullError naming the output `path`."""
+    try:
+        yield
     except OSError as error:
         if error.errno in DISK_FULL:
             raise DiskFullError(f"no space left on the device while writing {path}") from None
         raise
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _new_file_beside(path: Path) -> Path:
@@ -109,15 +117,12 @@ def atomic_folder(path: Path | str) -> Iterator[Path]:
     temporary = path.parent / f".{path.name}.{token}.tmp"
     temporary.mkdir()
     try:
-        yield temporary
-        old = path.parent / f".{path.name}.{token}.old"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as error:
-        if error.errno in DISK_FULL:
-            raise DiskFullError(f"no space left on the device while writing {path}") from None
-        raise
+        with _full_disk_named(path):
+            yield temporary
+            old = path.parent / f".{path.name}.{token}.old"
+            if path.exists():
+                os.replace(path, old)
+            os.replace(temporary, path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
