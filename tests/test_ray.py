@@ -83,8 +83,8 @@ def test_an_address_where_nothing_answers_is_refused_at_once():
     """Ray itself retries such an address for minutes."""
     from types import SimpleNamespace
 
-    from elvis_cli.retrieval.ray_runner import RayExecutor, _connect
     from elvis_cli.util.errors import InputError
+    from elvis_cli.util.ray_cluster import RayExecutor, _connect
 
     calls = []
     ray = SimpleNamespace(init=lambda **options: calls.append(options))

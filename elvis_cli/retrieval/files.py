@@ -25,12 +25,7 @@ from elvis_cli.retrieval.post import (
     check_global_post,
     post_processed_shortlist,
 )
-from elvis_cli.retrieval.ray_runner import (
-    BlockRecipe,
-    RayExecutor,
-    import_ray,
-    run_blocks_on_ray,
-)
+from elvis_cli.retrieval.ray_runner import BlockRecipe, run_blocks_on_ray
 from elvis_cli.retrieval.result_files import (
     checked_output,
     openable_paths,
@@ -46,6 +41,7 @@ from elvis_cli.retrieval.shortlist import (
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
+from elvis_cli.util.ray_cluster import RayExecutor, import_ray
 
 if TYPE_CHECKING:
     import pandas as pd
