@@ -1,15 +1,19 @@
 """`elvis rerank --ray` (retrieval/ray_runner.py): the blocks of a re-ranking job as tasks of
 a local Ray cluster of 2 workers write the same bytes as one process; a part missing is redone
-on the cluster; without Ray, `--ray` is one line naming the extra."""
+on the cluster, and so is the block of a worker killed while doing it; without Ray, `--ray` is
+one line naming the extra."""
 
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from elvis_cli.retrieval.job import parts_folder
-from tests.helpers import cli_in, random_checkpoint, write_store
+from tests.helpers import cli_in, random_checkpoint, ray_workers_running, write_store
 
 NUM_IMAGES, SHORTLIST, BLOCK = 12, 4, 3  # 4 blocks: each of the 2 workers does several
 ARGS = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", str(SHORTLIST),
@@ -62,6 +66,37 @@ def test_ray_run_redoes_only_the_missing_part(cluster, folder):
     assert again.returncode == 0, again.stderr
     assert "resumed: 3 of 4 blocks kept" in again.stdout
     assert (folder / "ray.csv").read_bytes() == (folder / "alone.csv").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_worker_killed_in_a_block_has_its_block_done_again(cluster, tmp_path):
+    """20 blocks of 2 queries: a worker is found running one and SIGKILLed; Ray starts
+    another, which does that block again."""
+    write_store(tmp_path / "g.h5", np.random.default_rng(1), 40, 100, [100] * 40).close()
+    random_checkpoint(tmp_path / "c.pt", 48, {"name": "test"})
+    args = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", "8",
+            "--block-size", "2"]
+    alone = cli_in(*args, "-o", "alone.csv", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    killed, finished = [], threading.Event()
+
+    def kill_one_worker() -> None:
+        while not killed and not finished.wait(0.002):
+            for pid in ray_workers_running("_rerank_block")[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    try:
+        on_ray = cli_in(*args, "-o", "ray.csv", "--ray", cwd=tmp_path)
+    finally:
+        finished.set()
+        killer.join()
+    assert killed, "no worker was seen running a block"
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "alone.csv").read_bytes()
 
 
 def test_ray_without_ray_installed_names_the_extra(folder, monkeypatch):
