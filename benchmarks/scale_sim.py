@@ -18,9 +18,10 @@ search with the saved index, the shortlist's recall@k against exact search and t
 each query's place's images that either finds; then
 `rerank_files(..., executor=RayExecutor(workers=N))` (`elvis rerank --index ivf --ray
 --ray-workers N`) of every query's top k for N = 1 and 2 in a local Ray cluster of N CPUs:
-wall time (the cluster's start apart), pairs/s, queries/s, and the peak resident memory
-(VmHWM) of the driver and of each Ray worker that ran a block. The two runs' tables must be
-the same bytes. The files are deleted at the end unless --keep.
+wall time (the cluster's start apart), pairs/s, queries/s, the peak resident memory (VmHWM)
+of the driver and of each Ray worker that ran a block, and the workers' CPU time: on a shared
+machine pairs per CPU-second, not wall time, says what a worker with a core of its own does.
+The two runs' tables must be the same bytes. The files are deleted at the end unless --keep.
 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/scale_sim.py               # 100k: ~15 GB
     PYTHONPATH=$PWD python benchmarks/scale_sim.py --images 5000 --queries 100   # a minute
@@ -114,12 +115,15 @@ def write_features(places: Places, path: Path, images: int, stream: int, jobs: i
     return time.perf_counter() - started
 
 
-class RayWorkerPeaks:
-    """The peak resident memory (VmHWM) of every worker of this process's Ray cluster seen
-    running a re-ranking block, sampled by a thread from /proc."""
+class RayWorkers:
+    """The peak resident memory (VmHWM) and CPU time of every worker of this process's Ray
+    cluster seen running a re-ranking block, sampled by a thread from /proc: CPU seconds are
+    what a shared machine's other jobs leave to the workers, so pairs per CPU-second is the
+    speed of a core of one's own."""
 
-    def __enter__(self) -> "RayWorkerPeaks":
+    def __enter__(self) -> "RayWorkers":
         self.peaks: dict[int, int] = {}
+        self.cpu_seconds: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -130,6 +134,7 @@ class RayWorkerPeaks:
             for pid in ray_workers_running("_rerank_block"):
                 try:
                     self.peaks[pid] = peak_memory(Path(f"/proc/{pid}"))
+                    self.cpu_seconds[pid] = cpu_seconds(pid)
                 except OSError:  # it ended meanwhile
                     continue
 
@@ -146,12 +151,20 @@ def peak_memory(process: Path = Path("/proc/self")) -> int:
     raise OSError(f"no VmHWM in {process}/status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reset_peak_memory() -> None:
     """Start this process's VmHWM again from its present resident size (Linux 4.0+)."""
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def rerank_on_ray(folder: Path, workers: int, k: int, block_size: int) -> tuple[Path, float]:
+def rerank_on_ray(folder: Path, workers: int, k: int, block_size: int
+                  ) -> tuple[Path, float, float]:
+    """The run's table, its pairs/s, and its pairs per CPU-second of the workers."""
     import ray
 
     output = folder / f"ray-{workers}.parquet"
@@ -160,7 +173,7 @@ def rerank_on_ray(folder: Path, workers: int, k: int, block_size: int) -> tuple[
     cluster = time.perf_counter() - started
     reset_peak_memory()
     try:
-        with RayWorkerPeaks() as workers_seen:
+        with RayWorkers() as workers_seen:
             started = time.perf_counter()
             run = rerank_files(queries=folder / "queries.h5", gallery=folder / "gallery.h5",
                                checkpoint=CHECKPOINT, index=IndexConfig("ivf"),
@@ -170,12 +183,14 @@ def rerank_on_ray(folder: Path, workers: int, k: int, block_size: int) -> tuple[
     finally:
         ray.shutdown()
     queries = run.rows // k
-    peaks = sorted(workers_seen.peaks.values())
-    print(f"{workers} Ray worker(s): cluster started in {cluster:.1f} s; {queries * k:,} pairs "
-          f"in {seconds:.1f} s: {queries * k / seconds:.0f} pairs/s, {queries / seconds:.2f} "
-          f"queries/s; peak RSS driver {peak_memory() / 1e9:.2f} GB, workers "
-          f"{', '.join(f'{p / 1e9:.2f}' for p in peaks)} GB", flush=True)
-    return output, queries * k / seconds
+    pairs, cpu = queries * k, workers_seen.cpu_seconds
+    print(f"{workers} Ray worker(s): cluster started in {cluster:.1f} s; {pairs:,} pairs in "
+          f"{seconds:.1f} s: {pairs / seconds:.0f} pairs/s, {queries / seconds:.2f} queries/s; "
+          f"peak RSS driver {peak_memory() / 1e9:.2f} GB, workers "
+          f"{', '.join(f'{workers_seen.peaks[p] / 1e9:.2f}' for p in sorted(cpu))} GB; workers' "
+          f"CPU {', '.join(f'{cpu[p]:.0f}' for p in sorted(cpu))} s: "
+          f"{pairs / sum(cpu.values()):.0f} pairs per CPU-second", flush=True)
+    return output, pairs / seconds, pairs / sum(cpu.values())
 
 
 def main() -> None:
@@ -219,11 +234,12 @@ def main() -> None:
         print(f"ivf recall@{args.k} against exact: {recall:.3f}; share of a query's place's "
               f"{PLACE_SIZE} images in its top {args.k}: ivf {own['ivf']:.3f}, exact "
               f"{own['flat']:.3f}", flush=True)
-        one, rate_one = rerank_on_ray(folder, 1, args.k, args.block_size)
-        two, rate_two = rerank_on_ray(folder, 2, args.k, args.block_size)
+        one, rate_one, per_cpu_one = rerank_on_ray(folder, 1, args.k, args.block_size)
+        two, rate_two, per_cpu_two = rerank_on_ray(folder, 2, args.k, args.block_size)
         same = one.read_bytes() == two.read_bytes()
-        print(f"scaling 2 vs 1 workers: {rate_two / rate_one:.2f}x; tables the same bytes: "
-              f"{same}", flush=True)
+        print(f"scaling 2 vs 1 workers: {rate_two / rate_one:.2f}x in wall time; pairs per "
+              f"CPU-second {per_cpu_two / per_cpu_one:.2f}x; tables the same bytes: {same}",
+              flush=True)
     finally:
         if args.keep:
             print(f"kept {folder}")
