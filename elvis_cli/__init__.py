@@ -29,7 +29,7 @@ _PUBLIC = {
     "shortlist_files": "elvis_cli.retrieval.files",  # elvis shortlist
     "rerank_files": "elvis_cli.retrieval.files",  # elvis rerank
     "RerankRun": "elvis_cli.retrieval.files",
-    "RayExecutor": "elvis_cli.retrieval.ray_runner",  # elvis rerank --ray
+    "RayExecutor": "elvis_cli.util.ray_cluster",  # elvis rerank --ray, elvis extract --ray
     "search_images": "elvis_cli.retrieval.search",  # elvis search
     "SearchRun": "elvis_cli.retrieval.search",
     "evaluate_datasets": "elvis_cli.evaluation.benchmarks",  # elvis evaluate

@@ -221,3 +221,22 @@ def clustered_rows(count: int, dim: int, seed: int, clusters: int = 50) -> np.nd
     centres = rng.standard_normal((clusters, dim))
     rows = centres[rng.integers(clusters, size=count)] + 0.6 * rng.standard_normal((count, dim))
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def ray_workers_running(task: str) -> list[int]:
+    """The process ids of this process's local Ray cluster's workers (children of its raylet)
+    running a task of function `task` now, which Ray titles `ray::TASK`; read from /proc."""
+    title, found = f"ray::{task}\0".encode(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title)
+                    and _parent(_parent(int(entry.name))) == os.getpid()):
+                found.append(int(entry.name))
+        except (OSError, ValueError):  # it ended meanwhile
+            continue
+    return found
+
+
+def _parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("\nPPid:")[1].split()[0])

@@ -1,15 +1,24 @@
-"""`elvis rerank --ray` (retrieval/ray_runner.py): the blocks of a re-ranking job as tasks of
-a local Ray cluster of 2 workers write the same bytes as one process; a part missing is redone
-on the cluster; without Ray, `--ray` is one line naming the extra."""
+"""`elvis rerank --ray` (retrieval/ray_runner.py) and `elvis extract --ray`
+(features/ray_extraction.py): the blocks of a re-ranking job, or the shards of an extraction,
+as tasks of a local Ray cluster of 2 workers write the same bytes as one process; a part
+missing is redone on the cluster, and so is the block of a worker killed while doing it;
+without Ray, `--ray` is one line naming the extra."""
 
+import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 
 from elvis_cli.retrieval.job import parts_folder
-from tests.helpers import cli_in, random_checkpoint, write_store
+from tests.conftest import SMALL
+from tests.helpers import cli_in, random_checkpoint, ray_workers_running, write_store
 
 NUM_IMAGES, SHORTLIST, BLOCK = 12, 4, 3  # 4 blocks: each of the 2 workers does several
 ARGS = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", str(SHORTLIST),
@@ -64,6 +73,84 @@ def test_ray_run_redoes_only_the_missing_part(cluster, folder):
     assert (folder / "ray.csv").read_bytes() == (folder / "alone.csv").read_bytes()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_worker_killed_in_a_block_has_its_block_done_again(cluster, tmp_path):
+    """20 blocks of 2 queries: a worker is found running one and SIGKILLed; Ray starts
+    another, which does that block again."""
+    write_store(tmp_path / "g.h5", np.random.default_rng(1), 40, 100, [100] * 40).close()
+    random_checkpoint(tmp_path / "c.pt", 48, {"name": "test"})
+    args = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", "8",
+            "--block-size", "2"]
+    alone = cli_in(*args, "-o", "alone.csv", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    killed, finished = [], threading.Event()
+
+    def kill_one_worker() -> None:
+        while not killed and not finished.wait(0.002):
+            for pid in ray_workers_running("_rerank_block")[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    try:
+        on_ray = cli_in(*args, "-o", "ray.csv", "--ray", cwd=tmp_path)
+    finally:
+        finished.set()
+        killer.join()
+    assert killed, "no worker was seen running a block"
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert (tmp_path / "ray.csv").read_bytes() == (tmp_path / "alone.csv").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ray_extraction_writes_the_files_of_one_process(cluster, tmp_path):
+    """5 images in shards of 2, by 2 workers; both outputs are named feats.h5 (the joined file
+    names its shards' folder). The shards are the same bytes. The joined file is compared by
+    its contents, and the manifest but the joined file's checksum: HDF5 stamps each virtual
+    dataset with the time it was made, so two single-process runs differ there too."""
+    (tmp_path / "images").mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):
+        Image.fromarray(getattr(skimage.data, name)()).save(tmp_path / "images" / f"{name}.png")
+    args = ["extract", "images", "--backbone", "efficientnet-lite0", *SMALL, "--shard-size", "2",
+            "--device", "cpu", "--quiet", "-o"]
+    alone = cli_in(*args, "alone/feats.h5", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    on_ray = cli_in(*args, "ray/feats.h5", "--ray", "--ray-workers", "2", cwd=tmp_path)
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert on_ray.stdout == alone.stdout.replace("alone/", "ray/")
+    shards = sorted(path.name for path in (tmp_path / "alone/feats.h5.shards").iterdir())
+    assert shards == sorted(path.name for path in (tmp_path / "ray/feats.h5.shards").iterdir())
+    assert shards == ["lock", "manifest.json", *(f"shard-0000{n}.h5" for n in range(3))]
+    for shard in shards[2:]:
+        assert (tmp_path / "ray/feats.h5.shards" / shard).read_bytes() == (
+            tmp_path / "alone/feats.h5.shards" / shard).read_bytes(), shard
+    assert hdf5_contents(tmp_path / "ray/feats.h5") == hdf5_contents(tmp_path / "alone/feats.h5")
+    manifests = [json.loads((tmp_path / run / "feats.h5.shards/manifest.json").read_text())
+                 for run in ("alone", "ray")]
+    for manifest in manifests:
+        del manifest["joined"]["sha256"]
+    assert manifests[0] == manifests[1]
+
+
+def hdf5_contents(path: Path) -> dict:
+    """Every dataset's values and every attribute of an HDF5 file."""
+    import h5py
+
+    with h5py.File(path) as file:
+        return {"attrs": dict(file.attrs),
+                **{name: file[name][()].tolist() for name in file}}
+
+
+def test_ray_does_not_go_with_only_shortlisted_yet(tmp_path):
+    result = cli_in("extract", "images", "-o", "f.h5", "--only-shortlisted", "s.npz", "--ray",
+                    cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "elvis: error: --ray does not go with --only-shortlisted yet\n"
+
+
 def test_ray_without_ray_installed_names_the_extra(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     result = cli_in(*ARGS, "-o", "r.csv", "--ray", cwd=folder)
@@ -83,8 +170,8 @@ def test_an_address_where_nothing_answers_is_refused_at_once():
     """Ray itself retries such an address for minutes."""
     from types import SimpleNamespace
 
-    from elvis_cli.retrieval.ray_runner import RayExecutor, _connect
     from elvis_cli.util.errors import InputError
+    from elvis_cli.util.ray_cluster import RayExecutor, _connect
 
     calls = []
     ray = SimpleNamespace(init=lambda **options: calls.append(options))

@@ -204,6 +204,14 @@ NprobeOption = Annotated[int | None, typer.Option(
                 "the lists, at least 8.")]
 EfSearchOption = Annotated[int | None, typer.Option(
     min=1, help="HNSW candidates kept per query (more: slower, higher recall); default 128.")]
+RayOption = Annotated[str | None, typer.Option(
+    metavar="[ADDRESS]",
+    help="Run the work as Ray tasks (rerank: blocks of queries; extract: shards of images): "
+         "alone or `local` starts a cluster here, `auto` or HOST:PORT joins a running one "
+         "(`ray start --head`). Needs elvis-cli[ray].")]
+RayWorkersOption = Annotated[int | None, typer.Option(
+    min=1, help="With --ray and no GPUs: CPU workers side by side; default: one per CPU of the "
+                "cluster (with GPUs: one per GPU).")]
 POST_OPTIONS = {"aqe_n": AqeNOption, "aqe_alpha": AqeAlphaOption, "gss_k": GssKOption,
                 "gss_query_k": GssQueryKOption, "gss_beta": GssBetaOption,
                 "gss_beta_percentile": GssBetaPercentileOption, "gss_epochs": GssEpochsOption,
@@ -318,6 +326,8 @@ def extract(
     head: Annotated[int | None, typer.Option(
         min=1, help="With --only-shortlisted: each query's top N; default: the whole "
                     "shortlist.")] = None,
+    ray: RayOption = None,
+    ray_workers: RayWorkersOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Extract global and local descriptors into sharded HDF5.
@@ -327,7 +337,8 @@ def extract(
     shards of the current --shard-size), removed ones are left out; rows follow the listing.
     Other backbone settings are refused unless --force. Unreadable images are skipped and
     named on stderr, and the exit status is then 3. With --embedding-cache, the images' ELViS
-    embeddings are stored too, so that re-ranking does not compute them.
+    embeddings are stored too, so that re-ranking does not compute them. With --ray the shards
+    are extracted by the workers of a Ray cluster, into the same files.
 
     Example: `elvis extract imgs/ -o feats.h5`, later `elvis verify feats.h5`; for +1M,
     `elvis extract gallery/ --only-shortlisted shortlist.npz -o heads.h5`
@@ -337,7 +348,10 @@ def extract(
     name, options = _backbone(preset, backbone, image_size, keep_local, backbone_option)
     config = _config("ExtractConfig", backbone=name, backbone_options=options, device=device,
                      batch_size=batch_size, shard_size=shard_size, global_types=global_type)
+    executor = _ray(ray, ray_workers)
     if only_shortlisted is not None:
+        if executor is not None:
+            raise InputError("--ray does not go with --only-shortlisted yet")
         _extract_shortlisted(images, only_shortlisted, output, config, head, force, quiet,
                              embedding_cache)
         return
@@ -346,7 +360,8 @@ def extract(
     with _Progress(enabled=not quiet) as bars:
         run = extract_images(images, output, config, force=force,
                              embedding_cache=embedding_cache,
-                             checkpoint=_checkpoint(preset, checkpoint), progress=bars)
+                             checkpoint=_checkpoint(preset, checkpoint), progress=bars,
+                             executor=executor)
     report = run.report
     console.print(f"{report.num_extracted} images extracted, {report.num_resumed} kept, "
                   f"{report.num_removed} removed, {len(report.failures)} skipped -> "
@@ -530,14 +545,8 @@ def rerank(
     index: IndexOption = "auto",
     nprobe: NprobeOption = None,
     ef_search: EfSearchOption = None,
-    ray: Annotated[str | None, typer.Option(
-        metavar="[ADDRESS]",
-        help="Run the blocks as Ray tasks: alone or `local` starts a cluster here, `auto` or "
-             "HOST:PORT joins a running one (`ray start --head`). Needs elvis-cli[ray].")
-    ] = None,
-    ray_workers: Annotated[int | None, typer.Option(
-        min=1, help="With --ray and no GPUs: CPU workers side by side; default: one per CPU of "
-                    "the cluster (with GPUs: one per GPU).")] = None,
+    ray: RayOption = None,
+    ray_workers: RayWorkersOption = None,
     post_config: Any = None,
 ) -> None:
     """Re-rank each query's global shortlist (ELViS by default) and write the fused ranking.

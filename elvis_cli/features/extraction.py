@@ -12,7 +12,8 @@ refused rather than mixed in, unless `force` starts over. One process at a time 
 output (lock.py). Failed images are left out of their shard and reported in the manifest and
 in the returned ExtractReport; they never stop the run. With `decode_truncated` (benchmark
 images, whose ground truth needs every one) a truncated image is decoded as far as it goes, as
-the authors' extraction does, and reported as a warning instead.
+the authors' extraction does, and reported as a warning instead. With a RayExecutor the shards
+to do are Ray tasks (ray_extraction.py), written by the same code.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ if TYPE_CHECKING:
 
     from elvis_cli.backbones import Backbone, ImageFeatures
     from elvis_cli.backbones.base import Inputs
+    from elvis_cli.util.ray_cluster import RayExecutor
 
 MAX_PENDING_BATCHES = 4  # decoded images waiting for a same-shape batch, in batches
+# a shard's failures and warnings ([name, reason, position] each) and its file's record
+ShardOutcome = tuple[list[list[Any]], list[list[Any]], dict[str, Any]]
 
 
 @dataclass
@@ -112,6 +116,7 @@ def extract_features(
     backbone: Backbone | None = None,
     root: str | Path | None = None,
     force: bool = False,
+    executor: RayExecutor | None = None,
 ) -> ExtractReport:
     """Extract descriptors of every image of `source` into `output` (FILE.h5 + FILE.h5.shards),
     or bring an earlier extraction of it up to date (see the module's notes).
@@ -122,7 +127,9 @@ def extract_features(
     the collection grew or shrank. `boxes` optionally crops each image (query crops).
     `backbone` overrides config.backbone/backbone_options with a ready-made instance.
     `force` starts over: the old output and its shards are deleted first.
-    `progress` hears the images of the shards still to do ("extracting"), one by one.
+    `progress` hears the images of the shards still to do ("extracting"), one by one (on Ray,
+    a shard's at a time). `executor` extracts the shards as tasks on a Ray cluster
+    (ray_extraction.py), writing the same files.
     """
     config = config or ExtractConfig()
     output = writable_output(output, FEATURES_SUFFIXES)
@@ -132,6 +139,10 @@ def extract_features(
     root_dir = Path(root) if root is not None else root_dir
     if boxes is not None and len(boxes) != len(paths):
         raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
+    if executor is not None:
+        from elvis_cli.util.ray_cluster import import_ray
+
+        import_ray()  # its absence said before any work
     if not force and output.exists() and not manifest_path(output).exists():
         raise InputError(f"{output} already exists and is no output of elvis extract: use a new "
                          "output, or --force to replace it")
@@ -148,7 +159,7 @@ def extract_features(
         items = [Item(path, _stored_name(path, root_dir), _box(boxes, index),
                       collection.stat_of(path)) for index, path in enumerate(paths)]
         try:
-            return _run(output, items, root_dir, backbone, config, progress)
+            return _run(output, items, root_dir, backbone, config, progress, executor)
         except DiskFullError as error:
             raise DiskFullError(f"{error}; free some space and re-run the same command: "
                                 "finished shards are kept") from None
@@ -161,6 +172,7 @@ def _run(
     backbone: Backbone,
     config: ExtractConfig,
     progress: ProgressCallback | None,
+    executor: RayExecutor | None,
 ) -> ExtractReport:
     """The extraction proper, under the output's lock."""
     settings = json.loads(json.dumps(backbone.settings()))
@@ -171,18 +183,26 @@ def _run(
     plan = collection.plan(output, manifest, top, items, config.shard_size)
     manifest = plan.manifest
     collection.save_manifest(output, manifest)
-    device = resolve_device(config.device)
-    backbone = backbone.to(device).eval()
     advance = track(progress, "extracting", sum(map(len, plan.todo.values())))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for number, shard_items in sorted(plan.todo.items()):
-            shard = manifest["shards"][number]
-            failures, warnings, record = _extract_shard(
-                backbone, shard_items, shard_path(output, shard["index"]), device, config, pool,
-                advance,
-            )
-            shard.update(done=True, failures=failures, warnings=warnings, **record)
-            collection.save_manifest(output, manifest)
+
+    def finished(number: int, outcome: ShardOutcome) -> None:
+        failures, warnings, record = outcome
+        manifest["shards"][number].update(done=True, failures=failures, warnings=warnings,
+                                          **record)
+        collection.save_manifest(output, manifest)
+
+    todo = [(number, shard_items, shard_path(output, manifest["shards"][number]["index"]))
+            for number, shard_items in sorted(plan.todo.items())]
+    if executor is None:
+        device = resolve_device(config.device)
+        backbone = backbone.to(device).eval()
+        with _decoding_pool() as pool:
+            for number, shard_items, target in todo:
+                finished(number, extract_shard(backbone, shard_items, target, device, config,
+                                               pool, advance))
+    else:
+        _extract_on_ray(executor, backbone, config, todo, finished, advance)
+        _remove_partial_files(output)  # of workers killed while writing
     done = collection.outcome(manifest, plan.placement)
     _join(output, manifest, done.rows, root_dir)
     for stale in collection.stale_shards(output, manifest):
@@ -190,6 +210,26 @@ def _run(
     extracted = sum(number in plan.todo for number, _ in done.rows)
     return ExtractReport(output, len(items), extracted, len(done.rows) - extracted,
                          done.failures, plan.repaired, done.warnings, plan.num_removed)
+
+
+def _extract_on_ray(executor: RayExecutor, backbone: Backbone, config: ExtractConfig,
+                    todo: list[tuple[int, list[Item], Path]],
+                    finished: Callable[[int, ShardOutcome], None], advance: Callable[[], None]
+                    ) -> None:
+    from elvis_cli.features.ray_extraction import ShardTask, extract_shards_on_ray
+
+    def done(shard: ShardTask, outcome: ShardOutcome) -> None:
+        finished(shard.number, outcome)
+        for _ in shard.items:
+            advance()
+
+    extract_shards_on_ray(executor, backbone, config, [ShardTask(*shard) for shard in todo],
+                          done)
+
+
+def _decoding_pool() -> ThreadPoolExecutor:
+    """Threads that read and decode images ahead of the backbone."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def _join(output: Path, manifest: dict[str, Any], rows: list[tuple[int, int]], root: Path
@@ -266,17 +306,18 @@ def _encode(backbone: Backbone, inputs: list[Inputs], device: torch.device) -> I
                                           for one in inputs])
 
 
-def _extract_shard(
+def extract_shard(
     backbone: Backbone,
     items: list[Item],
     target: Path,
     device: torch.device,
     config: ExtractConfig,
-    pool: ThreadPoolExecutor,
-    advance: Callable[[], None],
-) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+    pool: ThreadPoolExecutor | None = None,
+    advance: Callable[[], None] = lambda: None,
+) -> ShardOutcome:
     """Encode one shard's images and write it to `target`; returns its failures and warnings
-    as [name, reason, position] and the written shard's record.
+    as [name, reason, position] and the written shard's record. `pool` decodes the images
+    (None: threads of its own); `advance` hears each image done.
 
     Images whose preprocessed inputs have the same shapes share batches (batches_by_shape).
     Odd shapes wait for company only while few images are pending (MAX_PENDING_BATCHES), which
@@ -286,6 +327,9 @@ def _extract_shard(
 
     from elvis_cli.backbones.base import input_shape
 
+    if pool is None:
+        with _decoding_pool() as own:
+            return extract_shard(backbone, items, target, device, config, own, advance)
     batch_size = config.batch_size
     results: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
     decoded: dict[int, _Decoded] = {}

@@ -25,12 +25,7 @@ from elvis_cli.retrieval.post import (
     check_global_post,
     post_processed_shortlist,
 )
-from elvis_cli.retrieval.ray_runner import (
-    BlockRecipe,
-    RayExecutor,
-    import_ray,
-    run_blocks_on_ray,
-)
+from elvis_cli.retrieval.ray_runner import BlockRecipe, run_blocks_on_ray
 from elvis_cli.retrieval.result_files import (
     checked_output,
     openable_paths,
@@ -46,6 +41,7 @@ from elvis_cli.retrieval.shortlist import (
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
+from elvis_cli.util.ray_cluster import RayExecutor, import_ray
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,18 +110,20 @@ def extract_images(
     source: str | Path | Sequence[str | Path], output: str | Path,
     config: ExtractConfig | None = None, *, force: bool = False,
     embedding_cache: Path | None = None, checkpoint: str | Path | None = None,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, executor: RayExecutor | None = None,
 ) -> ExtractRun:
     """Extract `source` into `output`, or bring it up to date: only new, changed and damaged
     images are extracted, removed ones are left out (see `extract_features`; `force` starts
     over). `source` is a folder, .txt list, glob or image, or several of them (what a shell
     makes of an unquoted glob); a single path that does not exist is an error. With
     `embedding_cache`, then keep the ELViS embeddings of every image there (`checkpoint`, by
-    default the one matching the backbone), so that re-ranking does not compute them."""
+    default the one matching the backbone), so that re-ranking does not compute them.
+    `executor` extracts the shards as tasks on a Ray cluster, into the same files."""
     config = config or ExtractConfig()
     if not isinstance(source, (str, Path)) and len(source) == 1:
         source = source[0]
-    report = extract_features(source, output, config, progress=progress, force=force)
+    report = extract_features(source, output, config, progress=progress, force=force,
+                              executor=executor)
     embedded = None
     if embedding_cache is not None:
         embedded = fill_embedding_cache(report.output, embedding_cache, checkpoint,

@@ -1,5 +1,5 @@
-"""`elvis rerank --ray`: the blocks of a re-ranking job (job.py) as Ray tasks, one per GPU when
-the cluster has GPUs, else a set number of CPU workers.
+"""`elvis rerank --ray`: the blocks of a re-ranking job (job.py) as Ray tasks
+(util/ray_cluster.py), one per GPU when the cluster has GPUs, else a set number of CPU workers.
 
 A block is a pure function of the features, its rows of the candidate lists and the config
 (BlockReranker), so a worker makes the driver's BlockReranker again from names (`BlockRecipe`:
@@ -7,8 +7,6 @@ open files and loaded models do not travel) and writes the block's part with the
 writer as a single process (`RerankJob.write_result`): the parts, and the table assembled from
 them, are the same bits. A worker that dies is replaced and its block done again (Ray's
 `max_retries`); a killed driver leaves the parts done, which the same command keeps.
-
-Ray is an optional dependency (`elvis-cli[ray]`), imported only here and only when asked for.
 """
 from __future__ import annotations
 
@@ -16,11 +14,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
-from elvis_cli.util.download import reachable
-from elvis_cli.util.errors import ElvisError, InputError
+from elvis_cli.util.errors import InputError
+from elvis_cli.util.ray_cluster import RayExecutor, ray_cluster, run_tasks
 
 if TYPE_CHECKING:  # job.py imports torch: RayExecutor, which the CLI checks, must not
     import numpy as np
@@ -30,26 +27,6 @@ if TYPE_CHECKING:  # job.py imports torch: RayExecutor, which the CLI checks, mu
     from elvis_cli.retrieval.rerank import BlockReranker
     from elvis_cli.retrieval.shortlist import Shortlist
     from elvis_cli.util.progress import ProgressCallback
-
-RETRIES = 3  # times a block whose worker died is done again before the run fails
-LOCAL = "local"
-
-
-@dataclass(frozen=True)
-class RayExecutor:
-    """Run a re-ranking's blocks on Ray. `address`: `local` starts a cluster in this process
-    (stopped afterwards), `auto` or host:port joins a running one (`ray start --head`).
-    `workers`: CPU workers side by side when the cluster has no GPUs (None: one per CPU);
-    with GPUs, one task per GPU."""
-
-    address: str = LOCAL
-    workers: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers <= 0:
-            raise InputError(f"--ray-workers must be at least 1, got {self.workers}")
-        if not self.address:
-            raise InputError("--ray takes local, auto or HOST:PORT")
 
 
 @dataclass(frozen=True)
@@ -86,75 +63,22 @@ def _absolute(path: str | Path | None) -> Path | None:
     return None if path is None else Path(path).absolute()
 
 
-def import_ray() -> ModuleType:
-    """Ray, or the error that says how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--ray needs Ray, which is not installed: pip install "
-                         "'elvis-cli[ray]'") from None
-    return ray
-
-
 def run_blocks_on_ray(executor: RayExecutor, recipe: BlockRecipe, shortlist: Shortlist,
                       job: RerankJob, pairs: np.ndarray, blocks: Sequence[Block],
                       progress: ProgressCallback | None = None, detail: str = "") -> None:
     """Do `blocks` as Ray tasks, each writing its part; `progress` hears the queries of each
     block as it finishes (pairs/s and time left, as `run_blocks`)."""
-    ray = import_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        _connect(ray, executor)
-    try:
-        _run(ray, executor, recipe, shortlist, job, pairs, blocks, progress, detail)
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _connect(ray: ModuleType, executor: RayExecutor) -> None:
-    options = {"include_dashboard": False, "log_to_driver": False}
-    try:
-        if executor.address == LOCAL:
-            ray.init(num_cpus=executor.workers, **options)
-        else:
-            # Ray retries an address with nothing behind it for minutes: a second's check first
-            if executor.address != "auto" and not reachable(f"tcp://{executor.address}"):
-                raise ConnectionError("nothing answers there")
-            ray.init(address=executor.address, **options)
-    except ConnectionError as error:
-        raise InputError(f"--ray {executor.address}: no Ray cluster there ({error}); start one "
-                         "with `ray start --head`, or use --ray local") from None
-
-
-def _run(ray: ModuleType, executor: RayExecutor, recipe: BlockRecipe, shortlist: Shortlist,
-         job: RerankJob, pairs: np.ndarray, blocks: Sequence[Block],
-         progress: ProgressCallback | None, detail: str) -> None:
     from elvis_cli.retrieval.job import block_meter
 
-    meter = block_meter(pairs, blocks, progress, detail)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    slots = gpus or executor.workers or int(resources.get("CPU", 1))
-    task = ray.remote(_rerank_block).options(num_cpus=1, num_gpus=1 if gpus else 0,
-                                             max_retries=RETRIES)
-    shared = ray.put(recipe), ray.put(shortlist), job.digest
-    waiting, running = list(blocks), {}
-    while waiting or running:
-        while waiting and len(running) < slots:
-            block = waiting.pop(0)
-            running[task.remote(*shared, block)] = block
-        [finished], _ = ray.wait(list(running), num_returns=1)
-        block = running.pop(finished)
-        try:
-            ray.get(finished)
-        except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, ElvisError):
-                raise error.cause from None
-            raise
-        advance = meter.counter(pairs, block.start)
-        for _ in range(block.start, block.stop):
-            advance()
+    with ray_cluster(executor) as ray:
+        meter = block_meter(pairs, blocks, progress, detail)  # after the start-up
+
+        def done(block: Block, _: None) -> None:
+            advance = meter.counter(pairs, block.start)
+            for _ in range(block.start, block.stop):
+                advance()
+
+        run_tasks(ray, executor, _rerank_block, (recipe, shortlist, job.digest), blocks, done)
 
 
 @dataclass
