@@ -41,6 +41,11 @@ def _is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".npz")
 
 
+def _is_virtual(*args: Any, dcpl: Any = None, **options: Any) -> bool:
+    """Whether a low-level dataset creation makes a virtual dataset (the joined file's)."""
+    return dcpl is not None and dcpl.get_layout() == h5py.h5d.VIRTUAL
+
+
 # point: (owner, attribute, which calls count, stop before (False) or after (True) the call)
 POINTS: dict[str, tuple[Any, str, Callable[..., bool], bool]] = {
     "decode": (extract, "decode_image", lambda *a, **k: True, False),
@@ -49,7 +54,7 @@ POINTS: dict[str, tuple[Any, str, Callable[..., bool], bool]] = {
     "shard-rename": (os, "replace", _destination_is(_is_shard), False),
     "shard-renamed": (os, "replace", _destination_is(_is_shard), True),
     "manifest": (os, "replace", _destination_is(lambda name: name == "manifest.json"), False),
-    "finalize-write": (h5py.Group, "create_virtual_dataset", lambda *a, **k: True, False),
+    "finalize-write": (h5py.h5d, "create", _is_virtual, False),
     "finalize-rename": (os, "replace", _destination_is(_is_output), False),
     "finished": (os, "replace", _destination_is(_is_output), True),
     # re-ranking: ELViS scoring a pair (one call per pair on CPU), a part renamed into place

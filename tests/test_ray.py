@@ -4,7 +4,6 @@ as tasks of a local Ray cluster of 2 workers write the same bytes as one process
 missing is redone on the cluster, and so is the block of a worker killed while doing it;
 without Ray, `--ray` is one line naming the extra."""
 
-import json
 import os
 import signal
 import sys
@@ -108,9 +107,8 @@ def test_a_worker_killed_in_a_block_has_its_block_done_again(cluster, tmp_path):
 @pytest.mark.subprocess
 def test_ray_extraction_writes_the_files_of_one_process(cluster, tmp_path):
     """5 images in shards of 2, by 2 workers; both outputs are named feats.h5 (the joined file
-    names its shards' folder). The shards are the same bytes. The joined file is compared by
-    its contents, and the manifest but the joined file's checksum: HDF5 stamps each virtual
-    dataset with the time it was made, so two single-process runs differ there too."""
+    names its shards' folder). The shards, the joined file and the manifest are the same
+    bytes."""
     (tmp_path / "images").mkdir()
     for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):
         Image.fromarray(getattr(skimage.data, name)()).save(tmp_path / "images" / f"{name}.png")
@@ -124,24 +122,10 @@ def test_ray_extraction_writes_the_files_of_one_process(cluster, tmp_path):
     shards = sorted(path.name for path in (tmp_path / "alone/feats.h5.shards").iterdir())
     assert shards == sorted(path.name for path in (tmp_path / "ray/feats.h5.shards").iterdir())
     assert shards == ["lock", "manifest.json", *(f"shard-0000{n}.h5" for n in range(3))]
-    for shard in shards[2:]:
-        assert (tmp_path / "ray/feats.h5.shards" / shard).read_bytes() == (
-            tmp_path / "alone/feats.h5.shards" / shard).read_bytes(), shard
-    assert hdf5_contents(tmp_path / "ray/feats.h5") == hdf5_contents(tmp_path / "alone/feats.h5")
-    manifests = [json.loads((tmp_path / run / "feats.h5.shards/manifest.json").read_text())
-                 for run in ("alone", "ray")]
-    for manifest in manifests:
-        del manifest["joined"]["sha256"]
-    assert manifests[0] == manifests[1]
+    for name in ["feats.h5", *(f"feats.h5.shards/{shard}" for shard in shards[1:])]:
+        assert (tmp_path / "ray" / name).read_bytes() == (
+            tmp_path / "alone" / name).read_bytes(), name
 
-
-def hdf5_contents(path: Path) -> dict:
-    """Every dataset's values and every attribute of an HDF5 file."""
-    import h5py
-
-    with h5py.File(path) as file:
-        return {"attrs": dict(file.attrs),
-                **{name: file[name][()].tolist() for name in file}}
 
 
 def test_ray_does_not_go_with_only_shortlisted_yet(tmp_path):
