@@ -125,14 +125,19 @@ def test_ray_extraction_writes_the_files_of_one_process(cluster, tmp_path):
     for name in ["feats.h5", *(f"feats.h5.shards/{shard}" for shard in shards[1:])]:
         assert (tmp_path / "ray" / name).read_bytes() == (
             tmp_path / "alone" / name).read_bytes(), name
+    # +1M's way: only the images in some query's top 2, on Ray too
+    assert cli_in("shortlist", "--features", "alone/feats.h5", "-k", "3", "-o", "s.npz",
+                  cwd=tmp_path).returncode == 0
+    for run, ray in (("alone", []), ("ray", ["--ray", "--ray-workers", "2"])):
+        result = cli_in(*args, f"{run}/heads.h5", "--only-shortlisted", "s.npz", "--head", "2",
+                        *ray, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    for name in ["heads.h5", "heads.h5.shards/manifest.json", "heads.h5.shards/shard-00000.h5"]:
+        assert (tmp_path / "ray" / name).read_bytes() == (
+            tmp_path / "alone" / name).read_bytes(), name
+    nn = [np.load(tmp_path / run / "heads.nn.npz") for run in ("alone", "ray")]
+    assert all(np.array_equal(nn[0][key], nn[1][key]) for key in nn[0].files)
 
-
-
-def test_ray_does_not_go_with_only_shortlisted_yet(tmp_path):
-    result = cli_in("extract", "images", "-o", "f.h5", "--only-shortlisted", "s.npz", "--ray",
-                    cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr == "elvis: error: --ray does not go with --only-shortlisted yet\n"
 
 
 def test_ray_without_ray_installed_names_the_extra(folder, monkeypatch):

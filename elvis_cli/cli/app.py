@@ -350,10 +350,8 @@ def extract(
                      batch_size=batch_size, shard_size=shard_size, global_types=global_type)
     executor = _ray(ray, ray_workers)
     if only_shortlisted is not None:
-        if executor is not None:
-            raise InputError("--ray does not go with --only-shortlisted yet")
         _extract_shortlisted(images, only_shortlisted, output, config, head, force, quiet,
-                             embedding_cache)
+                             embedding_cache, executor)
         return
     if head is not None:
         raise InputError("--head goes with --only-shortlisted")
@@ -379,7 +377,7 @@ def extract(
 
 def _extract_shortlisted(images: list[str], shortlist: Path, output: Path, config: Any,
                          head: int | None, force: bool, quiet: bool,
-                         embedding_cache: Path | None) -> None:
+                         embedding_cache: Path | None, executor: Any) -> None:
     """`elvis extract --only-shortlisted`: the images some query will re-rank."""
     from elvis_cli import extract_shortlisted
 
@@ -387,7 +385,8 @@ def _extract_shortlisted(images: list[str], shortlist: Path, output: Path, confi
         raise InputError("--embedding-cache does not go with --only-shortlisted")
     with _Progress(enabled=not quiet) as bars:
         run = extract_shortlisted(images if len(images) > 1 else images[0], shortlist, output,
-                                  config, head=head, progress=bars, force=force)
+                                  config, head=head, progress=bars, force=force,
+                                  executor=executor)
     report = run.extraction
     console.print(f"{run.extraction.num_images} of {run.num_gallery} gallery images (in some "
                   f"query's top {run.head}): {report.num_extracted} extracted, "

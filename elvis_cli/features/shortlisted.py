@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from elvis_cli.features.extraction import ExtractConfig, ExtractReport, extract_features
 from elvis_cli.features.head import head_file_rows, head_images
@@ -20,6 +21,9 @@ from elvis_cli.features.images import collect_images
 from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist, save_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
+
+if TYPE_CHECKING:
+    from elvis_cli.util.ray_cluster import RayExecutor
 
 NN_SUFFIX = ".nn.npz"
 
@@ -41,13 +45,15 @@ def extract_shortlisted(
     source: str | Path | Sequence[str | Path], shortlist: str | Path, output: str | Path,
     config: ExtractConfig | None = None, head: int | None = None,
     progress: ProgressCallback | None = None, force: bool = False,
+    executor: RayExecutor | None = None,
 ) -> ShortlistedReport:
     """Extract the images of the gallery listing `source` that are in the top `head` (default:
     all) of some list of `shortlist`, into `output`, and write the shortlist with their rows
     to shortlisted_nn_path(output).
 
     `source` must list the gallery as it was listed when the features the shortlist was built
-    from were extracted (gallery index i is its i-th image). Re-running resumes, as extract."""
+    from were extracted (gallery index i is its i-th image). Re-running resumes, as extract;
+    with `executor`, the shards are Ray tasks, as extract's."""
     ranking = load_shortlist(Path(shortlist))
     head = ranking.length if head is None else head
     if not 1 <= head <= ranking.length:
@@ -60,7 +66,7 @@ def extract_shortlisted(
                          f"list {len(paths)}: give the gallery's images as they were extracted")
     held = head_images(ranking.indices, head)
     report = extract_features([paths[index] for index in held], output, config,
-                              progress=progress, root=root, force=force)
+                              progress=progress, root=root, force=force, executor=executor)
     if report.failures:
         name, reason = report.failures[0]
         raise InputError(f"{len(report.failures)} shortlisted images could not be extracted "
