@@ -117,8 +117,9 @@ def _worker_run(recipe: BlockRecipe, shortlist: Shortlist, digest: str) -> _Work
     if job.digest != digest:
         stack.close()
         raise InputError("a Ray worker sees other features, checkpoint or settings than the "
-                         "command: every node needs the same files at the same paths and the "
-                         "same elvis-cli")
+                         "command, or scores on another kind of device: every node needs the "
+                         "same files at the same paths and the same elvis-cli, and the command "
+                         "must run on a node with the workers' kind of device (CPU or GPU)")
     _held[digest] = _WorkerRun(stack, block_reranker, job)
     return _held[digest]
 
