@@ -86,6 +86,12 @@ def test_rerank_on_the_heads_equals_rerank_on_the_whole_gallery(heads):
     columns = ["query_index", "rank", "gallery_index", "global_score", "raw_score", "score"]
     assert tables[0][columns].equals(tables[1][columns])
     assert tables[0]["raw_score"].notna().sum() == 2 * HEAD
+    # images in some head are named by their paths; the file knows nothing of the others
+    held = set(head_images(load_shortlist(heads / "s.npz").indices, HEAD).tolist())
+    named = [path if index in held else str(index) for index, path in
+             zip(tables[0]["gallery_index"], tables[0]["gallery_path"], strict=True)]
+    assert tables[1]["gallery_path"].tolist() == named
+    assert set(tables[0]["gallery_index"]) - held and set(tables[0]["gallery_index"]) & held
 
 
 def test_rerank_beyond_the_head_is_refused(heads):

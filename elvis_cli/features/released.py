@@ -31,6 +31,7 @@ from elvis_cli.features.layout import (
     official_parts,
 )
 from elvis_cli.features.store import DescriptorStore, FeatureStore
+from elvis_cli.retrieval.result_files import openable_paths
 from elvis_cli.retrieval.shortlist import Shortlist, load_shortlist
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.safe_pickle import load_pickle
@@ -112,6 +113,12 @@ class ShortlistedGallery(DescriptorStore):
         self._file_rows = file_rows
         self.head = head
         self.binarised = store.binarised
+        # a result table names an image of some head by its path (openable from here, as
+        # every table does); an image outside every head, of which the file knows nothing, by
+        # its gallery index
+        names = openable_paths(store)
+        self.paths = [names[row] if row >= 0 else str(index)
+                      for index, row in enumerate(file_rows.tolist())]
 
     def identity(self) -> dict[str, Any]:
         """The file's, and which of its rows each gallery index maps to."""
