@@ -481,6 +481,8 @@ def short_head(tmp_path):
 def test_a_head_shorter_than_the_lists_is_rebuilt(short_head):
     run = short_head
     assert run.gallery_store.head == 2
+    # a release without names: gallery images are named by index, never by their file row
+    assert run.gallery_store.paths == [str(index) for index in range(7)]
     result = rerank(ElvisReranker(run.model), run.query_store, run.gallery_store, run.ranking,
                     RerankConfig(shortlist=2, num_local=30, batch_size=1))
     for q in range(2):

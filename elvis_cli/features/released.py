@@ -113,12 +113,14 @@ class ShortlistedGallery(DescriptorStore):
         self._file_rows = file_rows
         self.head = head
         self.binarised = store.binarised
-        # a result table names an image of some head by its path (openable from here, as
-        # every table does); an image outside every head, of which the file knows nothing, by
-        # its gallery index
-        names = openable_paths(store)
-        self.paths = [names[row] if row >= 0 else str(index)
-                      for index, row in enumerate(file_rows.tolist())]
+        # a result table names an image of some head by the path our file stores for it
+        # (openable from here, as every table does); an image outside every head, and every
+        # image of a released file (which stores no paths: its names come from its ground
+        # truth, name_images), by its gallery index, not by its row in the file
+        if store.root is not None:
+            names = openable_paths(store)
+            self.paths = [names[row] if row >= 0 else str(index)
+                          for index, row in enumerate(file_rows.tolist())]
 
     def identity(self) -> dict[str, Any]:
         """The file's, and which of its rows each gallery index maps to."""
