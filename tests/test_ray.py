@@ -17,7 +17,7 @@ from PIL import Image
 
 from elvis_cli.retrieval.job import parts_folder
 from tests.conftest import SMALL
-from tests.helpers import cli_in, random_checkpoint, ray_workers_running, write_store
+from tests.helpers import cli_in, random_checkpoint, ray_workers_running, write_store, write_views
 
 NUM_IMAGES, SHORTLIST, BLOCK = 12, 4, 3  # 4 blocks: each of the 2 workers does several
 ARGS = ["rerank", "--features", "g.h5", "--checkpoint", "c.pt", "--shortlist", str(SHORTLIST),
@@ -153,6 +153,14 @@ def test_ray_workers_go_with_ray(folder):
     result = cli_in(*ARGS, "-o", "r.csv", "--ray-workers", "2", cwd=folder)
     assert result.returncode == 1
     assert result.stderr == "elvis: error: --ray-workers goes with --ray\n"
+
+
+def test_extract_to_an_address_where_nothing_answers_writes_nothing(tmp_path):
+    write_views(tmp_path / "images")
+    result = cli_in("extract", "images", "-o", "f.h5", "--ray", "127.0.0.1:1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("elvis: error: --ray 127.0.0.1:1: no Ray cluster there")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images"]
 
 
 def test_an_address_where_nothing_answers_is_refused_at_once():

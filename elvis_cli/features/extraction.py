@@ -140,9 +140,9 @@ def extract_features(
     if boxes is not None and len(boxes) != len(paths):
         raise InputError(f"{len(boxes)} crop boxes given for {len(paths)} images")
     if executor is not None:
-        from elvis_cli.util.ray_cluster import import_ray
+        from elvis_cli.util.ray_cluster import check_cluster
 
-        import_ray()  # its absence said before any work
+        check_cluster(executor)  # before any work: nothing planned or written for a bad --ray
     if not force and output.exists() and not manifest_path(output).exists():
         raise InputError(f"{output} already exists and is no output of elvis extract: use a new "
                          "output, or --force to replace it")

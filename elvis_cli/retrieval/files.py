@@ -41,7 +41,7 @@ from elvis_cli.retrieval.shortlist import (
 from elvis_cli.util.atomic import writable_output
 from elvis_cli.util.errors import InputError
 from elvis_cli.util.progress import ProgressCallback
-from elvis_cli.util.ray_cluster import RayExecutor, import_ray
+from elvis_cli.util.ray_cluster import RayExecutor, check_cluster
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -328,7 +328,7 @@ def rerank_files(
         if output is None:
             raise InputError("--ray: the workers write their parts beside the output, so it "
                              "needs one (-o)")
-        import_ray()
+        check_cluster(executor)
     with open_pair(features, queries, gallery, allow_external_sources, asymmetric) as (
             query_store, gallery_store, same):
         from elvis_cli.features.released import released_gallery

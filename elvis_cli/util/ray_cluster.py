@@ -62,19 +62,33 @@ def ray_cluster(executor: RayExecutor) -> Iterator[ModuleType]:
             ray.shutdown()
 
 
+def check_cluster(executor: RayExecutor) -> None:
+    """Refuse now, before any work is planned or written, a `--ray` that cannot run: Ray not
+    installed, or a HOST:PORT where nothing answers (Ray itself would retry it for minutes)."""
+    import_ray()
+    _check_address(executor)
+
+
+def _check_address(executor: RayExecutor) -> None:
+    if executor.address not in (LOCAL, "auto") and not reachable(f"tcp://{executor.address}"):
+        raise _no_cluster(executor, "nothing answers there")
+
+
+def _no_cluster(executor: RayExecutor, reason: object) -> InputError:
+    return InputError(f"--ray {executor.address}: no Ray cluster there ({reason}); start one "
+                      "with `ray start --head`, or use --ray local")
+
+
 def _connect(ray: ModuleType, executor: RayExecutor) -> None:
     options = {"include_dashboard": False, "log_to_driver": False}
+    if executor.address == LOCAL:
+        ray.init(num_cpus=executor.workers, **options)
+        return
+    _check_address(executor)  # again: it may have gone quiet since the command began
     try:
-        if executor.address == LOCAL:
-            ray.init(num_cpus=executor.workers, **options)
-        else:
-            # Ray retries an address with nothing behind it for minutes: a second's check first
-            if executor.address != "auto" and not reachable(f"tcp://{executor.address}"):
-                raise ConnectionError("nothing answers there")
-            ray.init(address=executor.address, **options)
+        ray.init(address=executor.address, **options)
     except ConnectionError as error:
-        raise InputError(f"--ray {executor.address}: no Ray cluster there ({error}); start one "
-                         "with `ray start --head`, or use --ray local") from None
+        raise _no_cluster(executor, error) from None
 
 
 def run_tasks(ray: ModuleType, executor: RayExecutor, function: Callable[..., Any],
