@@ -197,11 +197,11 @@ def _virtual_dataset(file: h5py.File, name: str, shape: tuple[int, ...], dtype: 
     properties = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     properties.set_obj_track_times(False)
     virtual = h5py.h5s.create_simple(shape)
+    rest, zeros = shape[1:], (0,) * (len(shape) - 1)  # every row is taken whole
     for start, source, source_shape, row, count in mappings:
-        rest = shape[1:]
-        virtual.select_hyperslab((start, *[0] * len(rest)), (count, *rest))
+        virtual.select_hyperslab((start, *zeros), (count, *rest))
         rows = h5py.h5s.create_simple(source_shape)
-        rows.select_hyperslab((row, *[0] * len(rest)), (count, *rest))
+        rows.select_hyperslab((row, *zeros), (count, *rest))
         properties.set_virtual(virtual, source.encode(), name.encode(), rows)
     h5py.h5d.create(file.id, name.encode(), h5py.h5t.py_create(dtype, logical=True),
                     h5py.h5s.create_simple(shape), dcpl=properties)
