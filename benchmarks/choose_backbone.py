@@ -30,7 +30,8 @@ from elvis_cli.training.augment import ViewConfig, inset_view, random_view
 
 HARD_VIEWS = ViewConfig(crop_area=(0.1, 0.4), perspective_prob=0.8, perspective_strength=0.2,
                         rotation_prob=0.6, max_rotation=30.0, occlusion_prob=0.5)
-DEFAULT = {"local_layer": 5, "image_size": 512, "num_local": 300, "global_pooling": "gem"}
+DEFAULT = {"local_descriptors": "network", "local_layer": 5, "image_size": 512, "num_local": 300,
+           "global_pooling": "gem"}
 VARIATIONS = {
     "local_layer": [4, 5, 6, 7],
     "image_size": [384, 512, 640],

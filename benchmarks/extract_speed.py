@@ -5,12 +5,13 @@ EXIF; preprocess: the backbone's resizing, and RootSIFT where asked; model: forw
 batches of same-shaped images, as extraction batches them; write: the HDF5 shard), then the
 real extraction end to end (where preprocessing runs in the loader threads beside the model).
 Each variant (backbone options on top of --option) is measured in turn in one run, by default
-today's offline default and its RootSIFT local descriptors side by side.
+the network's local descriptors (the offline default before issue 15) and today's default,
+RootSIFT, side by side.
 
     PYTHONPATH=$PWD python benchmarks/extract_speed.py                 # demo photos, ~2-4 min
     PYTHONPATH=$PWD python benchmarks/extract_speed.py IMAGES --limit 50 --option image_size=512
     PYTHONPATH=$PWD python benchmarks/extract_speed.py --variant "" --variant \
-        "local_descriptors=rootsift,sift_side=512" --repeats 3
+        "sift_side=512" --repeats 3
 """
 
 import argparse
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="backbone KEY=VALUE")
     parser.add_argument("--variant", action="append", default=None,
                         help="comma-separated KEY=VALUE options of one variant, '' for none "
-                             "(repeat; default: '' and local_descriptors=rootsift)")
+                             "(repeat; default: local_descriptors=network and '')")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs per figure (median)")
@@ -115,7 +116,7 @@ def main() -> None:
     _, paths = collect_images(args.images)
     paths = paths[: args.limit]
     print(f"{len(paths)} images from {args.images}")
-    for variant in args.variant or ["", "local_descriptors=rootsift"]:
+    for variant in args.variant or ["local_descriptors=network", ""]:
         options = options_of([*args.option, *filter(None, variant.split(","))])
         measure(args.backbone, options, paths, args)
 

@@ -25,7 +25,7 @@ from elvis_cli.features.layout import META_PADDING
 from elvis_cli.retrieval.shortlist import build_shortlist
 from tests.helpers import cli_in, one_line_error, random_checkpoint, write_views
 
-GALLERY = {"image_size": 96, "num_local": 16}
+GALLERY = {"local_descriptors": "network", "image_size": 96, "num_local": 16}
 CONFIG = RerankConfig(shortlist=3, workers=1)
 
 

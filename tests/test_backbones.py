@@ -31,7 +31,8 @@ from tests.conftest import TINY_DINOV2, TINY_DINOV3, TINY_SIGLIP2
 @pytest.fixture(scope="module")
 def lite0():
     """The stride-16 stage, set explicitly: these tests check the grid, not the defaults."""
-    return create_backbone(DEFAULT_BACKBONE, image_size=128, local_layer=5, num_local=300)
+    return create_backbone(DEFAULT_BACKBONE, image_size=128, local_layer=5, num_local=300,
+                           local_descriptors="network")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_resize_does_not_clamp_the_bicubic_overshoot():
     edge[:, 32:] = 255  # a sharp black-to-white edge
     tensor = resize_to_multiple(edge, 48, 16)
     assert tensor.min() < 0 and tensor.max() > 1
-    lite = create_backbone(DEFAULT_BACKBONE, image_size=48)
+    lite = create_backbone(DEFAULT_BACKBONE, image_size=48, local_descriptors="network")
     assert lite.preprocess(edge).abs().max() <= 1  # EfficientNet clamps, as it was trained
 
 
@@ -190,7 +191,8 @@ def test_lite0_weight_is_the_feature_norm(lite0):
 
 @pytest.mark.parametrize(("variant", "layer", "dim"), [("lite0", 6, 192), ("lite0", 7, 320)])
 def test_lite_stride_32_layers(variant, layer, dim):
-    backbone = create_backbone(f"efficientnet-{variant}", image_size=128, local_layer=layer)
+    backbone = create_backbone(f"efficientnet-{variant}", image_size=128, local_layer=layer,
+                               local_descriptors="network")
     with torch.inference_mode():
         features = backbone(backbone.preprocess(skimage.data.rocket())[None])
     assert backbone.local_dim == dim

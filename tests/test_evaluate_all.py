@@ -132,7 +132,7 @@ def evaluated(tmp_path_factory) -> SimpleNamespace:
     data = cwd / "data"
     make_fixtures(data)
     backbone = create_backbone("efficientnet-lite0", image_size=64, num_local=16)
-    random_checkpoint(cwd / "ckpt.pt", 320, backbone.settings())
+    random_checkpoint(cwd / "ckpt.pt", backbone.local_dim, backbone.settings())
     result = elvis("evaluate", "--data-root", data, "--all-datasets", *SMALL,
                    "--model", "global,chamfer", "--model", "elvis", "--checkpoint", "ckpt.pt",
                    "--shortlist", "0", "2", "--out-dir", "out", cwd=cwd)

@@ -30,7 +30,8 @@ from elvis_cli.explanation.pair import pair_figure
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from tests.helpers import cli_in, one_line_error, photos, write_views
 
-OPTIONS = {"image_size": 128, "num_local": 16}  # a 4 x 4 grid at most: non-square photos pad
+# the network's local descriptors: a 4 x 4 grid at most, so non-square photos pad
+OPTIONS = {"local_descriptors": "network", "image_size": 128, "num_local": 16}
 TOP = 6
 
 
@@ -246,7 +247,7 @@ def test_f_and_g_with_the_votes_of_a_labelled_set(files):
 def test_elvis_explain_without_images_draws_the_bundled_checkpoint(files):
     result = cli_in("explain", "-o", "fg.png", "--json", "fg.json", cwd=files.cwd)
     assert result.returncode == 0, result.stderr
-    assert "checkpoint efficientnet-lite0" in result.stdout
+    assert "checkpoint efficientnet-lite0-rootsift" in result.stdout
     numbers = json.loads((files.cwd / "fg.json").read_text())
     assert numbers["f"]["sigmoid_f"][0] < 0.1 < 0.9 < numbers["f"]["sigmoid_f"][-1]
     one_line_error(cli_in("explain", "--features", files.cwd / "c.pt", cwd=files.cwd),

@@ -21,7 +21,7 @@ from elvis_cli.features.store import FeatureStore
 from elvis_cli.util.errors import InputError
 from tests.conftest import TINY_DINOV2
 
-OPTIONS = {"image_size": 64, "num_local": 20, "local_layer": 5}
+OPTIONS = {"local_descriptors": "network", "image_size": 64, "num_local": 20, "local_layer": 5}
 CONFIG = ExtractConfig(backbone_options=OPTIONS, device="cpu", batch_size=2, shard_size=3)
 GOOD = ["astronaut.png", "chelsea.jpg", "coffee.jpg", "sub/rocket.png", "sub/wide.jpg"]
 BAD = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from elvis_cli import ExtractConfig, FeatureStore, extract_images
+from elvis_cli import ExtractConfig, FeatureStore, RerankConfig, extract_images, rerank_files
 from elvis_cli.backbones import backbone_from_settings, create_backbone
 from elvis_cli.backbones.rootsift import SIFT_DIM, resize_for_sift, root_sift
 from elvis_cli.features.images import load_image
@@ -23,10 +23,11 @@ from elvis_cli.features.layout import (
     META_WEIGHT,
     NUM_META,
 )
+from elvis_cli.model.registry import load_reranker
 from elvis_cli.util.errors import InputError
 from tests.helpers import photos, write_views
 
-SIDE = 320  # small, so that the tests stay fast; the default is 640
+SIDE = 320  # the default
 ROOTSIFT = {"local_descriptors": "rootsift", "sift_side": SIDE, "image_size": 256,
             "num_local": 400}
 
@@ -132,7 +133,8 @@ def extracted(tmp_path_factory):
     write_views(folder / "imgs")
     extract_images(folder / "imgs", folder / "sift.h5", ExtractConfig(backbone_options=ROOTSIFT))
     extract_images(folder / "imgs", folder / "grid.h5",
-                   ExtractConfig(backbone_options={"image_size": 256, "num_local": 64}))
+                   ExtractConfig(backbone_options={"local_descriptors": "network",
+                                                   "image_size": 256, "num_local": 64}))
     return folder
 
 
@@ -147,11 +149,14 @@ def test_a_features_file_round_trips_the_rows(extracted):
         settings = store.backbone_settings
         np.testing.assert_array_equal(store.global_descriptors(), grid.global_descriptors())
         assert "local_descriptors" not in grid.backbone_settings
+        grid_settings = grid.backbone_settings
         paths = list(store.paths)
     assert settings == {"name": "efficientnet-lite0", "image_size": 256, "local_layer": 7,
                         "num_local": 400, "global_pooling": "gem",
                         "local_descriptors": "rootsift", "sift_side": SIDE}
     assert backbone_from_settings(settings).settings() == settings
+    # a network file names no local_descriptors, and is recreated as network, not the default
+    assert backbone_from_settings(grid_settings).settings() == grid_settings
     with h5py.File(extracted / "sift.h5") as file:
         assert file["features"].dtype == np.float16
     for path, stored in zip(paths, rows, strict=True):
@@ -171,11 +176,36 @@ def test_rerunning_the_extraction_resumes_it(extracted):
     assert report.num_extracted == 0 and report.num_resumed == 8
 
 
-def test_the_default_backbone_records_no_sift_settings():
-    """Files extracted before the option existed keep matching the default's settings."""
-    backbone = create_backbone("efficientnet-lite0")
-    assert backbone.settings() == {"name": "efficientnet-lite0", "image_size": 512,
-                                   "local_layer": 7, "num_local": 300, "global_pooling": "gem"}
-    assert create_backbone(local_descriptors="rootsift").num_local == 1000
+def test_the_default_is_rootsift_and_the_network_records_no_sift_settings():
+    """RootSIFT is the default; network files extracted before it was keep matching the
+    network's settings."""
+    assert create_backbone("efficientnet-lite0").settings() == {
+        "name": "efficientnet-lite0", "image_size": 320, "local_layer": 7, "num_local": 1000,
+        "global_pooling": "gem", "local_descriptors": "rootsift", "sift_side": 320}
+    network = create_backbone(local_descriptors="network")
+    assert network.settings() == {"name": "efficientnet-lite0", "image_size": 512,
+                                  "local_layer": 7, "num_local": 300, "global_pooling": "gem"}
     with pytest.raises(InputError, match="local_descriptors must be network or rootsift"):
         create_backbone(local_descriptors="orb")
+
+
+def test_each_reranker_reads_its_own_count_unless_told(extracted):
+    """With no --use-local, ELViS reads the bundled RootSIFT checkpoint's 300 keypoints per
+    image and sv all of them (400 stored here); a count given applies to both."""
+    sift = extracted / "sift.h5"
+    with FeatureStore.open(sift) as store:
+        real = (store.read_local(np.arange(store.num_images))[..., META_PADDING] < 0.5).sum(1)
+        elvis, sv = load_reranker("elvis", store), load_reranker("sv", store)
+    assert real.max() > 300  # so that 300 and all differ
+    assert (elvis.label, elvis.local_count(None), sv.local_count(None)) == (
+        "efficientnet-lite0-rootsift", 300, None)
+    assert elvis.local_count(50) == sv.local_count(50) == 50
+
+    def scores(model, count=None):
+        config = RerankConfig(shortlist=7, num_local=count)
+        return rerank_files(sift, model=model, config=config).table["raw_score"].to_numpy()
+
+    np.testing.assert_array_equal(scores("elvis"), scores("elvis", 300))
+    assert not np.array_equal(scores("elvis"), scores("elvis", 400))
+    np.testing.assert_array_equal(scores("sv"), scores("sv", 400))
+    assert not np.array_equal(scores("sv"), scores("sv", 300))

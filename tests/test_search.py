@@ -111,13 +111,14 @@ def test_rerank_refuses_queries_extracted_otherwise(gallery, tmp_path, option, d
 
 def test_rerank_refuses_descriptors_of_another_dimension(gallery, tmp_path):
     """Released files record no settings: their dimensions are compared."""
-    extract(gallery.cwd / "imgs" / "cat_0.jpg", tmp_path / "stage5.h5", local_layer=5)
+    extract(gallery.cwd / "imgs" / "cat_0.jpg", tmp_path / "stage5.h5",
+            local_descriptors="network", local_layer=5)
     export_official(tmp_path / "stage5.h5", tmp_path, "lite", "query")
     export_official(gallery.cwd / "g.h5", tmp_path, "lite", "gallery")
     one_line_error(cli_in("rerank", "--queries", tmp_path / "lite_query_local.hdf5",
                           "--gallery", tmp_path / "lite_gallery_local.hdf5", "--checkpoint",
                           "c.pt", cwd=gallery.cwd),
-                   "lite_query_local.hdf5 holds 112-d local descriptors and", "320-d")
+                   "lite_query_local.hdf5 holds 112-d local descriptors and", "128-d")
     # files of equal settings but other widths are refused as well, before any model runs
     rng = np.random.default_rng(0)
     write_store(tmp_path / "a.h5", rng, 2, 4, [4, 4], dim=48).close()

@@ -109,11 +109,13 @@ def test_padding_never_matches():
 
 @pytest.fixture(scope="module")
 def views(tmp_path_factory):
-    """Two overlapping crops of each of four photos, extracted at 256 px."""
+    """Two overlapping crops of each of four photos, extracted at 256 px with the network's
+    local descriptors."""
     folder = tmp_path_factory.mktemp("sv")
     write_views(folder / "imgs")
     extract_images(folder / "imgs", folder / "views.h5",
-                   ExtractConfig(backbone_options={"image_size": 256, "num_local": 64}))
+                   ExtractConfig(backbone_options={"local_descriptors": "network",
+                                                   "image_size": 256, "num_local": 64}))
     return folder / "views.h5"
 
 

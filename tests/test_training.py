@@ -137,7 +137,7 @@ def test_loss_falls_on_a_fixed_pool(photos, backbone):
 
     before = fixed_loss()
     model.train()
-    for _ in range(25):
+    for _ in range(50):  # RootSIFT's 32 keypoints of small views: slower to fit than the grid
         assert _train_step(model, optimizer, pool, sampler.sample(rng, 8, 8, 0.5), CPU, 5.0)
     assert fixed_loss() < 0.7 * before
 

@@ -28,6 +28,10 @@ __all__ = [
 ]
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
+# What recorded settings that name no local_descriptors hold: the network's own local
+# descriptors. EfficientNet-Lite records the option only for RootSIFT, its default, so its
+# network files, and every file from before RootSIFT became the default, name none.
+UNRECORDED_LOCAL_DESCRIPTORS = "network"
 
 
 def _efficientnet_lite(name: str) -> Callable[..., Backbone]:
@@ -76,6 +80,8 @@ def backbone_from_settings(settings: dict[str, Any]) -> Backbone:
     name = options.pop("name", None)
     if not isinstance(name, str):
         raise InputError(f"backbone settings without a name: {settings!r}")
+    if name.startswith("efficientnet-"):
+        options.setdefault("local_descriptors", UNRECORDED_LOCAL_DESCRIPTORS)
     return create_backbone(name, **options)
 
 

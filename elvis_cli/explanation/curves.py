@@ -69,30 +69,31 @@ def explain_checkpoint(checkpoint: str | Path | None = None, *,
                        features: str | Path | None = None, device: str = "cpu",
                        num_local: int | None = RerankConfig.num_local,
                        pairs_per_query: int = PAIRS_PER_QUERY) -> CheckpointCurves:
-    """The learned f and g of `checkpoint` (default: the bundled one; with `features`, the one
+    """The learned f and g of `checkpoint` (default: the offline preset's; with `features`, the one
     matching them), and with `features` (a benchmark's features file, labelled.py) the votes
     and raw scores of its matching and non-matching pairs, as `elvis rerank` computes them."""
     import torch
 
-    from elvis_cli.explanation.pair import DEFAULT_SETTINGS
     from elvis_cli.model.checkpoints import load_checkpoint
+    from elvis_cli.model.presets import PRESETS
     from elvis_cli.util.devices import resolve_device
 
     if pairs_per_query <= 0:
         raise InputError(f"pairs per query must be positive, got {pairs_per_query}")
     if features is None:
-        loaded = load_checkpoint(checkpoint or DEFAULT_SETTINGS["name"])
+        loaded = load_checkpoint(checkpoint or PRESETS["offline"].checkpoint)
         if loaded.architecture != "elvis":
             raise InputError(f"checkpoint {loaded.name!r} holds AMES weights, which have no f "
                              "and g (those are ELViS's)")
         model, name, fusion, labelled = loaded.model, loaded.name, loaded.fusion, None
         # scores reach twice the descriptors per image: those it was trained with, if known
-        descriptors = (loaded.backbone or {}).get("num_local") or num_local
+        descriptors = ((loaded.backbone or {}).get("num_local") or num_local
+                       or loaded.num_local)
     else:
         labelled, model, name, fusion, descriptors = _labelled_votes(
             checkpoint, features, device, num_local, pairs_per_query)
     votes = np.geomspace(SMALLEST_VOTE, 1.0, SAMPLES)
-    raw_scores = np.geomspace(1.0, 2 * (descriptors or RerankConfig.num_local), SAMPLES)
+    raw_scores = np.geomspace(1.0, 2 * descriptors, SAMPLES)
     model = model.to(resolve_device(device))
     with torch.inference_mode():
         f = torch.sigmoid(model.f(_column(votes, model))).squeeze(-1).cpu().numpy()
@@ -123,6 +124,7 @@ def _labelled_votes(checkpoint: str | Path | None, features: str | Path, device:
     pairs = labelled_pairs(features, per_query)
     with FeatureStore.open(pairs.queries) as queries, FeatureStore.open(pairs.gallery) as gallery:
         reranker = load_reranker("elvis", gallery, checkpoint)
+        num_local = reranker.local_count(num_local)
         model = reranker.model.to(resolve_device(device)).eval()
         where = model.dust_bin.device
         embedded = {("q", row): embed_row(model, queries, row, num_local, where)

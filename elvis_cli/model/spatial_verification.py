@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from elvis_cli.features.layout import META_COL, META_PADDING, META_ROW
-from elvis_cli.model.reranker import Embedded, Fusion, Reranker
+from elvis_cli.model.reranker import PAPER_NUM_LOCAL, Embedded, Fusion, Reranker
 
 if TYPE_CHECKING:
     from elvis_cli.features.store import DescriptorStore
@@ -73,9 +73,9 @@ class SpatialVerification(Reranker):
     worth_caching = False
 
     def __init__(self, config: SpatialVerificationConfig | None = None,
-                 cell: float = DEFAULT_CELL) -> None:
+                 cell: float = DEFAULT_CELL, num_local: int | None = PAPER_NUM_LOCAL) -> None:
         """`cell`: the grid spacing in stored position units (a fraction of the image side)."""
-        super().__init__(Fusion(lam=0.0, temperature=1.0))
+        super().__init__(Fusion(lam=0.0, temperature=1.0), num_local=num_local)
         self.config = config or SpatialVerificationConfig()
         self.threshold = self.config.threshold_cells * cell
 
@@ -84,8 +84,9 @@ class SpatialVerification(Reranker):
              checkpoint: str | Path | Checkpoint | None = None, lam: float | None = None,
              temperature: float | None = None) -> SpatialVerification:
         settings = features.backbone_settings or {}
-        if settings.get("local_descriptors") == "rootsift":  # keypoints: a cell is a pixel
-            return cls(KEYPOINT_CONFIG, cell=1 / settings["sift_side"])
+        if settings.get("local_descriptors") == "rootsift":
+            # keypoints: a cell is a pixel, and the classical recipe matches all of them
+            return cls(KEYPOINT_CONFIG, cell=1 / settings["sift_side"], num_local=None)
         return cls(cell=grid_spacing(features))
 
     def embed(self, descriptors: torch.Tensor, mask: torch.Tensor | None = None) -> Embedded:

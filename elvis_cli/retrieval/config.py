@@ -13,8 +13,10 @@ from elvis_cli.util.errors import InputError, unknown_name
 @dataclass
 class RerankConfig:
     shortlist: int = 100  # how many of each query's list are scored by ELViS
-    num_local: int | None = 600  # first descriptors per image used (ELViS: 600 of the 700 stored);
-    # files that store fewer use all of theirs
+    # first local descriptors per image used; None: the re-ranker's own (Reranker.num_local:
+    # the paper's 600 of the 700 stored, a bundled checkpoint's, all keypoints for sv on
+    # RootSIFT); files that store fewer use all of theirs
+    num_local: int | None = None
     batch_size: int = 100  # pairs scored at once on CUDA (CPU: a fixed CPU_PAIRS_PER_CALL, so
     # that CPU scores are bitwise the same for every batch size)
     cache_images: int = 2048  # gallery images of a block of queries, embedded at once (the last

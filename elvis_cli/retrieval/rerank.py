@@ -163,7 +163,8 @@ def _embedder(reranker: Reranker, store: FeatureStore, *, config: RerankConfig,
               device: torch.device, dtype: torch.dtype, workers: int,
               keep: bool = False) -> ImageEmbedder:
     return ImageEmbedder(reranker, store, device=device, dtype=dtype,
-                         num_local=config.num_local, read_images=config.read_images,
+                         num_local=reranker.local_count(config.num_local),
+                         read_images=config.read_images,
                          workers=workers, cache_root=config.embedding_cache, keep=keep)
 
 
@@ -288,7 +289,7 @@ def scoring_identity(reranker: Reranker, queries: FeatureStore, gallery: Feature
         "queries": queries.identity(), "gallery": gallery.identity(),
         "model": {"name": reranker.name, "label": reranker.label,
                   "weights": weights.hexdigest()},
-        "settings": {"num_local": config.num_local, "device": device.type,
+        "settings": {"num_local": reranker.local_count(config.num_local), "device": device.type,
                      "precision": str(dtype),
                      **({} if device.type == "cpu" else {"batch_size": config.batch_size})},
     }
