@@ -252,3 +252,20 @@ def test_elvis_explain_without_images_draws_the_bundled_checkpoint(files):
     assert numbers["f"]["sigmoid_f"][0] < 0.1 < 0.9 < numbers["f"]["sigmoid_f"][-1]
     one_line_error(cli_in("explain", "--features", files.cwd / "c.pt", cwd=files.cwd),
                    "not a labelled set")
+
+
+def test_keypoint_gains_are_dots_at_the_keypoints(files):
+    """RootSIFT keypoints (the default backbone's) lie on no grid: the gains panel puts a dot
+    at each real one, coloured by its gain; grid features paint cells instead."""
+    photo = files.root / "jpg"
+    explanation = explain_pair(photo / "cat_0.jpg", photo / "cat_1.jpg")
+    assert explanation.checkpoint == "efficientnet-lite0-rootsift"
+    gains_axis = pair_figure(explanation).axes[2]
+    assert len(gains_axis.images) == 2  # the photos
+    for dots, image in zip(gains_axis.collections, (explanation.query, explanation.gallery),
+                           strict=True):
+        real = ~image.padding
+        assert len(dots.get_offsets()) == real.sum() > 0
+        np.testing.assert_allclose(dots.get_array(), image.gains[real])
+    grid_axis = pair_figure(explained(files)).axes[2]
+    assert len(grid_axis.images) == 4 and not grid_axis.collections  # photos, their grids

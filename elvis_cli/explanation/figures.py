@@ -101,21 +101,25 @@ def side_by_side(axis, photos: list[np.ndarray]) -> list[Placement]:
     return placements
 
 
-def descriptor_grid(positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+def descriptor_grid(positions: np.ndarray, values: np.ndarray) -> np.ndarray | None:
     """The feature map the descriptors came from, (h, w), each cell holding its descriptor's
-    value and NaN where none was stored. Stored positions are cell centres (i + 0.5) / h, so h
-    is the smallest count that puts every row there (likewise w)."""
+    value and NaN where none was stored; None for keypoints (RootSIFT), which lie on no grid.
+    Stored positions are cell centres (i + 0.5) / h, so h is the smallest count that puts
+    every row there (likewise w)."""
     rows, cols = (_cell_count(positions[:, axis]) for axis in (0, 1))
+    if rows is None or cols is None:
+        return None
     grid = np.full((rows, cols), np.nan)
     grid[np.clip((positions[:, 0] * rows).astype(int), 0, rows - 1),
          np.clip((positions[:, 1] * cols).astype(int), 0, cols - 1)] = values
     return grid
 
 
-def _cell_count(centres: np.ndarray, largest: int = 1024) -> int:
-    """The smallest h for which every centre is (i + 0.5) / h up to float16 storage."""
+def _cell_count(centres: np.ndarray, largest: int = 256) -> int | None:
+    """The smallest h (at most `largest`, far above any network's grid) for which every
+    centre is (i + 0.5) / h up to float16 storage; None if there is none."""
     for count in range(1, largest + 1):
         offsets = centres * count - 0.5
         if np.abs(offsets - np.round(offsets)).max(initial=0.0) < 0.1:
             return count
-    return largest
+    return None

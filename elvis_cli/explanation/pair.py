@@ -410,8 +410,8 @@ def pair_figure(explanation: PairExplanation) -> Figure:
 
 
 def _draw_gains(figure: Figure, axis, explanation: PairExplanation, places: list) -> None:
-    """Each photo's descriptor grid painted with the dustbin gains, on one colour scale from
-    the pair's smallest to its largest gain."""
+    """Each photo's descriptor grid painted with the dustbin gains (keypoints: a dot at each),
+    on one colour scale from the pair's smallest to its largest gain."""
     images = (explanation.query, explanation.gallery)
     gains = np.concatenate([image.gains[~image.padding] for image in images])
     axis.set_title("dustbin gain h of every descriptor (high: mass sent to the dustbin, "
@@ -420,11 +420,17 @@ def _draw_gains(figure: Figure, axis, explanation: PairExplanation, places: list
         return
     for image, place in zip(images, places, strict=True):
         real = ~image.padding
-        if real.any():
-            heat = axis.imshow(descriptor_grid(image.positions[real], image.gains[real]),
-                               extent=(place.left, place.left + place.width, place.height, 0),
-                               cmap="coolwarm", vmin=gains.min(), vmax=gains.max(), alpha=0.55,
-                               interpolation="nearest")
+        if not real.any():
+            continue
+        colours = {"cmap": "coolwarm", "vmin": gains.min(), "vmax": gains.max()}
+        grid = descriptor_grid(image.positions[real], image.gains[real])
+        if grid is None:
+            heat = axis.scatter(*place.points(image.positions[real]).T, c=image.gains[real],
+                                s=14, edgecolors="none", alpha=0.85, **colours)
+        else:
+            heat = axis.imshow(grid, extent=(place.left, place.left + place.width,
+                                             place.height, 0),
+                               alpha=0.55, interpolation="nearest", **colours)
     axis.set_xlim(0, places[-1].left + places[-1].width)
     figure.colorbar(heat, ax=axis, fraction=0.03, pad=0.01)
 
