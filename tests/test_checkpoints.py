@@ -11,6 +11,7 @@ import torch
 
 from elvis_cli.model.checkpoints import (
     BUNDLED_CHECKPOINTS,
+    WEIGHTS_DIR,
     Fusion,
     check_compatible,
     default_checkpoint_for,
@@ -177,3 +178,17 @@ def test_binarised_checkpoint_is_detected_from_its_state_dict(tmp_path):
     official_file(tmp_path / "plain.pt", dim=128)
     with pytest.raises(ModelMismatchError, match=r"binarised \(128 bits\) but checkpoint 'plain'"):
         check_compatible(load_checkpoint(tmp_path / "plain.pt"), None, 128, binarised=True)
+
+
+def test_bundled_checkpoints_use_their_own_count_and_fusion():
+    """A bundled checkpoint is used with its entry's count and fusion; the RootSIFT one with
+    the fusion chosen on validation at the default's features, not the one its training
+    stored, the others with their stored fusion."""
+    for name, bundled in BUNDLED_CHECKPOINTS.items():
+        loaded = load_checkpoint(name)
+        stored = Fusion(**torch.load(WEIGHTS_DIR / bundled.file,
+                                     weights_only=True)["elvis_cli"]["fusion"])
+        assert loaded.fusion == (bundled.fusion or stored)
+        assert loaded.num_local == bundled.num_local
+        if name == "efficientnet-lite0-rootsift":
+            assert loaded.fusion != stored

@@ -65,6 +65,9 @@ class BundledCheckpoint:
     backbone: dict[str, Any]  # the descriptor space (_DESCRIPTOR_SPACE_KEYS) it was trained on
     architecture: str = "elvis"
     num_local: int = PAPER_NUM_LOCAL  # local descriptors per image it scores by default
+    # the fusion it is used with, where validation at its default features and num_local
+    # chose another than the one its training stored (None: the stored one)
+    fusion: Fusion | None = None
 
 
 _LITE0 = {"name": "efficientnet-lite0", "local_layer": 7}
@@ -73,9 +76,11 @@ _LITE0_ROOTSIFT = {"name": "efficientnet-lite0", "local_descriptors": "rootsift"
 BUNDLED_CHECKPOINTS = {
     "efficientnet-lite0": BundledCheckpoint("efficientnet_lite0_elvis.pt", _LITE0),
     "efficientnet-lite0-ames": BundledCheckpoint("efficientnet_lite0_ames.pt", _LITE0, "ames"),
-    # 300 of its (up to) 1000 keypoints: within 1/20 of RootSIFT + RANSAC's time (issue 15)
-    "efficientnet-lite0-rootsift": BundledCheckpoint("efficientnet_lite0_rootsift_elvis.pt",
-                                                     _LITE0_ROOTSIFT, num_local=300),
+    # trained on SIFT at 448 px and all keypoints, used on the default's 320 px at 300 of
+    # them, where validation (benchmarks/validate_checkpoints.py) chose temperature 0.02
+    "efficientnet-lite0-rootsift": BundledCheckpoint(
+        "efficientnet_lite0_rootsift_elvis.pt", _LITE0_ROOTSIFT, num_local=300,
+        fusion=Fusion(lam=0.5, temperature=0.02)),
 }
 
 # settings keys that change the descriptor space; the rest (image size, K) do not
@@ -115,6 +120,7 @@ def load_checkpoint(name_or_path: str | Path) -> Checkpoint:
     if bundled is not None:
         loaded = _from_file(WEIGHTS_DIR / bundled.file, text, bundled.backbone)
         loaded.num_local = bundled.num_local
+        loaded.fusion = bundled.fusion or loaded.fusion
         return loaded
     path = Path(text).expanduser()
     if not path.exists():
