@@ -191,28 +191,31 @@ class Elvis(nn.Module):
 
         Every pair goes through the same operations on tensors of the same shapes, whichever
         pairs share the call, so its score is the same bits for any chunking of the work.
-        The similarity body is one GEMM with the 1/reg scale folded in; the dustbin border
-        comes from the per-image gains, so no augmented rows are built per pair.
+        The similarity body is one GEMM between the pair's real descriptors, with the 1/reg
+        scale folded in; padded slots enter only through their dustbin entries (their votes
+        would be 0), and the dustbin border comes from the per-image gains, so no augmented
+        rows are built.
         """
         scale = 1.0 / self.config.regularisation
-        (batch, n, _), m = tgt.descriptors.shape, src.descriptors.shape[1]
         corner = np.float32(math.exp(self.dust_bin.item() * scale))
-        scores = torch.empty(batch)
-        body = torch.empty(m, n)
-        row_votes, col_votes = torch.empty(1, m), torch.empty(1, n)
-        # each query's dustbin column once, row by row (a single query serves every pair)
-        query_bins = [torch.exp(gains * scale).numpy() for gains in src.gains]
-        for pair in range(batch):
-            query = min(pair, src.descriptors.shape[0] - 1)
-            src_mask, tgt_mask = _at(src.mask, query), _at(tgt.mask, pair)
-            torch.addmm(body, src.descriptors[query], tgt.descriptors[pair].T, beta=0,
-                        alpha=scale, out=body).exp_()
-            if src_mask is not None or tgt_mask is not None:
-                body.masked_fill_(_pair_mask(src_mask, tgt_mask, body[None])[0], 0.0)
-            sinkhorn_votes(body.numpy(), torch.exp(tgt.gains[pair] * scale).numpy(),
-                           query_bins[query], corner, self.config.sinkhorn_iterations,
-                           row_votes[0].numpy(), col_votes[0].numpy())
-            scores[pair] = self.aggregate(row_votes, col_votes, src_mask, tgt_mask)[0]
+        (query_rows, query_gains, query_real), (rows, gains, real) = map(_real_first, (src, tgt))
+        scores = torch.empty(len(real))
+        buffer = torch.empty(query_rows.shape[1] * rows.shape[1])
+        # each query's part once, row by row (a single query serves every pair)
+        queries = [(query_rows[image, :count], torch.exp(query_gains[image] * scale).numpy(),
+                    count) for image, count in enumerate(query_real)]
+        for pair, count in enumerate(real):
+            query, query_bins, query_count = queries[min(pair, len(queries) - 1)]
+            bins = torch.exp(gains[pair] * scale).numpy()
+            body = buffer[: query_count * count].view(query_count, count)
+            torch.addmm(body, query, rows[pair, :count].T, beta=0, alpha=scale,
+                        out=body).exp_()
+            row_votes, col_votes = torch.empty(1, query_count), torch.empty(1, count)
+            sinkhorn_votes(body.numpy(), bins[:count], query_bins[:query_count],
+                           bins[count:], query_bins[query_count:], corner,
+                           self.config.sinkhorn_iterations, row_votes[0].numpy(),
+                           col_votes[0].numpy())
+            scores[pair] = self.aggregate(row_votes, col_votes, None, None)[0]
         return scores
 
     def transport(self, src: Embedded, tgt: Embedded) -> PairTransport:
@@ -290,8 +293,19 @@ def _runs_compiled(src: Embedded, tgt: Embedded) -> bool:
     return _infers_on_cpu(src.descriptors, src.gains, tgt.descriptors, tgt.gains)
 
 
-def _at(mask: torch.Tensor | None, index: int) -> torch.Tensor | None:
-    return None if mask is None else mask[index : index + 1]
+def _real_first(embedded: Embedded) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Descriptors (B, K, d) and gains (B, K) with each image's real slots first, in their
+    order, and each image's count of real slots. Files store padding last, so this is one
+    check per call and no copy."""
+    descriptors, gains, mask = embedded.descriptors, embedded.gains, embedded.mask
+    if mask is None:
+        return descriptors, gains, [descriptors.shape[1]] * descriptors.shape[0]
+    counts = (~mask).sum(dim=1)
+    if not bool((mask == (torch.arange(mask.shape[1]) >= counts[:, None])).all()):
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+        descriptors = descriptors.gather(1, order[..., None].expand_as(descriptors))
+        gains = gains.gather(1, order)
+    return descriptors, gains, counts.tolist()
 
 
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

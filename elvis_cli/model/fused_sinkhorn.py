@@ -8,11 +8,16 @@ products with v give four entries of u, and the same rows, still in L1, are adde
 The votes (row and column maxima of the rescaled plan) take one more pass.
 
 The kernel arrives in pieces, so that its body is a plain GEMM output with no border:
-body K_ij = exp(S_ij / reg) (m, n); dustbin_row exp(ht_j / reg) (n,), the gallery gains;
-dustbin_col exp(hs_i / reg) (m,), the query gains; corner exp(dust_bin / reg). Padded entries
-of the body are 0. Unlike torch's linear-domain path, the kernel is not shifted by -1/reg:
-a constant factor on every entry is absorbed exactly by the first u update, and the range
-stays within float32's for the dust_bin values that the linear domain accepts at all.
+body K_ij = exp(S_ij / reg) (m, n) between the real (unpadded) descriptors; dustbin_row
+exp(ht_j / reg) (n,), their gallery gains; dustbin_col exp(hs_i / reg) (m,), their query gains;
+corner exp(dust_bin / reg). A padded slot's kernel row (or column) is 0 but for its dustbin
+entry, so its only terms are that entry: padded_col_bins (p,) holds the query's padded slots'
+dustbin entries and padded_row_bins (q,) the gallery's, and their updates take O(p + q), not
+a pass over zeros (files keep up to K descriptors per image and many images have fewer: half
+of the body's work was padding on the demo). They still count in the marginals, as in the
+authors' model. Unlike torch's linear-domain path, the kernel is not shifted by -1/reg: a
+constant factor on every entry is absorbed exactly by the first u update, and the range stays
+within float32's for the dust_bin values that the linear domain accepts at all.
 """
 
 import numpy as np
@@ -24,21 +29,29 @@ def sinkhorn_votes(
     body: np.ndarray,
     dustbin_row: np.ndarray,
     dustbin_col: np.ndarray,
+    padded_row_bins: np.ndarray,
+    padded_col_bins: np.ndarray,
     corner: float,
     iterations: int,
     row_votes: np.ndarray,
     col_votes: np.ndarray,
 ) -> None:
-    """Fill row_votes (m,) and col_votes (n,) with the maxima of P' = N * diag(u) K diag(v).
+    """Fill row_votes (m,) and col_votes (n,) with the maxima of P' = N * diag(u) K diag(v)
+    over the real descriptors (a padded slot's vote would be 0).
 
-    Marginals (step 5): 1/N for every descriptor, n/N and m/N for the two dustbins, N = m + n.
+    Marginals (step 5): 1/N for every slot, padded ones included, (n + q)/N and (m + p)/N for
+    the two dustbins, N = m + p + n + q.
     """
     m, n = body.shape
-    total = np.float32(m + n)
+    query_slots = m + len(padded_col_bins)
+    gallery_slots = n + len(padded_row_bins)
+    total = np.float32(query_slots + gallery_slots)
     share = np.float32(1.0) / total
-    row_bin_share, col_bin_share = np.float32(n) / total, np.float32(m) / total
+    row_bin_share = np.float32(gallery_slots) / total
+    col_bin_share = np.float32(query_slots) / total
     u = np.zeros(m, np.float32)  # (zero iterations: no votes)
     v = np.ones(n, np.float32)
+    v_padded = np.ones(len(padded_row_bins), np.float32)
     v_bin = np.float32(1.0)
     column_sums = np.empty(n, np.float32)  # K^T u, built row by row
     blocked = m - m % 4
@@ -73,12 +86,18 @@ def sinkhorn_votes(
             for j in range(n):
                 column_sums[j] += ui * row[j]
             bin_sum += ui * dustbin_col[i]
+        for bin_entry in padded_col_bins:  # a padded query slot: its dustbin entry only
+            bin_sum += share / (bin_entry * v_bin) * bin_entry
         s = np.float32(0.0)  # the dustbin row
         for j in range(n):
             s += dustbin_row[j] * v[j]
+        for k in range(len(padded_row_bins)):
+            s += padded_row_bins[k] * v_padded[k]
         u_bin = row_bin_share / (s + corner * v_bin)
         for j in range(n):
             v[j] = share / (column_sums[j] + u_bin * dustbin_row[j])
+        for k in range(len(padded_row_bins)):  # a padded gallery slot: its dustbin entry only
+            v_padded[k] = share / (u_bin * padded_row_bins[k])
         v_bin = col_bin_share / (bin_sum + u_bin * corner)
     # Votes. Every entry of the plan is >= 0, and non-negative floats order like their bit
     # patterns read as int32: an int32 maximum vectorizes, a float one does not (9x slower).
