@@ -201,6 +201,8 @@ class Elvis(nn.Module):
         (query_rows, query_gains, query_real), (rows, gains, real) = map(_real_first, (src, tgt))
         scores = torch.empty(len(real))
         buffer = torch.empty(query_rows.shape[1] * rows.shape[1])
+        # a pair's row votes, then its column votes: `aggregate` without a concatenation
+        votes = torch.empty(query_rows.shape[1] + rows.shape[1])
         # each query's part once, row by row (a single query serves every pair)
         queries = [(query_rows[image, :count], torch.exp(query_gains[image] * scale).numpy(),
                     count) for image, count in enumerate(query_real)]
@@ -210,12 +212,13 @@ class Elvis(nn.Module):
             body = buffer[: query_count * count].view(query_count, count)
             torch.addmm(body, query, rows[pair, :count].T, beta=0, alpha=scale,
                         out=body).exp_()
-            row_votes, col_votes = torch.empty(1, query_count), torch.empty(1, count)
+            pair_votes = votes[: query_count + count]
             sinkhorn_votes(body.numpy(), bins[:count], query_bins[:query_count],
                            bins[count:], query_bins[query_count:], corner,
-                           self.config.sinkhorn_iterations, row_votes[0].numpy(),
-                           col_votes[0].numpy())
-            scores[pair] = self.aggregate(row_votes, col_votes, None, None)[0]
+                           self.config.sinkhorn_iterations, pair_votes[:query_count].numpy(),
+                           pair_votes[query_count:].numpy())
+            # step 8 on real votes only: vote_contributions' sum, no padding to zero
+            scores[pair] = torch.sigmoid(self.f(pair_votes[None, :, None])).sum()
         return scores
 
     def transport(self, src: Embedded, tgt: Embedded) -> PairTransport:
