@@ -20,11 +20,12 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from elvis_cli.backbones import create_backbone
+from elvis_cli.backbones import backbone_options, create_backbone
 from elvis_cli.backbones.base import batch_inputs, input_shape
 from elvis_cli.features.extraction import ExtractConfig, extract_features
 from elvis_cli.features.images import collect_images, load_image
@@ -66,16 +67,7 @@ def stage_times(backbone, paths: list[Path], batch_size: int) -> dict[str, float
     return seconds
 
 
-def options_of(items: list[str]) -> dict[str, int | str]:
-    """KEY=VALUE backbone options; whole numbers as int."""
-    options: dict[str, int | str] = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        options[key] = int(value) if value.isdigit() else value
-    return options
-
-
-def measure(name: str, options: dict[str, int | str], paths: list[Path],
+def measure(name: str, options: dict[str, Any], paths: list[Path],
             args: argparse.Namespace) -> None:
     """Print the stage times and the end-to-end images/s of one backbone setting."""
     backbone = create_backbone(name, **options).eval()
@@ -117,7 +109,7 @@ def main() -> None:
     paths = paths[: args.limit]
     print(f"{len(paths)} images from {args.images}")
     for variant in args.variant or ["local_descriptors=network", ""]:
-        options = options_of([*args.option, *filter(None, variant.split(","))])
+        options = backbone_options([*args.option, *filter(None, variant.split(","))])
         measure(args.backbone, options, paths, args)
 
 

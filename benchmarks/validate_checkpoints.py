@@ -11,6 +11,7 @@ was trained on, so checkpoints trained on other features cannot be compared by t
 
 import argparse
 
+from elvis_cli.backbones import backbone_options
 from elvis_cli.model.checkpoints import load_checkpoint
 from elvis_cli.training.config import VAL_VIEWS, TrainConfig
 from elvis_cli.training.photos import training_photos
@@ -27,8 +28,7 @@ def main() -> None:
     parser.add_argument("--use-local", type=int, nargs="+", default=[300])
     parser.add_argument("--views", type=int, default=8, help="views per photo, as trained")
     args = parser.parse_args()
-    options = {key: int(value) if value.isdigit() else value
-               for key, value in (item.split("=", 1) for item in args.backbone_option)}
+    options = backbone_options(args.backbone_option)
     print("| descriptors | checkpoint | val accuracy | val mAP global | re-ranked (best fusion) "
           "| lam, temp |\n| ---: | --- | ---: | ---: | ---: | --- |")
     for count in args.use_local:

@@ -8,7 +8,8 @@ config can take DEFAULT_BACKBONE before any argument is checked.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from elvis_cli.util.errors import InputError, unknown_name
@@ -22,6 +23,7 @@ __all__ = [
     "Backbone",
     "ImageFeatures",
     "backbone_from_settings",
+    "backbone_options",
     "check_backbone_name",
     "create_backbone",
     "select_top_k",
@@ -72,6 +74,21 @@ def create_backbone(name: str = DEFAULT_BACKBONE, **options: Any) -> Backbone:
     """Instantiate a backbone by registry name, with its options as keywords."""
     check_backbone_name(name)
     return BACKBONES[name](**options)
+
+
+def backbone_options(items: Iterable[str]) -> dict[str, Any]:
+    """`--backbone-option` KEY=VALUE items as options: a value that reads as JSON (a number,
+    true, a list) is that value, any other is its text."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--backbone-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def backbone_from_settings(settings: dict[str, Any]) -> Backbone:

@@ -16,7 +16,6 @@ import functools
 import gc
 import importlib
 import inspect
-import json
 import os
 import re
 import sys
@@ -263,20 +262,15 @@ def _backbone(preset: str | None, backbone: str | None, image_size: int | None,
               keep_local: int | None, extra: list[str] | None
               ) -> tuple[str | None, dict[str, Any] | None]:
     """The backbone name and options given: a preset's, overridden by explicit options."""
+    from elvis_cli.backbones import backbone_options
+
     base = get_preset(preset) if preset else None
     options: dict[str, Any] = dict(base.backbone_options) if base else {}
     if image_size is not None:
         options["image_size"] = image_size
     if keep_local is not None:
         options["num_local"] = keep_local
-    for item in extra or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--backbone-option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options.update(backbone_options(extra or []))
     return backbone or (base.backbone if base else None), options or None
 
 
