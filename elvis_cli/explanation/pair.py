@@ -358,15 +358,15 @@ def _row_of(store: FeatureStore, item: str | int | Path) -> int | None:
                      f"name such as {store.paths[0]!r}, nor a photo file)")
 
 
-def _extraction_settings(store: FeatureStore | None, photo: str | int | Path) -> dict[str, Any]:
-    """The backbone settings a photo is extracted with to be compared with `store`'s images."""
+def _extraction_settings(store: FeatureStore | None, photo: str | int | Path
+                         ) -> dict[str, Any] | None:
+    """The backbone settings a photo is extracted with to be compared with `store`'s images
+    (None: the default backbone's)."""
     if store is None:
         if not Path(str(photo)).is_file():
             raise InputError(f"{photo}: no such photo (give a features file with --features to "
                              "name images by row or stored name)")
-        from elvis_cli.backbones import create_backbone
-
-        return create_backbone().settings()  # the default backbone's
+        return None
     if store.backbone_settings is None:
         raise InputError(f"{photo}: not an image of {store.path}, which records no backbone "
                          "settings to extract it with (released descriptors): name one of its "

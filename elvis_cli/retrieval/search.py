@@ -110,20 +110,21 @@ def search_images(
 
 
 @contextmanager
-def extracted_photos(photos: list[Path], settings: dict[str, Any], device: str,
+def extracted_photos(photos: list[Path], settings: dict[str, Any] | None, device: str,
                      progress: ProgressCallback | None
                      ) -> Iterator[tuple[FeatureStore, list[tuple[str, str]]]]:
-    """The photos extracted by `elvis extract`'s code with backbone `settings`, into a
-    features file that lives for this call only, and those that could not be read (also
-    `elvis explain`'s photos)."""
-    from elvis_cli.backbones import backbone_from_settings
+    """The photos extracted by `elvis extract`'s code with backbone `settings` (None: the
+    default backbone), into a features file that lives for this call only, and those that
+    could not be read (also `elvis explain`'s photos)."""
+    from elvis_cli.backbones import backbone_from_settings, create_backbone
     from elvis_cli.features.extraction import ExtractConfig, extract_features
     from elvis_cli.features.store import FeatureStore
 
     with tempfile.TemporaryDirectory(prefix="elvis-search-") as folder:
         report = extract_features(photos, Path(folder) / "queries.h5",
                                   ExtractConfig(device=device),
-                                  backbone=backbone_from_settings(settings), progress=progress)
+                                  backbone=create_backbone() if settings is None
+                                  else backbone_from_settings(settings), progress=progress)
         with FeatureStore.open(report.output) as store:
             store.temporary = True  # no embedding cache keeps these
             skipped = [(openable_path(store.root, name), reason)
