@@ -75,6 +75,7 @@ _PUBLIC = {
     "load_image": "elvis_cli.features.images",
     # backbones
     "create_backbone": "elvis_cli.backbones",
+    "backbone_options": "elvis_cli.backbones",  # --backbone-option KEY=VALUE items
     # model
     "Elvis": "elvis_cli.model.elvis",
     "ElvisConfig": "elvis_cli.model.elvis",

@@ -42,6 +42,7 @@ from elvis_cli import (
     InputError,
     TaskProgress,
     __version__,
+    backbone_options,
     get_preset,
 )
 
@@ -262,8 +263,6 @@ def _backbone(preset: str | None, backbone: str | None, image_size: int | None,
               keep_local: int | None, extra: list[str] | None
               ) -> tuple[str | None, dict[str, Any] | None]:
     """The backbone name and options given: a preset's, overridden by explicit options."""
-    from elvis_cli.backbones import backbone_options
-
     base = get_preset(preset) if preset else None
     options: dict[str, Any] = dict(base.backbone_options) if base else {}
     if image_size is not None:
