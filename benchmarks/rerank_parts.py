@@ -3,7 +3,9 @@
 1. One pair, one thread: the linear-domain transport, votes and f as torch ops (the path CUDA
    and training take) against the compiled loop (fused_sinkhorn), each with its own
    similarity GEMM and exponential.
-2. The engine's scoring phase (PairScorer, no reading or embedding counted) with 1 and with
+2. Two steps of the compiled loop, one pair, one thread: the kernel's exponential by torch and
+   by numpy, and step 9 (sigmoid(f(vote)) summed) as torch ops and compiled (vote_confidence).
+3. The engine's scoring phase (PairScorer, no reading or embedding counted) with 1 and with
    CPU_PAIRS_PER_CALL pairs per worker call, with 1 and 2 workers.
 
     PYTHONPATH=$PWD python benchmarks/rerank_parts.py        # about 1 min on 2 cores
@@ -15,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import elvis_cli.retrieval.rerank as engine
@@ -22,6 +25,7 @@ from benchmarks.rerank_speed import benchmark_model, make_workload
 from elvis_cli.features.store import FeatureStore
 from elvis_cli.model.elvis import Transport
 from elvis_cli.model.elvis_reranker import ElvisReranker
+from elvis_cli.model.vote_confidence import confidence_sum, vote_function_parameters
 
 
 def median_ms(run, repeats: int) -> float:
@@ -50,6 +54,29 @@ def one_pair(model, src, tgt, repeats: int) -> None:
     print(f"one pair, one thread, GEMM + exponential + Sinkhorn + votes + f: torch ops "
           f"{torch_ops:.2f} ms, compiled loop {compiled:.2f} ms ({torch_ops / compiled:.2f}x); "
           f"max |raw score diff| {difference:.1e}")
+
+
+def compiled_steps(model, src, tgt, repeats: int) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        query, gallery = model.embed(src), model.embed(tgt)
+        exponent = (query.descriptors[0] @ gallery.descriptors[0].T) / model.config.regularisation
+        kernel = torch.empty_like(exponent)
+        torch_exp = median_ms(lambda: torch.exp(exponent, out=kernel), repeats)
+        numpy_exp = median_ms(lambda: np.exp(exponent.numpy(), out=kernel.numpy()), repeats)
+        votes = model.transport(query, gallery).votes
+        torch_f = median_ms(lambda: torch.sigmoid(model.f(votes[None, :, None])).sum(), repeats)
+        parameters = vote_function_parameters(model.f)
+        confidence_sum(votes.numpy(), *parameters)  # compiles or loads the loop
+        compiled_f = median_ms(lambda: confidence_sum(votes.numpy(), *parameters), repeats)
+        difference = abs(float(torch.sigmoid(model.f(votes[:, None])).sum())
+                         - confidence_sum(votes.numpy(), *parameters))
+    torch.set_num_threads(threads)
+    print(f"one pair's kernel exponential ({kernel.numel()} entries): torch {torch_exp:.3f} ms, "
+          f"numpy {numpy_exp:.3f} ms ({torch_exp / numpy_exp:.2f}x); step 9 on its "
+          f"{len(votes)} votes: torch ops {torch_f:.3f} ms, compiled {compiled_f:.3f} ms "
+          f"({torch_f / compiled_f:.2f}x), |difference| {difference:.1e}")
 
 
 def scoring_phase(model, folder: Path, shortlist, repeats: int) -> None:
@@ -91,6 +118,7 @@ def main() -> None:
             src = torch.from_numpy(queries.local_descriptors([0], 600)[0])
             tgt = torch.from_numpy(gallery.local_descriptors([0], 600)[0])
         one_pair(model, src, tgt, repeats=30)
+        compiled_steps(model, src, tgt, repeats=100)
         scoring_phase(model, folder, shortlist, args.repeats)
 
 

@@ -1,5 +1,6 @@
 """Score parity: the production ELViS against the plain reference of ELVIS_SPEC §1."""
 
+import copy
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from elvis_cli.model.elvis import Elvis, ElvisConfig, _runs_compiled
 from elvis_cli.model.reranker import Embedded
+from elvis_cli.model.vote_confidence import ERF_RANGE, confidence_sum, vote_function_parameters
 from tests.helpers import random_model
 from tests.reference_elvis import reference_score, reference_scores
 
@@ -156,6 +158,25 @@ def test_inference_on_cpu_takes_the_compiled_loop():
     assert _runs_compiled(src, tgt)
     half = Embedded(src.descriptors.half(), src.gains.half())
     assert not _runs_compiled(half, tgt)
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_compiled_vote_confidences_match_f_in_float64(seed):
+    """Step 9 of the compiled loop (its erf a Chebyshev series, LayerNorm in closed form)
+    against f as torch ops in float64, over votes whose GELU inputs reach well past the
+    series' range, where erf is clamped to +-1."""
+    model = random_model(seed=seed, scale=1.0)
+    with torch.no_grad():
+        model.f[1].weight.mul_(4.0)  # LayerNorm's outputs, GELU's inputs, up to about +-15
+    generator = torch.Generator().manual_seed(seed)
+    votes = torch.cat([torch.rand(698, generator=generator) ** 2, torch.tensor([0.0, 1.0])])
+    f = copy.deepcopy(model.f).double()
+    with torch.no_grad():
+        gelu_inputs = f[:2](votes.double()[:, None])
+        expected = float(torch.sigmoid(f(votes.double()[:, None])).sum())
+    assert float(gelu_inputs.abs().max()) > math.sqrt(2.0) * ERF_RANGE
+    assert abs(confidence_sum(votes.numpy(), *vote_function_parameters(model.f))
+               - expected) < 1e-9 * len(votes)
 
 
 def test_gradients_are_finite():

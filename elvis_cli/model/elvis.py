@@ -6,7 +6,8 @@ descriptor is a "vote" that a small learned function turns into a count of confi
 
 Parameter names follow the official state dict, so the released checkpoints load as they are.
 For speed, Sinkhorn runs in the linear domain, with the spec's log domain as fallback. CPU
-inference runs it pair by pair in one compiled loop (fused_sinkhorn); CUDA and training use
+inference runs it pair by pair in a compiled loop (fused_sinkhorn), and f on the votes in
+another (vote_confidence); CUDA and training use
 torch ops, where each image becomes rows whose products give the whole augmented matrix in one
 GEMM (Elvis.rows, transport_votes). tests/reference_elvis.py is the plain form both are
 checked against.
@@ -22,6 +23,7 @@ from torch import nn
 
 from elvis_cli.model.fused_sinkhorn import sinkhorn_votes
 from elvis_cli.model.reranker import Embedded
+from elvis_cli.model.vote_confidence import confidence_sum, vote_function_parameters
 
 # In the linear domain the kernel is exp(A / reg - 1 / reg). Similarities and tanh gains lie in
 # [-1, 1], so those entries sit in [exp(-2 / reg), 1]; only the learned dust_bin corner can leave
@@ -194,32 +196,34 @@ class Elvis(nn.Module):
         The similarity body is one GEMM between the pair's real descriptors, with the 1/reg
         scale folded in; padded slots enter only through their dustbin entries (their votes
         would be 0), and the dustbin border comes from the per-image gains, so no augmented
-        rows are built.
+        rows are built. The kernel's exponential is numpy's and f is compiled too
+        (vote_confidence): benchmarks/rerank_parts.py times both against torch's.
         """
         scale = 1.0 / self.config.regularisation
         corner = np.float32(math.exp(self.dust_bin.item() * scale))
         (query_rows, query_gains, query_real), (rows, gains, real) = map(_real_first, (src, tgt))
-        scores = torch.empty(len(real))
+        # exp(gain / reg) image by image, so that no image's bits depend on the others
+        query_bins = [np.exp(values * np.float32(scale)) for values in query_gains.numpy()]
+        scores = np.empty(len(real), np.float32)
         buffer = torch.empty(query_rows.shape[1] * rows.shape[1])
-        # a pair's row votes, then its column votes: `aggregate` without a concatenation
-        votes = torch.empty(query_rows.shape[1] + rows.shape[1])
-        # each query's part once, row by row (a single query serves every pair)
-        queries = [(query_rows[image, :count], torch.exp(query_gains[image] * scale).numpy(),
-                    count) for image, count in enumerate(query_real)]
+        votes = np.empty(query_rows.shape[1] + rows.shape[1], np.float32)
+        vote_function = vote_function_parameters(self.f)
         for pair, count in enumerate(real):
-            query, query_bins, query_count = queries[min(pair, len(queries) - 1)]
-            bins = torch.exp(gains[pair] * scale).numpy()
+            query = min(pair, len(query_real) - 1)  # a single query serves every pair
+            query_count = query_real[query]
+            bins = np.exp(gains[pair].numpy() * np.float32(scale))
             body = buffer[: query_count * count].view(query_count, count)
-            torch.addmm(body, query, rows[pair, :count].T, beta=0, alpha=scale,
-                        out=body).exp_()
-            pair_votes = votes[: query_count + count]
-            sinkhorn_votes(body.numpy(), bins[:count], query_bins[:query_count],
-                           bins[count:], query_bins[query_count:], corner,
-                           self.config.sinkhorn_iterations, pair_votes[:query_count].numpy(),
-                           pair_votes[query_count:].numpy())
-            # step 8 on real votes only: vote_contributions' sum, no padding to zero
-            scores[pair] = torch.sigmoid(self.f(pair_votes[None, :, None])).sum()
-        return scores
+            torch.addmm(body, query_rows[query, :query_count], rows[pair, :count].T, beta=0,
+                        alpha=scale, out=body)
+            kernel = body.numpy()
+            np.exp(kernel, out=kernel)
+            row_votes, column_votes = votes[:query_count], votes[query_count : query_count + count]
+            sinkhorn_votes(kernel, bins[:count], query_bins[query][:query_count], bins[count:],
+                           query_bins[query][query_count:], corner,
+                           self.config.sinkhorn_iterations, row_votes, column_votes)
+            # step 9 on real votes only (a padded slot's vote would be zeroed)
+            scores[pair] = confidence_sum(votes[: query_count + count], *vote_function)
+        return torch.from_numpy(scores)
 
     def transport(self, src: Embedded, tgt: Embedded) -> PairTransport:
         """Steps 3-9 of one pair, embedded as (1, m, d) and (1, n, d), by the torch transport
