@@ -36,9 +36,11 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The suite on the code path of an AVX2-only CPU (torch, MKL, oneDNN, numba), on any x86-64 CPU
+# The suite on the code path of an AVX2-only CPU (torch, MKL, oneDNN, numba, numpy), on any
+# x86-64 CPU
 test-avx2: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
-		NUMBA_CPU_NAME=haswell $(BIN)/python -m pytest
+		NUMBA_CPU_NAME=haswell NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" \
+		$(BIN)/python -m pytest
 
 .PHONY: install browser demo test test-avx2

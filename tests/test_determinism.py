@@ -99,13 +99,16 @@ def test_rerank_is_bitwise_repeatable_across_runs_and_cpu_work_splits(features, 
             assert getattr(result, name).tobytes() == getattr(results[0], name).tobytes(), name
 
 
-# Environment settings that make torch, MKL, oneDNN and numba take the code path of an older
-# CPU on this one: vector widths, GEMM blockings and the scalar tails of vectorised loops differ.
+# Environment settings that make torch, MKL, oneDNN, numba and numpy take the code path of an
+# older CPU on this one: vector widths, GEMM blockings and the scalar tails of vectorised loops
+# differ. (numpy refuses to disable its baseline, X86_V2, so "sse" keeps SSE4.2 there.)
 CODE_PATHS = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-             "ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "haswell"},
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "haswell",
+             "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
     "sse": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
-            "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "x86-64"},
+            "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "x86-64",
+            "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"},
 }
 BITWISE_CLAIMS = [
     "tests/test_determinism.py::test_extraction_is_bitwise_repeatable_across_runs_and_batch_sizes",
