@@ -11,7 +11,7 @@ from elvis_cli.model.checkpoints import Checkpoint
 from elvis_cli.model.elvis import uses_log_domain
 from elvis_cli.model.elvis_reranker import ElvisReranker
 from elvis_cli.model.registry import RERANKERS, load_reranker
-from elvis_cli.model.reranker import Fusion
+from elvis_cli.model.reranker import Fusion, fuse_and_sort
 from elvis_cli.retrieval.rerank import PairScorer, RerankConfig, rerank
 from elvis_cli.retrieval.shortlist import Shortlist
 from elvis_cli.util.errors import InputError
@@ -165,3 +165,21 @@ def test_every_registered_reranker_runs_through_the_engine(stores):
     assert load_reranker("elvis", gallery, checkpoint, lam=0.3).fusion == Fusion(0.3, 0.5)
     with pytest.raises(InputError, match=r"unknown model 'elvs'.*did you mean 'elvis'"):
         load_reranker("elvs", gallery)
+
+
+def test_fused_scores_do_not_depend_on_how_many_lists_are_fused_at_once():
+    """`rerank` fuses a block of queries, `evaluate` a whole dataset, validation its own set:
+    a pair's fused score, hence its rank, must be the same bits in each (torch's sigmoid
+    rounds its vector body and its scalar tail apart)."""
+    generator = torch.Generator().manual_seed(5)
+    lists, length = 37, 53  # not whole vectors either way
+    indices = np.tile(np.arange(length), (lists, 1))
+    global_scores = torch.rand(lists, length, generator=generator).numpy()
+    raw = (torch.randn(lists, length, generator=generator) * 50).numpy()
+    fusion = Fusion(0.3, 0.07)
+    together = fuse_and_sort(indices, global_scores, raw, 40, fusion)
+    for row in range(lists):
+        alone = fuse_and_sort(indices[row : row + 1], global_scores[row : row + 1],
+                              raw[row : row + 1], 40, fusion)
+        for name in ("indices", "scores"):
+            assert getattr(alone, name)[0].tobytes() == getattr(together, name)[row].tobytes()

@@ -111,14 +111,40 @@ class RerankResult:
     scores: np.ndarray  # (Q, L) fused score; NaN where not re-ranked
 
 
+# Scores fused per call: whole vectors of every x86 CPU's widest unrolled loop (64 floats), and
+# fewer than torch splits among threads (its grain size, 32768), so that each call runs every
+# element through the same vector code.
+FUSED_PER_CALL = 16384
+VECTOR_FLOATS = 64
+
+
+def _fused_in_whole_vectors(fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                            global_scores: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """`fuse` of (Q, L) scores, each element's bits independent of Q and of its place:
+    torch's vectorised sigmoid rounds otherwise than its scalar loop over an array's last
+    elements, which would make a score depend on how the queries were split into blocks (or
+    among threads). The scores are padded to whole vectors and fused a slice at a time."""
+    count = global_scores.numel()
+    padded = -(-count // VECTOR_FLOATS) * VECTOR_FLOATS
+    flat = [torch.zeros(padded, dtype=values.dtype) for values in (global_scores, raw)]
+    for whole, values in zip(flat, (global_scores, raw), strict=True):
+        whole[:count] = values.reshape(-1)
+    fused = [fuse(flat[0][start : start + FUSED_PER_CALL], flat[1][start : start + FUSED_PER_CALL])
+             for start in range(0, padded, FUSED_PER_CALL)]
+    return torch.cat(fused)[:count].reshape(global_scores.shape) if fused else global_scores.clone()
+
+
 def fuse_and_sort(indices: np.ndarray, global_scores: np.ndarray, raw: np.ndarray, top: int,
                   fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RerankResult:
     """Fuse the first `top` entries of each list (`fuse`: a Fusion or Reranker.fuse) and
-    re-sort them; the rest keep their order."""
+    re-sort them; the rest keep their order. A fused score's bits depend only on its two
+    inputs (`_fused_in_whole_vectors`), so `rerank`, `evaluate` and training's validation
+    rank a pair alike however many lists they fuse at once."""
     head = min(top, indices.shape[1])
     raw = raw.copy()
     raw[:, head:] = np.nan
-    fused = fuse(torch.from_numpy(global_scores), torch.from_numpy(raw)).numpy()
+    fused = _fused_in_whole_vectors(fuse, torch.from_numpy(global_scores),
+                                    torch.from_numpy(raw)).numpy()
     fused[:, head:] = np.nan
     fused[indices < 0] = np.nan
     raw[indices < 0] = np.nan

@@ -168,29 +168,6 @@ def _embedder(reranker: Reranker, store: FeatureStore, *, config: RerankConfig,
                          workers=workers, cache_root=config.embedding_cache, keep=keep)
 
 
-# Scores fused per call: whole vectors of every x86 CPU's widest unrolled loop (64 floats), and
-# fewer than torch splits among threads (its grain size, 32768), so that each call runs every
-# element through the same vector code.
-FUSED_PER_CALL = 16384
-VECTOR_FLOATS = 64
-
-
-def _fused_in_whole_vectors(fuse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                            global_scores: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    """`fuse` of (Q, L) scores, each element's bits independent of Q and of its place:
-    torch's vectorised sigmoid rounds otherwise than its scalar loop over an array's last
-    elements, which would make a score depend on how the queries were split into blocks (or
-    among threads). The scores are padded to whole vectors and fused a slice at a time."""
-    count = global_scores.numel()
-    padded = -(-count // VECTOR_FLOATS) * VECTOR_FLOATS
-    flat = [torch.zeros(padded, dtype=values.dtype) for values in (global_scores, raw)]
-    for whole, values in zip(flat, (global_scores, raw), strict=True):
-        whole[:count] = values.reshape(-1)
-    fused = [fuse(flat[0][start : start + FUSED_PER_CALL], flat[1][start : start + FUSED_PER_CALL])
-             for start in range(0, padded, FUSED_PER_CALL)]
-    return torch.cat(fused)[:count].reshape(global_scores.shape) if fused else global_scores.clone()
-
-
 def _report(progress: Callable[[], None] | None, reported: int, finished: int) -> int:
     """Call progress once per query in [reported, finished); returns the new count."""
     for _ in range(reported, finished):
@@ -259,7 +236,7 @@ class BlockReranker:
         raw = (np.full(candidates.shape, np.nan, dtype=np.float32) if self.scorer is None
                else self.scorer.score(candidates, progress, first_query=start))
         return fuse_and_sort(indices, self.shortlist.similarities[start:stop], raw, self.head,
-                             partial(_fused_in_whole_vectors, self.reranker.fuse))
+                             self.reranker.fuse)
 
     def pairs_per_query(self) -> np.ndarray:
         """How many pairs each query's re-ranking scores: its work, for throughput and ETA."""
