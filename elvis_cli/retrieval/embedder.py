@@ -130,8 +130,11 @@ class ImageEmbedder:
                    new: EmbeddedImages) -> EmbeddedImages:
         """Rows of `needed` (sorted): `new` holds `missing`, the kept block holds the rest."""
         kept_rows = np.setdiff1d(needed, missing)
-        kept = (self._kept.subset(np.searchsorted(self._kept_ids, kept_rows)) if len(kept_rows)
-                else None)
+        if len(kept_rows) == len(self._kept_ids):  # every kept row, in order: no copy
+            kept = self._kept
+        else:
+            kept = (self._kept.subset(np.searchsorted(self._kept_ids, kept_rows))
+                    if len(kept_rows) else None)
         return _merged([kept_rows, missing], [kept, new])
 
     def uncached(self, rows: np.ndarray) -> np.ndarray:
