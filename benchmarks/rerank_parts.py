@@ -15,6 +15,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,42 +39,43 @@ def median_ms(run, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def one_pair(model, src, tgt, repeats: int) -> None:
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread and without autograd, as each of the engine's CPU workers runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with torch.inference_mode():
-        query, gallery = model.embed(src), model.embed(tgt)
-        problem = Transport(model.rows(query, query=True), model.rows(gallery, query=False),
-                            None, None, model.config.regularisation,
-                            model.config.sinkhorn_iterations)
-        torch_ops = median_ms(lambda: model.score_transport(problem, log_domain=False), repeats)
-        model._compiled_scores(query, gallery)  # compiles or loads the loop
-        compiled = median_ms(lambda: model._compiled_scores(query, gallery), repeats)
-        difference = (model.score_transport(problem, False)
-                      - model._compiled_scores(query, gallery)).abs().max()
-    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_pair(model, query, gallery, repeats: int) -> None:
+    problem = Transport(model.rows(query, query=True), model.rows(gallery, query=False),
+                        None, None, model.config.regularisation, model.config.sinkhorn_iterations)
+    torch_ops = median_ms(lambda: model.score_transport(problem, log_domain=False), repeats)
+    model._compiled_scores(query, gallery)  # compiles or loads the loop
+    compiled = median_ms(lambda: model._compiled_scores(query, gallery), repeats)
+    difference = (model.score_transport(problem, False)
+                  - model._compiled_scores(query, gallery)).abs().max()
     print(f"one pair, one thread, GEMM + exponential + Sinkhorn + votes + f: torch ops "
           f"{torch_ops:.2f} ms, compiled loop {compiled:.2f} ms ({torch_ops / compiled:.2f}x); "
           f"max |raw score diff| {difference:.1e}")
 
 
-def compiled_steps(model, src, tgt, repeats: int) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.inference_mode():
-        query, gallery = model.embed(src), model.embed(tgt)
-        exponent = (query.descriptors[0] @ gallery.descriptors[0].T) / model.config.regularisation
-        kernel = torch.empty_like(exponent)
-        torch_exp = median_ms(lambda: torch.exp(exponent, out=kernel), repeats)
-        numpy_exp = median_ms(lambda: np.exp(exponent.numpy(), out=kernel.numpy()), repeats)
-        votes = model.transport(query, gallery).votes
-        torch_f = median_ms(lambda: torch.sigmoid(model.f(votes[None, :, None])).sum(), repeats)
-        parameters = vote_function_parameters(model.f)
-        confidence_sum(votes.numpy(), *parameters)  # compiles or loads the loop
-        compiled_f = median_ms(lambda: confidence_sum(votes.numpy(), *parameters), repeats)
-        difference = abs(float(torch.sigmoid(model.f(votes[:, None])).sum())
-                         - confidence_sum(votes.numpy(), *parameters))
-    torch.set_num_threads(threads)
+def compiled_steps(model, query, gallery, repeats: int) -> None:
+    exponent = (query.descriptors[0] @ gallery.descriptors[0].T) / model.config.regularisation
+    kernel = torch.empty_like(exponent)
+    torch_exp = median_ms(lambda: torch.exp(exponent, out=kernel), repeats)
+    numpy_exp = median_ms(lambda: np.exp(exponent.numpy(), out=kernel.numpy()), repeats)
+    votes = model.transport(query, gallery).votes
+    torch_f = median_ms(lambda: torch.sigmoid(model.f(votes[None, :, None])).sum(), repeats)
+    parameters = vote_function_parameters(model.f)
+    confidence_sum(votes.numpy(), *parameters)  # compiles or loads the loop
+    compiled_f = median_ms(lambda: confidence_sum(votes.numpy(), *parameters), repeats)
+    difference = abs(float(torch.sigmoid(model.f(votes[:, None])).sum())
+                     - confidence_sum(votes.numpy(), *parameters))
     print(f"one pair's kernel exponential ({kernel.numel()} entries): torch {torch_exp:.3f} ms, "
           f"numpy {numpy_exp:.3f} ms ({torch_exp / numpy_exp:.2f}x); step 9 on its "
           f"{len(votes)} votes: torch ops {torch_f:.3f} ms, compiled {compiled_f:.3f} ms "
@@ -117,8 +120,10 @@ def main() -> None:
                 FeatureStore.open(folder / "gallery.h5") as gallery:
             src = torch.from_numpy(queries.local_descriptors([0], 600)[0])
             tgt = torch.from_numpy(gallery.local_descriptors([0], 600)[0])
-        one_pair(model, src, tgt, repeats=30)
-        compiled_steps(model, src, tgt, repeats=100)
+        with one_thread():
+            query, gallery = model.embed(src), model.embed(tgt)
+            one_pair(model, query, gallery, repeats=30)
+            compiled_steps(model, query, gallery, repeats=100)
         scoring_phase(model, folder, shortlist, args.repeats)
 
 

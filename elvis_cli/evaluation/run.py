@@ -271,7 +271,7 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             stage(f"{dataset.name}: {model_name}{suffix} re-ranking, shortlist {size}")
             started = time.perf_counter()
             fused = _fused_lists(lists, raw_scores(size), reranker.fuse)
-            rankings = {name: result.indices for name, result in fused.items()}
+            rankings = _rankings(fused)
             seconds = ((time.perf_counter() - started + raw_scores.earlier_seconds[size])
                        / max(len(dataset.queries), 1))
             if page is not None and not page and size == max(config.shortlists):
@@ -297,9 +297,8 @@ def _ranking_rows(dataset: RetrievalDataset, features: DatasetFeatures, ranking:
             stage(f"{dataset.name}: {model_name} fusion grid")
             rows += _best_marked([
                 {**model, "grid": True, "shortlist": size, "post": post,
-                 **score_rankings(dataset, {name: result.indices for name, result in
-                                            _fused_lists(lists, raw_scores(size),
-                                                         Fusion(lam, temperature)).items()}),
+                 **score_rankings(dataset, _rankings(_fused_lists(lists, raw_scores(size),
+                                                                  Fusion(lam, temperature)))),
                  "seconds_per_query": raw_scores.seconds_per_query[size], "lam": lam,
                  "temperature": temperature}
                 for size in grid.shortlists for lam in grid.lams
@@ -482,6 +481,11 @@ def _timed(score: Callable[[int, int, Callable[[], None]], np.ndarray], start: i
     raw = score(start, stop, progress)
     return {"raw": raw, "seconds": np.full(stop - start, (time.perf_counter() - started)
                                            / (stop - start))}
+
+
+def _rankings(fused: dict[str, RerankResult]) -> dict[str, np.ndarray]:
+    """Each protocol's final ranking (gallery rows) of its fused lists."""
+    return {name: result.indices for name, result in fused.items()}
 
 
 def _fused_lists(lists: dict[str, tuple[np.ndarray, np.ndarray]],
